@@ -1,0 +1,376 @@
+// ferry: the command-line front end. Each subcommand parses its flags, loads what it needs through
+// the library, and turns every failure into one line on stderr naming the file, tensor or flag,
+// with a non-zero exit (1 for run-time failures, 2 for bad usage).
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <tbb/global_control.h>
+
+#include "cpu/cpu_executor.h"
+#include "cpu/simd.h"
+#include "gpu/device.h"
+#include "models/safetensors.h"
+#include "models/synthetic.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
+
+namespace {
+
+using namespace ferry;
+
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+
+int fail(const Status& st) {
+  std::fprintf(stderr, "ferry: error: %s\n", st.message().c_str());
+  return st.code() == ErrorCode::kInvalidArgument ? kExitUsage : kExitError;
+}
+
+// Options every model-running subcommand shares.
+struct ModelFlags {
+  std::string model;
+  std::string device = "auto";
+  int64_t layers = 0;
+  int threads = 0;
+
+  void add(CLI::App* app) {
+    app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
+    app->add_option("--device", device, "Executor: cpu, gpu or auto (auto: the GPU when there is one)")
+        ->check(CLI::IsMember({"cpu", "gpu", "auto"}));
+    app->add_option("--layers", layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
+    app->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 4096));
+  }
+};
+
+// Applies --threads to oneTBB and oneDNN's OpenMP pool; the returned object must stay alive.
+std::unique_ptr<tbb::global_control> apply_threads(int threads) {
+  if (threads <= 0) return nullptr;
+  omp_set_num_threads(threads);
+  return std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism, threads);
+}
+
+// Picks the executor for --device.
+Expected<std::unique_ptr<Executor>> make_executor(const std::string& device, const ModelConfig& cfg) {
+  if (device == "gpu") {
+    gpu::GpuInfo g = gpu::probe();
+    if (g.n_devices == 0) return unsupported("--device gpu: no usable GPU (" + g.why_none + ")");
+    return unsupported("--device gpu: found " + g.name + ", but this build has no GPU executor yet; use --device cpu");
+  }
+  // auto: the GPU executor takes over here once it exists; today every run is exact on the CPU.
+  return std::unique_ptr<Executor>(new cpu::CpuExecutor(cfg));
+}
+
+Expected<KvCache> make_kv(const ModelConfig& cfg, const std::vector<int64_t>& lengths) {
+  KvCacheShape s;
+  s.n_layers = cfg.n_layers;
+  s.n_kv_heads = cfg.n_kv_heads;
+  s.head_dim = cfg.head_dim;
+  s.block_size = 16;
+  s.n_blocks = std::max<int64_t>(1, kv_blocks_needed(lengths, s.block_size));
+  return KvCache::create(s);
+}
+
+Expected<std::vector<int32_t>> parse_ids(const std::string& text, const char* flag) {
+  std::vector<int32_t> ids;
+  size_t i = 0;
+  while (i < text.size()) {
+    size_t j = text.find(',', i);
+    if (j == std::string::npos) j = text.size();
+    std::string tok = text.substr(i, j - i);
+    while (!tok.empty() && (tok.front() == ' ' || tok.front() == '[')) tok.erase(0, 1);
+    while (!tok.empty() && (tok.back() == ' ' || tok.back() == ']')) tok.pop_back();
+    if (!tok.empty()) {
+      char* end = nullptr;
+      errno = 0;
+      long long v = std::strtoll(tok.c_str(), &end, 10);
+      if (*end != '\0' || errno != 0 || v < 0 || v > INT32_MAX)
+        return invalid_argument(strprintf("%s: '%s' is not a token id (a non-negative integer)", flag, tok.c_str()));
+      ids.push_back(static_cast<int32_t>(v));
+    }
+    i = j + 1;
+  }
+  return ids;
+}
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return strprintf(u == 0 ? "%.0f %s" : "%.2f %s", b, units[u]);
+}
+
+// ---------------------------------------------------------------------------------------------
+struct RunFlags {
+  ModelFlags m;
+  std::vector<std::string> prompts;
+  int64_t n_predict = 128;
+  float temp = 0.8f;
+  int64_t top_k = 40;
+  float top_p = 0.95f;
+  uint64_t seed = 0;
+  bool ignore_eos = false;
+  bool no_bos = false;
+};
+
+int cmd_run(const RunFlags& f) {
+  auto threads = apply_threads(f.m.threads);
+  SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
+  if (Status st = sp.validate(); !st.ok()) return fail(st);
+  if (f.n_predict < 0) return fail(invalid_argument("-n must be >= 0"));
+  auto model = load_model(f.m.model, LoadOptions{f.m.layers, true});
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& cfg = model->config;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::string> texts = f.prompts.empty() ? std::vector<std::string>{""} : f.prompts;
+  for (const auto& p : texts) {
+    std::vector<int32_t> ids = model->tokenizer->encode(p, !f.no_bos);
+    if (ids.empty() && cfg.bos_token_id >= 0) ids.push_back(static_cast<int32_t>(cfg.bos_token_id));
+    if (ids.empty()) return fail(invalid_argument("-p: the prompt is empty and the model has no BOS token to start from"));
+    if (static_cast<int64_t>(ids.size()) > cfg.n_ctx_max)
+      return fail(invalid_argument(strprintf("-p: the prompt is %zu tokens, longer than the model's max_position_embeddings (%lld)",
+                                             ids.size(), static_cast<long long>(cfg.n_ctx_max))));
+    prompts.push_back(std::move(ids));
+  }
+  std::vector<int64_t> lengths;
+  for (const auto& p : prompts) lengths.push_back(std::min<int64_t>(cfg.n_ctx_max, static_cast<int64_t>(p.size()) + f.n_predict));
+  auto ex = make_executor(f.m.device, cfg);
+  if (!ex.ok()) return fail(ex.status());
+  auto kv = make_kv(cfg, lengths);
+  if (!kv.ok()) return fail(kv.status());
+  Runner runner(*model->weights, **ex, *kv);
+
+  GenerateOptions go;
+  go.n_predict = f.n_predict;
+  go.sampling = sp;
+  go.stop_at_eos = !f.ignore_eos;
+  const bool stream = prompts.size() == 1;
+  std::vector<StreamDecoder> decoders;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    decoders.emplace_back(*model->tokenizer, /*skip_special=*/true);
+    decoders.back().prime(prompts[i]);
+  }
+  std::vector<std::string> outputs(prompts.size());
+  if (stream) {
+    std::fputs(texts[0].c_str(), stdout);
+    std::fflush(stdout);
+  }
+  auto on_token = [&](int64_t i, int32_t tok) {
+    std::string piece = decoders[i].push(tok);
+    if (stream) {
+      std::fputs(piece.c_str(), stdout);
+      std::fflush(stdout);
+    } else {
+      outputs[i] += piece;
+    }
+  };
+  auto res = generate(runner, prompts, go, on_token);
+  if (!res.ok()) {
+    if (stream) std::fputc('\n', stdout);
+    return fail(res.status());
+  }
+  if (stream) {
+    std::fputs(decoders[0].flush().c_str(), stdout);
+    std::fputc('\n', stdout);
+  } else {
+    for (size_t i = 0; i < prompts.size(); ++i) std::printf("[%zu] %s%s%s\n", i, texts[i].c_str(), outputs[i].c_str(), decoders[i].flush().c_str());
+  }
+  const double prefill_tps = res->prefill_ms > 0 ? res->n_prompt_tokens / (res->prefill_ms / 1e3) : 0;
+  const int64_t n_dec = res->n_generated - static_cast<int64_t>(prompts.size());  // the first token of each comes from prefill
+  const double decode_tps = res->decode_ms > 0 && n_dec > 0 ? n_dec / (res->decode_ms / 1e3) : 0;
+  std::fprintf(stderr, "ferry: %lld prompt tokens, prefill %.1f ms (%.1f tok/s), %lld generated, decode %.2f tok/s [%s, %s]\n",
+               static_cast<long long>(res->n_prompt_tokens), res->prefill_ms, prefill_tps, static_cast<long long>(res->n_generated),
+               decode_tps, std::string((*ex)->name()).c_str(), cpu::simd_level());
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+struct LogitsFlags {
+  ModelFlags m;
+  std::string ids;
+  std::string out;
+};
+
+int cmd_logits(const LogitsFlags& f) {
+  auto threads = apply_threads(f.m.threads);
+  auto ids = parse_ids(f.ids, "--ids");
+  if (!ids.ok()) return fail(ids.status());
+  if (ids->empty()) return fail(invalid_argument("--ids: no token ids given"));
+  auto model = load_model(f.m.model, LoadOptions{f.m.layers, false});
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& cfg = model->config;
+  for (int32_t id : *ids)
+    if (id >= cfg.n_vocab) return fail(invalid_argument(strprintf("--ids: token id %d is outside the vocabulary (vocab_size %lld)", id, static_cast<long long>(cfg.n_vocab))));
+  if (static_cast<int64_t>(ids->size()) > cfg.n_ctx_max)
+    return fail(invalid_argument(strprintf("--ids: %zu tokens is more than max_position_embeddings (%lld)", ids->size(), static_cast<long long>(cfg.n_ctx_max))));
+  auto ex = make_executor(f.m.device, cfg);
+  if (!ex.ok()) return fail(ex.status());
+  auto kv = make_kv(cfg, {static_cast<int64_t>(ids->size())});
+  if (!kv.ok()) return fail(kv.status());
+  Runner runner(*model->weights, **ex, *kv);
+  auto logits = prompt_logits(runner, *ids);
+  if (!logits.ok()) return fail(logits.status());
+  Status st = write_safetensors(f.out, {{"logits", DType::kF32, {static_cast<int64_t>(ids->size()), cfg.n_vocab}, logits->data()}},
+                                {{"model", f.m.model}, {"device", std::string((*ex)->name())}});
+  if (!st.ok()) return fail(st.with_context("--out"));
+  std::fprintf(stderr, "ferry: wrote logits [%zu, %lld] to %s\n", ids->size(), static_cast<long long>(cfg.n_vocab), f.out.c_str());
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+int cmd_inspect(const ModelFlags& f) {
+  auto model = load_model(f.model, LoadOptions{f.layers, false});
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& c = model->config;
+  const WeightStore& ws = *model->weights;
+  std::printf("model:        %s\n", f.model.c_str());
+  std::printf("weights:      %s\n", ws.source().c_str());
+  std::printf("architecture: %s (%s)\n", c.architecture.c_str(), std::string(family_name(c.family)).c_str());
+  std::printf("shape:        %lld layers, hidden %lld, ffn %lld, heads %lld, kv heads %lld, head_dim %lld, vocab %lld\n",
+              (long long)c.n_layers, (long long)c.n_embd, (long long)c.n_ff, (long long)c.n_heads, (long long)c.n_kv_heads,
+              (long long)c.head_dim, (long long)c.n_vocab);
+  const char* rope = c.rope_scaling.type == RopeType::kLlama3 ? "llama3" : c.rope_scaling.type == RopeType::kLinear ? "linear" : "none";
+  std::printf("context:      %lld positions, rope theta %g, scaling %s (factor %g)%s\n", (long long)c.n_ctx_max, c.rope_theta, rope,
+              c.rope_scaling.factor, c.sliding_window > 0 ? strprintf(", sliding window %lld", (long long)c.sliding_window).c_str() : "");
+  std::printf("options:      rms_norm_eps %g, attention bias %s, tied embeddings %s, dtype %s\n", c.rms_norm_eps, c.attention_bias ? "yes" : "no",
+              c.tie_word_embeddings ? "yes" : "no", std::string(dtype_name(c.dtype)).c_str());
+  std::printf("parameters:   %lld (%.2f B)\n", (long long)c.n_params(), c.n_params() / 1e9);
+  // Bytes as stored, per component.
+  const GlobalWeights& g = ws.globals();
+  size_t total = 0;
+  size_t per_comp[kLayerTensorCount] = {};
+  for (int64_t il = 0; il < c.n_layers; ++il) {
+    const LayerWeights& lw = ws.layer(il);
+    for (int t = 0; t < kLayerTensorCount; ++t)
+      if (!lw.t[t].empty()) per_comp[t] += lw.t[t].nbytes();
+    total += lw.nbytes();
+  }
+  const size_t embd = g[kTokEmbd].nbytes(), head = c.tie_word_embeddings ? 0 : g[kLmHead].nbytes(), norm = g[kOutNorm].nbytes();
+  total += embd + head + norm;
+  std::printf("bytes:        %s in all\n", human_bytes(total).c_str());
+  std::printf("  per layer   %s\n", human_bytes(static_cast<double>(ws.layer(0).nbytes())).c_str());
+  std::printf("  embedding   %s\n", human_bytes(embd).c_str());
+  std::printf("  lm_head     %s%s\n", human_bytes(head).c_str(), c.tie_word_embeddings ? " (tied to the embedding)" : "");
+  std::printf("  final norm  %s\n", human_bytes(norm).c_str());
+  std::printf("  per component, all layers:\n");
+  for (int t = 0; t < kLayerTensorCount; ++t)
+    if (per_comp[t]) std::printf("    %-10s %s\n", layer_tensor_short_name(static_cast<LayerTensor>(t)), human_bytes(per_comp[t]).c_str());
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+struct TokenizeFlags {
+  std::string model;
+  std::string text;
+  std::string decode;
+  bool specials = false;
+};
+
+int cmd_tokenize(const TokenizeFlags& f) {
+  namespace fs = std::filesystem;
+  std::unique_ptr<Tokenizer> tok;
+  if (f.model.rfind(kSyntheticPrefix, 0) == 0) {
+    auto m = load_model(f.model, LoadOptions{1, true});
+    if (!m.ok()) return fail(m.status());
+    tok = std::move(m->tokenizer);
+  } else {
+    std::error_code ec;
+    const std::string path = fs::is_directory(f.model, ec) ? (fs::path(f.model) / "tokenizer.json").string() : f.model;
+    auto t = Tokenizer::from_file(path);
+    if (!t.ok()) return fail(t.status());
+    tok = std::move(*t);
+  }
+  if (!f.decode.empty()) {
+    auto ids = parse_ids(f.decode, "--decode");
+    if (!ids.ok()) return fail(ids.status());
+    for (int32_t id : *ids)
+      if (id >= tok->n_vocab()) return fail(invalid_argument(strprintf("--decode: id %d is outside the vocabulary (%lld ids)", id, static_cast<long long>(tok->n_vocab()))));
+    std::printf("%s\n", tok->decode(*ids, !f.specials).c_str());
+    return 0;
+  }
+  std::vector<int32_t> ids = tok->encode(f.text, f.specials);
+  std::string out = "[";
+  for (size_t i = 0; i < ids.size(); ++i) out += (i ? ", " : "") + std::to_string(ids[i]);
+  std::printf("%s]\n", out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"ferry: run language models larger than the GPU (inference on CPU today; GPU and offload next)"};
+  app.require_subcommand(1);
+  app.footer("Run 'ferry SUBCOMMAND --help' for a subcommand's flags and examples.");
+
+  RunFlags rf;
+  CLI::App* run = app.add_subcommand("run", "Generate text from a prompt, streamed as it is produced");
+  rf.m.add(run);
+  run->add_option("-p,--prompt", rf.prompts, "Prompt text (repeat for a batch of prompts)");
+  run->add_option("-n,--n-predict", rf.n_predict, "Tokens to generate per prompt")->check(CLI::Range(int64_t{0}, int64_t{1} << 24));
+  run->add_option("--temp", rf.temp, "Sampling temperature; 0 = greedy");
+  run->add_option("--top-k", rf.top_k, "Keep the K most likely tokens (0 = all)");
+  run->add_option("--top-p", rf.top_p, "Nucleus: keep the smallest set with probability >= P");
+  run->add_option("--seed", rf.seed, "Random seed (same seed, same text)");
+  run->add_flag("--ignore-eos", rf.ignore_eos, "Keep generating past the end-of-sequence token");
+  run->add_flag("--no-bos", rf.no_bos, "Do not add the tokenizer's BOS template to the prompt");
+  run->footer(
+      "Examples:\n"
+      "  ferry run -m synthetic:stories15m -p \"Once upon a time\" -n 32\n"
+      "  ferry run -m ~/models/Llama-2-7b-hf -p \"The capital of France is\" --temp 0\n"
+      "  ferry run -m DIR -p \"first prompt\" -p \"second prompt\" -n 64 --seed 7");
+
+  LogitsFlags lf;
+  CLI::App* logits = app.add_subcommand("logits", "Write the F32 logits [L, vocab] of a token sequence to a safetensors file");
+  lf.m.add(logits);
+  logits->add_option("--ids", lf.ids, "Comma-separated token ids, e.g. 1,15043,3186")->required();
+  logits->add_option("--out", lf.out, "Output .safetensors file (tensor 'logits'), written atomically")->required();
+  logits->footer("Example:\n  ferry logits -m ../shared/golden/llama-gqa --ids 1,2,3 --out /tmp/logits.safetensors");
+
+  ModelFlags inf;
+  CLI::App* inspect = app.add_subcommand("inspect", "Print a model's architecture, parameter count and bytes per layer and component");
+  inf.add(inspect);
+  inspect->footer("Examples:\n  ferry inspect -m ~/models/Llama-2-7b-hf\n  ferry inspect -m synthetic:llama-3-70b");
+
+  TokenizeFlags tf;
+  CLI::App* tokenize = app.add_subcommand("tokenize", "Encode text to token ids (a JSON array), or decode ids to text");
+  tokenize->add_option("-m,--model", tf.model, "Model directory, tokenizer.json file, or synthetic:PRESET")->required();
+  tokenize->add_option("text", tf.text, "Text to encode");
+  tokenize->add_flag("--specials", tf.specials, "Encode: add the BOS template; decode: keep special tokens");
+  tokenize->add_option("--decode", tf.decode, "Decode these comma-separated ids instead");
+  tokenize->footer("Examples:\n  ferry tokenize -m ../shared/tokenizers/llama3 --specials \"Hello world\"\n  ferry tokenize -m DIR --decode 15043,3186");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "ferry: error: %s\n", e.what());
+    std::fprintf(stderr, "Run with --help for usage.\n");
+    return kExitUsage;
+  }
+  try {
+    if (run->parsed()) return cmd_run(rf);
+    if (logits->parsed()) return cmd_logits(lf);
+    if (inspect->parsed()) return cmd_inspect(inf);
+    if (tokenize->parsed()) return cmd_tokenize(tf);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "ferry: error: out of host memory\n");
+    return kExitError;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ferry: error: %s\n", e.what());
+    return kExitError;
+  }
+  return kExitUsage;
+}

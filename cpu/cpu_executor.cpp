@@ -1,0 +1,74 @@
+#include "cpu/cpu_executor.h"
+
+#include <cstring>
+
+#include "cpu/gemm.h"
+#include "cpu/ops.h"
+#include "offload/kv_cache.h"
+
+namespace ferry::cpu {
+
+CpuExecutor::CpuExecutor(const ModelConfig& cfg) : cfg_(cfg), inv_freq_(rope_inv_freq(cfg)) {}
+
+Status CpuExecutor::begin_step(const StepBatch& b) {
+  const int64_t T = b.n_tokens();
+  if (T == 0) return invalid_argument("empty step: no tokens");
+  for (int64_t t = 0; t < T; ++t) {
+    if (b.tokens[t] < 0 || b.tokens[t] >= cfg_.n_vocab)
+      return invalid_argument(strprintf("token id %d at index %lld is outside the vocabulary [0, %lld)", b.tokens[t],
+                                        static_cast<long long>(t), static_cast<long long>(cfg_.n_vocab)));
+  }
+  batch_ = &b;
+  n_tokens_ = T;
+  const size_t n = static_cast<size_t>(T);
+  x_.resize(n * cfg_.n_embd);
+  xn_.resize(n * cfg_.n_embd);
+  q_.resize(n * cfg_.q_dim());
+  k_.resize(n * cfg_.kv_dim());
+  v_.resize(n * cfg_.kv_dim());
+  att_.resize(n * cfg_.q_dim());
+  gate_.resize(n * cfg_.n_ff);
+  up_.resize(n * cfg_.n_ff);
+  return Status::Ok();
+}
+
+void CpuExecutor::embed(const GlobalWeights& w) { embedding(w[kTokEmbd], batch_->tokens.data(), n_tokens_, x_.data()); }
+
+void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
+  const StepBatch& b = *batch_;
+  const int64_t T = n_tokens_, E = cfg_.n_embd, hd = cfg_.head_dim;
+  // Attention block.
+  rmsnorm(x_.data(), w[kAttnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
+  gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq]);
+  gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk]);
+  gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv]);
+  rope(q_.data(), T, cfg_.n_heads, hd, b.positions.data(), inv_freq_.data());
+  rope(k_.data(), T, cfg_.n_kv_heads, hd, b.positions.data(), inv_freq_.data());
+  const size_t kv_row = static_cast<size_t>(cfg_.kv_dim()) * sizeof(float);
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(kv.k_at(il, b.seq_ids[t], b.positions[t]), k_.data() + t * cfg_.kv_dim(), kv_row);
+    std::memcpy(kv.v_at(il, b.seq_ids[t], b.positions[t]), v_.data() + t * cfg_.kv_dim(), kv_row);
+  }
+  attention(q_.data(), T, b.positions.data(), b.seq_ids.data(), cfg_.n_heads, cfg_.sliding_window, il, kv, att_.data());
+  gemm_xwt(att_.data(), T, w[kWo], xn_.data());
+  add_inplace(x_.data(), xn_.data(), T * E);
+  // MLP block.
+  rmsnorm(x_.data(), w[kFfnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
+  gemm_xwt(xn_.data(), T, w[kWGate], gate_.data());
+  gemm_xwt(xn_.data(), T, w[kWUp], up_.data());
+  swiglu(gate_.data(), up_.data(), T * cfg_.n_ff, gate_.data());
+  gemm_xwt(gate_.data(), T, w[kWDown], xn_.data());
+  add_inplace(x_.data(), xn_.data(), T * E);
+}
+
+void CpuExecutor::head(const GlobalWeights& w, float* logits) {
+  const StepBatch& b = *batch_;
+  const int64_t E = cfg_.n_embd, n_out = b.n_outputs();
+  if (n_out == 0) return;
+  for (int64_t i = 0; i < n_out; ++i)
+    std::memcpy(xn_.data() + i * E, x_.data() + b.output_rows[i] * E, E * sizeof(float));
+  rmsnorm(xn_.data(), w[kOutNorm], cfg_.rms_norm_eps, n_out, E, xn_.data());
+  gemm_xwt(xn_.data(), n_out, w[kLmHead], logits);
+}
+
+}  // namespace ferry::cpu

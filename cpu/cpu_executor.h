@@ -1,0 +1,38 @@
+// CpuExecutor: the whole model step on the CPU in float32 (weights converted from F32/F16/BF16 as
+// they are read), the exact reference every other backend and placement is compared against.
+#pragma once
+
+#include <vector>
+
+#include "models/config.h"
+#include "runtime/executor.h"
+
+namespace ferry::cpu {
+
+class CpuExecutor final : public Executor {
+ public:
+  explicit CpuExecutor(const ModelConfig& cfg);
+
+  std::string_view name() const override { return "cpu"; }
+  Status begin_step(const StepBatch& batch) override;
+  void embed(const GlobalWeights& w) override;
+  void layer(int64_t il, const LayerWeights& w, KvCache& kv) override;
+  void head(const GlobalWeights& w, float* logits) override;
+
+ private:
+  ModelConfig cfg_;
+  std::vector<float> inv_freq_;  // [head_dim / 2]
+  const StepBatch* batch_ = nullptr;
+  int64_t n_tokens_ = 0;
+  // Workspace, float32, sized for the step.
+  std::vector<float> x_;     // [n_tokens, n_embd] residual stream
+  std::vector<float> xn_;    // [n_tokens, n_embd] normed input of a block
+  std::vector<float> q_;     // [n_tokens, q_dim]
+  std::vector<float> k_;     // [n_tokens, kv_dim]
+  std::vector<float> v_;     // [n_tokens, kv_dim]
+  std::vector<float> att_;   // [n_tokens, q_dim]
+  std::vector<float> gate_;  // [n_tokens, n_ff]
+  std::vector<float> up_;    // [n_tokens, n_ff]
+};
+
+}  // namespace ferry::cpu

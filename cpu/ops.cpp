@@ -1,0 +1,133 @@
+#include "cpu/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <tbb/blocked_range.h>
+#include <tbb/blocked_range2d.h>
+#include <tbb/parallel_for.h>
+
+#include "cpu/simd.h"
+
+namespace ferry::cpu {
+
+void embedding(const TensorView& table, const int32_t* ids, int64_t n, float* out) {
+  const int64_t n_embd = table.shape[1];
+  const size_t row_bytes = static_cast<size_t>(n_embd) * dtype_size(table.dtype);
+  const uint8_t* base = static_cast<const uint8_t*>(table.data);
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n), [&](const tbb::blocked_range<int64_t>& r) {
+    for (int64_t t = r.begin(); t < r.end(); ++t)
+      convert_to_f32(base + ids[t] * row_bytes, table.dtype, out + t * n_embd, n_embd);
+  });
+}
+
+void rmsnorm(const float* x, const TensorView& w, double eps, int64_t n_rows, int64_t n_embd, float* out) {
+  std::vector<float> wf(n_embd);
+  convert_to_f32(w.data, w.dtype, wf.data(), n_embd);
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n_rows), [&](const tbb::blocked_range<int64_t>& r) {
+    for (int64_t i = r.begin(); i < r.end(); ++i) {
+      const float* xi = x + i * n_embd;
+      float* oi = out + i * n_embd;
+      const float mean = sumsq_f32(xi, n_embd) / static_cast<float>(n_embd);
+      const float inv = 1.0f / std::sqrt(mean + static_cast<float>(eps));
+      for (int64_t j = 0; j < n_embd; ++j) oi[j] = wf[j] * (xi[j] * inv);
+    }
+  });
+}
+
+void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, const int32_t* positions, const float* inv_freq) {
+  const int64_t half = head_dim / 2;
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n_tokens), [&](const tbb::blocked_range<int64_t>& r) {
+    std::vector<float> cs(half), sn(half);
+    for (int64_t t = r.begin(); t < r.end(); ++t) {
+      const float pos = static_cast<float>(positions[t]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float ang = pos * inv_freq[i];  // float32, as transformers
+        cs[i] = std::cos(ang);
+        sn[i] = std::sin(ang);
+      }
+      for (int64_t h = 0; h < n_heads; ++h) {
+        float* v = x + (t * n_heads + h) * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * cs[i] - b * sn[i];
+          v[i + half] = b * cs[i] + a * sn[i];
+        }
+      }
+    }
+  });
+}
+
+void swiglu(const float* gate, const float* up, int64_t n, float* out) {
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 4096), [&](const tbb::blocked_range<int64_t>& r) {
+    for (int64_t i = r.begin(); i < r.end(); ++i) {
+      const float g = gate[i];
+      out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  });
+}
+
+void add_inplace(float* y, const float* x, int64_t n) {
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 8192), [&](const tbb::blocked_range<int64_t>& r) {
+    for (int64_t i = r.begin(); i < r.end(); ++i) y[i] += x[i];
+  });
+}
+
+void attention(const float* q, int64_t n_tokens, const int32_t* positions, const int32_t* seq_ids, int64_t n_heads,
+               int64_t window, int64_t il, const KvCache& kv, float* out) {
+  const KvCacheShape& s = kv.shape();
+  const int64_t hd = s.head_dim, n_kv = s.n_kv_heads, bs = s.block_size;
+  const int64_t group = n_heads / n_kv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  tbb::parallel_for(tbb::blocked_range2d<int64_t>(0, n_tokens, 0, n_kv), [&](const tbb::blocked_range2d<int64_t>& r) {
+    std::vector<float> acc(group * hd), m(group), l(group), sc(group * bs);
+    for (int64_t t = r.rows().begin(); t < r.rows().end(); ++t) {
+      const int64_t p = positions[t];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      const auto& blocks = kv.block_table(seq_ids[t]);
+      for (int64_t kh = r.cols().begin(); kh < r.cols().end(); ++kh) {
+        const float* qg = q + (t * n_heads + kh * group) * hd;  // the group's query heads are adjacent
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+        std::fill(l.begin(), l.end(), 0.0f);
+        for (int64_t b = first / bs; b <= p / bs; ++b) {
+          const int64_t j0 = std::max(first, b * bs), j1 = std::min(p + 1, (b + 1) * bs);
+          const int64_t nj = j1 - j0;
+          const float* kb = kv.k_block(il, blocks[b]);
+          const float* vb = kv.v_block(il, blocks[b]);
+          // Scores of every query head of the group against the block's keys, each key read once.
+          for (int64_t j = 0; j < nj; ++j) {
+            const float* krow = kb + ((j0 + j - b * bs) * n_kv + kh) * hd;
+            for (int64_t g = 0; g < group; ++g) sc[g * bs + j] = dot_f32(qg + g * hd, krow, hd) * scale;
+          }
+          for (int64_t g = 0; g < group; ++g) {
+            float bmax = m[g];
+            for (int64_t j = 0; j < nj; ++j) bmax = std::max(bmax, sc[g * bs + j]);
+            const float corr = std::exp(m[g] - bmax);  // 0 on the first block (m = -inf)
+            l[g] *= corr;
+            scale_f32(corr, acc.data() + g * hd, hd);
+            m[g] = bmax;
+            for (int64_t j = 0; j < nj; ++j) {
+              const float w = std::exp(sc[g * bs + j] - bmax);
+              sc[g * bs + j] = w;
+              l[g] += w;
+            }
+          }
+          for (int64_t j = 0; j < nj; ++j) {
+            const float* vrow = vb + ((j0 + j - b * bs) * n_kv + kh) * hd;
+            for (int64_t g = 0; g < group; ++g) axpy_f32(sc[g * bs + j], vrow, acc.data() + g * hd, hd);
+          }
+        }
+        float* og = out + (t * n_heads + kh * group) * hd;
+        for (int64_t g = 0; g < group; ++g) {
+          const float inv = 1.0f / l[g];
+          for (int64_t i = 0; i < hd; ++i) og[g * hd + i] = acc[g * hd + i] * inv;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace ferry::cpu

@@ -1,0 +1,23 @@
+// GPU discovery, callable from CPU-only code (no CUDA types here). Any error from the driver or
+// runtime, such as "driver version is insufficient" on a machine without a GPU, reads as "no GPU".
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace ferry::gpu {
+
+struct GpuInfo {
+  int n_devices = 0;
+  std::string name;            // of device 0
+  int64_t total_bytes = 0;     // of device 0
+  int cc_major = 0, cc_minor = 0;
+  std::string why_none;        // when n_devices == 0: the runtime's message, or "built without CUDA"
+};
+
+// Returns what GPUs this process can use.
+GpuInfo probe();
+// Returns true when ferry was built with the CUDA backend.
+bool built_with_cuda();
+
+}  // namespace ferry::gpu

@@ -1,0 +1,13 @@
+#include "gpu/device.h"
+
+namespace ferry::gpu {
+
+bool built_with_cuda() { return false; }
+
+GpuInfo probe() {
+  GpuInfo info;
+  info.why_none = "ferry was built without CUDA (-DFERRY_CUDA=OFF or no nvcc)";
+  return info;
+}
+
+}  // namespace ferry::gpu

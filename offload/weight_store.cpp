@@ -1,0 +1,131 @@
+#include "offload/weight_store.h"
+
+#include <set>
+
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
+#include "models/synthetic.h"
+
+namespace ferry {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+Expected<TensorView> bind(const CheckpointReader& ckpt, const TensorSpec& spec) {
+  auto found = ckpt.find(spec.name);
+  if (found.entry == nullptr)
+    return not_found(strprintf("tensor '%s' %s is missing from %s", spec.name.c_str(), shape_str(spec.shape).c_str(),
+                               ckpt.source_description().c_str()));
+  const SafetensorsEntry& e = *found.entry;
+  if (e.shape != spec.shape)
+    return corrupt(strprintf("%s: tensor '%s' has shape %s but config.json implies %s", found.file->path().c_str(),
+                             spec.name.c_str(), shape_str(e.shape).c_str(), shape_str(spec.shape).c_str()));
+  if (e.dtype != DType::kF32 && e.dtype != DType::kF16 && e.dtype != DType::kBF16)
+    return unsupported(strprintf("%s: tensor '%s' has dtype %s (supported: F32, F16, BF16)", found.file->path().c_str(),
+                                 spec.name.c_str(), std::string(dtype_name(e.dtype)).c_str()));
+  return found.file->view(e);
+}
+
+}  // namespace
+
+Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelConfig& cfg, std::unique_ptr<CheckpointReader> ckpt) {
+  std::unique_ptr<WeightStore> ws(new WeightStore());
+  ws->cfg_ = cfg;
+  ws->source_ = ckpt->source_description();
+  std::set<std::string> used;
+  const auto gspecs = global_tensor_specs(cfg);
+  for (int g = 0; g < kGlobalTensorCount; ++g) {
+    if (gspecs[g].name.empty()) continue;
+    FERRY_ASSIGN_OR_RETURN(ws->globals_.t[g], bind(*ckpt, gspecs[g]));
+    used.insert(gspecs[g].name);
+  }
+  if (cfg.tie_word_embeddings) {
+    ws->globals_.t[kLmHead] = ws->globals_.t[kTokEmbd];
+    used.insert("lm_head.weight");  // some tied checkpoints store a copy; the embedding is used
+  }
+  ws->layers_.resize(cfg.n_layers);
+  for (int64_t il = 0; il < cfg.n_layers; ++il) {
+    const auto specs = layer_tensor_specs(cfg, il);
+    for (int t = 0; t < kLayerTensorCount; ++t) {
+      if (specs[t].name.empty()) continue;
+      FERRY_ASSIGN_OR_RETURN(ws->layers_[il].t[t], bind(*ckpt, specs[t]));
+      used.insert(specs[t].name);
+    }
+  }
+  for (const auto& name : ckpt->names()) {
+    if (used.count(name) || is_ignored_tensor(name)) continue;
+    return corrupt(strprintf("%s: unexpected tensor '%s' for %s with %lld layers (wrong config.json, or an architecture ferry does not know)",
+                             ckpt->source_description().c_str(), name.c_str(), cfg.architecture.c_str(),
+                             static_cast<long long>(cfg.n_layers)));
+  }
+  ws->ckpt_ = std::move(ckpt);
+  return ws;
+}
+
+Expected<std::unique_ptr<WeightStore>> WeightStore::synthetic(const ModelConfig& cfg, const std::string& preset) {
+  std::unique_ptr<WeightStore> ws(new WeightStore());
+  ws->cfg_ = cfg;
+  ws->source_ = std::string(kSyntheticPrefix) + preset + " (generated)";
+
+  struct Job {
+    std::string name;
+    int64_t fan_in;
+    bool is_norm;
+    TensorView* view;
+    std::vector<int64_t> shape;
+  };
+  std::vector<Job> jobs;
+  const auto gspecs = global_tensor_specs(cfg);
+  ws->layers_.resize(cfg.n_layers);
+  for (int g = 0; g < kGlobalTensorCount; ++g) {
+    if (gspecs[g].name.empty()) continue;
+    jobs.push_back({gspecs[g].name, cfg.n_embd, g == kOutNorm, &ws->globals_.t[g], gspecs[g].shape});
+  }
+  for (int64_t il = 0; il < cfg.n_layers; ++il) {
+    const auto specs = layer_tensor_specs(cfg, il);
+    for (int t = 0; t < kLayerTensorCount; ++t) {
+      if (specs[t].name.empty()) continue;
+      const bool norm = t == kAttnNorm || t == kFfnNorm;
+      const bool bias = t == kBq || t == kBk || t == kBv;
+      const int64_t fan_in = t == kWDown ? cfg.n_ff : t == kWo ? cfg.q_dim() : bias ? 64 : cfg.n_embd;
+      jobs.push_back({specs[t].name, fan_in, norm, &ws->layers_[il].t[t], specs[t].shape});
+    }
+  }
+  for (auto& j : jobs) {
+    int64_t numel = 1;
+    for (int64_t d : j.shape) numel *= d;
+    HostBuffer buf(static_cast<size_t>(numel) * 2);
+    if (buf.data() == nullptr)
+      return out_of_memory(strprintf("synthetic:%s: cannot allocate %lld bytes of host memory for '%s'", preset.c_str(),
+                                     static_cast<long long>(numel * 2), j.name.c_str()));
+    uint16_t* out = buf.as<uint16_t>();
+    const std::string name = j.name;
+    const int64_t fan_in = j.fan_in;
+    const bool is_norm = j.is_norm;
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, numel, 1 << 16), [&](const tbb::blocked_range<int64_t>& r) {
+      synthetic_fill_bf16(name, fan_in, is_norm, r.begin(), r.end() - r.begin(), out + r.begin());
+    });
+    TensorView v;
+    v.data = buf.data();
+    v.dtype = DType::kBF16;
+    v.n_dims = static_cast<int>(j.shape.size());
+    int64_t stride = 1;
+    for (int d = v.n_dims - 1; d >= 0; --d) {
+      v.shape[d] = j.shape[d];
+      v.strides[d] = stride;
+      stride *= j.shape[d];
+    }
+    *j.view = v;
+    ws->owned_.push_back(std::move(buf));
+  }
+  if (cfg.tie_word_embeddings) ws->globals_.t[kLmHead] = ws->globals_.t[kTokEmbd];
+  return ws;
+}
+
+}  // namespace ferry

@@ -1,0 +1,52 @@
+// HostBuffer: an owned, 64-byte aligned block of host memory (the unit later replaced by pinned
+// allocations for DMA). Move-only.
+#pragma once
+
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace ferry {
+
+class HostBuffer {
+ public:
+  HostBuffer() = default;
+  // Allocates `n_bytes` (uninitialised). Returns an empty buffer when the allocation fails; callers
+  // check `data()` and report out-of-memory with a size.
+  explicit HostBuffer(size_t n_bytes) : size_(n_bytes) {
+    if (n_bytes == 0) return;
+    const size_t rounded = (n_bytes + kAlign - 1) / kAlign * kAlign;
+    data_ = std::aligned_alloc(kAlign, rounded);
+    if (data_ == nullptr) size_ = 0;
+  }
+  ~HostBuffer() { std::free(data_); }
+  HostBuffer(HostBuffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  HostBuffer& operator=(HostBuffer&& o) noexcept {
+    if (this != &o) {
+      std::free(data_);
+      data_ = std::exchange(o.data_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+  }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t size() const { return size_; }
+  void zero() {
+    if (data_) std::memset(data_, 0, size_);
+  }
+
+ private:
+  static constexpr size_t kAlign = 64;
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace ferry

@@ -1,0 +1,44 @@
+#include "runtime/runner.h"
+
+#include <map>
+
+#include "runtime/trace.h"
+
+namespace ferry {
+
+Status Runner::step(const StepBatch& b, std::vector<float>& logits) {
+  const ModelConfig& cfg = ws_.config();
+  // Check that every sequence continues where its KV ends, and find its new length.
+  std::map<int32_t, int64_t> next_pos;
+  for (int64_t t = 0; t < b.n_tokens(); ++t) {
+    const int32_t s = b.seq_ids[t];
+    auto it = next_pos.find(s);
+    const int64_t expect = it == next_pos.end() ? kv_.length(s) : it->second;
+    if (b.positions[t] != expect)
+      return invalid_argument(strprintf("step: token %lld of sequence %d has position %d, expected %lld", static_cast<long long>(t), s,
+                                        b.positions[t], static_cast<long long>(expect)));
+    if (b.positions[t] >= cfg.n_ctx_max)
+      return invalid_argument(strprintf("sequence %d reaches position %d, past max_position_embeddings (%lld)", s, b.positions[t],
+                                        static_cast<long long>(cfg.n_ctx_max)));
+    next_pos[s] = expect + 1;
+  }
+  for (const auto& [s, n] : next_pos) FERRY_RETURN_IF_ERROR(kv_.reserve(s, n));
+  FERRY_RETURN_IF_ERROR(ex_.begin_step(b));
+  logits.resize(static_cast<size_t>(b.n_outputs() * cfg.n_vocab));
+  {
+    TraceRange r("embed");
+    ex_.embed(ws_.globals());
+  }
+  for (int64_t il = 0; il < cfg.n_layers; ++il) {
+    TraceRange r("layer", il);
+    ex_.layer(il, ws_.layer(il), kv_);
+  }
+  {
+    TraceRange r("head");
+    ex_.head(ws_.globals(), logits.data());
+  }
+  for (const auto& [s, n] : next_pos) kv_.set_length(s, n);
+  return Status::Ok();
+}
+
+}  // namespace ferry

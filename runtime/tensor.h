@@ -1,0 +1,87 @@
+// Tensor views: a pointer with a dtype, a shape, strides and the tier the bytes live in. Views do not
+// own memory; the WeightStore, KvCache and executors own it. No CUDA types here: CPU-only code
+// includes this header.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "runtime/check.h"
+
+namespace ferry {
+
+enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64, kU8, kI8, kF64, kI16, kBool, kF8E4M3, kF8E5M2 };
+
+// Returns the size of one element in bytes.
+size_t dtype_size(DType t);
+// Returns the safetensors name ("BF16", "F32", ...).
+std::string_view dtype_name(DType t);
+// Returns true and sets *out if `name` is a safetensors dtype name.
+bool dtype_from_name(std::string_view name, DType* out);
+
+// Where a tensor's bytes are. Executors only touch tiers they can address directly.
+enum class Tier : uint8_t {
+  kHost,        // ordinary (pageable or mmapped) host memory
+  kPinnedHost,  // page-locked host memory, DMA-able by the GPU
+  kDevice,      // GPU memory
+  kDisk,        // a packed store on disk: must be staged before use
+};
+std::string_view tier_name(Tier t);
+
+inline constexpr int kMaxDims = 4;
+
+// A strided view of n-dimensional data. shape[0] is the outermost (slowest) dimension, as in
+// PyTorch and safetensors; strides are in elements.
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::kF32;
+  Tier tier = Tier::kHost;
+  int n_dims = 0;
+  std::array<int64_t, kMaxDims> shape{};
+  std::array<int64_t, kMaxDims> strides{};
+
+  // Returns a contiguous view of `data` with the given shape.
+  static TensorView contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                               Tier tier = Tier::kHost);
+
+  bool empty() const { return data == nullptr; }
+  int64_t numel() const;
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  bool is_contiguous() const;
+  int64_t dim(int i) const {
+    FERRY_DCHECK(i >= 0 && i < n_dims);
+    return shape[i];
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data);
+  }
+  // Returns e.g. "BF16[4096, 11008]".
+  std::string describe() const;
+};
+
+// bf16 and f16 <-> f32 conversions (round to nearest even).
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);
+
+// Converts n elements of `src` (F32, F16 or BF16) to float32.
+void convert_to_f32(const void* src, DType dtype, float* dst, size_t n);
+
+}  // namespace ferry

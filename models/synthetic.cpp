@@ -99,8 +99,12 @@ std::string synthetic_tokenizer_json(int64_t n_vocab) {
   static const char* kCons = "bcdfghjklmnprstvwz";
   static const char* kVow = "aeiou";
   const int n_c = 18, n_v = 5;
-  for (int64_t id = 259; id < n_vocab; ++id) {
-    int64_t k = id - 259;
+  // Then "▁" and printable ASCII, so typed text needs no byte fallback, then pseudo-words.
+  int64_t next = 259;
+  vocab["\xe2\x96\x81"] = next++;
+  for (char c = '!'; c <= '~'; ++c) vocab[std::string(1, c)] = next++;
+  for (int64_t id = next; id < n_vocab; ++id) {
+    int64_t k = id - next;
     std::string w = "\xe2\x96\x81";  // U+2581, the SentencePiece space
     do {
       w += kCons[k % n_c];

@@ -23,7 +23,7 @@ Expected<ModelConfig> synthetic_config(const std::string& name, int64_t n_layers
 // `fan_in` sets the scale (uniform in +-1/sqrt(fan_in)); `is_norm` gives values near 1.
 void synthetic_fill_bf16(const std::string& name, int64_t fan_in, bool is_norm, uint64_t first, uint64_t n, uint16_t* out);
 // Returns the tokenizer.json text of the synthetic vocabulary of size `n_vocab`: <unk>, <s>, </s>,
-// 256 byte tokens, then pseudo-words, SentencePiece-style with byte fallback.
+// 256 byte tokens, "▁" and printable ASCII, then pseudo-words; SentencePiece-style, byte fallback.
 std::string synthetic_tokenizer_json(int64_t n_vocab);
 
 }  // namespace ferry

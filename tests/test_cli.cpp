@@ -1,0 +1,235 @@
+// The ferry binary end to end: the happy paths (run streams llama2.c's story, logits, inspect,
+// tokenize) and one test per class of bad input, each of which must end in a message naming the
+// file, tensor or flag and an exit code of 1 or 2, never a crash.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "models/safetensors.h"
+#include "models/tokenizer.h"
+#include "test_util.h"
+
+using namespace ferry;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string read_file(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+void write_file(const std::string& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
+
+// A copy of a golden model directory that a test may damage.
+struct ModelCopy {
+  test::TempDir tmp;
+  explicit ModelCopy(const std::string& src) {
+    for (const auto& e : fs::directory_iterator(src))
+      if (e.path().filename() != "golden.safetensors" && e.path().extension() != ".bin")
+        fs::copy_file(e.path(), tmp.path / e.path().filename());
+  }
+  std::string dir() const { return tmp.path.string(); }
+  std::string file(const std::string& n) const { return (tmp.path / n).string(); }
+  // Rewrites model.safetensors' header with `edit` applied, keeping the data section.
+  template <typename F>
+  void edit_header(F edit) {
+    const std::string bytes = read_file(file("model.safetensors"));
+    uint64_t hl;
+    std::memcpy(&hl, bytes.data(), 8);
+    json h = json::parse(bytes.substr(8, hl));
+    edit(h);
+    std::string hs = h.dump();
+    uint64_t nl = hs.size();
+    std::string out(reinterpret_cast<const char*>(&nl), 8);
+    out += hs + bytes.substr(8 + hl);
+    write_file(file("model.safetensors"), out);
+  }
+};
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+// Runs ferry, expects a clean failure (exit 1 or 2) whose output contains every string in `names`.
+void expect_error(const std::string& args, std::initializer_list<std::string> names) {
+  test::CmdResult r = test::run_ferry(args);
+  CAPTURE(args);
+  CAPTURE(r.output);
+  CHECK((r.exit_code == 1 || r.exit_code == 2));
+  CHECK(r.output.find("error") != std::string::npos);
+  for (const auto& n : names) CHECK_MESSAGE(r.output.find(n) != std::string::npos, "message should name " << n);
+}
+
+const std::string kGqa = "/golden/llama-gqa";
+
+}  // namespace
+
+TEST_SUITE("cli") {
+  TEST_CASE("run streams llama2.c's reference story for stories260K") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    test::CmdResult r = test::run_ferry("run -m " + q(dir) + " -p '' --temp 0 -n 256", true);
+    REQUIRE(r.exit_code == 0);
+    auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+    auto tok = Tokenizer::from_file(dir + "/tokenizer.json");
+    REQUIRE(g.ok());
+    REQUIRE(tok.ok());
+    const std::string want = (*tok)->decode(test::read_i32(**g, "bos.greedy_ids"), true);
+    CHECK(want.rfind("Once upon a time, there was a little girl named Lily.", 0) == 0);
+    CHECK(r.output == want + "\n");
+  }
+
+  TEST_CASE("run prints a summary line; logits, inspect and tokenize work") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    test::CmdResult r = test::run_ferry("run -m " + q(dir) + " -p 'Once upon a time' -n 16 --seed 1 --temp 0.9");
+    CHECK(r.exit_code == 0);
+    CHECK(r.output.rfind("Once upon a time", 0) == 0);
+    CHECK(r.output.find("prompt tokens") != std::string::npos);
+    CHECK(r.output.find("tok/s") != std::string::npos);
+    test::CmdResult r2 = test::run_ferry("run -m " + q(dir) + " -p 'Once upon a time' -n 16 --seed 1 --temp 0.9");
+    CHECK(r2.output.substr(0, r2.output.find("ferry:")) == r.output.substr(0, r.output.find("ferry:")));  // same seed, same text
+    test::CmdResult batch = test::run_ferry("run -m " + q(dir) + " -p 'Once upon a time' -p 'Tom had a dog' -n 8 --temp 0", true);
+    CHECK(batch.exit_code == 0);
+    CHECK(batch.output.find("[0] Once upon a time") != std::string::npos);
+    CHECK(batch.output.find("[1] Tom had a dog") != std::string::npos);
+
+    test::TempDir tmp;
+    const std::string gq = test::shared_dir() + kGqa;
+    auto g = SafetensorsFile::open(gq + "/golden.safetensors");
+    REQUIRE(g.ok());
+    const auto ids = test::read_i32(**g, "seq0.input_ids");
+    std::string ids_s;
+    for (int32_t id : ids) ids_s += (ids_s.empty() ? "" : ",") + std::to_string(id);
+    test::CmdResult l = test::run_ferry("logits -m " + q(gq) + " --ids " + ids_s + " --out " + q(tmp / "l.safetensors") + " --device cpu");
+    REQUIRE(l.exit_code == 0);
+    auto out = SafetensorsFile::open(tmp / "l.safetensors");
+    REQUIRE(out.ok());
+    std::vector<int64_t> shape;
+    const auto got = test::read_f32(**out, "logits", &shape);
+    CHECK(shape == std::vector<int64_t>{static_cast<int64_t>(ids.size()), 2048});
+    const auto ref = test::read_f32(**g, "seq0.logits");
+    double d = 0, m = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      d = std::max(d, static_cast<double>(std::fabs(got[i] - ref[i])));
+      m = std::max(m, static_cast<double>(std::fabs(ref[i])));
+    }
+    CHECK(d / m <= 1e-3);
+
+    test::CmdResult in = test::run_ferry("inspect -m synthetic:llama-2-7b --layers 1");
+    CHECK(in.exit_code == 0);
+    CHECK(in.output.find("LlamaForCausalLM") != std::string::npos);
+    test::CmdResult in2 = test::run_ferry("inspect -m " + q(gq));
+    CHECK(in2.exit_code == 0);
+    CHECK(in2.output.find("kv heads 2") != std::string::npos);
+
+    test::CmdResult t = test::run_ferry("tokenize -m " + q(test::shared_dir() + "/tokenizers/llama2") + " --specials 'Hello world'");
+    CHECK(t.output == "[1, 15043, 3186]\n");
+    test::CmdResult t2 = test::run_ferry("tokenize -m " + q(test::shared_dir() + "/tokenizers/llama3/tokenizer.json") + " --decode 9906,1917");
+    CHECK(t2.output == "Hello world\n");
+    CHECK(test::run_ferry("--help").exit_code == 0);
+    CHECK(test::run_ferry("run --help").output.find("Examples") != std::string::npos);
+  }
+
+  TEST_CASE("missing directory") { expect_error("run -m /nonexistent/llama -p hi", {"/nonexistent/llama"}); }
+
+  TEST_CASE("config without required keys") {
+    ModelCopy m(test::shared_dir() + kGqa);
+    json c = json::parse(read_file(m.file("config.json")));
+    c.erase("num_hidden_layers");
+    write_file(m.file("config.json"), c.dump());
+    expect_error("logits -m " + q(m.dir()) + " --ids 1,2 --out /tmp/x.st", {"config.json", "num_hidden_layers"});
+  }
+
+  TEST_CASE("unknown model_type") {
+    ModelCopy m(test::shared_dir() + kGqa);
+    json c = json::parse(read_file(m.file("config.json")));
+    c["model_type"] = "mamba";
+    write_file(m.file("config.json"), c.dump());
+    expect_error("inspect -m " + q(m.dir()), {"config.json", "mamba"});
+  }
+
+  TEST_CASE("truncated safetensors") {
+    ModelCopy m(test::shared_dir() + kGqa);
+    const std::string b = read_file(m.file("model.safetensors"));
+    write_file(m.file("model.safetensors"), b.substr(0, b.size() / 2));
+    expect_error("logits -m " + q(m.dir()) + " --ids 1 --out /tmp/x.st", {"model.safetensors", "truncated"});
+    write_file(m.file("model.safetensors"), b.substr(0, 5));
+    expect_error("logits -m " + q(m.dir()) + " --ids 1 --out /tmp/x.st", {"model.safetensors", "truncated"});
+  }
+
+  TEST_CASE("header length past end of file") {
+    ModelCopy m(test::shared_dir() + kGqa);
+    std::string b = read_file(m.file("model.safetensors"));
+    const uint64_t huge = uint64_t{1} << 40;
+    std::memcpy(b.data(), &huge, 8);
+    write_file(m.file("model.safetensors"), b);
+    expect_error("logits -m " + q(m.dir()) + " --ids 1 --out /tmp/x.st", {"model.safetensors", "header length"});
+  }
+
+  TEST_CASE("offsets out of bounds") {
+    ModelCopy m(test::shared_dir() + kGqa);
+    m.edit_header([](json& h) { h["model.layers.1.mlp.up_proj.weight"]["data_offsets"][1] = 1ull << 40; });
+    expect_error("logits -m " + q(m.dir()) + " --ids 1 --out /tmp/x.st", {"model.safetensors", "model.layers.1.mlp.up_proj.weight", "outside"});
+  }
+
+  TEST_CASE("dtype / shape disagreement, and shape against config") {
+    ModelCopy m(test::shared_dir() + kGqa);
+    m.edit_header([](json& h) { h["model.layers.0.self_attn.k_proj.weight"]["dtype"] = "F32"; });
+    expect_error("logits -m " + q(m.dir()) + " --ids 1 --out /tmp/x.st", {"model.layers.0.self_attn.k_proj.weight", "bytes"});
+    ModelCopy m2(test::shared_dir() + kGqa);
+    json c = json::parse(read_file(m2.file("config.json")));
+    c["intermediate_size"] = 512;
+    write_file(m2.file("config.json"), c.dump());
+    expect_error("logits -m " + q(m2.dir()) + " --ids 1 --out /tmp/x.st", {"mlp", "shape", "[704, 256]"});
+  }
+
+  TEST_CASE("missing tensor and unexpected tensor") {
+    ModelCopy m(test::shared_dir() + kGqa);
+    m.edit_header([](json& h) { h.erase("model.layers.3.post_attention_layernorm.weight"); });
+    expect_error("logits -m " + q(m.dir()) + " --ids 1 --out /tmp/x.st", {"model.layers.3.post_attention_layernorm.weight", "missing"});
+    ModelCopy m2(test::shared_dir() + kGqa);
+    json c = json::parse(read_file(m2.file("config.json")));
+    c["num_hidden_layers"] = 3;
+    write_file(m2.file("config.json"), c.dump());
+    expect_error("logits -m " + q(m2.dir()) + " --ids 1 --out /tmp/x.st", {"unexpected tensor", "model.layers.3."});
+  }
+
+  TEST_CASE("malformed tokenizer.json") {
+    ModelCopy m(test::shared_dir() + "/models/stories260K");
+    write_file(m.file("tokenizer.json"), "{\"model\": {\"type\": \"BPE\", \"vocab\": [1, 2]}}");
+    expect_error("run -m " + q(m.dir()) + " -p hi", {"tokenizer.json", "vocab"});
+    write_file(m.file("tokenizer.json"), "{\"mod");
+    expect_error("run -m " + q(m.dir()) + " -p hi", {"tokenizer.json", "JSON"});
+  }
+
+  TEST_CASE("prompt longer than max_position_embeddings") {
+    std::string prompt;
+    for (int i = 0; i < 600; ++i) prompt += "dog ";
+    expect_error("run -m " + q(test::shared_dir() + "/models/stories260K") + " -p " + q(prompt), {"-p", "max_position_embeddings", "512"});
+    std::string ids;
+    for (int i = 0; i < 513; ++i) ids += "5,";
+    expect_error("logits -m " + q(test::shared_dir() + "/models/stories260K") + " --ids " + ids + " --out /tmp/x.st", {"--ids", "max_position_embeddings"});
+  }
+
+  TEST_CASE("nonsense flag values") {
+    const std::string m = q(test::shared_dir() + "/models/stories260K");
+    expect_error("run -m " + m + " -n abc", {"-n"});
+    expect_error("run -m " + m + " -n -5", {"-n"});
+    expect_error("run -m " + m + " --temp -1", {"--temp"});
+    expect_error("run -m " + m + " --top-p 2", {"--top-p"});
+    expect_error("run -m " + m + " --top-k -4", {"--top-k"});
+    expect_error("run -m " + m + " --device tpu", {"--device"});
+    expect_error("run -m " + m + " --bogus", {"--bogus"});
+    expect_error("run -m " + m + " --layers 2", {"--layers"});
+    expect_error("logits -m " + m + " --ids 1,x,3 --out /tmp/x.st", {"--ids", "'x'"});
+    expect_error("logits -m " + m + " --ids 1,99999 --out /tmp/x.st", {"--ids", "99999"});
+    expect_error("logits -m " + m + " --ids 1 --out /nonexistent/dir/x.st", {"--out", "/nonexistent/dir"});
+    expect_error("run -m synthetic:llama-9b", {"llama-9b"});
+    expect_error("tokenize -m " + m + " --decode 1,70000", {"--decode", "70000"});
+    expect_error("", {"subcommand"});
+  }
+}

@@ -1,0 +1,207 @@
+// The model path against transformers: every golden model and sequence (logits, greedy ids where
+// the reference margin is clear), decode-with-KV against prefill, batches of sequences of different
+// lengths, chunked prefill, and the real stories260K model (llama2.c's story, token for token).
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/cpu_executor.h"
+#include "models/synthetic.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
+#include "test_util.h"
+
+using namespace ferry;
+
+namespace {
+
+struct Loaded {
+  Model model;
+  std::unique_ptr<cpu::CpuExecutor> ex;
+  std::unique_ptr<KvCache> kv;
+  std::unique_ptr<Runner> runner;
+};
+
+Loaded load(const std::string& dir, int64_t kv_tokens = 4096, int64_t block_size = 16) {
+  Loaded l;
+  auto m = load_model(dir, LoadOptions{0, false});
+  REQUIRE_MESSAGE(m.ok(), m.status().message());
+  l.model = std::move(*m);
+  l.ex = std::make_unique<cpu::CpuExecutor>(l.model.config);
+  KvCacheShape s{l.model.config.n_layers, l.model.config.n_kv_heads, l.model.config.head_dim, block_size, kv_tokens / block_size};
+  auto kv = KvCache::create(s);
+  REQUIRE(kv.ok());
+  l.kv = std::make_unique<KvCache>(std::move(*kv));
+  l.runner = std::make_unique<Runner>(*l.model.weights, *l.ex, *l.kv);
+  return l;
+}
+
+// max|a - b| / max|b|
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double d = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d = std::max(d, static_cast<double>(std::fabs(a[i] - b[i])));
+    m = std::max(m, static_cast<double>(std::fabs(b[i])));
+  }
+  return d / m;
+}
+
+const char* kGolden[] = {"llama-gqa", "llama3-tied", "qwen2-bias"};
+
+}  // namespace
+
+TEST_SUITE("model") {
+  TEST_CASE("golden logits and greedy ids on the CPU backend") {
+    for (const char* name : kGolden) {
+      const std::string dir = test::shared_dir() + "/golden/" + name;
+      Loaded l = load(dir);
+      auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+      REQUIRE(g.ok());
+      const int64_t V = l.model.config.n_vocab;
+      for (int s = 0;; ++s) {
+        const std::string seq = "seq" + std::to_string(s);
+        const auto ids = test::read_i32(**g, seq + ".input_ids");
+        if (ids.empty()) {
+          CHECK(s >= 2);
+          break;
+        }
+        CAPTURE(name);
+        CAPTURE(seq);
+        // Logits at every position.
+        auto logits = prompt_logits(*l.runner, ids);
+        REQUIRE(logits.ok());
+        const double err = rel_err(*logits, test::read_f32(**g, seq + ".logits"));
+        MESSAGE(name << " " << seq << " logits max|d|/max|ref| = " << err);
+        CHECK(err <= 1e-3);
+
+        const auto ref_ids = test::read_i32(**g, seq + ".greedy_ids");
+        const auto margin = test::read_f32(**g, seq + ".greedy_margin");
+        REQUIRE(ref_ids.size() == margin.size());
+        // Teacher-forced: the argmax after prompt + reference prefix, wherever the margin is clear.
+        std::vector<int32_t> full = ids;
+        full.insert(full.end(), ref_ids.begin(), ref_ids.end() - 1);
+        auto tf = prompt_logits(*l.runner, full);
+        REQUIRE(tf.ok());
+        for (size_t i = 0; i < ref_ids.size(); ++i) {
+          if (margin[i] < 1e-2f) continue;
+          const float* row = tf->data() + (ids.size() - 1 + i) * V;
+          CHECK_MESSAGE(argmax(row, V) == ref_ids[i], "teacher-forced step " << i);
+        }
+        // Free-running greedy decode through the KV cache, until a step whose margin is unclear.
+        GenerateOptions go;
+        go.n_predict = static_cast<int64_t>(ref_ids.size());
+        go.sampling.temperature = 0;
+        go.stop_at_eos = false;
+        auto res = generate(*l.runner, {ids}, go);
+        REQUIRE(res.ok());
+        REQUIRE(res->tokens[0].size() == ref_ids.size());
+        for (size_t i = 0; i < ref_ids.size(); ++i) {
+          if (res->tokens[0][i] == ref_ids[i]) continue;
+          CHECK_MESSAGE(margin[i] < 1e-2f, "greedy step " << i << " differs where the margin is " << margin[i]);
+          break;
+        }
+      }
+    }
+  }
+
+  TEST_CASE("a batch of sequences of different lengths equals each alone; chunked prefill equals one step") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(g.ok());
+    const auto a = test::read_i32(**g, "seq0.input_ids");
+    const auto b = test::read_i32(**g, "seq1.input_ids");
+    REQUIRE(a.size() != b.size());
+    Loaded l = load(dir, 1024, 4);  // small blocks: sequences span many, partly filled
+    GenerateOptions go;
+    go.n_predict = 12;
+    go.sampling.temperature = 0;
+    go.stop_at_eos = false;
+    auto alone_a = generate(*l.runner, {a}, go);
+    auto alone_b = generate(*l.runner, {b}, go);
+    go.max_step_tokens = 7;  // prefill cut across and inside prompts
+    auto both = generate(*l.runner, {a, b}, go);
+    REQUIRE(alone_a.ok());
+    REQUIRE(alone_b.ok());
+    REQUIRE(both.ok());
+    CHECK(both->tokens[0] == alone_a->tokens[0]);
+    CHECK(both->tokens[1] == alone_b->tokens[0]);
+    CHECK(l.kv->n_free_blocks() == 1024 / 4);  // every block came back
+
+    auto full = prompt_logits(*l.runner, b, 4096);
+    auto chunked = prompt_logits(*l.runner, b, 5);
+    REQUIRE(full.ok());
+    REQUIRE(chunked.ok());
+    CHECK(rel_err(*chunked, *full) < 1e-5);
+  }
+
+  TEST_CASE("stories260K: llama2.c's reference story token for token, and prompt logits") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    Loaded l = load(dir, 1024);
+    auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(g.ok());
+    const auto story = test::read_i32(**g, "bos.greedy_ids");
+    REQUIRE(story.size() == 256);
+    GenerateOptions go;
+    go.n_predict = 256;
+    go.sampling.temperature = 0;
+    go.stop_at_eos = false;
+    auto res = generate(*l.runner, {{1}}, go);
+    REQUIRE(res.ok());
+    CHECK(res->tokens[0] == story);
+
+    const auto ids = test::read_i32(**g, "prompt.input_ids");
+    auto logits = prompt_logits(*l.runner, ids);
+    REQUIRE(logits.ok());
+    CHECK(rel_err(*logits, test::read_f32(**g, "prompt.logits")) <= 1e-3);
+    go.n_predict = 64;
+    auto cont = generate(*l.runner, {ids}, go);
+    REQUIRE(cont.ok());
+    CHECK(cont->tokens[0] == test::read_i32(**g, "prompt.greedy_ids"));
+  }
+
+  TEST_CASE("synthetic presets have their architectures' shapes and run") {
+    auto m = load_model("synthetic:llama-3-8b", LoadOptions{1, true});
+    REQUIRE_MESSAGE(m.ok(), m.status().message());
+    CHECK(m->config.n_embd == 4096);
+    CHECK(m->config.n_kv_heads == 8);
+    CHECK(m->config.n_vocab == 128256);
+    auto full = load_model("synthetic:llama-2-7b", LoadOptions{1, false});
+    REQUIRE(full.ok());
+    auto cfg7 = synthetic_config("llama-2-7b");
+    REQUIRE(cfg7.ok());
+    CHECK(cfg7->n_params() == 6738415616);  // Llama-2-7B's published parameter count
+    auto cfg70 = synthetic_config("llama-3-70b");
+    REQUIRE(cfg70.ok());
+    CHECK(cfg70->n_params() == 70553706496);  // Llama-3-70B's
+
+    auto small = load_model("synthetic:stories15m");
+    REQUIRE(small.ok());
+    cpu::CpuExecutor ex(small->config);
+    auto kv = KvCache::create({small->config.n_layers, small->config.n_kv_heads, small->config.head_dim, 16, 8});
+    REQUIRE(kv.ok());
+    Runner r(*small->weights, ex, *kv);
+    GenerateOptions go;
+    go.n_predict = 8;
+    go.sampling.seed = 3;
+    auto a = generate(r, {small->tokenizer->encode("Hello", true)}, go);
+    auto b = generate(r, {small->tokenizer->encode("Hello", true)}, go);
+    REQUIRE(a.ok());
+    REQUIRE(b.ok());
+    CHECK(a->tokens == b->tokens);  // deterministic weights, seeded sampling
+    CHECK(!load_model("synthetic:nope").ok());
+  }
+
+  TEST_CASE("a sequence past max_position_embeddings is refused, not computed") {
+    Loaded l = load(test::shared_dir() + "/models/stories260K", 2048);
+    std::vector<int32_t> ids(l.model.config.n_ctx_max + 1, 5);
+    auto logits = prompt_logits(*l.runner, ids);
+    REQUIRE(!logits.ok());
+    CHECK(logits.status().message().find("max_position_embeddings") != std::string::npos);
+    GenerateOptions go;
+    go.n_predict = 4;
+    auto res = generate(*l.runner, {ids}, go);
+    CHECK(!res.ok());
+  }
+}

@@ -17,6 +17,7 @@
 #include "cpu/cpu_executor.h"
 #include "cpu/simd.h"
 #include "gpu/device.h"
+#include "gpu/gpu_executor.h"
 #include "models/safetensors.h"
 #include "models/synthetic.h"
 #include "runtime/generate.h"
@@ -43,7 +44,7 @@ struct ModelFlags {
 
   void add(CLI::App* app) {
     app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
-    app->add_option("--device", device, "Executor: cpu, gpu or auto (auto: the GPU when there is one)")
+    app->add_option("--device", device, "Executor: cpu, gpu or auto (auto: the GPU when ferry has CUDA and one answers)")
         ->check(CLI::IsMember({"cpu", "gpu", "auto"}));
     app->add_option("--layers", layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
     app->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 4096));
@@ -57,25 +58,44 @@ std::unique_ptr<tbb::global_control> apply_threads(int threads) {
   return std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism, threads);
 }
 
-// Picks the executor for --device.
-Expected<std::unique_ptr<Executor>> make_executor(const std::string& device, const ModelConfig& cfg) {
-  if (device == "gpu") {
-    gpu::GpuInfo g = gpu::probe();
-    if (g.n_devices == 0) return unsupported("--device gpu: no usable GPU (" + g.why_none + ")");
-    return unsupported("--device gpu: found " + g.name + ", but this build has no GPU executor yet; use --device cpu");
-  }
-  // auto: the GPU executor takes over here once it exists; today every run is exact on the CPU.
-  return std::unique_ptr<Executor>(new cpu::CpuExecutor(cfg));
+// Resolves --device auto to gpu when ferry was built with CUDA and a GPU answers, else cpu.
+std::string resolve_device(const std::string& device) {
+  if (device != "auto") return device;
+  return gpu::probe().n_devices > 0 ? "gpu" : "cpu";
 }
 
-Expected<KvCache> make_kv(const ModelConfig& cfg, const std::vector<int64_t>& lengths) {
+KvCacheShape kv_shape(const ModelConfig& cfg, const std::vector<int64_t>& lengths) {
   KvCacheShape s;
   s.n_layers = cfg.n_layers;
   s.n_kv_heads = cfg.n_kv_heads;
   s.head_dim = cfg.head_dim;
   s.block_size = 16;
   s.n_blocks = std::max<int64_t>(1, kv_blocks_needed(lengths, s.block_size));
-  return KvCache::create(s);
+  return s;
+}
+
+// The executor and the KV cache for `device` (already resolved): the GPU executor keeps the KV bytes
+// itself, so the KvCache then holds only block tables.
+struct Backend {
+  std::unique_ptr<Executor> executor;
+  std::unique_ptr<KvCache> kv;
+};
+Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths) {
+  Backend b;
+  const KvCacheShape shape = kv_shape(model.config, lengths);
+  if (device == "gpu") {
+    gpu::GpuInfo g = gpu::probe();
+    if (g.n_devices == 0) return unsupported("--device gpu: no usable GPU (" + g.why_none + ")");
+    FERRY_ASSIGN_OR_RETURN(auto ex, gpu::GpuExecutor::create(*model.weights, shape));
+    b.executor = std::move(ex);
+    FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape, /*host_storage=*/false));
+    b.kv = std::make_unique<KvCache>(std::move(kv));
+    return b;
+  }
+  b.executor = std::make_unique<cpu::CpuExecutor>(model.config);
+  FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape));
+  b.kv = std::make_unique<KvCache>(std::move(kv));
+  return b;
 }
 
 Expected<std::vector<int32_t>> parse_ids(const std::string& text, const char* flag) {
@@ -128,7 +148,8 @@ int cmd_run(const RunFlags& f) {
   SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
   if (Status st = sp.validate(); !st.ok()) return fail(st);
   if (f.n_predict < 0) return fail(invalid_argument("-n must be >= 0"));
-  auto model = load_model(f.m.model, LoadOptions{f.m.layers, true});
+  const std::string device = resolve_device(f.m.device);
+  auto model = load_model(f.m.model, LoadOptions{f.m.layers, true, device != "gpu"});
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
   std::vector<std::vector<int32_t>> prompts;
@@ -144,11 +165,10 @@ int cmd_run(const RunFlags& f) {
   }
   std::vector<int64_t> lengths;
   for (const auto& p : prompts) lengths.push_back(std::min<int64_t>(cfg.n_ctx_max, static_cast<int64_t>(p.size()) + f.n_predict));
-  auto ex = make_executor(f.m.device, cfg);
-  if (!ex.ok()) return fail(ex.status());
-  auto kv = make_kv(cfg, lengths);
-  if (!kv.ok()) return fail(kv.status());
-  Runner runner(*model->weights, **ex, *kv);
+  auto be = make_backend(device, *model, lengths);
+  if (!be.ok()) return fail(be.status());
+  Executor* ex = be->executor.get();
+  Runner runner(*model->weights, *ex, *be->kv);
 
   GenerateOptions go;
   go.n_predict = f.n_predict;
@@ -182,15 +202,17 @@ int cmd_run(const RunFlags& f) {
   if (stream) {
     std::fputs(decoders[0].flush().c_str(), stdout);
     std::fputc('\n', stdout);
+    std::fflush(stdout);
   } else {
     for (size_t i = 0; i < prompts.size(); ++i) std::printf("[%zu] %s%s%s\n", i, texts[i].c_str(), outputs[i].c_str(), decoders[i].flush().c_str());
+    std::fflush(stdout);
   }
   const double prefill_tps = res->prefill_ms > 0 ? res->n_prompt_tokens / (res->prefill_ms / 1e3) : 0;
   const int64_t n_dec = res->n_generated - static_cast<int64_t>(prompts.size());  // the first token of each comes from prefill
   const double decode_tps = res->decode_ms > 0 && n_dec > 0 ? n_dec / (res->decode_ms / 1e3) : 0;
   std::fprintf(stderr, "ferry: %lld prompt tokens, prefill %.1f ms (%.1f tok/s), %lld generated, decode %.2f tok/s [%s, %s]\n",
                static_cast<long long>(res->n_prompt_tokens), res->prefill_ms, prefill_tps, static_cast<long long>(res->n_generated),
-               decode_tps, std::string((*ex)->name()).c_str(), cpu::simd_level());
+               decode_tps, std::string(ex->name()).c_str(), cpu::simd_level());
   return 0;
 }
 
@@ -206,22 +228,21 @@ int cmd_logits(const LogitsFlags& f) {
   auto ids = parse_ids(f.ids, "--ids");
   if (!ids.ok()) return fail(ids.status());
   if (ids->empty()) return fail(invalid_argument("--ids: no token ids given"));
-  auto model = load_model(f.m.model, LoadOptions{f.m.layers, false});
+  const std::string device = resolve_device(f.m.device);
+  auto model = load_model(f.m.model, LoadOptions{f.m.layers, false, device != "gpu"});
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
   for (int32_t id : *ids)
     if (id >= cfg.n_vocab) return fail(invalid_argument(strprintf("--ids: token id %d is outside the vocabulary (vocab_size %lld)", id, static_cast<long long>(cfg.n_vocab))));
   if (static_cast<int64_t>(ids->size()) > cfg.n_ctx_max)
     return fail(invalid_argument(strprintf("--ids: %zu tokens is more than max_position_embeddings (%lld)", ids->size(), static_cast<long long>(cfg.n_ctx_max))));
-  auto ex = make_executor(f.m.device, cfg);
-  if (!ex.ok()) return fail(ex.status());
-  auto kv = make_kv(cfg, {static_cast<int64_t>(ids->size())});
-  if (!kv.ok()) return fail(kv.status());
-  Runner runner(*model->weights, **ex, *kv);
+  auto be = make_backend(device, *model, {static_cast<int64_t>(ids->size())});
+  if (!be.ok()) return fail(be.status());
+  Runner runner(*model->weights, *be->executor, *be->kv);
   auto logits = prompt_logits(runner, *ids);
   if (!logits.ok()) return fail(logits.status());
   Status st = write_safetensors(f.out, {{"logits", DType::kF32, {static_cast<int64_t>(ids->size()), cfg.n_vocab}, logits->data()}},
-                                {{"model", f.m.model}, {"device", std::string((*ex)->name())}});
+                                {{"model", f.m.model}, {"device", std::string(be->executor->name())}});
   if (!st.ok()) return fail(st.with_context("--out"));
   std::fprintf(stderr, "ferry: wrote logits [%zu, %lld] to %s\n", ids->size(), static_cast<long long>(cfg.n_vocab), f.out.c_str());
   return 0;

@@ -10,7 +10,8 @@ namespace ferry::cpu {
 
 CpuExecutor::CpuExecutor(const ModelConfig& cfg) : cfg_(cfg), inv_freq_(rope_inv_freq(cfg)) {}
 
-Status CpuExecutor::begin_step(const StepBatch& b) {
+Status CpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
+  if (!kv.has_host_storage()) return invalid_argument("cpu executor: the KV cache has no host storage");
   const int64_t T = b.n_tokens();
   if (T == 0) return invalid_argument("empty step: no tokens");
   for (int64_t t = 0; t < T; ++t) {

@@ -14,7 +14,7 @@ class CpuExecutor final : public Executor {
   explicit CpuExecutor(const ModelConfig& cfg);
 
   std::string_view name() const override { return "cpu"; }
-  Status begin_step(const StepBatch& batch) override;
+  Status begin_step(const StepBatch& batch, const KvCache& kv) override;
   void embed(const GlobalWeights& w) override;
   void layer(int64_t il, const LayerWeights& w, KvCache& kv) override;
   void head(const GlobalWeights& w, float* logits) override;

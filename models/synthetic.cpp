@@ -77,10 +77,16 @@ Expected<ModelConfig> synthetic_config(const std::string& name, int64_t n_layers
   return invalid_argument(strprintf("-m synthetic:%s: unknown preset (known: %s)", name.c_str(), names.c_str()));
 }
 
+uint64_t synthetic_key(const std::string& name) { return XXH64(name.data(), name.size(), 0x6665727279ull); }
+
+float synthetic_scale(int64_t fan_in, bool is_norm) {
+  // Uniform in [-a, a], a = sqrt(3 / fan_in): variance 1 / fan_in keeps activations O(1) through depth.
+  return is_norm ? 0.1f : std::sqrt(3.0f / static_cast<float>(fan_in > 0 ? fan_in : 1));
+}
+
 void synthetic_fill_bf16(const std::string& name, int64_t fan_in, bool is_norm, uint64_t first, uint64_t n, uint16_t* out) {
-  const uint64_t key = XXH64(name.data(), name.size(), 0x6665727279ull);
-  // Uniform in [-a, a] with variance 1/(3 fan_in)*3 = 1/fan_in: keeps activations O(1) through depth.
-  const float a = is_norm ? 0.1f : std::sqrt(3.0f / static_cast<float>(fan_in > 0 ? fan_in : 1));
+  const uint64_t key = synthetic_key(name);
+  const float a = synthetic_scale(fan_in, is_norm);
   for (uint64_t i = 0; i < n; ++i) {
     const uint64_t idx = first + i;
     const uint64_t h = splitmix64(key ^ (idx * 0xd1342543de82ef95ull));

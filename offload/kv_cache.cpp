@@ -2,13 +2,13 @@
 
 namespace ferry {
 
-Expected<KvCache> KvCache::create(const KvCacheShape& shape) {
+Expected<KvCache> KvCache::create(const KvCacheShape& shape, bool host_storage) {
   if (shape.n_blocks <= 0 || shape.block_size <= 0)
     return invalid_argument(strprintf("KV cache: %lld blocks of %lld tokens is empty", (long long)shape.n_blocks, (long long)shape.block_size));
   KvCache kv;
   kv.shape_ = shape;
   const size_t layer_bytes = static_cast<size_t>(shape.n_blocks * shape.block_size * shape.n_kv_heads * shape.head_dim) * 4;
-  for (int64_t il = 0; il < shape.n_layers; ++il) {
+  for (int64_t il = 0; host_storage && il < shape.n_layers; ++il) {
     HostBuffer k(layer_bytes), v(layer_bytes);
     if (k.data() == nullptr || v.data() == nullptr)
       return out_of_memory(strprintf("KV cache: cannot allocate %.2f GiB of host memory (%lld blocks of %lld tokens, %lld layers)",

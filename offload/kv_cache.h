@@ -27,8 +27,11 @@ struct KvCacheShape {
 
 class KvCache {
  public:
-  // Allocates the whole pool; an allocation failure names the size.
-  static Expected<KvCache> create(const KvCacheShape& shape);
+  // Creates the block manager; with `host_storage` it also allocates the K/V pool in host memory
+  // (an allocation failure names the size). Without it another executor (the GPU's) holds the
+  // blocks' bytes and this object only manages sequences, block tables and lengths.
+  static Expected<KvCache> create(const KvCacheShape& shape, bool host_storage = true);
+  bool has_host_storage() const { return !k_.empty(); }
 
   const KvCacheShape& shape() const { return shape_; }
   // Returns a new sequence id (its length is 0).

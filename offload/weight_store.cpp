@@ -65,12 +65,28 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
                              static_cast<long long>(cfg.n_layers)));
   }
   ws->ckpt_ = std::move(ckpt);
+  ws->layer_tier_.assign(cfg.n_layers, Tier::kHost);
   return ws;
 }
 
-Expected<std::unique_ptr<WeightStore>> WeightStore::synthetic(const ModelConfig& cfg, const std::string& preset) {
+WeightStore::SyntheticInfo WeightStore::synthetic_info(int64_t il, int t) const {
+  if (il < 0) {
+    const auto g = global_tensor_specs(cfg_);
+    const int gi = (t == kLmHead && cfg_.tie_word_embeddings) ? kTokEmbd : t;
+    return {g[gi].name, cfg_.n_embd, gi == kOutNorm};
+  }
+  const auto specs = layer_tensor_specs(cfg_, il);
+  const bool norm = t == kAttnNorm || t == kFfnNorm;
+  const bool bias = t == kBq || t == kBk || t == kBv;
+  const int64_t fan_in = t == kWDown ? cfg_.n_ff : t == kWo ? cfg_.q_dim() : bias ? 64 : cfg_.n_embd;
+  return {specs[t].name, fan_in, norm};
+}
+
+Expected<std::unique_ptr<WeightStore>> WeightStore::synthetic(const ModelConfig& cfg, const std::string& preset, bool host) {
   std::unique_ptr<WeightStore> ws(new WeightStore());
   ws->cfg_ = cfg;
+  ws->synthetic_ = true;
+  ws->layer_tier_.assign(cfg.n_layers, Tier::kHost);
   ws->source_ = std::string(kSyntheticPrefix) + preset + " (generated)";
 
   struct Job {
@@ -85,21 +101,31 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::synthetic(const ModelConfig&
   ws->layers_.resize(cfg.n_layers);
   for (int g = 0; g < kGlobalTensorCount; ++g) {
     if (gspecs[g].name.empty()) continue;
-    jobs.push_back({gspecs[g].name, cfg.n_embd, g == kOutNorm, &ws->globals_.t[g], gspecs[g].shape});
+    const SyntheticInfo info = ws->synthetic_info(-1, g);
+    jobs.push_back({info.name, info.fan_in, info.is_norm, &ws->globals_.t[g], gspecs[g].shape});
   }
   for (int64_t il = 0; il < cfg.n_layers; ++il) {
     const auto specs = layer_tensor_specs(cfg, il);
     for (int t = 0; t < kLayerTensorCount; ++t) {
       if (specs[t].name.empty()) continue;
-      const bool norm = t == kAttnNorm || t == kFfnNorm;
-      const bool bias = t == kBq || t == kBk || t == kBv;
-      const int64_t fan_in = t == kWDown ? cfg.n_ff : t == kWo ? cfg.q_dim() : bias ? 64 : cfg.n_embd;
-      jobs.push_back({specs[t].name, fan_in, norm, &ws->layers_[il].t[t], specs[t].shape});
+      const SyntheticInfo info = ws->synthetic_info(il, t);
+      jobs.push_back({info.name, info.fan_in, info.is_norm, &ws->layers_[il].t[t], specs[t].shape});
     }
   }
   for (auto& j : jobs) {
     int64_t numel = 1;
     for (int64_t d : j.shape) numel *= d;
+    if (!host) {
+      *j.view = TensorView::contiguous(nullptr, DType::kBF16, {});
+      j.view->n_dims = static_cast<int>(j.shape.size());
+      int64_t stride = 1;
+      for (int d = j.view->n_dims - 1; d >= 0; --d) {
+        j.view->shape[d] = j.shape[d];
+        j.view->strides[d] = stride;
+        stride *= j.shape[d];
+      }
+      continue;
+    }
     HostBuffer buf(static_cast<size_t>(numel) * 2);
     if (buf.data() == nullptr)
       return out_of_memory(strprintf("synthetic:%s: cannot allocate %lld bytes of host memory for '%s'", preset.c_str(),

@@ -25,13 +25,31 @@ class WeightStore {
   static Expected<std::unique_ptr<WeightStore>> from_checkpoint(const ModelConfig& cfg,
                                                                 std::unique_ptr<CheckpointReader> ckpt);
   // Materialises a synthetic model in host memory (BF16), in parallel.
-  static Expected<std::unique_ptr<WeightStore>> synthetic(const ModelConfig& cfg, const std::string& preset);
+  // With `host` false nothing is allocated: the views carry shapes only (data null) and an executor
+  // generates the values where it keeps them (see synthetic_info).
+  static Expected<std::unique_ptr<WeightStore>> synthetic(const ModelConfig& cfg, const std::string& preset, bool host = true);
 
   const ModelConfig& config() const { return cfg_; }
   const GlobalWeights& globals() const { return globals_; }
   // Returns the views of layer `il`, valid until the store is destroyed.
   const LayerWeights& layer(int64_t il) const { return layers_[il]; }
-  Tier layer_tier(int64_t il) const { return Tier::kHost; }
+  Tier layer_tier(int64_t il) const { return layer_tier_[il]; }
+  // Serves layer `il` from `views` (in `tier`) from now on. The caller owns that memory and keeps it
+  // alive as long as the store is used.
+  void place_layer(int64_t il, const LayerWeights& views, Tier tier) {
+    layers_[il] = views;
+    layer_tier_[il] = tier;
+  }
+  void place_globals(const GlobalWeights& views) { globals_ = views; }
+  // Synthetic stores can regenerate any tensor in place (on the GPU, say) instead of copying it.
+  struct SyntheticInfo {
+    std::string name;
+    int64_t fan_in = 0;
+    bool is_norm = false;
+  };
+  bool is_synthetic() const { return synthetic_; }
+  // Returns how to regenerate layer tensor `t` of layer `il` (or global `g` with il = -1).
+  SyntheticInfo synthetic_info(int64_t il, int t) const;
   // Returns a description of the weights' origin, for `inspect`.
   const std::string& source() const { return source_; }
 
@@ -43,6 +61,8 @@ class WeightStore {
   std::vector<HostBuffer> owned_;           // synthetic weights
   GlobalWeights globals_;
   std::vector<LayerWeights> layers_;
+  std::vector<Tier> layer_tier_;
+  bool synthetic_ = false;
 };
 
 }  // namespace ferry

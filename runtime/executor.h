@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "models/architecture.h"
+#include "runtime/sampler.h"
 #include "runtime/status.h"
 
 namespace ferry {
@@ -41,14 +42,23 @@ class Executor {
  public:
   virtual ~Executor() = default;
   virtual std::string_view name() const = 0;
-  // Prepares a step: validates token ids, sizes the workspace.
-  virtual Status begin_step(const StepBatch& batch) = 0;
+  // Prepares a step: validates token ids, sizes the workspace, takes the step's block tables from `kv`.
+  virtual Status begin_step(const StepBatch& batch, const KvCache& kv) = 0;
   // Hidden state = embedding rows of the batch's tokens.
   virtual void embed(const GlobalWeights& w) = 0;
   // Runs decoder layer `il`: attention (appending this step's K/V to `kv`) and MLP, in place.
   virtual void layer(int64_t il, const LayerWeights& w, KvCache& kv) = 0;
   // Final norm and lm_head over the output rows: logits [n_outputs, n_vocab], float32, host memory.
+  // With `logits` null the logits stay where the executor computed them (for sample()).
   virtual void head(const GlobalWeights& w, float* logits) = 0;
+
+  // Returns true when sample() can draw with `p` where the logits are (no logits copy).
+  virtual bool can_sample(const SamplingParams& p) const { return false; }
+  // Draws one token per output row of the last step: row r uses seeds[r] and `step` (counter-based,
+  // so a (seed, step) pair always gives the same draw on this executor).
+  virtual Status sample(const SamplingParams& p, const std::vector<uint64_t>& seeds, uint64_t step, int32_t* out) {
+    return unsupported("this executor samples on the host");
+  }
 };
 
 }  // namespace ferry

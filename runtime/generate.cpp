@@ -45,6 +45,22 @@ Expected<GenerateResult> generate(Runner& runner, const std::vector<std::vector<
   };
   auto is_eos = [&](int32_t tok) { return std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok) != cfg.eos_token_ids.end(); };
 
+  Executor& ex = runner.executor();
+  const bool on_device = ex.can_sample(opts.sampling);
+  uint64_t step_no = 0;
+  // Samples the output rows of the step just run, for prompts `who` (in row order).
+  auto draw = [&](const std::vector<float>& lg, const std::vector<int64_t>& who, std::vector<int32_t>& into) -> Status {
+    if (on_device) {
+      std::vector<uint64_t> seeds;
+      for (int64_t i : who) seeds.push_back(opts.sampling.seed + static_cast<uint64_t>(i));
+      std::vector<int32_t> got(who.size());
+      FERRY_RETURN_IF_ERROR(ex.sample(opts.sampling, seeds, step_no++, got.data()));
+      for (size_t o = 0; o < who.size(); ++o) into[who[o]] = got[o];
+      return Status::Ok();
+    }
+    for (size_t o = 0; o < who.size(); ++o) into[who[o]] = samplers[who[o]].sample(lg.data() + o * cfg.n_vocab, cfg.n_vocab);
+    return Status::Ok();
+  };
   std::vector<int32_t> last(n_seq, -1);
   std::vector<bool> done(n_seq, opts.n_predict <= 0);
   std::vector<float> logits;
@@ -67,11 +83,12 @@ Expected<GenerateResult> generate(Runner& runner, const std::vector<std::vector<
           j = 0;
         }
       }
-      if (Status st = runner.step(b, logits); !st.ok()) {
+      Status st = runner.step(b, logits, !on_device);
+      if (st.ok() && !out_seq.empty()) st = draw(logits, out_seq, last);
+      if (!st.ok()) {
         release();
         return st;
       }
-      for (size_t o = 0; o < out_seq.size(); ++o) last[out_seq[o]] = samplers[out_seq[o]].sample(logits.data() + o * cfg.n_vocab, cfg.n_vocab);
     }
   }
   res.prefill_ms = ms_since(t0);
@@ -96,12 +113,13 @@ Expected<GenerateResult> generate(Runner& runner, const std::vector<std::vector<
       active.push_back(i);
     }
     if (active.empty()) break;
-    if (Status st = runner.step(b, logits); !st.ok()) {
+    Status st = runner.step(b, logits, !on_device);
+    if (st.ok()) st = draw(logits, active, last);
+    if (!st.ok()) {
       release();
       return st;
     }
     ++res.n_decode_steps;
-    for (size_t o = 0; o < active.size(); ++o) last[active[o]] = samplers[active[o]].sample(logits.data() + o * cfg.n_vocab, cfg.n_vocab);
     for (int64_t i : active) accept(i);
   }
   res.decode_ms = ms_since(t1);

@@ -14,7 +14,7 @@ Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
   if (spec.rfind(kSyntheticPrefix, 0) == 0) {
     const std::string preset = spec.substr(std::string(kSyntheticPrefix).size());
     FERRY_ASSIGN_OR_RETURN(m.config, synthetic_config(preset, opts.synthetic_layers));
-    FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::synthetic(m.config, preset));
+    FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::synthetic(m.config, preset, opts.host_weights));
     FERRY_ASSIGN_OR_RETURN(m.tokenizer, Tokenizer::from_json(synthetic_tokenizer_json(m.config.n_vocab), spec));
     return m;
   }

@@ -6,7 +6,7 @@
 
 namespace ferry {
 
-Status Runner::step(const StepBatch& b, std::vector<float>& logits) {
+Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_logits) {
   const ModelConfig& cfg = ws_.config();
   // Check that every sequence continues where its KV ends, and find its new length.
   std::map<int32_t, int64_t> next_pos;
@@ -23,8 +23,8 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits) {
     next_pos[s] = expect + 1;
   }
   for (const auto& [s, n] : next_pos) FERRY_RETURN_IF_ERROR(kv_.reserve(s, n));
-  FERRY_RETURN_IF_ERROR(ex_.begin_step(b));
-  logits.resize(static_cast<size_t>(b.n_outputs() * cfg.n_vocab));
+  FERRY_RETURN_IF_ERROR(ex_.begin_step(b, kv_));
+  if (copy_logits) logits.resize(static_cast<size_t>(b.n_outputs() * cfg.n_vocab));
   {
     TraceRange r("embed");
     ex_.embed(ws_.globals());
@@ -35,7 +35,7 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits) {
   }
   {
     TraceRange r("head");
-    ex_.head(ws_.globals(), logits.data());
+    ex_.head(ws_.globals(), copy_logits ? logits.data() : nullptr);
   }
   for (const auto& [s, n] : next_pos) kv_.set_length(s, n);
   return Status::Ok();

@@ -15,9 +15,10 @@ class Runner {
  public:
   Runner(const WeightStore& weights, Executor& executor, KvCache& kv) : ws_(weights), ex_(executor), kv_(kv) {}
 
-  // Runs `batch` and writes logits [n_outputs, n_vocab] into `logits` (resized). Each sequence's
-  // tokens must continue it: positions length(seq), length(seq)+1, ... in order.
-  Status step(const StepBatch& batch, std::vector<float>& logits);
+  // Runs `batch` and writes logits [n_outputs, n_vocab] into `logits` (resized), unless `copy_logits`
+  // is false (the executor keeps them for Executor::sample). Each sequence's tokens must continue it:
+  // positions length(seq), length(seq)+1, ... in order.
+  Status step(const StepBatch& batch, std::vector<float>& logits, bool copy_logits = true);
 
   const ModelConfig& config() const { return ws_.config(); }
   KvCache& kv() { return kv_; }

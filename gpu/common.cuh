@@ -1,0 +1,69 @@
+// Shared by ferry's CUDA code: checked CUDA calls (file:line in the message), bf16 helpers, warp
+// and block reductions. Included only by .cu files and GPU-only sources.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace ferry::gpu {
+
+// Thrown by CUDA_CHECK; the CLI reports its message and exits 1.
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] inline void throw_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  throw CudaError(std::string("CUDA error at ") + file + ":" + std::to_string(line) + ": " + what + ": " +
+                  cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+}
+
+}  // namespace ferry::gpu
+
+#define CUDA_CHECK(x)                                                               \
+  do {                                                                              \
+    cudaError_t e_ = (x);                                                           \
+    if (e_ != cudaSuccess) ::ferry::gpu::throw_cuda(e_, #x, __FILE__, __LINE__);    \
+  } while (0)
+
+// Checks the launch that just happened (configuration errors; asynchronous faults surface later).
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+namespace ferry::gpu {
+
+using bf16 = __nv_bfloat16;
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+#ifdef __CUDACC__  // device helpers: only for nvcc (host C++ includes this header through kernels.h)
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block; `scratch` holds at least 32 floats. Every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int n_warps = (blockDim.x + 31) >> 5;
+  v = lane < n_warps ? scratch[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+#endif  // __CUDACC__
+
+}  // namespace ferry::gpu

@@ -1,0 +1,51 @@
+// GpuExecutor: the whole model step on one CUDA GPU. BF16 weights, KV and GEMM inputs; float32
+// accumulation, GEMM outputs and residual stream; cuBLAS GEMMs (a streaming GEMV for decode), one kernel per op (kernels.h), paged KV blocks in GPU
+// memory, and the decode step captured once per batch size as a CUDA graph and replayed.
+// No CUDA types here: CPU-only code (the CLI) includes this header; without CUDA, create() says so.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "offload/kv_cache.h"
+#include "offload/weight_store.h"
+#include "runtime/executor.h"
+
+namespace ferry::gpu {
+
+struct GpuOptions {
+  bool cuda_graphs = true;  // capture and replay decode steps
+  int device = 0;
+};
+
+class GpuExecutor final : public Executor {
+ public:
+  // Puts every weight of `ws` on the GPU (uploading checkpoint bytes, converting F32/F16 to BF16, or
+  // generating synthetic weights in place) and makes `ws` serve them from its device tier. Allocates
+  // the KV pool for `kv` (whose block tables the KvCache keeps on the host).
+  static Expected<std::unique_ptr<GpuExecutor>> create(WeightStore& ws, const KvCacheShape& kv, const GpuOptions& opts = {});
+  ~GpuExecutor() override;
+
+  std::string_view name() const override { return "gpu"; }
+  Status begin_step(const StepBatch& batch, const KvCache& kv) override;
+  void embed(const GlobalWeights& w) override;
+  void layer(int64_t il, const LayerWeights& w, KvCache& kv) override;
+  void head(const GlobalWeights& w, float* logits) override;
+  // Greedy, and top-k (k <= 256) with temperature and top-p, run on the GPU.
+  bool can_sample(const SamplingParams& p) const override;
+  Status sample(const SamplingParams& p, const std::vector<uint64_t>& seeds, uint64_t step, int32_t* out) override;
+
+  // Returns the GPU memory this executor holds, in bytes.
+  int64_t device_bytes() const;
+  // Returns how many decode graphs were captured and how many steps replayed one.
+  int64_t graphs_captured() const;
+  int64_t graph_replays() const;
+
+  struct Impl;
+
+ private:
+  explicit GpuExecutor(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ferry::gpu

@@ -1,0 +1,84 @@
+// Launchers of ferry's CUDA kernels, one .cu per op. Every launcher checks its launch. Layouts are
+// row-major; `bf16` is __nv_bfloat16. The GPU executor calls these; tests/test_gpu.cpp checks each
+// against the CPU op and a scalar reference.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "gpu/common.cuh"
+
+namespace ferry::gpu {
+
+// gemm.cu: y[M, N] = x[M, K] W[N, K]^T through cuBLAS: BF16 operands, FP32 accumulation, BF16 or FP32
+// output. The handle's stream and workspace are the caller's.
+void gemm(cublasHandle_t h, const bf16* x, const bf16* w, void* y, int64_t M, int64_t N, int64_t K, bool y_f32);
+// gemv.cu: the same product with FP32 output for M <= kGemvMaxRows, streaming W once with 16-byte
+// loads (decode: the weight bytes are the cost). gemm_f32() picks it or cuBLAS.
+inline constexpr int64_t kGemvMaxRows = 4;
+void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
+void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
+
+#define CUBLAS_CHECK(x)                                                                                         \
+  do {                                                                                                          \
+    cublasStatus_t s_ = (x);                                                                                    \
+    if (s_ != CUBLAS_STATUS_SUCCESS)                                                                            \
+      throw ::ferry::gpu::CudaError(std::string("cuBLAS error at ") + __FILE__ + ":" + std::to_string(__LINE__) + \
+                                    ": " + #x + ": " + cublasGetStatusString(s_));                              \
+  } while (0)
+
+// embedding.cu: x[t, :] = float(table[ids[t], :]); table [n_vocab, n_embd] bf16, x [n, n_embd] f32.
+void embedding(const bf16* table, const int32_t* ids, int64_t n, int64_t n_embd, float* x, cudaStream_t s);
+
+// rmsnorm.cu: for each row r: (if delta) x[src] += delta[src]; out[r] = bf16(rmsnorm(x[src]) * w),
+// where src = rows ? rows[r] : r. x and delta f32 [n_tokens, n_embd], w bf16 [n_embd].
+void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* rows, int64_t n_rows, int64_t n_embd,
+                 float eps, bf16* out, cudaStream_t s);
+
+// Paged KV-cache geometry, the same as offload/kv_cache.h: per layer [n_blocks, block_size, n_kv, head_dim].
+struct PagedKv {
+  bf16* k = nullptr;
+  bf16* v = nullptr;
+  const int32_t* block_tables = nullptr;  // [n_rows, max_blocks] block ids per batch row
+  int32_t max_blocks = 0;
+  int32_t block_size = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+};
+
+// rope_kv.cu: qkv f32 [n, q_dim + 2 kv_dim] (+ bias [q_dim + 2 kv_dim]) -> q bf16 [n, n_heads, head_dim]
+// rotated (rotate-half form, angle pos * inv_freq), and K (rotated) / V appended to the paged cache at
+// (row[t], pos[t]).
+void rope_kv_append(const float* qkv, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq,
+                    int64_t n, int64_t n_heads, const PagedKv& kv, bf16* q, cudaStream_t s);
+
+// swiglu.cu: gate_up f32 [n, 2 n_ff] (gate then up) -> out bf16 [n, n_ff] = silu(gate) * up.
+void swiglu(const float* gate_up, int64_t n, int64_t n_ff, bf16* out, cudaStream_t s);
+
+// attention.cu: causal attention of q [n, n_heads, head_dim] over the paged cache; token t (batch row
+// row[t], position pos[t]) sees positions [max(0, pos - window + 1), pos]. Work is split over the
+// key range in `n_splits` parts (partial results in `scratch`, n * n_heads * n_splits * (head_dim + 2)
+// floats) and combined. Each K/V row is read once for all query heads of its group.
+void attention(const bf16* q, const int32_t* pos, const int32_t* row, int64_t n, int64_t n_heads, int64_t window,
+               const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s);
+// Returns the head dims and GQA group sizes attention() supports (head_dim in {8..256} powers of 2, group <= 8).
+bool attention_supports(int64_t head_dim, int64_t group);
+
+// sampling.cu: out[r] = argmax(logits[r, :]) (lowest index on ties), logits f32 [n_rows, n_vocab].
+void argmax_rows(const float* logits, int64_t n_rows, int64_t n_vocab, int32_t* out, cudaStream_t s);
+
+// sampling.cu: per row, keeps the top k logits (k <= kMaxTopK; descending, ties to the lower index),
+// softmax at `temperature`, cuts to the smallest prefix with probability >= top_p, and draws with a
+// counter-based hash of (seeds[row], step). out[row] = the token.
+inline constexpr int kMaxTopK = 256;
+void topk_sample(const float* logits, int64_t n_rows, int64_t n_vocab, int k, float temperature, float top_p, const uint64_t* seeds,
+                 uint64_t step, int32_t* out, cudaStream_t s);
+
+// convert.cu: dst bf16[n] from f32, f16 or bf16 source bits (dtype: 0 f32, 1 f16, 2 bf16).
+void to_bf16(const void* src, int dtype, int64_t n, bf16* dst, cudaStream_t s);
+// Synthetic weights on the device: the same values as models/synthetic.cpp's synthetic_fill_bf16.
+void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* dst, cudaStream_t s);
+
+}  // namespace ferry::gpu

@@ -1,0 +1,568 @@
+// GPU suites (ctest label `gpu`): every GPU op against the CPU op and a scalar reference on fresh
+// random inputs at several shapes, and the golden checks on the GPU backend at BF16 tolerance. The
+// binary exits 77 (ctest: skipped) where no GPU answers.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cpu/cpu_executor.h"
+#include "cpu/ops.h"
+#include "gpu/device.h"
+#include "gpu/gpu_executor.h"
+#include "gpu/kernels.h"
+#include "models/synthetic.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
+#include "test_util.h"
+
+using namespace ferry;
+using gpu::bf16;
+
+namespace {
+
+std::mt19937_64 g_rng(4242);
+
+std::vector<float> randn(size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g_rng);
+  return v;
+}
+// Rounds to bf16 in place and returns the bf16 bits.
+std::vector<uint16_t> to_bf16_bits(std::vector<float>& v) {
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    b[i] = f32_to_bf16(v[i]);
+    v[i] = bf16_to_f32(b[i]);
+  }
+  return b;
+}
+
+// A device buffer holding a copy of host data.
+template <typename T>
+struct Dev {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Dev(size_t count) : n(count) { CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T))); }
+  explicit Dev(const std::vector<T>& h) : Dev(h.size()) { CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice)); }
+  ~Dev() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> h(n);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+std::vector<float> bits_to_f32(const std::vector<uint16_t>& b) {
+  std::vector<float> f(b.size());
+  for (size_t i = 0; i < b.size(); ++i) f[i] = bf16_to_f32(b[i]);
+  return f;
+}
+
+double rel(const std::vector<float>& a, const std::vector<float>& ref) {
+  REQUIRE(a.size() == ref.size());
+  double d = 0, m = 1e-30;
+  for (size_t i = 0; i < a.size(); ++i) {
+    REQUIRE_MESSAGE(std::isfinite(a[i]), "non-finite output at " << i);
+    d = std::max(d, static_cast<double>(std::fabs(a[i] - ref[i])));
+    m = std::max(m, static_cast<double>(std::fabs(ref[i])));
+  }
+  return d / m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const gpu::GpuInfo info = gpu::probe();
+  if (info.n_devices == 0) {
+    std::printf("no GPU (%s): GPU tests skipped\n", info.why_none.c_str());
+    return 77;
+  }
+  std::printf("GPU: %s, %.1f GiB, sm_%d%d\n", info.name.c_str(), info.total_bytes / 1073741824.0, info.cc_major, info.cc_minor);
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
+
+TEST_SUITE("gpu_ops") {
+  TEST_CASE("gemm: BF16 x BF16 -> BF16 / F32 against a double reference, several shapes") {
+    cublasHandle_t h;
+    CUBLAS_CHECK(cublasCreate(&h));
+    for (auto [M, N, K] : std::vector<std::array<int64_t, 3>>{{1, 4096, 4096}, {3, 100, 64}, {17, 768, 288}, {128, 512, 1024}}) {
+      std::vector<float> x = randn(M * K), w = randn(N * K, 0.05f);
+      auto xb = to_bf16_bits(x), wb = to_bf16_bits(w);
+      std::vector<float> ref(M * N);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[i * K + k]) * w[j * K + k];
+          ref[i * N + j] = static_cast<float>(s);
+        }
+      Dev<uint16_t> dx(xb), dw(wb);
+      Dev<float> y32(M * N);
+      Dev<uint16_t> y16(M * N);
+      gpu::gemm(h, reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), y32.p, M, N, K, true);
+      gpu::gemm(h, reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), y16.p, M, N, K, false);
+      CAPTURE(M);
+      CAPTURE(N);
+      CAPTURE(K);
+      CHECK(rel(y32.get(), ref) < 1e-5);
+      CHECK(rel(bits_to_f32(y16.get()), ref) < 1e-2);
+      if (M <= gpu::kGemvMaxRows && K % 8 == 0) {
+        Dev<float> yv(M * N);
+        gpu::gemv(reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), yv.p, M, N, K, nullptr);
+        CHECK(rel(yv.get(), ref) < 1e-5);
+      }
+    }
+    // The streaming GEMV at every row count and ragged shapes (K not a multiple of its unrolled stride).
+    for (int64_t M = 1; M <= gpu::kGemvMaxRows; ++M) {
+      for (auto [N, K] : std::vector<std::array<int64_t, 2>>{{7, 8}, {33, 1032}, {1000, 4096}, {129, 11008}}) {
+        std::vector<float> x = randn(M * K), w = randn(N * K, 0.05f);
+        auto xb = to_bf16_bits(x), wb = to_bf16_bits(w);
+        std::vector<float> ref(M * N);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < N; ++j) {
+            double acc = 0;
+            for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(x[i * K + k]) * w[j * K + k];
+            ref[i * N + j] = static_cast<float>(acc);
+          }
+        Dev<uint16_t> dx(xb), dw(wb);
+        Dev<float> y(M * N);
+        gpu::gemm_f32(h, reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), y.p, M, N, K, nullptr);
+        CAPTURE(M);
+        CAPTURE(N);
+        CAPTURE(K);
+        CHECK(rel(y.get(), ref) < 1e-5);
+      }
+    }
+    cublasDestroy(h);
+  }
+
+  TEST_CASE("embedding, add_rmsnorm (with residual, with gathered rows), swiglu, argmax, conversions") {
+    for (int64_t E : {8, 288, 4096, 5120}) {
+      const int64_t T = 5, V = 37;
+      std::vector<float> table = randn(V * E);
+      auto tb = to_bf16_bits(table);
+      std::vector<int32_t> ids = {0, 36, 7, 7, 20};
+      Dev<uint16_t> dt(tb);
+      Dev<int32_t> di(ids);
+      Dev<float> dx(T * E);
+      gpu::embedding(reinterpret_cast<bf16*>(dt.p), di.p, T, E, dx.p, nullptr);
+      std::vector<float> x = dx.get();
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < E; ++i) REQUIRE(x[t * E + i] == table[ids[t] * E + i]);
+
+      std::vector<float> delta = randn(T * E), w = randn(E, 0.3f);
+      auto wb = to_bf16_bits(w);
+      Dev<float> dd(delta);
+      Dev<uint16_t> dw(wb), dout(T * E);
+      gpu::add_rmsnorm(dx.p, dd.p, reinterpret_cast<bf16*>(dw.p), nullptr, T, E, 1e-5f, reinterpret_cast<bf16*>(dout.p), nullptr);
+      std::vector<float> xr(T * E), ref(T * E);
+      for (int64_t i = 0; i < T * E; ++i) xr[i] = x[i] + delta[i];
+      TensorView wv = TensorView::contiguous(wb.data(), DType::kBF16, {E});
+      cpu::rmsnorm(xr.data(), wv, 1e-5, T, E, ref.data());
+      CHECK(rel(dx.get(), xr) < 1e-6);
+      CHECK(rel(bits_to_f32(dout.get()), ref) < 1e-2);
+      // Gathered rows (the head): rows 4 and 1 only.
+      std::vector<int32_t> rows = {4, 1};
+      Dev<int32_t> dr(rows);
+      Dev<uint16_t> dout2(2 * E);
+      gpu::add_rmsnorm(dx.p, nullptr, reinterpret_cast<bf16*>(dw.p), dr.p, 2, E, 1e-5f, reinterpret_cast<bf16*>(dout2.p), nullptr);
+      std::vector<float> got = bits_to_f32(dout2.get());
+      std::vector<float> want(ref.begin() + 4 * E, ref.begin() + 5 * E);
+      want.insert(want.end(), ref.begin() + 1 * E, ref.begin() + 2 * E);
+      CHECK(rel(got, want) < 1e-2);
+    }
+    {
+      const int64_t T = 3, F = 1000;
+      std::vector<float> gu = randn(T * 2 * F, 2.0f);
+      Dev<float> dg(gu);
+      Dev<uint16_t> dh(T * F);
+      gpu::swiglu(dg.p, T, F, reinterpret_cast<bf16*>(dh.p), nullptr);
+      std::vector<float> ref(T * F);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < F; ++i) {
+          const double g = gu[t * 2 * F + i];
+          ref[t * F + i] = static_cast<float>(g / (1 + std::exp(-g)) * gu[t * 2 * F + F + i]);
+        }
+      CHECK(rel(bits_to_f32(dh.get()), ref) < 1e-2);
+    }
+    {
+      const int64_t R = 4, V = 128256;
+      std::vector<float> l = randn(R * V);
+      l[0 * V + 77] = 50;
+      l[1 * V + V - 1] = 50;
+      l[2 * V + 5] = 50;
+      l[2 * V + 9] = 50;  // tie: the lower index wins
+      Dev<float> dl(l);
+      Dev<int32_t> out(R);
+      gpu::argmax_rows(dl.p, R, V, out.p, nullptr);
+      auto a = out.get();
+      CHECK(a[0] == 77);
+      CHECK(a[1] == V - 1);
+      CHECK(a[2] == 5);
+      CHECK(a[3] == argmax(l.data() + 3 * V, V));
+    }
+    {
+      // Top-k sampling: k = 1 is argmax; the same (seed, step) draws the same token; frequencies follow
+      // the softmax of the kept tokens, and top-p cuts the tail.
+      const int64_t V = 32000;
+      std::vector<float> l(V, -30.0f);
+      l[10] = 2.0f;
+      l[20] = 1.9f;
+      l[30] = 0.1f;
+      l[40] = -1.0f;
+      Dev<float> dl(l);
+      std::vector<uint64_t> seeds = {7};
+      Dev<uint64_t> ds(seeds);
+      Dev<int32_t> out(1);
+      gpu::topk_sample(dl.p, 1, V, 1, 1.0f, 1.0f, ds.p, 0, out.p, nullptr);
+      CHECK(out.get()[0] == 10);
+      int counts[4] = {};
+      for (uint64_t step = 0; step < 3000; ++step) {
+        gpu::topk_sample(dl.p, 1, V, 4, 1.0f, 1.0f, ds.p, step, out.p, nullptr);
+        const int32_t x = out.get()[0];
+        REQUIRE((x == 10 || x == 20 || x == 30 || x == 40));
+        ++counts[x / 10 - 1];
+        if (step == 5) {
+          gpu::topk_sample(dl.p, 1, V, 4, 1.0f, 1.0f, ds.p, step, out.p, nullptr);
+          CHECK(out.get()[0] == x);
+        }
+      }
+      // softmax(2, 1.9, 0.1, -1): 0.475, 0.430, 0.071, 0.024
+      CHECK(counts[0] == doctest::Approx(0.475 * 3000).epsilon(0.1));
+      CHECK(counts[1] == doctest::Approx(0.430 * 3000).epsilon(0.1));
+      CHECK(counts[2] > 100);
+      CHECK(counts[3] > 20);
+      for (uint64_t step = 0; step < 200; ++step) {
+        gpu::topk_sample(dl.p, 1, V, 4, 1.0f, 0.5f, ds.p, step, out.p, nullptr);
+        const int32_t x = out.get()[0];
+        CHECK((x == 10 || x == 20));  // p(10) = 0.475 < 0.5: the nucleus is {10, 20}
+      }
+    }
+    {
+      std::vector<float> f = randn(1000);
+      Dev<float> df(f);
+      Dev<uint16_t> db(1000);
+      gpu::to_bf16(df.p, 0, 1000, reinterpret_cast<bf16*>(db.p), nullptr);
+      auto b = db.get();
+      for (int i = 0; i < 1000; ++i) CHECK(b[i] == f32_to_bf16(f[i]));
+      // Synthetic weights: bit-for-bit the host generator.
+      std::vector<uint16_t> host(4096);
+      synthetic_fill_bf16("model.layers.3.mlp.up_proj.weight", 4096, false, 0, 4096, host.data());
+      Dev<uint16_t> dev(4096);
+      gpu::synthetic_fill(synthetic_key("model.layers.3.mlp.up_proj.weight"), synthetic_scale(4096, false), false, 4096,
+                          reinterpret_cast<bf16*>(dev.p), nullptr);
+      CHECK(dev.get() == host);
+      synthetic_fill_bf16("model.norm.weight", 4096, true, 0, 4096, host.data());
+      gpu::synthetic_fill(synthetic_key("model.norm.weight"), synthetic_scale(4096, true), true, 4096, reinterpret_cast<bf16*>(dev.p), nullptr);
+      CHECK(dev.get() == host);
+    }
+  }
+
+  TEST_CASE("rope + KV append + paged attention against the CPU ops: GQA 1/2/4/8, head_dim 32..128, windows, splits") {
+    for (int64_t hd : {32, 64, 128}) {
+      for (int64_t group : {1, 2, 4, 8}) {
+        for (int64_t window : {0, 9}) {
+          const int64_t n_kv = 2, H = n_kv * group, bs = 16;
+          const std::vector<int64_t> lens = {1, 37, 300};
+          KvCacheShape shape{1, n_kv, hd, bs, 64};
+          auto kvr = KvCache::create(shape);
+          REQUIRE(kvr.ok());
+          KvCache& kv = *kvr;
+          // Fill every position through the rope/append kernel, one step per sequence (prefill).
+          ModelConfig c;
+          c.head_dim = hd;
+          c.rope_theta = 10000;
+          c.dtype = DType::kBF16;
+          const std::vector<float> inv = rope_inv_freq(c);
+          Dev<float> dinv(inv);
+          const int64_t width = (H + 2 * n_kv) * hd;
+          Dev<uint16_t> dk(shape.n_blocks * bs * n_kv * hd), dv(shape.n_blocks * bs * n_kv * hd);
+          std::vector<int32_t> seqs;
+          for (size_t si = 0; si < lens.size(); ++si) {
+            const int32_t s = kv.add_sequence();
+            seqs.push_back(s);
+            REQUIRE(kv.reserve(s, lens[si]).ok());
+          }
+          const int32_t max_blocks = 64;
+          std::vector<int32_t> tables(lens.size() * max_blocks, 0);
+          for (size_t si = 0; si < lens.size(); ++si) {
+            const auto& bt = kv.block_table(seqs[si]);
+            std::copy(bt.begin(), bt.end(), tables.begin() + si * max_blocks);
+          }
+          Dev<int32_t> dtab(tables);
+          gpu::PagedKv pk{reinterpret_cast<bf16*>(dk.p), reinterpret_cast<bf16*>(dv.p), dtab.p, max_blocks, static_cast<int32_t>(bs),
+                          static_cast<int32_t>(n_kv), static_cast<int32_t>(hd)};
+          std::vector<float> q_last;  // the GPU-rotated q of every token, for the CPU check
+          std::vector<int32_t> all_pos, all_row;
+          std::vector<float> all_qkv;
+          for (size_t si = 0; si < lens.size(); ++si) {
+            const int64_t L = lens[si];
+            std::vector<float> qkv = randn(L * width);
+            std::vector<int32_t> pos(L), row(L, static_cast<int32_t>(si));
+            for (int64_t p = 0; p < L; ++p) pos[p] = static_cast<int32_t>(p);
+            Dev<float> dqkv(qkv);
+            Dev<uint16_t> dq(L * H * hd);
+            Dev<int32_t> dpos(pos), drow(row);
+            gpu::rope_kv_append(dqkv.p, nullptr, dpos.p, drow.p, dinv.p, L, H, pk, reinterpret_cast<bf16*>(dq.p), nullptr);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            // CPU twin: rotate k with the CPU rope and store exact float K/V in the host cache.
+            std::vector<float> k(L * n_kv * hd), v(L * n_kv * hd);
+            for (int64_t t = 0; t < L; ++t)
+              for (int64_t i = 0; i < n_kv * hd; ++i) {
+                k[t * n_kv * hd + i] = qkv[t * width + H * hd + i];
+                v[t * n_kv * hd + i] = qkv[t * width + (H + n_kv) * hd + i];
+              }
+            cpu::rope(k.data(), L, n_kv, hd, pos.data(), inv.data());
+            for (int64_t t = 0; t < L; ++t) {
+              std::memcpy(kv.k_at(0, seqs[si], t), k.data() + t * n_kv * hd, n_kv * hd * 4);
+              std::memcpy(kv.v_at(0, seqs[si], t), v.data() + t * n_kv * hd, n_kv * hd * 4);
+            }
+            kv.set_length(seqs[si], L);
+            // q as the GPU rotated it, and the CPU's rotation of the same input.
+            std::vector<float> qg = bits_to_f32(dq.get());
+            std::vector<float> qc(L * H * hd);
+            for (int64_t t = 0; t < L; ++t)
+              for (int64_t i = 0; i < H * hd; ++i) qc[t * H * hd + i] = qkv[t * width + i];
+            cpu::rope(qc.data(), L, H, hd, pos.data(), inv.data());
+            CHECK(rel(qg, qc) < 1e-2);
+            q_last.insert(q_last.end(), qg.begin(), qg.end());
+            all_pos.insert(all_pos.end(), pos.begin(), pos.end());
+            all_row.insert(all_row.end(), row.begin(), row.end());
+          }
+          // K/V in the GPU cache equal the CPU's (bf16-rounded).
+          {
+            auto kg = bits_to_f32(dk.get());
+            const int64_t L = lens[2];
+            for (int64_t t = 0; t < L; t += 17) {
+              const auto& bt = kv.block_table(seqs[2]);
+              const float* kc = kv.k_at(0, seqs[2], t);
+              for (int64_t i = 0; i < n_kv * hd; ++i) {
+                const float g = kg[(bt[t / bs] * bs + t % bs) * n_kv * hd + i];
+                CHECK(std::fabs(g - kc[i]) <= 1e-2f * std::max(1.0f, std::fabs(kc[i])));
+              }
+            }
+          }
+          // Attention for every token of every sequence, with 1 and with several splits.
+          const int64_t T = static_cast<int64_t>(all_pos.size());
+          std::vector<int32_t> seq_of(T);
+          for (int64_t t = 0; t < T; ++t) seq_of[t] = seqs[all_row[t]];
+          std::vector<float> ref(T * H * hd);
+          cpu::attention(q_last.data(), T, all_pos.data(), seq_of.data(), H, window, 0, kv, ref.data());
+          auto qbits = to_bf16_bits(q_last);
+          Dev<uint16_t> dq(qbits), dout(T * H * hd);
+          Dev<int32_t> dpos(all_pos), drow(all_row);
+          Dev<float> scratch(T * H * 8 * (hd + 2));
+          for (int splits : {1, 3, 8}) {
+            gpu::attention(reinterpret_cast<bf16*>(dq.p), dpos.p, drow.p, T, H, window, pk, splits, scratch.p, reinterpret_cast<bf16*>(dout.p), nullptr);
+            CAPTURE(hd);
+            CAPTURE(group);
+            CAPTURE(window);
+            CAPTURE(splits);
+            CHECK(rel(bits_to_f32(dout.get()), ref) < 2e-2);
+          }
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+struct GpuModel {
+  Model model;
+  std::unique_ptr<gpu::GpuExecutor> ex;
+  std::unique_ptr<KvCache> kv;
+  std::unique_ptr<Runner> runner;
+};
+
+GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs = true) {
+  GpuModel g;
+  auto m = load_model(dir, LoadOptions{0, false, true});
+  REQUIRE_MESSAGE(m.ok(), m.status().message());
+  g.model = std::move(*m);
+  KvCacheShape s{g.model.config.n_layers, g.model.config.n_kv_heads, g.model.config.head_dim, 16, kv_tokens / 16};
+  gpu::GpuOptions o;
+  o.cuda_graphs = graphs;
+  auto ex = gpu::GpuExecutor::create(*g.model.weights, s, o);
+  REQUIRE_MESSAGE(ex.ok(), ex.status().message());
+  g.ex = std::move(*ex);
+  auto kv = KvCache::create(s, false);
+  REQUIRE(kv.ok());
+  g.kv = std::make_unique<KvCache>(std::move(*kv));
+  g.runner = std::make_unique<Runner>(*g.model.weights, *g.ex, *g.kv);
+  return g;
+}
+
+// max|logit difference| allowed before a reference margin counts as unclear: twice the measured error.
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0;
+  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, static_cast<double>(std::fabs(a[i] - b[i])));
+  return d;
+}
+
+}  // namespace
+
+TEST_SUITE("gpu_model") {
+  TEST_CASE("golden logits and greedy ids on the GPU backend (BF16 tolerance)") {
+    for (const char* name : {"llama-gqa", "llama3-tied", "qwen2-bias"}) {
+      const std::string dir = test::shared_dir() + "/golden/" + name;
+      GpuModel g = load_gpu(dir);
+      auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+      REQUIRE(gs.ok());
+      const int64_t V = g.model.config.n_vocab;
+      for (const char* seq : {"seq0", "seq1"}) {
+        const std::string label = std::string(name) + " " + seq;
+        CAPTURE(label);
+        const auto ids = test::read_i32(**gs, std::string(seq) + ".input_ids");
+        const auto ref_logits = test::read_f32(**gs, std::string(seq) + ".logits");
+        auto logits = prompt_logits(*g.runner, ids);
+        REQUIRE(logits.ok());
+        const double err = rel(*logits, ref_logits);
+        const double abs_err = max_abs_diff(*logits, ref_logits);
+        MESSAGE(std::string(name) << " " << std::string(seq) << " GPU logits max|d|/max|ref| = " << err << " (max|d| " << abs_err << ")");
+        CHECK(err <= 2e-2);
+        const auto ref_ids = test::read_i32(**gs, std::string(seq) + ".greedy_ids");
+        const auto margin = test::read_f32(**gs, std::string(seq) + ".greedy_margin");
+        std::vector<int32_t> full = ids;
+        full.insert(full.end(), ref_ids.begin(), ref_ids.end() - 1);
+        auto tf = prompt_logits(*g.runner, full);
+        REQUIRE(tf.ok());
+        int checked = 0;
+        for (size_t i = 0; i < ref_ids.size(); ++i) {
+          if (margin[i] < 2 * abs_err) continue;  // not clear at BF16 precision
+          ++checked;
+          CHECK_MESSAGE(argmax(tf->data() + (ids.size() - 1 + i) * V, V) == ref_ids[i], "teacher-forced step " << i);
+        }
+        MESSAGE("  clear-margin steps checked: " << checked << " of " << ref_ids.size());
+        // Free-running greedy decode (CUDA graphs): equal up to the first unclear step.
+        GenerateOptions go;
+        go.n_predict = static_cast<int64_t>(ref_ids.size());
+        go.sampling.temperature = 0;
+        go.stop_at_eos = false;
+        auto res = generate(*g.runner, {ids}, go);
+        REQUIRE(res.ok());
+        for (size_t i = 0; i < ref_ids.size(); ++i) {
+          if (res->tokens[0][i] == ref_ids[i]) continue;
+          CHECK_MESSAGE(margin[i] < 2 * abs_err, "greedy step " << i << " differs where the margin is " << margin[i]);
+          break;
+        }
+      }
+      CHECK(g.ex->graphs_captured() >= 1);
+      CHECK(g.ex->graph_replays() > 0);
+    }
+  }
+
+  TEST_CASE("stories260K on the GPU: prompt logits, and the reference story where its margin is clear") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    GpuModel g = load_gpu(dir, 1024);
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    const auto ids = test::read_i32(**gs, "prompt.input_ids");
+    auto logits = prompt_logits(*g.runner, ids);
+    REQUIRE(logits.ok());
+    const double err = rel(*logits, test::read_f32(**gs, "prompt.logits"));
+    MESSAGE("stories260K GPU prompt logits max|d|/max|ref| = " << err);
+    CHECK(err <= 2e-2);
+    // The story: margins from the exact CPU backend, teacher-forced on the GPU.
+    const auto story = test::read_i32(**gs, "bos.greedy_ids");
+    std::vector<int32_t> full = {1};
+    full.insert(full.end(), story.begin(), story.end() - 1);
+    auto gl = prompt_logits(*g.runner, full);
+    REQUIRE(gl.ok());
+    auto cm = load_model(dir, LoadOptions{0, false});
+    REQUIRE(cm.ok());
+    cpu::CpuExecutor cex(cm->config);
+    auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, 64});
+    REQUIRE(ckv.ok());
+    Runner cr(*cm->weights, cex, *ckv);
+    auto cl = prompt_logits(cr, full);
+    REQUIRE(cl.ok());
+    const double abs_err = max_abs_diff(*gl, *cl);
+    const int64_t V = cm->config.n_vocab;
+    int clear = 0, agree = 0;
+    for (size_t i = 0; i < story.size(); ++i) {
+      std::vector<float> row(cl->begin() + i * V, cl->begin() + (i + 1) * V);
+      std::vector<float> sorted = row;
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      if (sorted[0] - sorted[1] < 2 * abs_err) continue;
+      ++clear;
+      agree += argmax(gl->data() + i * V, V) == story[i];
+    }
+    MESSAGE("story steps with a clear margin: " << clear << "/256, GPU agrees on " << agree);
+    CHECK(clear >= 128);  // most of the story is decided by a clear margin
+    CHECK(agree == clear);
+  }
+
+  TEST_CASE("CUDA graphs replay the same tokens as eager steps; batches of different lengths") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    GpuModel eager = load_gpu(dir, 4096, false);
+    GpuModel graph = load_gpu(dir, 4096, true);
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    const auto a = test::read_i32(**gs, "seq0.input_ids");
+    const auto b = test::read_i32(**gs, "seq1.input_ids");
+    GenerateOptions go;
+    go.n_predict = 16;
+    go.sampling.temperature = 0;
+    go.stop_at_eos = false;
+    auto r1 = generate(*eager.runner, {a, b}, go);
+    auto r2 = generate(*graph.runner, {a, b}, go);
+    REQUIRE(r1.ok());
+    REQUIRE(r2.ok());
+    CHECK(r1->tokens == r2->tokens);
+    CHECK(eager.ex->graphs_captured() == 0);
+    CHECK(graph.ex->graphs_captured() >= 1);
+    CHECK(graph.ex->graph_replays() >= 14);
+    // Seeded sampling on the GPU is reproducible.
+    go.sampling = SamplingParams{0.9f, 40, 0.95f, 11};
+    auto s1 = generate(*graph.runner, {a, b}, go);
+    auto s2 = generate(*graph.runner, {a, b}, go);
+    REQUIRE(s1.ok());
+    REQUIRE(s2.ok());
+    CHECK(s1->tokens == s2->tokens);
+    CHECK(s1->tokens != r2->tokens);
+    // The first step of a two-sequence batch gives each sequence the logits it gets alone.
+    StepBatch sb;
+    const int32_t sa = graph.kv->add_sequence(), sbq = graph.kv->add_sequence();
+    for (size_t j = 0; j < a.size(); ++j) sb.add(a[j], static_cast<int32_t>(j), sa, j + 1 == a.size());
+    for (size_t j = 0; j < b.size(); ++j) sb.add(b[j], static_cast<int32_t>(j), sbq, j + 1 == b.size());
+    std::vector<float> both;
+    REQUIRE(graph.runner->step(sb, both).ok());
+    graph.kv->free_sequence(sa);
+    graph.kv->free_sequence(sbq);
+    auto la = prompt_logits(*graph.runner, a);
+    auto lb = prompt_logits(*graph.runner, b);
+    REQUIRE(la.ok());
+    REQUIRE(lb.ok());
+    const int64_t V = graph.model.config.n_vocab;
+    std::vector<float> last_a(la->end() - V, la->end()), last_b(lb->end() - V, lb->end());
+    CHECK(rel(std::vector<float>(both.begin(), both.begin() + V), last_a) < 2e-2);
+    CHECK(rel(std::vector<float>(both.begin() + V, both.end()), last_b) < 2e-2);
+  }
+
+  TEST_CASE("synthetic presets materialise on the GPU in seconds and match the host generator") {
+    for (const char* preset : {"llama-2-7b", "llama-2-13b", "llama-3-8b", "mistral-7b", "qwen2.5-32b", "llama-3-70b"}) {
+      auto t0 = std::chrono::steady_clock::now();
+      auto m = load_model(std::string("synthetic:") + preset, LoadOptions{2, false, false});
+      REQUIRE(m.ok());
+      KvCacheShape s{m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 8};
+      auto ex = gpu::GpuExecutor::create(*m->weights, s);
+      REQUIRE_MESSAGE(ex.ok(), ex.status().message());
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      MESSAGE(std::string(preset) << " (2 layers) on the GPU in " << secs << " s, " << (*ex)->device_bytes() / 1073741824.0 << " GiB");
+      // One tensor back from the device equals the host generator.
+      const TensorView& wd = m->weights->layer(1)[kWDown];
+      REQUIRE(wd.tier == Tier::kDevice);
+      std::vector<uint16_t> got(4096), want(4096);
+      CUDA_CHECK(cudaMemcpy(got.data(), wd.data, 4096 * 2, cudaMemcpyDeviceToHost));
+      synthetic_fill_bf16("model.layers.1.mlp.down_proj.weight", m->config.n_ff, false, 0, 4096, want.data());
+      CHECK(got == want);
+    }
+  }
+}

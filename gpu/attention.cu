@@ -95,16 +95,28 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
     }
     __syncwarp();
     const int n_valid = min(32, k1 - tile);
-    for (int jj = 0; jj < n_valid; ++jj) {
-      const bf16* vr = kv_row<HD>(kv.v, kv, table, tile + jj, kh);
+    // V rows in groups of 8: all 8 loads issued before their use, so the latency overlaps.
+    for (int j0 = 0; j0 < n_valid; j0 += 8) {
+      float vf[8][DPL];
 #pragma unroll
-      for (int d = 0; d < DPL; ++d) {
-        const int dim = lane * DPL + d;
-        if (dim < HD) {
-          const float vf = __bfloat162float(vr[dim]);
+      for (int u = 0; u < 8; ++u) {
+        const bool ok = j0 + u < n_valid;
+        const bf16* vr = ok ? kv_row<HD>(kv.v, kv, table, tile + j0 + u, kh) : nullptr;
 #pragma unroll
-          for (int gi = 0; gi < kMaxGroup; ++gi)
-            if (gi < g) acc[gi][d] += p_sh[warp][gi][jj] * vf;
+        for (int d = 0; d < DPL; ++d) {
+          const int dim = lane * DPL + d;
+          vf[u][d] = (ok && dim < HD) ? __bfloat162float(vr[dim]) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (j0 + u >= n_valid) break;
+#pragma unroll
+        for (int gi = 0; gi < kMaxGroup; ++gi) {
+          if (gi >= g) break;
+          const float pv = p_sh[warp][gi][j0 + u];
+#pragma unroll
+          for (int d = 0; d < DPL; ++d) acc[gi][d] += pv * vf[u][d];
         }
       }
     }

@@ -35,8 +35,8 @@ struct GpuExecutor::Impl {
   // Workspace, sized for cap_tokens tokens / cap_out output rows.
   int64_t cap_tokens = 0, cap_out = 0;
   float* x = nullptr;       // [T, E] residual stream
-  bf16* xn = nullptr;       // [T, E] normed
-  float* qkv = nullptr;     // [T, q + 2 kv]
+  bf16* xn = nullptr;       // [2T, E] normed: hi rows, then (for the QKV GEMM) lo rows
+  float* qkv = nullptr;     // [2T, q + 2 kv]: the products of the hi rows, then of the lo rows
   bf16* q = nullptr;        // [T, q] rotated
   bf16* att = nullptr;      // [T, q]
   float* tmp = nullptr;     // [T, E] projection outputs added to the residual
@@ -114,8 +114,8 @@ struct GpuExecutor::Impl {
       cap_out = std::max(o, cap_out);
       const int64_t E = cfg.n_embd, Q = cfg.q_dim(), KV = cfg.kv_dim(), F = cfg.n_ff;
       x = alloc<float>(cap_tokens * E);
-      xn = alloc<bf16>(cap_tokens * E);
-      qkv = alloc<float>(cap_tokens * (Q + 2 * KV));
+      xn = alloc<bf16>(2 * cap_tokens * E);
+      qkv = alloc<float>(2 * cap_tokens * (Q + 2 * KV));
       q = alloc<bf16>(cap_tokens * Q);
       att = alloc<bf16>(cap_tokens * Q);
       tmp = alloc<float>(cap_tokens * E);
@@ -347,9 +347,11 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache&) {
   const int32_t* row = m.in_d + 2 * T;
   {
     TraceRange r("gpu.attention_block", il);
-    add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kAttnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream);
-    gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, T, Q + 2 * KV, E, m.stream);  // q, k, v are adjacent: one GEMM
-    rope_kv_append(m.qkv, c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, T, c.n_heads, m.paged(il), m.q, m.stream);
+    // The attention scores are the most sensitive to the rounding of this GEMM's input, so it runs
+    // on hi and lo BF16 parts of the normed activations (notes/gpu.md): M = 2T, q, k, v adjacent.
+    add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kAttnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream, m.xn + T * E);
+    gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * T, Q + 2 * KV, E, m.stream);
+    rope_kv_append(m.qkv, m.qkv + T * (Q + 2 * KV), c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, T, c.n_heads, m.paged(il), m.q, m.stream);
     attention(m.q, pos, row, T, c.n_heads, c.sliding_window, m.paged(il), m.n_splits, m.scratch, m.att, m.stream);
     gemm_f32(m.blas, m.att, w[kWo].as<bf16>(), m.tmp, T, E, Q, m.stream);
   }

@@ -17,7 +17,7 @@ namespace ferry::gpu {
 void gemm(cublasHandle_t h, const bf16* x, const bf16* w, void* y, int64_t M, int64_t N, int64_t K, bool y_f32);
 // gemv.cu: the same product with FP32 output for M <= kGemvMaxRows, streaming W once with 16-byte
 // loads (decode: the weight bytes are the cost). gemm_f32() picks it or cuBLAS.
-inline constexpr int64_t kGemvMaxRows = 4;
+inline constexpr int64_t kGemvMaxRows = 8;
 void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
 void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
 
@@ -32,10 +32,11 @@ void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t 
 // embedding.cu: x[t, :] = float(table[ids[t], :]); table [n_vocab, n_embd] bf16, x [n, n_embd] f32.
 void embedding(const bf16* table, const int32_t* ids, int64_t n, int64_t n_embd, float* x, cudaStream_t s);
 
-// rmsnorm.cu: for each row r: (if delta) x[src] += delta[src]; out[r] = bf16(rmsnorm(x[src]) * w),
-// where src = rows ? rows[r] : r. x and delta f32 [n_tokens, n_embd], w bf16 [n_embd].
+// rmsnorm.cu: for each row r: (if delta) x[src] += delta[src]; y = rmsnorm(x[src]) * w; out[r] = bf16(y)
+// and, when out_lo is given, out_lo[r] = bf16(y - out[r]) (hi + lo carries ~16 mantissa bits into a
+// BF16 GEMM run on both). src = rows ? rows[r] : r. x and delta f32 [n_tokens, n_embd], w bf16.
 void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* rows, int64_t n_rows, int64_t n_embd,
-                 float eps, bf16* out, cudaStream_t s);
+                 float eps, bf16* out, cudaStream_t s, bf16* out_lo = nullptr);
 
 // Paged KV-cache geometry, the same as offload/kv_cache.h: per layer [n_blocks, block_size, n_kv, head_dim].
 struct PagedKv {
@@ -48,10 +49,10 @@ struct PagedKv {
   int32_t head_dim = 0;
 };
 
-// rope_kv.cu: qkv f32 [n, q_dim + 2 kv_dim] (+ bias [q_dim + 2 kv_dim]) -> q bf16 [n, n_heads, head_dim]
-// rotated (rotate-half form, angle pos * inv_freq), and K (rotated) / V appended to the paged cache at
-// (row[t], pos[t]).
-void rope_kv_append(const float* qkv, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq,
+// rope_kv.cu: qkv f32 [n, q_dim + 2 kv_dim] (+ qkv_lo, the lo half's product, when not null; + bias
+// [q_dim + 2 kv_dim]) -> q bf16 [n, n_heads, head_dim] rotated (rotate-half form, angle pos * inv_freq),
+// and K (rotated) / V appended to the paged cache at (row[t], pos[t]).
+void rope_kv_append(const float* qkv, const float* qkv_lo, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq,
                     int64_t n, int64_t n_heads, const PagedKv& kv, bf16* q, cudaStream_t s);
 
 // swiglu.cu: gate_up f32 [n, 2 n_ff] (gate then up) -> out bf16 [n, n_ff] = silu(gate) * up.

@@ -3,33 +3,79 @@
 namespace ferry::gpu {
 
 namespace {
-// One block per row: pass 1 adds the residual and sums squares, pass 2 normalises.
-__global__ void add_rmsnorm_kernel(float* __restrict__ x, const float* __restrict__ delta, const bf16* __restrict__ w,
-                                   const int32_t* __restrict__ rows, int64_t n_embd, float eps, bf16* __restrict__ out) {
+constexpr int kThreads = 512;
+constexpr int kMaxPerThread = 16;  // n_embd <= 8192 keeps the row in registers
+
+// One block per row. The row (plus residual) is loaded into registers with every load issued before
+// the first use, summed, then normalised from registers: one pass over memory, no latency chain.
+template <bool kInRegs>
+__global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict__ x, const float* __restrict__ delta,
+                                                               const bf16* __restrict__ w, const int32_t* __restrict__ rows,
+                                                               int64_t n_embd, float eps, bf16* __restrict__ out, bf16* __restrict__ out_lo) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const int64_t src = rows ? rows[r] : r;
   float* xr = x + src * n_embd;
+  const float* dr = delta ? delta + src * n_embd : nullptr;
   float ss = 0.0f;
-  for (int64_t i = threadIdx.x; i < n_embd; i += blockDim.x) {
-    float v = xr[i];
-    if (delta) {
-      v += delta[src * n_embd + i];
-      xr[i] = v;
+  float v[kMaxPerThread];
+  if (kInRegs) {
+#pragma unroll
+    for (int j = 0; j < kMaxPerThread; ++j) {
+      const int64_t i = threadIdx.x + j * kThreads;
+      v[j] = i < n_embd ? xr[i] : 0.0f;
     }
-    ss += v * v;
+    if (dr) {
+#pragma unroll
+      for (int j = 0; j < kMaxPerThread; ++j) {
+        const int64_t i = threadIdx.x + j * kThreads;
+        if (i < n_embd) {
+          v[j] += dr[i];
+          xr[i] = v[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxPerThread; ++j) ss += v[j] * v[j];
+  } else {
+    for (int64_t i = threadIdx.x; i < n_embd; i += kThreads) {
+      float a = xr[i];
+      if (dr) {
+        a += dr[i];
+        xr[i] = a;
+      }
+      ss += a * a;
+    }
   }
   ss = block_sum(ss, scratch);
   const float inv = rsqrtf(ss / static_cast<float>(n_embd) + eps);
   bf16* o = out + r * n_embd;
-  for (int64_t i = threadIdx.x; i < n_embd; i += blockDim.x) o[i] = __float2bfloat16(__bfloat162float(w[i]) * (xr[i] * inv));
+  bf16* ol = out_lo ? out_lo + r * n_embd : nullptr;
+  auto emit = [&](int64_t i, float a) {
+    const float y = __bfloat162float(w[i]) * (a * inv);
+    const bf16 hi = __float2bfloat16(y);
+    o[i] = hi;
+    if (ol) ol[i] = __float2bfloat16(y - __bfloat162float(hi));
+  };
+  if (kInRegs) {
+#pragma unroll
+    for (int j = 0; j < kMaxPerThread; ++j) {
+      const int64_t i = threadIdx.x + j * kThreads;
+      if (i < n_embd) emit(i, v[j]);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < n_embd; i += kThreads) emit(i, xr[i]);
+  }
 }
 }  // namespace
 
 void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* rows, int64_t n_rows, int64_t n_embd, float eps,
-                 bf16* out, cudaStream_t s) {
+                 bf16* out, cudaStream_t s, bf16* out_lo) {
   if (n_rows == 0) return;
-  add_rmsnorm_kernel<<<static_cast<unsigned>(n_rows), 512, 0, s>>>(x, delta, w, rows, n_embd, eps, out);
+  if (n_embd <= kThreads * kMaxPerThread)
+    add_rmsnorm_kernel<true><<<static_cast<unsigned>(n_rows), kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
+  else
+    add_rmsnorm_kernel<false><<<static_cast<unsigned>(n_rows), kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
   CUDA_CHECK_LAUNCH();
 }
 

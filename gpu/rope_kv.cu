@@ -4,7 +4,7 @@ namespace ferry::gpu {
 
 namespace {
 // Grid (n tokens, n_heads + 2 n_kv heads), block head_dim/2 threads: thread i owns the pair (i, i + half).
-__global__ void rope_kv_kernel(const float* __restrict__ qkv, const bf16* __restrict__ bias, const int32_t* __restrict__ pos,
+__global__ void rope_kv_kernel(const float* __restrict__ qkv, const float* __restrict__ qkv_lo, const bf16* __restrict__ bias, const int32_t* __restrict__ pos,
                                const int32_t* __restrict__ row, const float* __restrict__ inv_freq, int64_t n_heads, PagedKv kv,
                                bf16* __restrict__ q) {
   const int64_t t = blockIdx.x;
@@ -15,6 +15,10 @@ __global__ void rope_kv_kernel(const float* __restrict__ qkv, const bf16* __rest
   const int64_t col = h < n_heads ? h * hd : h < n_heads + kv.n_kv_heads ? q_dim + (h - n_heads) * hd : q_dim + kv_dim + (h - n_heads - kv.n_kv_heads) * hd;
   const float* src = qkv + t * width + col;
   float a = src[i], b = src[i + half];
+  if (qkv_lo) {
+    a += qkv_lo[t * width + col + i];
+    b += qkv_lo[t * width + col + i + half];
+  }
   if (bias) {
     a += __bfloat162float(bias[col + i]);
     b += __bfloat162float(bias[col + i + half]);
@@ -43,11 +47,11 @@ __global__ void rope_kv_kernel(const float* __restrict__ qkv, const bf16* __rest
 }
 }  // namespace
 
-void rope_kv_append(const float* qkv, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq, int64_t n,
+void rope_kv_append(const float* qkv, const float* qkv_lo, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq, int64_t n,
                     int64_t n_heads, const PagedKv& kv, bf16* q, cudaStream_t s) {
   if (n == 0) return;
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n_heads + 2 * kv.n_kv_heads));
-  rope_kv_kernel<<<grid, kv.head_dim / 2, 0, s>>>(qkv, bias, pos, row, inv_freq, n_heads, kv, q);
+  rope_kv_kernel<<<grid, kv.head_dim / 2, 0, s>>>(qkv, qkv_lo, bias, pos, row, inv_freq, n_heads, kv, q);
   CUDA_CHECK_LAUNCH();
 }
 

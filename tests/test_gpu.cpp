@@ -176,6 +176,13 @@ TEST_SUITE("gpu_ops") {
       std::vector<float> want(ref.begin() + 4 * E, ref.begin() + 5 * E);
       want.insert(want.end(), ref.begin() + 1 * E, ref.begin() + 2 * E);
       CHECK(rel(got, want) < 1e-2);
+      // hi + lo carries the normed values to ~2^-16 relative.
+      Dev<uint16_t> hi(T * E), lo(T * E);
+      gpu::add_rmsnorm(dx.p, nullptr, reinterpret_cast<bf16*>(dw.p), nullptr, T, E, 1e-5f, reinterpret_cast<bf16*>(hi.p), nullptr,
+                       reinterpret_cast<bf16*>(lo.p));
+      std::vector<float> h = bits_to_f32(hi.get()), l2 = bits_to_f32(lo.get()), sum(T * E);
+      for (int64_t i = 0; i < T * E; ++i) sum[i] = h[i] + l2[i];
+      CHECK(rel(sum, ref) < 2e-5);
     }
     {
       const int64_t T = 3, F = 1000;
@@ -309,7 +316,7 @@ TEST_SUITE("gpu_ops") {
             Dev<float> dqkv(qkv);
             Dev<uint16_t> dq(L * H * hd);
             Dev<int32_t> dpos(pos), drow(row);
-            gpu::rope_kv_append(dqkv.p, nullptr, dpos.p, drow.p, dinv.p, L, H, pk, reinterpret_cast<bf16*>(dq.p), nullptr);
+            gpu::rope_kv_append(dqkv.p, nullptr, nullptr, dpos.p, drow.p, dinv.p, L, H, pk, reinterpret_cast<bf16*>(dq.p), nullptr);
             CUDA_CHECK(cudaDeviceSynchronize());
             // CPU twin: rotate k with the CPU rope and store exact float K/V in the host cache.
             std::vector<float> k(L * n_kv * hd), v(L * n_kv * hd);

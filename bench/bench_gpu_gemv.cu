@@ -1,0 +1,80 @@
+// bench_gpu_gemv: weight bandwidth of the decode GEMMs (y = x W^T, BF16 W) on Llama-2-7B shapes,
+// ferry's streaming GEMV against cuBLAS, for M = 1..16 rows. Prints GB/s of weight bytes read and the
+// fraction of a measured device-to-device copy rate (bytes read + written per second: the HBM rate).
+#include <cstdio>
+#include <vector>
+
+#include "gpu/kernels.h"
+
+using namespace ferry::gpu;
+
+int main() {
+  cublasHandle_t h;
+  CUBLAS_CHECK(cublasCreate(&h));
+  cudaEvent_t e0, e1;
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
+  // The floor: a 2 GiB device-to-device copy.
+  const size_t cb = size_t{2} << 30;
+  void *a, *b;
+  CUDA_CHECK(cudaMalloc(&a, cb));
+  CUDA_CHECK(cudaMalloc(&b, cb));
+  CUDA_CHECK(cudaMemset(a, 1, cb));
+  for (int i = 0; i < 3; ++i) CUDA_CHECK(cudaMemcpy(b, a, cb, cudaMemcpyDeviceToDevice));
+  CUDA_CHECK(cudaEventRecord(e0));
+  for (int i = 0; i < 10; ++i) CUDA_CHECK(cudaMemcpyAsync(b, a, cb, cudaMemcpyDeviceToDevice));
+  CUDA_CHECK(cudaEventRecord(e1));
+  CUDA_CHECK(cudaEventSynchronize(e1));
+  float ms;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  const double floor_gbs = 2.0 * cb * 10 / (ms * 1e6);
+  std::printf("device-to-device copy: %.0f GB/s (read + write)\n", floor_gbs);
+  CUDA_CHECK(cudaFree(a));
+  CUDA_CHECK(cudaFree(b));
+
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  const Shape shapes[] = {{"qkv 12288x4096", 12288, 4096}, {"o 4096x4096", 4096, 4096}, {"gate_up 22016x4096", 22016, 4096},
+                          {"down 4096x11008", 4096, 11008}, {"lm_head 32000x4096", 32000, 4096}};
+  // Several weight copies rotated so that L2 (50 MB) never holds the one being read.
+  const int n_copies = 4;
+  std::printf("| shape | M | kernel | us | GB/s | of floor |\n|---|---|---|---|---|---|\n");
+  for (const auto& s : shapes) {
+    std::vector<bf16*> ws(n_copies);
+    for (auto& w : ws) {
+      CUDA_CHECK(cudaMalloc(&w, s.n * s.k * 2));
+      synthetic_fill(1234, 0.02f, false, s.n * s.k, w, nullptr);
+    }
+    bf16* x;
+    float* y;
+    CUDA_CHECK(cudaMalloc(&x, 16 * s.k * 2));
+    CUDA_CHECK(cudaMalloc(&y, 16 * s.n * 4));
+    synthetic_fill(99, 1.0f, false, 16 * s.k, x, nullptr);
+    for (int64_t M : {1, 2, 4, 8, 16}) {
+      for (int use_blas = 0; use_blas < 2; ++use_blas) {
+        if (!use_blas && M > kGemvMaxRows) continue;
+        auto run = [&](int i) {
+          if (use_blas) gemm(h, x, ws[i % n_copies], y, M, s.n, s.k, true);
+          else gemv(x, ws[i % n_copies], y, M, s.n, s.k, nullptr);
+        };
+        for (int i = 0; i < 8; ++i) run(i);
+        const int reps = 40;
+        CUDA_CHECK(cudaEventRecord(e0));
+        for (int i = 0; i < reps; ++i) run(i);
+        CUDA_CHECK(cudaEventRecord(e1));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        const double us = ms * 1e3 / reps;
+        const double gbs = static_cast<double>(s.n * s.k * 2) / (us * 1e3);
+        std::printf("| %s | %lld | %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), use_blas ? "cublas" : "gemv", us, gbs,
+                    100.0 * gbs / floor_gbs);
+      }
+    }
+    for (auto w : ws) CUDA_CHECK(cudaFree(w));
+    CUDA_CHECK(cudaFree(x));
+    CUDA_CHECK(cudaFree(y));
+  }
+  return 0;
+}

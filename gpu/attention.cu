@@ -1,12 +1,16 @@
 // Paged causal attention for prefill and decode (flash-decoding style, CUDA cores).
 //
-// Grid (token, KV head, split), 4 warps per block. The block keeps the group's query heads in shared
-// memory; each warp walks 32-key tiles of its part of the key range: lane j scores key j against
-// every query head of the group (so each K row is read once per group), the warp updates an online
-// softmax per head, then the warp accumulates V rows with each lane owning head_dim/32 output dims.
+// Grid (query tile, KV head, split), 4 warps per block. A query tile is up to 8 query rows: the GQA
+// group's heads of one token (decode), or of a few consecutive tokens of one sequence (prefill), so
+// each K/V row is read once for all of them. The block keeps those rows in shared memory; each warp
+// walks 32-key tiles of its part of the key range: lane j scores key j against every row (masked by
+// each row's causal limit), the warp updates an online softmax per row, then the warp accumulates V
+// rows with each lane owning head_dim/32 output dims.
 // Warps are merged in shared memory; splits (for long contexts and small batches) are merged by a
 // second kernel.
+#include <algorithm>
 #include <cfloat>
+#include <climits>
 
 #include "gpu/kernels.h"
 
@@ -15,7 +19,7 @@ namespace ferry::gpu {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kMaxGroup = 8;
+constexpr int kMaxGroup = 8;  // query rows per block
 
 template <int HD>
 __device__ __forceinline__ const bf16* kv_row(const bf16* base, const PagedKv& kv, const int32_t* table, int j, int kh) {
@@ -25,28 +29,45 @@ __device__ __forceinline__ const bf16* kv_row(const bf16* base, const PagedKv& k
 
 template <int HD>
 __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __restrict__ q, const int32_t* __restrict__ pos,
-                                                                 const int32_t* __restrict__ row, int n_heads, int window, PagedKv kv,
-                                                                 int n_splits, float scale, float* __restrict__ scratch,
-                                                                 bf16* __restrict__ out) {
+                                                                 const int32_t* __restrict__ row, const int32_t* __restrict__ tiles,
+                                                                 int n_heads, int window, PagedKv kv, int n_splits, float scale,
+                                                                 float* __restrict__ scratch, bf16* __restrict__ out) {
   constexpr int DPL = HD >= 32 ? HD / 32 : 1;  // output dims per lane
   __shared__ float qs[kMaxGroup][HD];
   __shared__ float p_sh[kWarps][kMaxGroup][32];
   __shared__ float m_sh[kWarps][kMaxGroup], l_sh[kWarps][kMaxGroup];
   __shared__ float acc_sh[kWarps][kMaxGroup][HD];
 
-  const int t = blockIdx.x, kh = blockIdx.y, split = blockIdx.z;
+  const int kh = blockIdx.y, split = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = n_heads / kv.n_kv_heads;
-  const int p = pos[t];
-  const int first = window > 0 ? max(0, p - window + 1) : 0;
-  const int n_keys = p - first + 1;
+  const int group = n_heads / kv.n_kv_heads;
+  // The tile: tokens t0 .. t0 + n_tok - 1 of one sequence; row r is token t0 + r / group, head kh * group + r % group.
+  const int t0 = tiles ? tiles[2 * blockIdx.x] : blockIdx.x;
+  const int n_tok = tiles ? tiles[2 * blockIdx.x + 1] : 1;
+  const int g = n_tok * group;  // query rows (<= kMaxGroup)
+  int lo[kMaxGroup], hi[kMaxGroup];  // each row's key range [lo, hi]
+  int first = INT_MAX, last = 0;
+#pragma unroll
+  for (int r = 0; r < kMaxGroup; ++r) {
+    const int p = r < g ? pos[t0 + r / group] : 0;
+    hi[r] = r < g ? p : -1;
+    lo[r] = r < g ? (window > 0 ? max(0, p - window + 1) : 0) : INT_MAX;
+    if (r < g) {
+      first = min(first, lo[r]);
+      last = max(last, hi[r]);
+    }
+  }
+  const int n_keys = last - first + 1;
   const int chunk = ((n_keys + n_splits - 1) / n_splits + 31) / 32 * 32;
   const int k0 = first + split * chunk;
-  const int k1 = min(p + 1, k0 + chunk);
-  const int32_t* table = kv.block_tables + static_cast<int64_t>(row[t]) * kv.max_blocks;
+  const int k1 = min(last + 1, k0 + chunk);
+  const int32_t* table = kv.block_tables + static_cast<int64_t>(row[t0]) * kv.max_blocks;
 
   const int64_t q_dim = static_cast<int64_t>(n_heads) * HD;
-  for (int i = threadIdx.x; i < g * HD; i += blockDim.x) qs[i / HD][i % HD] = __bfloat162float(q[t * q_dim + (kh * g) * HD + i]);
+  for (int i = threadIdx.x; i < g * HD; i += blockDim.x) {
+    const int r = i / HD;
+    qs[r][i % HD] = __bfloat162float(q[(t0 + r / group) * q_dim + (kh * group + r % group) * HD + i % HD]);
+  }
   __syncthreads();
 
   float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][DPL];
@@ -83,10 +104,11 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
 #pragma unroll
     for (int gi = 0; gi < kMaxGroup; ++gi) {
       if (gi >= g) break;
-      const float sv = valid ? s[gi] * scale : -FLT_MAX;
+      const bool ok = valid && j >= lo[gi] && j <= hi[gi];  // this row's causal / window limits
+      const float sv = ok ? s[gi] * scale : -FLT_MAX;
       const float mn = fmaxf(m[gi], warp_max(sv));
       const float corr = __expf(m[gi] - mn);
-      const float pv = valid ? __expf(sv - mn) : 0.0f;
+      const float pv = ok ? __expf(sv - mn) : 0.0f;
       l[gi] = l[gi] * corr + warp_sum(pv);
 #pragma unroll
       for (int d = 0; d < DPL; ++d) acc[gi][d] *= corr;
@@ -146,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
       L += l_sh[w][gi] * f;
       A += acc_sh[w][gi][dim] * f;
     }
-    const int h = kh * g + gi;
+    const int t = t0 + gi / group, h = kh * group + gi % group;
     if (n_splits == 1) {
       out[t * q_dim + h * HD + dim] = __float2bfloat16(A / L);
     } else {
@@ -179,12 +201,12 @@ __global__ void combine_kernel(const float* __restrict__ scratch, int n_splits, 
 }
 
 template <int HD>
-void launch(const bf16* q, const int32_t* pos, const int32_t* row, int64_t n, int64_t n_heads, int64_t window, const PagedKv& kv,
-            int n_splits, float* scratch, bf16* out, cudaStream_t s) {
-  dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(kv.n_kv_heads), static_cast<unsigned>(n_splits));
+void launch(const bf16* q, const int32_t* pos, const int32_t* row, const int32_t* tiles, int64_t n_tiles, int64_t n, int64_t n_heads,
+            int64_t window, const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s) {
+  dim3 grid(static_cast<unsigned>(tiles ? n_tiles : n), static_cast<unsigned>(kv.n_kv_heads), static_cast<unsigned>(n_splits));
   const float scale = 1.0f / sqrtf(static_cast<float>(HD));
-  attention_kernel<HD><<<grid, kWarps * 32, 0, s>>>(q, pos, row, static_cast<int>(n_heads), static_cast<int>(window), kv, n_splits,
-                                                    scale, scratch, out);
+  attention_kernel<HD><<<grid, kWarps * 32, 0, s>>>(q, pos, row, tiles, static_cast<int>(n_heads), static_cast<int>(window), kv,
+                                                    n_splits, scale, scratch, out);
   CUDA_CHECK_LAUNCH();
   if (n_splits > 1) {
     combine_kernel<<<static_cast<unsigned>(n * n_heads), HD, 0, s>>>(scratch, n_splits, HD, out);
@@ -199,18 +221,22 @@ bool attention_supports(int64_t head_dim, int64_t group) {
   return hd_ok && group >= 1 && group <= kMaxGroup;
 }
 
-void attention(const bf16* q, const int32_t* pos, const int32_t* row, int64_t n, int64_t n_heads, int64_t window, const PagedKv& kv,
-               int n_splits, float* scratch, bf16* out, cudaStream_t s) {
+int query_tile_tokens(int64_t n_heads, int64_t n_kv_heads) { return static_cast<int>(std::max<int64_t>(1, kMaxGroup / (n_heads / n_kv_heads))); }
+
+void attention(const bf16* q, const int32_t* pos, const int32_t* row, const int32_t* tiles, int64_t n_tiles, int64_t n, int64_t n_heads,
+               int64_t window, const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s) {
   if (n == 0) return;
+#define FERRY_ATT(HD) launch<HD>(q, pos, row, tiles, n_tiles, n, n_heads, window, kv, n_splits, scratch, out, s)
   switch (kv.head_dim) {
-    case 8: return launch<8>(q, pos, row, n, n_heads, window, kv, n_splits, scratch, out, s);
-    case 16: return launch<16>(q, pos, row, n, n_heads, window, kv, n_splits, scratch, out, s);
-    case 32: return launch<32>(q, pos, row, n, n_heads, window, kv, n_splits, scratch, out, s);
-    case 64: return launch<64>(q, pos, row, n, n_heads, window, kv, n_splits, scratch, out, s);
-    case 128: return launch<128>(q, pos, row, n, n_heads, window, kv, n_splits, scratch, out, s);
-    case 256: return launch<256>(q, pos, row, n, n_heads, window, kv, n_splits, scratch, out, s);
+    case 8: return FERRY_ATT(8);
+    case 16: return FERRY_ATT(16);
+    case 32: return FERRY_ATT(32);
+    case 64: return FERRY_ATT(64);
+    case 128: return FERRY_ATT(128);
+    case 256: return FERRY_ATT(256);
     default: throw CudaError("attention: unsupported head_dim " + std::to_string(kv.head_dim));
   }
+#undef FERRY_ATT
 }
 
 }  // namespace ferry::gpu

@@ -60,19 +60,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const bf16* _
 }  // namespace
 
 void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s) {
-  if (K % 8 != 0 || M < 1 || M > kGemvMaxRows) throw CudaError("gemv: needs K % 8 == 0 and 1 <= M <= 4");
+  if (K % 8 != 0 || M < 1 || M > kGemvMaxRows) throw CudaError("gemv: needs K % 8 == 0 and 1 <= M <= 8");
   const unsigned grid = static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock);
   switch (M) {
     case 1: gemv_kernel<1><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
     case 2: gemv_kernel<2><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
     case 3: gemv_kernel<3><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
-    default: gemv_kernel<4><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
+    case 4: gemv_kernel<4><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
+    case 5: gemv_kernel<5><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
+    case 6: gemv_kernel<6><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
+    case 7: gemv_kernel<7><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
+    case 8: gemv_kernel<8><<<grid, kWarpsPerBlock * 32, 0, s>>>(x, w, y, N, K); break;
+    default: throw CudaError("gemv: no kernel for " + std::to_string(M) + " rows");
   }
   CUDA_CHECK_LAUNCH();
 }
 
 void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s) {
-  if (M <= kGemvMaxRows && K % 8 == 0) gemv(x, w, y, M, N, K, s);
+  if (M <= kGemvPreferRows && K % 8 == 0) gemv(x, w, y, M, N, K, s);
   else gemm(h, x, w, y, M, N, K, true);
 }
 

@@ -48,13 +48,16 @@ struct GpuExecutor::Impl {
   uint64_t* seeds_d = nullptr;    // [n_out]
   int64_t scratch_floats = 0;
   // Step inputs: pinned host staging and its device copy: tokens, pos, row [T each], out rows [n_out],
-  // block tables [n_rows, max_blocks].
+  // query tiles [2T] (first token, count), block tables [n_rows, max_blocks].
   int32_t* in_h = nullptr;
   int32_t* in_d = nullptr;
   int64_t in_cap = 0;
+  // Recorded after the copy out of in_h is enqueued (or the graph holding it): the host waits on it
+  // before writing in_h again, since a step that keeps its logits on the GPU does not synchronise.
+  cudaEvent_t in_free = nullptr;
 
   // The current step.
-  int64_t T = 0, n_out = 0, n_rows = 0;
+  int64_t T = 0, n_out = 0, n_rows = 0, n_tiles = 0;  // n_tiles 0: one token per tile (decode)
   int n_splits = 1;
   bool pending_delta = false;
   enum class Mode { kEager, kCapture, kReplay } mode = Mode::kEager;
@@ -66,6 +69,7 @@ struct GpuExecutor::Impl {
     if (blas) cublasDestroy(blas);
     for (auto& [p, n] : allocations) cudaFree(p);
     if (in_h) cudaFreeHost(in_h);
+    if (in_free) cudaEventDestroy(in_free);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -95,7 +99,7 @@ struct GpuExecutor::Impl {
     PagedKv kv;
     kv.k = k_pool[il];
     kv.v = v_pool[il];
-    kv.block_tables = in_d + 3 * T + n_out;
+    kv.block_tables = in_d + 5 * T + n_out;
     kv.max_blocks = max_blocks;
     kv.block_size = static_cast<int32_t>(kv_shape.block_size);
     kv.n_kv_heads = static_cast<int32_t>(cfg.n_kv_heads);
@@ -104,7 +108,7 @@ struct GpuExecutor::Impl {
   }
 
   void ensure_capacity(int64_t t, int64_t o, int64_t rows) {
-    const int64_t need_in = 3 * t + o + rows * max_blocks;
+    const int64_t need_in = 5 * t + o + rows * max_blocks;
     if (t > cap_tokens || o > cap_out) {
       for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
       graphs.clear();
@@ -173,6 +177,7 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     CUDA_CHECK(cudaSetDevice(opts.device));
     CUDA_CHECK(cudaDeviceGetAttribute(&m.n_sms, cudaDevAttrMultiProcessorCount, opts.device));
     CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreateWithFlags(&m.in_free, cudaEventDisableTiming));
     CUBLAS_CHECK(cublasCreate(&m.blas));
     CUBLAS_CHECK(cublasSetStream(m.blas, m.stream));
     // A fixed workspace lets cuBLAS run inside graph capture without allocating.
@@ -289,6 +294,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
   const int64_t n_out = b.n_outputs(), n_rows = static_cast<int64_t>(seqs.size());
   const bool decode = n_out == T && n_rows == T;
   try {
+    CUDA_CHECK(cudaEventSynchronize(m.in_free));  // the previous step's inputs have left in_h
     // Graphs are keyed by T alone, so a decode step always lays its inputs out for T rows.
     m.ensure_capacity(T, std::max<int64_t>(n_out, 1), decode ? T : n_rows);
     m.T = T;
@@ -299,7 +305,21 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
     std::memcpy(in + T, b.positions.data(), T * 4);
     std::memcpy(in + 2 * T, row.data(), T * 4);
     std::memcpy(in + 3 * T, b.output_rows.data(), n_out * 4);
-    int32_t* tables = in + 3 * T + n_out;
+    // Query tiles for prefill: runs of consecutive tokens of one sequence share their K/V reads.
+    int32_t* tiles = in + 3 * T + n_out;
+    m.n_tiles = 0;
+    if (!decode) {
+      const int qt = query_tile_tokens(m.cfg.n_heads, m.cfg.n_kv_heads);
+      for (int64_t t = 0; t < T;) {
+        int64_t e = t + 1;
+        while (e < T && e - t < qt && b.seq_ids[e] == b.seq_ids[t]) ++e;
+        tiles[2 * m.n_tiles] = static_cast<int32_t>(t);
+        tiles[2 * m.n_tiles + 1] = static_cast<int32_t>(e - t);
+        ++m.n_tiles;
+        t = e;
+      }
+    }
+    int32_t* tables = in + 5 * T + n_out;
     int32_t max_pos = 0;
     for (int32_t p : b.positions) max_pos = std::max(max_pos, p);
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -307,7 +327,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       if (static_cast<int64_t>(bt.size()) > m.max_blocks) return invalid_argument("sequence longer than the GPU block table");
       std::copy(bt.begin(), bt.end(), tables + r * m.max_blocks);
     }
-    const int64_t in_n = 3 * T + n_out + m.n_rows * m.max_blocks;
+    const int64_t in_n = 5 * T + n_out + m.n_rows * m.max_blocks;
     m.pending_delta = false;
     if (decode && m.opts.cuda_graphs) {
       // Fixed split count (from the longest possible context) so one graph serves every step.
@@ -323,6 +343,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       m.n_splits = m.choose_splits(T, max_pos + 1);
     }
     CUDA_CHECK(cudaMemcpyAsync(m.in_d, m.in_h, in_n * 4, cudaMemcpyHostToDevice, m.stream));
+    if (m.mode == Impl::Mode::kEager) CUDA_CHECK(cudaEventRecord(m.in_free, m.stream));
   } catch (const CudaError& e) {
     return out_of_memory(e.what());
   }
@@ -352,7 +373,8 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache&) {
     add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kAttnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream, m.xn + T * E);
     gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * T, Q + 2 * KV, E, m.stream);
     rope_kv_append(m.qkv, m.qkv + T * (Q + 2 * KV), c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, T, c.n_heads, m.paged(il), m.q, m.stream);
-    attention(m.q, pos, row, T, c.n_heads, c.sliding_window, m.paged(il), m.n_splits, m.scratch, m.att, m.stream);
+    attention(m.q, pos, row, m.n_tiles ? m.in_d + 3 * T + m.n_out : nullptr, m.n_tiles, T, c.n_heads, c.sliding_window, m.paged(il),
+              m.n_splits, m.scratch, m.att, m.stream);
     gemm_f32(m.blas, m.att, w[kWo].as<bf16>(), m.tmp, T, E, Q, m.stream);
   }
   {
@@ -388,6 +410,7 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
     TraceRange r("gpu.decode_graph");
     ++m.n_replays;
     CUDA_CHECK(cudaGraphLaunch(m.graphs.at(m.T), m.stream));
+    CUDA_CHECK(cudaEventRecord(m.in_free, m.stream));
   }
   if (logits == nullptr) return;  // kept on the device for sample()
   if (m.n_out > 0) CUDA_CHECK(cudaMemcpyAsync(logits, m.logits, m.n_out * c.n_vocab * sizeof(float), cudaMemcpyDeviceToHost, m.stream));

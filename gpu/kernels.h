@@ -16,8 +16,10 @@ namespace ferry::gpu {
 // output. The handle's stream and workspace are the caller's.
 void gemm(cublasHandle_t h, const bf16* x, const bf16* w, void* y, int64_t M, int64_t N, int64_t K, bool y_f32);
 // gemv.cu: the same product with FP32 output for M <= kGemvMaxRows, streaming W once with 16-byte
-// loads (decode: the weight bytes are the cost). gemm_f32() picks it or cuBLAS.
+// loads (decode: the weight bytes are the cost). gemm_f32() picks it for M <= kGemvPreferRows, where
+// it beats cuBLAS on the H100 (notes/gpu.md), and cuBLAS above.
 inline constexpr int64_t kGemvMaxRows = 8;
+inline constexpr int64_t kGemvPreferRows = 2;
 void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
 void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
 
@@ -59,11 +61,14 @@ void rope_kv_append(const float* qkv, const float* qkv_lo, const bf16* bias, con
 void swiglu(const float* gate_up, int64_t n, int64_t n_ff, bf16* out, cudaStream_t s);
 
 // attention.cu: causal attention of q [n, n_heads, head_dim] over the paged cache; token t (batch row
-// row[t], position pos[t]) sees positions [max(0, pos - window + 1), pos]. Work is split over the
-// key range in `n_splits` parts (partial results in `scratch`, n * n_heads * n_splits * (head_dim + 2)
-// floats) and combined. Each K/V row is read once for all query heads of its group.
-void attention(const bf16* q, const int32_t* pos, const int32_t* row, int64_t n, int64_t n_heads, int64_t window,
-               const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s);
+// row[t], position pos[t]) sees positions [max(0, pos - window + 1), pos]. `tiles` (or null: one token
+// each) holds n_tiles (first token, token count) pairs of consecutive tokens of one sequence, at most
+// query_tile_tokens() each: a tile's query rows share every K/V read. Work is split over the key range
+// in `n_splits` parts (partials in `scratch`, n * n_heads * n_splits * (head_dim + 2) floats) and combined.
+void attention(const bf16* q, const int32_t* pos, const int32_t* row, const int32_t* tiles, int64_t n_tiles, int64_t n,
+               int64_t n_heads, int64_t window, const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s);
+// Returns the most tokens a query tile may hold for this head layout (8 query rows per tile).
+int query_tile_tokens(int64_t n_heads, int64_t n_kv_heads);
 // Returns the head dims and GQA group sizes attention() supports (head_dim in {8..256} powers of 2, group <= 8).
 bool attention_supports(int64_t head_dim, int64_t group);
 

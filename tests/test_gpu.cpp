@@ -131,12 +131,14 @@ TEST_SUITE("gpu_ops") {
             ref[i * N + j] = static_cast<float>(acc);
           }
         Dev<uint16_t> dx(xb), dw(wb);
-        Dev<float> y(M * N);
-        gpu::gemm_f32(h, reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), y.p, M, N, K, nullptr);
+        Dev<float> y(M * N), y2(M * N);
+        gpu::gemv(reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), y.p, M, N, K, nullptr);
+        gpu::gemm_f32(h, reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), y2.p, M, N, K, nullptr);
         CAPTURE(M);
         CAPTURE(N);
         CAPTURE(K);
         CHECK(rel(y.get(), ref) < 1e-5);
+        CHECK(rel(y2.get(), ref) < 1e-5);
       }
     }
     cublasDestroy(h);
@@ -365,13 +367,28 @@ TEST_SUITE("gpu_ops") {
           Dev<uint16_t> dq(qbits), dout(T * H * hd);
           Dev<int32_t> dpos(all_pos), drow(all_row);
           Dev<float> scratch(T * H * 8 * (hd + 2));
-          for (int splits : {1, 3, 8}) {
-            gpu::attention(reinterpret_cast<bf16*>(dq.p), dpos.p, drow.p, T, H, window, pk, splits, scratch.p, reinterpret_cast<bf16*>(dout.p), nullptr);
-            CAPTURE(hd);
-            CAPTURE(group);
-            CAPTURE(window);
-            CAPTURE(splits);
-            CHECK(rel(bits_to_f32(dout.get()), ref) < 2e-2);
+          // Query tiles as the executor builds them for prefill: runs within one sequence.
+          std::vector<int32_t> tiles;
+          const int qt = gpu::query_tile_tokens(H, n_kv);
+          for (int64_t t = 0; t < T;) {
+            int64_t e = t + 1;
+            while (e < T && e - t < qt && all_row[e] == all_row[t]) ++e;
+            tiles.push_back(static_cast<int32_t>(t));
+            tiles.push_back(static_cast<int32_t>(e - t));
+            t = e;
+          }
+          Dev<int32_t> dtiles(tiles);
+          for (int tiled = 0; tiled < 2; ++tiled) {
+            for (int splits : {1, 3, 8}) {
+              gpu::attention(reinterpret_cast<bf16*>(dq.p), dpos.p, drow.p, tiled ? dtiles.p : nullptr, static_cast<int64_t>(tiles.size() / 2), T, H,
+                             window, pk, splits, scratch.p, reinterpret_cast<bf16*>(dout.p), nullptr);
+              CAPTURE(hd);
+              CAPTURE(group);
+              CAPTURE(window);
+              CAPTURE(splits);
+              CAPTURE(tiled);
+              CHECK(rel(bits_to_f32(dout.get()), ref) < 2e-2);
+            }
           }
         }
       }
@@ -447,17 +464,23 @@ TEST_SUITE("gpu_model") {
           CHECK_MESSAGE(argmax(tf->data() + (ids.size() - 1 + i) * V, V) == ref_ids[i], "teacher-forced step " << i);
         }
         MESSAGE("  clear-margin steps checked: " << checked << " of " << ref_ids.size());
-        // Free-running greedy decode (CUDA graphs): equal up to the first unclear step.
-        GenerateOptions go;
-        go.n_predict = static_cast<int64_t>(ref_ids.size());
-        go.sampling.temperature = 0;
-        go.stop_at_eos = false;
-        auto res = generate(*g.runner, {ids}, go);
-        REQUIRE(res.ok());
-        for (size_t i = 0; i < ref_ids.size(); ++i) {
-          if (res->tokens[0][i] == ref_ids[i]) continue;
-          CHECK_MESSAGE(margin[i] < 2 * abs_err, "greedy step " << i << " differs where the margin is " << margin[i]);
-          break;
+        // Free-running greedy decode (CUDA graphs, argmax on the GPU): equal up to the first unclear
+        // step; once with the prompt in one step, once cut into 3-token chunks (steps without an
+        // output row do not synchronise, so their inputs must survive until copied).
+        for (int64_t chunk : {512, 3}) {
+          GenerateOptions go;
+          go.n_predict = static_cast<int64_t>(ref_ids.size());
+          go.sampling.temperature = 0;
+          go.stop_at_eos = false;
+          go.max_step_tokens = chunk;
+          auto res = generate(*g.runner, {ids}, go);
+          REQUIRE(res.ok());
+          CAPTURE(chunk);
+          for (size_t i = 0; i < ref_ids.size(); ++i) {
+            if (res->tokens[0][i] == ref_ids[i]) continue;
+            CHECK_MESSAGE(margin[i] < 2 * abs_err, "greedy step " << i << " differs where the margin is " << margin[i]);
+            break;
+          }
         }
       }
       CHECK(g.ex->graphs_captured() >= 1);

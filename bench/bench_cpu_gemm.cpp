@@ -1,5 +1,5 @@
 // bench_cpu_gemm: times the CPU matrix product y = x W^T for BF16 weights of Llama shapes, both
-// paths (weight streaming for few rows, oneDNN panels for many), and prints achieved weight
+// paths at every row count (gemm_xwt uses the one marked), and prints achieved weight
 // bandwidth and FLOP rate next to the machine's floor. Usage: bench_cpu_gemm [M ...]
 #include <algorithm>
 #include <chrono>
@@ -15,7 +15,7 @@
 using namespace ferry;
 
 int main(int argc, char** argv) {
-  std::vector<int64_t> ms = {1, 4, 16, 64, 256};
+  std::vector<int64_t> ms = {1, 2, 4, 8, 16, 64};
   if (argc > 1) {
     ms.clear();
     for (int i = 1; i < argc; ++i) ms.push_back(std::atoll(argv[i]));
@@ -34,19 +34,25 @@ int main(int argc, char** argv) {
     for (int64_t m : ms) {
       std::vector<float> x(m * s.k, 0.01f), y(m * s.n);
       for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
-      auto path = m <= cpu::kGemvMaxRows ? "stream" : "onednn";
-      cpu::gemm_xwt(x.data(), m, W, y.data());  // warm-up
-      std::vector<double> t;
-      for (int r = 0; r < 5; ++r) {
-        auto t0 = std::chrono::steady_clock::now();
-        cpu::gemm_xwt(x.data(), m, W, y.data());
-        t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      for (int onednn = 0; onednn < 2; ++onednn) {
+        auto run = [&] {
+          if (onednn) cpu::gemm_xwt_onednn(x.data(), m, W, y.data());
+          else cpu::gemm_xwt_stream(x.data(), m, W, y.data());
+        };
+        run();  // warm-up
+        std::vector<double> t;
+        for (int r = 0; r < 5; ++r) {
+          auto t0 = std::chrono::steady_clock::now();
+          run();
+          t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(t.begin(), t.end());
+        const double ms_med = t[t.size() / 2];
+        const double gbs = static_cast<double>(w.size()) / (ms_med * 1e6);
+        const double gflops = 2.0 * m * s.n * s.k / (ms_med * 1e6);
+        std::printf("| %s | %lld | %s%s | %.3f | %.1f | %.1f |\n", s.name, static_cast<long long>(m), onednn ? "onednn" : "stream",
+                    (m <= cpu::kGemvMaxRows) == !onednn ? " (used)" : "", ms_med, gbs, gflops);
       }
-      std::sort(t.begin(), t.end());
-      const double ms_med = t[t.size() / 2];
-      const double gbs = static_cast<double>(w.size()) / (ms_med * 1e6);
-      const double gflops = 2.0 * m * s.n * s.k / (ms_med * 1e6);
-      std::printf("| %s | %lld | %s | %.3f | %.1f | %.1f |\n", s.name, static_cast<long long>(m), path, ms_med, gbs, gflops);
     }
   }
   return 0;

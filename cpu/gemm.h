@@ -1,7 +1,7 @@
 // CPU matrix products against weights stored as Hugging Face Linear weights W [N, K] (row-major,
 // y = x W^T), in F32, F16 or BF16, with float32 activations and float32 accumulation.
 //
-// Two paths: for a few rows (decode) a weight-streaming kernel reads each weight row once, converts
+// Two paths: for a few rows (decode at small batch) a weight-streaming kernel reads each weight row once, converts
 // it to float32 in cache and dots it with every activation row (the bytes of W are the cost); for
 // many rows (prefill) oneDNN's f32 matmul runs over float32 panels of W converted on the fly.
 // Call from the main thread, not from inside a TBB task: oneDNN threads with OpenMP.
@@ -16,8 +16,9 @@ namespace ferry::cpu {
 // y[M, N] = x[M, K] W[N, K]^T (+ bias[N] when `bias` is not empty).
 void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const TensorView& bias = {});
 
-// Rows at or below which the weight-streaming kernel is used.
-inline constexpr int64_t kGemvMaxRows = 16;
+// Rows at or below which the weight-streaming kernel is used (bench_cpu_gemm: it wins at 1-2 rows and
+// ties at 4 on an AVX2 Zen 5 core pair, notes/cpu.md).
+inline constexpr int64_t kGemvMaxRows = 3;
 
 // The two paths, exposed for tests and benchmarks.
 void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y);

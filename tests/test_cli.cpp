@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "gpu/device.h"
 #include "models/safetensors.h"
 #include "models/tokenizer.h"
 #include "test_util.h"
@@ -132,6 +133,14 @@ TEST_SUITE("cli") {
     CHECK(t2.output == "Hello world\n");
     CHECK(test::run_ferry("--help").exit_code == 0);
     CHECK(test::run_ferry("run --help").output.find("Examples") != std::string::npos);
+  }
+
+  TEST_CASE("--device gpu without a usable GPU is a clear error; auto falls back to the CPU") {
+    if (gpu::probe().n_devices > 0) return;  // a GPU host: the gpu suites cover --device gpu
+    expect_error("run -m synthetic:stories15m --device gpu -p hi -n 2", {"--device gpu"});
+    test::CmdResult r = test::run_ferry("run -m synthetic:stories15m --device auto -p hi -n 2");
+    CHECK(r.exit_code == 0);
+    CHECK(r.output.find("[cpu") != std::string::npos);
   }
 
   TEST_CASE("missing directory") { expect_error("run -m /nonexistent/llama -p hi", {"/nonexistent/llama"}); }

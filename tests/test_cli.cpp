@@ -104,7 +104,10 @@ TEST_SUITE("cli") {
     REQUIRE(g.ok());
     const auto ids = test::read_i32(**g, "seq0.input_ids");
     std::string ids_s;
-    for (int32_t id : ids) ids_s += (ids_s.empty() ? "" : ",") + std::to_string(id);
+    for (int32_t id : ids) {
+      if (!ids_s.empty()) ids_s += ',';
+      ids_s += std::to_string(id);
+    }
     test::CmdResult l = test::run_ferry("logits -m " + q(gq) + " --ids " + ids_s + " --out " + q(tmp / "l.safetensors") + " --device cpu");
     REQUIRE(l.exit_code == 0);
     auto out = SafetensorsFile::open(tmp / "l.safetensors");

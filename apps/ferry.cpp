@@ -20,6 +20,7 @@
 #include "gpu/gpu_executor.h"
 #include "models/safetensors.h"
 #include "models/synthetic.h"
+#include "offload/packed_store.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 
@@ -41,6 +42,7 @@ struct ModelFlags {
   std::string device = "auto";
   int64_t layers = 0;
   int threads = 0;
+  std::string disk;
 
   void add(CLI::App* app) {
     app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
@@ -48,6 +50,15 @@ struct ModelFlags {
         ->check(CLI::IsMember({"cpu", "gpu", "auto"}));
     app->add_option("--layers", layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
     app->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 4096));
+    app->add_option("--disk", disk, "Packed store (from 'ferry pack') to read every layer from, checksummed (CPU executor)");
+  }
+  LoadOptions load(bool need_tokenizer, const std::string& resolved_device) const {
+    LoadOptions o;
+    o.synthetic_layers = layers;
+    o.need_tokenizer = need_tokenizer;
+    o.host_weights = resolved_device != "gpu";
+    o.disk = disk;
+    return o;
   }
 };
 
@@ -84,6 +95,8 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
   Backend b;
   const KvCacheShape shape = kv_shape(model.config, lengths);
   if (device == "gpu") {
+    if (model.weights->layer_tier(0) == Tier::kDisk)
+      return unsupported("--device gpu with --disk: streaming layers from disk to the GPU is not built yet (the offload engine); use --device cpu");
     gpu::GpuInfo g = gpu::probe();
     if (g.n_devices == 0) return unsupported("--device gpu: no usable GPU (" + g.why_none + ")");
     FERRY_ASSIGN_OR_RETURN(auto ex, gpu::GpuExecutor::create(*model.weights, shape));
@@ -149,7 +162,7 @@ int cmd_run(const RunFlags& f) {
   if (Status st = sp.validate(); !st.ok()) return fail(st);
   if (f.n_predict < 0) return fail(invalid_argument("-n must be >= 0"));
   const std::string device = resolve_device(f.m.device);
-  auto model = load_model(f.m.model, LoadOptions{f.m.layers, true, device != "gpu"});
+  auto model = load_model(f.m.model, f.m.load(true, device));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
   std::vector<std::vector<int32_t>> prompts;
@@ -229,7 +242,7 @@ int cmd_logits(const LogitsFlags& f) {
   if (!ids.ok()) return fail(ids.status());
   if (ids->empty()) return fail(invalid_argument("--ids: no token ids given"));
   const std::string device = resolve_device(f.m.device);
-  auto model = load_model(f.m.model, LoadOptions{f.m.layers, false, device != "gpu"});
+  auto model = load_model(f.m.model, f.m.load(false, device));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
   for (int32_t id : *ids)
@@ -250,7 +263,7 @@ int cmd_logits(const LogitsFlags& f) {
 
 // ---------------------------------------------------------------------------------------------
 int cmd_inspect(const ModelFlags& f) {
-  auto model = load_model(f.model, LoadOptions{f.layers, false});
+  auto model = load_model(f.model, f.load(false, "cpu"));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& c = model->config;
   const WeightStore& ws = *model->weights;
@@ -273,19 +286,42 @@ int cmd_inspect(const ModelFlags& f) {
   for (int64_t il = 0; il < c.n_layers; ++il) {
     const LayerWeights& lw = ws.layer(il);
     for (int t = 0; t < kLayerTensorCount; ++t)
-      if (!lw.t[t].empty()) per_comp[t] += lw.t[t].nbytes();
-    total += lw.nbytes();
+      if (lw.t[t].n_dims > 0) per_comp[t] += lw.t[t].nbytes();
+    for (const auto& v : lw.t)
+      if (v.n_dims > 0) total += v.nbytes();
   }
   const size_t embd = g[kTokEmbd].nbytes(), head = c.tie_word_embeddings ? 0 : g[kLmHead].nbytes(), norm = g[kOutNorm].nbytes();
   total += embd + head + norm;
   std::printf("bytes:        %s in all\n", human_bytes(total).c_str());
-  std::printf("  per layer   %s\n", human_bytes(static_cast<double>(ws.layer(0).nbytes())).c_str());
+  size_t layer0 = 0;
+  for (const auto& v : ws.layer(0).t)
+    if (v.n_dims > 0) layer0 += v.nbytes();
+  std::printf("  per layer   %s (served from %s)\n", human_bytes(static_cast<double>(layer0)).c_str(), std::string(tier_name(ws.layer_tier(0))).c_str());
   std::printf("  embedding   %s\n", human_bytes(embd).c_str());
   std::printf("  lm_head     %s%s\n", human_bytes(head).c_str(), c.tie_word_embeddings ? " (tied to the embedding)" : "");
   std::printf("  final norm  %s\n", human_bytes(norm).c_str());
   std::printf("  per component, all layers:\n");
   for (int t = 0; t < kLayerTensorCount; ++t)
     if (per_comp[t]) std::printf("    %-10s %s\n", layer_tensor_short_name(static_cast<LayerTensor>(t)), human_bytes(per_comp[t]).c_str());
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+struct PackFlags {
+  std::string model;
+  std::string out;
+};
+
+int cmd_pack(const PackFlags& f) {
+  auto model = load_model(f.model, LoadOptions{0, false, true, ""});
+  if (!model.ok()) return fail(model.status());
+  const auto t0 = std::chrono::steady_clock::now();
+  if (Status st = pack_store(*model->weights, f.out); !st.ok()) return fail(st);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto m = open_store(f.out, model->config);
+  if (!m.ok()) return fail(m.status());
+  std::fprintf(stderr, "ferry: packed %lld layers + globals (%s) into %s in %.2f s\n", static_cast<long long>(model->config.n_layers),
+               human_bytes(static_cast<double>(m->file_bytes)).c_str(), f.out.c_str(), s);
   return 0;
 }
 
@@ -365,6 +401,13 @@ int main(int argc, char** argv) {
   inf.add(inspect);
   inspect->footer("Examples:\n  ferry inspect -m ~/models/Llama-2-7b-hf\n  ferry inspect -m synthetic:llama-3-70b");
 
+  PackFlags pf;
+  CLI::App* pack = app.add_subcommand("pack", "Write a model's weights as a packed store for the disk tier (checksummed, 4 KiB aligned)");
+  pack->add_option("-m,--model", pf.model, "Hugging Face model directory")->required();
+  pack->add_option("--out", pf.out, "Store directory to create (written to a temporary name, renamed when complete)")->required();
+  pack->footer("Example:\n  ferry pack -m ~/models/Llama-2-13b-hf --out /nvme/ferry/llama-2-13b\n"
+               "  ferry run -m ~/models/Llama-2-13b-hf --disk /nvme/ferry/llama-2-13b -p \"Hello\"");
+
   TokenizeFlags tf;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Encode text to token ids (a JSON array), or decode ids to text");
   tokenize->add_option("-m,--model", tf.model, "Model directory, tokenizer.json file, or synthetic:PRESET")->required();
@@ -389,6 +432,7 @@ int main(int argc, char** argv) {
     if (logits->parsed()) return cmd_logits(lf);
     if (inspect->parsed()) return cmd_inspect(inf);
     if (tokenize->parsed()) return cmd_tokenize(tf);
+    if (pack->parsed()) return cmd_pack(pf);
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "ferry: error: out of host memory\n");
     return kExitError;

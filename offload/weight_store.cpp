@@ -155,3 +155,100 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::synthetic(const ModelConfig&
 }
 
 }  // namespace ferry
+
+namespace ferry {
+
+WeightStore::~WeightStore() = default;
+
+Expected<std::unique_ptr<WeightStore>> WeightStore::from_packed(const ModelConfig& cfg, const std::string& dir, const DiskReaderOptions& opts) {
+  std::unique_ptr<WeightStore> ws(new WeightStore());
+  ws->cfg_ = cfg;
+  ws->source_ = dir + " (packed store, every layer read from disk)";
+  FERRY_ASSIGN_OR_RETURN(PackedManifest m, open_store(dir, cfg));
+  ws->manifest_ = std::make_unique<PackedManifest>(std::move(m));
+  FERRY_ASSIGN_OR_RETURN(ws->reader_, DiskReader::open(*ws->manifest_, opts));
+  const auto& blocks = ws->manifest_->blocks;
+  // Globals: read once, kept.
+  HostBuffer g(blocks[0].padded_bytes, kPackAlign);
+  if (g.data() == nullptr) return out_of_memory(strprintf("%s: cannot allocate %llu bytes for the globals", dir.c_str(), (unsigned long long)blocks[0].padded_bytes));
+  FERRY_RETURN_IF_ERROR(ws->reader_->submit(0, 0, g.data()));
+  FERRY_RETURN_IF_ERROR(ws->reader_->wait(0));
+  auto view_of = [](uint8_t* base, const PackedTensor& t) {
+    TensorView v;
+    v.data = base + t.offset;
+    v.dtype = t.dtype;
+    v.tier = Tier::kHost;
+    v.n_dims = static_cast<int>(t.shape.size());
+    int64_t stride = 1;
+    for (int d = v.n_dims - 1; d >= 0; --d) {
+      v.shape[d] = t.shape[d];
+      v.strides[d] = stride;
+      stride *= t.shape[d];
+    }
+    return v;
+  };
+  for (const auto& t : blocks[0].tensors) ws->globals_.t[t.slot] = view_of(g.as<uint8_t>(), t);
+  if (cfg.tie_word_embeddings) ws->globals_.t[kLmHead] = ws->globals_.t[kTokEmbd];
+  ws->owned_.push_back(std::move(g));
+  // Layers: shapes known, bytes on disk; two slots of the largest layer.
+  uint64_t largest = 0;
+  for (size_t b = 1; b < blocks.size(); ++b) largest = std::max(largest, blocks[b].padded_bytes);
+  for (auto& slot : ws->slots_) {
+    slot = HostBuffer(largest, kPackAlign);
+    if (slot.data() == nullptr) return out_of_memory(strprintf("%s: cannot allocate two %llu-byte layer slots", dir.c_str(), (unsigned long long)largest));
+  }
+  ws->layers_.resize(cfg.n_layers);
+  ws->layer_tier_.assign(cfg.n_layers, Tier::kDisk);
+  for (int64_t il = 0; il < cfg.n_layers; ++il)
+    for (const auto& t : blocks[il + 1].tensors) {
+      TensorView v = view_of(nullptr, t);
+      v.data = nullptr;
+      v.tier = Tier::kDisk;
+      ws->layers_[il].t[t.slot] = v;
+    }
+  return ws;
+}
+
+Status WeightStore::prefetch(int64_t il) {
+  const int s = static_cast<int>(il % 2);
+  if (slot_layer_[s] == il) return Status::Ok();
+  FERRY_CHECK(!slot_pending_[s]);
+  FERRY_RETURN_IF_ERROR(reader_->submit(s, il + 1, slots_[s].data()));
+  slot_layer_[s] = il;
+  slot_pending_[s] = true;
+  return Status::Ok();
+}
+
+Expected<const LayerWeights*> WeightStore::acquire(int64_t il) {
+  if (layer_tier_[il] != Tier::kDisk) return &layers_[il];
+  const int s = static_cast<int>(il % 2);
+  if (slot_layer_[s] != il) {
+    if (slot_pending_[s]) {  // a prefetch of another layer is in flight there: let it land first
+      Status st = reader_->wait(s);
+      slot_pending_[s] = false;
+      if (!st.ok()) slot_layer_[s] = -1;
+    }
+    FERRY_RETURN_IF_ERROR(prefetch(il));
+  }
+  if (slot_pending_[s]) {
+    Status st = reader_->wait(s);
+    slot_pending_[s] = false;
+    if (!st.ok()) {
+      slot_layer_[s] = -1;
+      return st;
+    }
+  }
+  // The next layer (wrapping to layer 0 for the next step) goes into the other slot now.
+  const int64_t next = (il + 1) % cfg_.n_layers;
+  if (next % 2 != s) FERRY_RETURN_IF_ERROR(prefetch(next));
+  LayerWeights& v = slot_views_[s];
+  uint8_t* base = slots_[s].as<uint8_t>();
+  for (const auto& t : manifest_->blocks[il + 1].tensors) {
+    v.t[t.slot] = layers_[il].t[t.slot];
+    v.t[t.slot].data = base + t.offset;
+    v.t[t.slot].tier = Tier::kHost;
+  }
+  return &v;
+}
+
+}  // namespace ferry

@@ -13,6 +13,8 @@
 #include "models/architecture.h"
 #include "models/checkpoint.h"
 #include "models/config.h"
+#include "offload/disk_reader.h"
+#include "offload/packed_store.h"
 #include "runtime/host_buffer.h"
 #include "runtime/status.h"
 
@@ -29,7 +31,18 @@ class WeightStore {
   // generates the values where it keeps them (see synthetic_info).
   static Expected<std::unique_ptr<WeightStore>> synthetic(const ModelConfig& cfg, const std::string& preset, bool host = true);
 
+  // Serves every layer from the packed store in `dir` (written by `ferry pack`): each layer is read
+  // (io_uring, checksummed) into one of two host slots when acquired, and the next layer's read
+  // starts at once. The globals are read once and kept in host memory.
+  static Expected<std::unique_ptr<WeightStore>> from_packed(const ModelConfig& cfg, const std::string& dir,
+                                                            const DiskReaderOptions& opts = {});
+  ~WeightStore();
+
   const ModelConfig& config() const { return cfg_; }
+  // Returns layer `il`'s weights ready to compute with: for disk-tier layers it waits for the read
+  // (started when the previous layer was acquired) and starts reading the next layer. The views stay
+  // valid until the layer after next is acquired.
+  Expected<const LayerWeights*> acquire(int64_t il);
   const GlobalWeights& globals() const { return globals_; }
   // Returns the views of layer `il`, valid until the store is destroyed.
   const LayerWeights& layer(int64_t il) const { return layers_[il]; }
@@ -63,6 +76,14 @@ class WeightStore {
   std::vector<LayerWeights> layers_;
   std::vector<Tier> layer_tier_;
   bool synthetic_ = false;
+  // Disk tier.
+  std::unique_ptr<PackedManifest> manifest_;
+  std::unique_ptr<DiskReader> reader_;
+  HostBuffer slots_[2];
+  int64_t slot_layer_[2] = {-1, -1};  // layer read (or being read) into each slot
+  bool slot_pending_[2] = {false, false};
+  LayerWeights slot_views_[2];
+  Status prefetch(int64_t il);
 };
 
 }  // namespace ferry

@@ -1,5 +1,5 @@
-// HostBuffer: an owned, 64-byte aligned block of host memory (the unit later replaced by pinned
-// allocations for DMA). Move-only.
+// HostBuffer: an owned, aligned (64 bytes by default, 4 KiB for O_DIRECT reads) block of host memory
+// (the unit later replaced by pinned allocations for DMA). Move-only.
 #pragma once
 
 #include <cstddef>
@@ -14,10 +14,10 @@ class HostBuffer {
   HostBuffer() = default;
   // Allocates `n_bytes` (uninitialised). Returns an empty buffer when the allocation fails; callers
   // check `data()` and report out-of-memory with a size.
-  explicit HostBuffer(size_t n_bytes) : size_(n_bytes) {
+  explicit HostBuffer(size_t n_bytes, size_t align = 64) : size_(n_bytes) {
     if (n_bytes == 0) return;
-    const size_t rounded = (n_bytes + kAlign - 1) / kAlign * kAlign;
-    data_ = std::aligned_alloc(kAlign, rounded);
+    const size_t rounded = (n_bytes + align - 1) / align * align;
+    data_ = std::aligned_alloc(align, rounded);
     if (data_ == nullptr) size_ = 0;
   }
   ~HostBuffer() { std::free(data_); }
@@ -44,7 +44,6 @@ class HostBuffer {
   }
 
  private:
-  static constexpr size_t kAlign = 64;
   void* data_ = nullptr;
   size_t size_ = 0;
 };

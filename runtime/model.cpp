@@ -12,6 +12,7 @@ Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
   Model m;
   m.spec = spec;
   if (spec.rfind(kSyntheticPrefix, 0) == 0) {
+    if (!opts.disk.empty()) return invalid_argument("--disk: synthetic models have no packed store; pack a checkpoint directory");
     const std::string preset = spec.substr(std::string(kSyntheticPrefix).size());
     FERRY_ASSIGN_OR_RETURN(m.config, synthetic_config(preset, opts.synthetic_layers));
     FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::synthetic(m.config, preset, opts.host_weights));
@@ -22,8 +23,12 @@ Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
     return invalid_argument("--layers applies only to synthetic models (-m synthetic:NAME)");
   if (spec.empty()) return invalid_argument("-m: no model given");
   FERRY_ASSIGN_OR_RETURN(m.config, load_config(spec));
-  FERRY_ASSIGN_OR_RETURN(auto ckpt, CheckpointReader::open(spec));
-  FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::from_checkpoint(m.config, std::move(ckpt)));
+  if (!opts.disk.empty()) {
+    FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::from_packed(m.config, opts.disk));
+  } else {
+    FERRY_ASSIGN_OR_RETURN(auto ckpt, CheckpointReader::open(spec));
+    FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::from_checkpoint(m.config, std::move(ckpt)));
+  }
   const fs::path tok = fs::path(spec) / "tokenizer.json";
   std::error_code ec;
   if (fs::exists(tok, ec)) {

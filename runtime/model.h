@@ -23,6 +23,7 @@ struct LoadOptions {
   int64_t synthetic_layers = 0;  // > 0: a synthetic preset with this many layers
   bool need_tokenizer = true;
   bool host_weights = true;      // false: synthetic weights are generated where an executor keeps them
+  std::string disk;              // a packed store (ferry pack): every layer is read from it
 };
 
 // Loads `spec`; every failure names the file, tensor or flag.

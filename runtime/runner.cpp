@@ -31,7 +31,8 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_lo
   }
   for (int64_t il = 0; il < cfg.n_layers; ++il) {
     TraceRange r("layer", il);
-    ex_.layer(il, ws_.layer(il), kv_);
+    FERRY_ASSIGN_OR_RETURN(const LayerWeights* w, ws_.acquire(il));
+    ex_.layer(il, *w, kv_);
   }
   {
     TraceRange r("head");

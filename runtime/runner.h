@@ -13,7 +13,7 @@ namespace ferry {
 
 class Runner {
  public:
-  Runner(const WeightStore& weights, Executor& executor, KvCache& kv) : ws_(weights), ex_(executor), kv_(kv) {}
+  Runner(WeightStore& weights, Executor& executor, KvCache& kv) : ws_(weights), ex_(executor), kv_(kv) {}
 
   // Runs `batch` and writes logits [n_outputs, n_vocab] into `logits` (resized), unless `copy_logits`
   // is false (the executor keeps them for Executor::sample). Each sequence's tokens must continue it:
@@ -25,7 +25,7 @@ class Runner {
   Executor& executor() { return ex_; }
 
  private:
-  const WeightStore& ws_;
+  WeightStore& ws_;
   Executor& ex_;
   KvCache& kv_;
 };

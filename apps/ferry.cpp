@@ -21,6 +21,7 @@
 #include "models/safetensors.h"
 #include "models/synthetic.h"
 #include "offload/packed_store.h"
+#include "runtime/budget.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 
@@ -43,6 +44,7 @@ struct ModelFlags {
   int64_t layers = 0;
   int threads = 0;
   std::string disk;
+  std::string gpu_mem;
 
   void add(CLI::App* app) {
     app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
@@ -50,6 +52,7 @@ struct ModelFlags {
         ->check(CLI::IsMember({"cpu", "gpu", "auto"}));
     app->add_option("--layers", layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
     app->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 4096));
+    app->add_option("--gpu-mem", gpu_mem, "GPU memory budget (e.g. 8G): layers that do not fit are streamed from pinned host memory");
     app->add_option("--disk", disk, "Packed store (from 'ferry pack') to read every layer from, checksummed (CPU executor)");
   }
   LoadOptions load(bool need_tokenizer, const std::string& resolved_device) const {
@@ -90,16 +93,31 @@ KvCacheShape kv_shape(const ModelConfig& cfg, const std::vector<int64_t>& length
 struct Backend {
   std::unique_ptr<Executor> executor;
   std::unique_ptr<KvCache> kv;
+  gpu::GpuExecutor* gpu = nullptr;  // when the executor is the GPU's
+  GpuPlan plan;
+  int64_t driver_before = -1;
 };
-Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths) {
+Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths, const ModelFlags& flags) {
   Backend b;
   const KvCacheShape shape = kv_shape(model.config, lengths);
+  if (!flags.gpu_mem.empty() && device != "gpu") return invalid_argument("--gpu-mem applies to --device gpu (or auto on a machine with a GPU)");
   if (device == "gpu") {
     if (model.weights->layer_tier(0) == Tier::kDisk)
       return unsupported("--device gpu with --disk: streaming layers from disk to the GPU is not built yet (the offload engine); use --device cpu");
     gpu::GpuInfo g = gpu::probe();
     if (g.n_devices == 0) return unsupported("--device gpu: no usable GPU (" + g.why_none + ")");
-    FERRY_ASSIGN_OR_RETURN(auto ex, gpu::GpuExecutor::create(*model.weights, shape));
+    GpuPlanInput in;
+    if (!flags.gpu_mem.empty()) {
+      FERRY_ASSIGN_OR_RETURN(in.budget_bytes, parse_size(flags.gpu_mem, "--gpu-mem"));
+    }
+    in.kv_bytes = shape.bytes() / 2;  // BF16 on the GPU
+    in.max_batch = static_cast<int64_t>(lengths.size());
+    FERRY_ASSIGN_OR_RETURN(b.plan, plan_gpu(model.config, in));
+    gpu::GpuOptions opts;
+    opts.n_resident_layers = b.plan.n_resident;
+    b.driver_before = gpu::driver_used_bytes();
+    FERRY_ASSIGN_OR_RETURN(auto ex, gpu::GpuExecutor::create(*model.weights, shape, opts));
+    b.gpu = ex.get();
     b.executor = std::move(ex);
     FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape, /*host_storage=*/false));
     b.kv = std::make_unique<KvCache>(std::move(kv));
@@ -178,7 +196,7 @@ int cmd_run(const RunFlags& f) {
   }
   std::vector<int64_t> lengths;
   for (const auto& p : prompts) lengths.push_back(std::min<int64_t>(cfg.n_ctx_max, static_cast<int64_t>(p.size()) + f.n_predict));
-  auto be = make_backend(device, *model, lengths);
+  auto be = make_backend(device, *model, lengths, f.m);
   if (!be.ok()) return fail(be.status());
   Executor* ex = be->executor.get();
   Runner runner(*model->weights, *ex, *be->kv);
@@ -226,6 +244,13 @@ int cmd_run(const RunFlags& f) {
   std::fprintf(stderr, "ferry: %lld prompt tokens, prefill %.1f ms (%.1f tok/s), %lld generated, decode %.2f tok/s [%s, %s]\n",
                static_cast<long long>(res->n_prompt_tokens), res->prefill_ms, prefill_tps, static_cast<long long>(res->n_generated),
                decode_tps, std::string(ex->name()).c_str(), cpu::simd_level());
+  if (be->gpu) {
+    const int64_t driver_now = gpu::driver_used_bytes();
+    std::fprintf(stderr, "ferry: gpu: %s; ferry holds %s, the driver counts %s more than before ferry started; streamed %s\n",
+                 be->plan.describe().c_str(), format_bytes(static_cast<double>(be->gpu->device_bytes())).c_str(),
+                 format_bytes(static_cast<double>(driver_now - be->driver_before)).c_str(),
+                 format_bytes(static_cast<double>(be->gpu->streamed_bytes())).c_str());
+  }
   return 0;
 }
 
@@ -249,7 +274,7 @@ int cmd_logits(const LogitsFlags& f) {
     if (id >= cfg.n_vocab) return fail(invalid_argument(strprintf("--ids: token id %d is outside the vocabulary (vocab_size %lld)", id, static_cast<long long>(cfg.n_vocab))));
   if (static_cast<int64_t>(ids->size()) > cfg.n_ctx_max)
     return fail(invalid_argument(strprintf("--ids: %zu tokens is more than max_position_embeddings (%lld)", ids->size(), static_cast<long long>(cfg.n_ctx_max))));
-  auto be = make_backend(device, *model, {static_cast<int64_t>(ids->size())});
+  auto be = make_backend(device, *model, {static_cast<int64_t>(ids->size())}, f.m);
   if (!be.ok()) return fail(be.status());
   Runner runner(*model->weights, *be->executor, *be->kv);
   auto logits = prompt_logits(runner, *ids);
@@ -337,7 +362,9 @@ int cmd_tokenize(const TokenizeFlags& f) {
   namespace fs = std::filesystem;
   std::unique_ptr<Tokenizer> tok;
   if (f.model.rfind(kSyntheticPrefix, 0) == 0) {
-    auto m = load_model(f.model, LoadOptions{1, true});
+    LoadOptions lo;
+    lo.synthetic_layers = 1;
+    auto m = load_model(f.model, lo);
     if (!m.ok()) return fail(m.status());
     tok = std::move(m->tokenizer);
   } else {
@@ -365,9 +392,6 @@ int cmd_tokenize(const TokenizeFlags& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Load every CUDA kernel when the context is created rather than at its first launch, so the first
-  // step's timing is the step's (the variable is read by the CUDA runtime at initialisation).
-  setenv("CUDA_MODULE_LOADING", "EAGER", /*overwrite=*/0);
   CLI::App app{"ferry: run language models larger than the GPU (inference on CPU today; GPU and offload next)"};
   app.require_subcommand(1);
   app.footer("Run 'ferry SUBCOMMAND --help' for a subcommand's flags and examples.");

@@ -6,6 +6,15 @@ namespace ferry::gpu {
 
 bool built_with_cuda() { return true; }
 
+int64_t driver_used_bytes() {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return static_cast<int64_t>(total_b - free_b);
+}
+
 GpuInfo probe() {
   GpuInfo info;
   int n = 0;

@@ -17,6 +17,8 @@ struct GpuInfo {
 
 // Returns what GPUs this process can use.
 GpuInfo probe();
+// Returns the bytes in use on device 0 as the driver counts them (total - free), or -1 without a GPU.
+int64_t driver_used_bytes();
 // Returns true when ferry was built with the CUDA backend.
 bool built_with_cuda();
 

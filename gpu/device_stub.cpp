@@ -3,6 +3,7 @@
 namespace ferry::gpu {
 
 bool built_with_cuda() { return false; }
+int64_t driver_used_bytes() { return -1; }
 
 GpuInfo probe() {
   GpuInfo info;

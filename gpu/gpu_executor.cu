@@ -56,6 +56,21 @@ struct GpuExecutor::Impl {
   // before writing in_h again, since a step that keeps its logits on the GPU does not synchronise.
   cudaEvent_t in_free = nullptr;
 
+  // Streaming: layers >= n_resident live in pinned host memory (fused layout) and are copied on
+  // copy_stream into a ring of n_slots device slots; copied[s] / freed[s] order each slot's reuse.
+  int64_t n_resident = 0;
+  int n_slots = 0;
+  int64_t layer_elems = 0;           // bf16 elements of one layer
+  std::vector<bf16*> host_layers;    // [n_layers], pinned; null for resident layers
+  std::vector<bf16*> slots;          // [n_slots] device
+  // A ring in use order: the u-th use of a streamed layer (layers n_resident.. in order, step after
+  // step) is served from slot u % n_slots; copies for uses [use, use + n_slots) are in flight.
+  int64_t use = 0, issued = 0;
+  std::vector<LayerWeights> slot_views;
+  std::vector<cudaEvent_t> copied, freed;
+  cudaStream_t copy_stream = nullptr;
+  int64_t streamed_bytes = 0;
+
   // The current step.
   int64_t T = 0, n_out = 0, n_rows = 0, n_tiles = 0;  // n_tiles 0: one token per tile (decode)
   int n_splits = 1;
@@ -70,6 +85,11 @@ struct GpuExecutor::Impl {
     for (auto& [p, n] : allocations) cudaFree(p);
     if (in_h) cudaFreeHost(in_h);
     if (in_free) cudaEventDestroy(in_free);
+    for (bf16* h : host_layers)
+      if (h) cudaFreeHost(h);
+    for (cudaEvent_t e : copied) cudaEventDestroy(e);
+    for (cudaEvent_t e : freed) cudaEventDestroy(e);
+    if (copy_stream) cudaStreamDestroy(copy_stream);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -107,12 +127,63 @@ struct GpuExecutor::Impl {
     return kv;
   }
 
+  // Views of one layer laid out at `p` (q/k/v and gate/up adjacent, so each is one GEMM).
+  LayerWeights layout(bf16* p, Tier tier) const {
+    const int64_t E = cfg.n_embd, Q = cfg.q_dim(), KV = cfg.kv_dim(), F = cfg.n_ff;
+    auto view = [tier](bf16* q, std::initializer_list<int64_t> shape) { return TensorView::contiguous(q, DType::kBF16, shape, tier); };
+    LayerWeights d;
+    d.t[kAttnNorm] = view(p, {E});
+    p += E;
+    d.t[kWq] = view(p, {Q, E});
+    d.t[kWk] = view(p + Q * E, {KV, E});
+    d.t[kWv] = view(p + (Q + KV) * E, {KV, E});
+    p += (Q + 2 * KV) * E;
+    if (cfg.attention_bias) {
+      d.t[kBq] = view(p, {Q});
+      d.t[kBk] = view(p + Q, {KV});
+      d.t[kBv] = view(p + Q + KV, {KV});
+      p += Q + 2 * KV;
+    }
+    d.t[kWo] = view(p, {E, Q});
+    p += E * Q;
+    d.t[kFfnNorm] = view(p, {E});
+    p += E;
+    d.t[kWGate] = view(p, {F, E});
+    d.t[kWUp] = view(p + F * E, {F, E});
+    p += 2 * F * E;
+    d.t[kWDown] = view(p, {E, F});
+    return d;
+  }
+
+  // Issues the copies of uses [issued, upto): each into its ring slot once the use before it there
+  // (n_slots earlier, already enqueued on the compute stream) has released it.
+  void issue_until(int64_t upto) {
+    const int64_t n_streamed = cfg.n_layers - n_resident;
+    for (; issued < upto; ++issued) {
+      const int s = static_cast<int>(issued % n_slots);
+      const int64_t il = n_resident + issued % n_streamed;
+      CUDA_CHECK(cudaStreamWaitEvent(copy_stream, freed[s], 0));
+      CUDA_CHECK(cudaMemcpyAsync(slots[s], host_layers[il], layer_elems * 2, cudaMemcpyHostToDevice, copy_stream));
+      CUDA_CHECK(cudaEventRecord(copied[s], copy_stream));
+      streamed_bytes += layer_elems * 2;
+    }
+  }
+
+  void ensure_scratch(int64_t floats) {
+    if (floats <= scratch_floats) return;
+    for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
+    graphs.clear();
+    release(scratch);
+    scratch = alloc<float>(floats);
+    scratch_floats = floats;
+  }
+
   void ensure_capacity(int64_t t, int64_t o, int64_t rows) {
     const int64_t need_in = 5 * t + o + rows * max_blocks;
     if (t > cap_tokens || o > cap_out) {
       for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
       graphs.clear();
-      for (void* p : {(void*)x, (void*)xn, (void*)qkv, (void*)q, (void*)att, (void*)tmp, (void*)gu, (void*)hbuf, (void*)logits, (void*)scratch})
+      for (void* p : {(void*)x, (void*)xn, (void*)qkv, (void*)q, (void*)att, (void*)tmp, (void*)gu, (void*)hbuf, (void*)logits})
         release(p);
       cap_tokens = std::max(t, cap_tokens);
       cap_out = std::max(o, cap_out);
@@ -126,8 +197,6 @@ struct GpuExecutor::Impl {
       gu = alloc<float>(cap_tokens * 2 * F);
       hbuf = alloc<bf16>(cap_tokens * F);
       logits = alloc<float>(cap_out * cfg.n_vocab);
-      scratch_floats = cap_tokens * cfg.n_heads * 32 * (cfg.head_dim + 2);
-      scratch = alloc<float>(scratch_floats);
       release(tokens_out);
       release(seeds_d);
       tokens_out = alloc<int32_t>(cap_out);
@@ -157,6 +226,8 @@ GpuExecutor::GpuExecutor(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GpuExecutor::~GpuExecutor() = default;
 int64_t GpuExecutor::device_bytes() const { return impl_->bytes; }
 int64_t GpuExecutor::graphs_captured() const { return impl_->n_captured; }
+int64_t GpuExecutor::n_streamed_layers() const { return impl_->cfg.n_layers - impl_->n_resident; }
+int64_t GpuExecutor::streamed_bytes() const { return impl_->streamed_bytes; }
 int64_t GpuExecutor::graph_replays() const { return impl_->n_replays; }
 
 Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, const KvCacheShape& kvs, const GpuOptions& opts) {
@@ -210,37 +281,46 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
       }
     };
     auto view = [](bf16* p, std::initializer_list<int64_t> shape) { return TensorView::contiguous(p, DType::kBF16, shape, Tier::kDevice); };
-
-    // Layers: one allocation each, laid out so q/k/v and gate/up are single GEMMs.
-    for (int64_t il = 0; il < cfg.n_layers; ++il) {
-      const LayerWeights& h = ws.layer(il);
-      const int64_t n = E + (Q + 2 * KV) * E + (cfg.attention_bias ? Q + 2 * KV : 0) + E * Q + E + 2 * F * E + E * F;
-      bf16* base = m.alloc<bf16>(n);
-      LayerWeights d;
-      bf16* p = base;
-      d.t[kAttnNorm] = view(p, {E});
-      p += E;
-      d.t[kWq] = view(p, {Q, E});
-      d.t[kWk] = view(p + Q * E, {KV, E});
-      d.t[kWv] = view(p + (Q + KV) * E, {KV, E});
-      p += (Q + 2 * KV) * E;
-      if (cfg.attention_bias) {
-        d.t[kBq] = view(p, {Q});
-        d.t[kBk] = view(p + Q, {KV});
-        d.t[kBv] = view(p + Q + KV, {KV});
-        p += Q + 2 * KV;
+    const int64_t L = cfg.n_layers;
+    m.n_resident = opts.n_resident_layers < 0 ? L : std::min<int64_t>(L, opts.n_resident_layers);
+    m.layer_elems = E + (Q + 2 * KV) * E + (cfg.attention_bias ? Q + 2 * KV : 0) + E * Q + E + 2 * F * E + E * F;
+    m.host_layers.assign(L, nullptr);
+    if (m.n_resident < L) {
+      m.n_slots = std::max(2, opts.n_slots);
+      CUDA_CHECK(cudaStreamCreateWithFlags(&m.copy_stream, cudaStreamNonBlocking));
+      for (int sl = 0; sl < m.n_slots; ++sl) {
+        m.slots.push_back(m.alloc<bf16>(m.layer_elems));
+        m.slot_views.push_back(m.layout(m.slots.back(), Tier::kDevice));
+        cudaEvent_t a, b;
+        CUDA_CHECK(cudaEventCreateWithFlags(&a, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&b, cudaEventDisableTiming));
+        m.copied.push_back(a);
+        m.freed.push_back(b);
       }
-      d.t[kWo] = view(p, {E, Q});
-      p += E * Q;
-      d.t[kFfnNorm] = view(p, {E});
-      p += E;
-      d.t[kWGate] = view(p, {F, E});
-      d.t[kWUp] = view(p + F * E, {F, E});
-      p += 2 * F * E;
-      d.t[kWDown] = view(p, {E, F});
+    }
+    // Resident layers: one allocation each. Streamed layers: built in slot 0 (uploaded, converted or
+    // generated exactly as resident ones), then kept in pinned host memory.
+    for (int64_t il = 0; il < L; ++il) {
+      const LayerWeights& h = ws.layer(il);
+      const bool resident = il < m.n_resident;
+      bf16* base = resident ? m.alloc<bf16>(m.layer_elems) : m.slots[0];
+      LayerWeights d = m.layout(base, Tier::kDevice);
       for (int t = 0; t < kLayerTensorCount; ++t)
         if (h.t[t].n_dims > 0) put(h.t[t], d.t[t].as<bf16>(), il, t);  // n_dims 0: the model has no such tensor
-      ws.place_layer(il, d, Tier::kDevice);
+      if (resident) {
+        ws.place_layer(il, d, Tier::kDevice);
+        continue;
+      }
+      bf16* host = nullptr;
+      if (cudaMallocHost(&host, m.layer_elems * 2) != cudaSuccess) {
+        cudaGetLastError();
+        throw CudaError(strprintf("cannot allocate %.2f MiB of pinned host memory for streamed layer %lld", m.layer_elems * 2 / 1048576.0,
+                                  static_cast<long long>(il)));
+      }
+      m.host_layers[il] = host;
+      CUDA_CHECK(cudaMemcpyAsync(host, base, m.layer_elems * 2, cudaMemcpyDeviceToHost, m.stream));
+      CUDA_CHECK(cudaStreamSynchronize(m.stream));
+      ws.place_layer(il, m.layout(host, Tier::kPinnedHost), Tier::kPinnedHost);
     }
     const GlobalWeights& gh = ws.globals();
     GlobalWeights gd;
@@ -329,9 +409,10 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
     }
     const int64_t in_n = 5 * T + n_out + m.n_rows * m.max_blocks;
     m.pending_delta = false;
-    if (decode && m.opts.cuda_graphs) {
+    if (decode && m.opts.cuda_graphs && m.n_resident == m.cfg.n_layers) {
       // Fixed split count (from the longest possible context) so one graph serves every step.
       m.n_splits = m.choose_splits(T, static_cast<int64_t>(m.max_blocks) * m.kv_shape.block_size);
+      m.ensure_scratch(m.n_splits > 1 ? T * m.cfg.n_heads * m.n_splits * (m.cfg.head_dim + 2) : 0);
       if (m.graphs.count(T)) {
         m.mode = Impl::Mode::kReplay;
         return Status::Ok();
@@ -341,6 +422,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
     } else {
       m.mode = Impl::Mode::kEager;
       m.n_splits = m.choose_splits(T, max_pos + 1);
+      m.ensure_scratch(m.n_splits > 1 ? T * m.cfg.n_heads * m.n_splits * (m.cfg.head_dim + 2) : 0);
     }
     CUDA_CHECK(cudaMemcpyAsync(m.in_d, m.in_h, in_n * 4, cudaMemcpyHostToDevice, m.stream));
     if (m.mode == Impl::Mode::kEager) CUDA_CHECK(cudaEventRecord(m.in_free, m.stream));
@@ -357,9 +439,24 @@ void GpuExecutor::embed(const GlobalWeights& w) {
   embedding(w[kTokEmbd].as<bf16>(), m.in_d, m.T, m.cfg.n_embd, m.x, m.stream);
 }
 
-void GpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache&) {
+void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache&) {
   Impl& m = *impl_;
   if (m.mode == Impl::Mode::kReplay) return;
+  const LayerWeights* wp = &wl;
+  int slot = -1;
+  if (il >= m.n_resident) {
+    // This layer's copy (issued one or more layers ago) and the next ones' (wrapping into the next
+    // step), then the compute stream waits for this layer's bytes only.
+    TraceRange r("gpu.stream_weights", il);
+    const int64_t n_streamed = m.cfg.n_layers - m.n_resident;
+    FERRY_CHECK(il == m.n_resident + m.use % n_streamed);  // streamed layers are used in order
+    m.issue_until(m.use + m.n_slots);
+    slot = static_cast<int>(m.use % m.n_slots);
+    CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.copied[slot], 0));
+    wp = &m.slot_views[slot];
+    ++m.use;
+  }
+  const LayerWeights& w = *wp;
   FERRY_CHECK(w[kWq].tier == Tier::kDevice);
   const ModelConfig& c = m.cfg;
   const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
@@ -384,6 +481,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache&) {
     swiglu(m.gu, T, F, m.hbuf, m.stream);
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream);
   }
+  if (slot >= 0) CUDA_CHECK(cudaEventRecord(m.freed[slot], m.stream));  // the slot may be refilled
   m.pending_delta = true;
 }
 

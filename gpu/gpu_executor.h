@@ -14,8 +14,10 @@
 namespace ferry::gpu {
 
 struct GpuOptions {
-  bool cuda_graphs = true;  // capture and replay decode steps
+  bool cuda_graphs = true;          // capture and replay decode steps (when every layer is resident)
   int device = 0;
+  int64_t n_resident_layers = -1;   // layers 0..n-1 stay on the GPU, the rest are streamed; -1: all
+  int n_slots = 3;                  // staging ring for streamed layers (prefetch depth n_slots - 1)
 };
 
 class GpuExecutor final : public Executor {
@@ -37,6 +39,9 @@ class GpuExecutor final : public Executor {
 
   // Returns the GPU memory this executor holds, in bytes.
   int64_t device_bytes() const;
+  // Returns the layers streamed from pinned host memory each step, and the bytes copied so far.
+  int64_t n_streamed_layers() const;
+  int64_t streamed_bytes() const;
   // Returns how many decode graphs were captured and how many steps replayed one.
   int64_t graphs_captured() const;
   int64_t graph_replays() const;

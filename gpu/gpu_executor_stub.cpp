@@ -17,6 +17,8 @@ void GpuExecutor::head(const GlobalWeights&, float*) {}
 bool GpuExecutor::can_sample(const SamplingParams&) const { return false; }
 Status GpuExecutor::sample(const SamplingParams&, const std::vector<uint64_t>&, uint64_t, int32_t*) { return unsupported("built without CUDA"); }
 int64_t GpuExecutor::device_bytes() const { return 0; }
+int64_t GpuExecutor::n_streamed_layers() const { return 0; }
+int64_t GpuExecutor::streamed_bytes() const { return 0; }
 int64_t GpuExecutor::graphs_captured() const { return 0; }
 int64_t GpuExecutor::graph_replays() const { return 0; }
 

@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_executor.h"
 #include "models/checkpoint.h"
+#include "models/synthetic.h"
 #include "offload/disk_reader.h"
 #include "offload/packed_store.h"
 #include "runtime/generate.h"
@@ -207,5 +208,43 @@ TEST_SUITE("offload") {
     test::CmdResult dup = test::run_ferry("pack -m '" + dir + "' --out '" + store + "'");
     CHECK(dup.exit_code != 0);
     CHECK(dup.output.find("already exists") != std::string::npos);
+  }
+}
+
+#include "runtime/budget.h"
+
+TEST_SUITE("offload") {
+  TEST_CASE("sizes and the GPU plan: resident layers under --gpu-mem, the minimum working set named") {
+    CHECK(*parse_size("8G", "--gpu-mem") == (int64_t{8} << 30));
+    CHECK(*parse_size("512M", "--gpu-mem") == (int64_t{512} << 20));
+    CHECK(*parse_size("24GiB", "--gpu-mem") == (int64_t{24} << 30));
+    CHECK(*parse_size("1.5g", "--gpu-mem") == (int64_t{3} << 29));
+    CHECK(*parse_size("4096", "--gpu-mem") == 4096);
+    for (const char* bad : {"", "G", "8X", "-1G", "eight"}) {
+      auto r = parse_size(bad, "--gpu-mem");
+      CHECK(!r.ok());
+      if (!r.ok()) CHECK(r.status().message().find("--gpu-mem") != std::string::npos);
+    }
+    auto c = synthetic_config("llama-2-7b");
+    REQUIRE(c.ok());
+    CHECK(gpu_layer_bytes(*c) == 2 * 202383360);  // Llama-2-7B's layer: 202.4 M parameters
+    GpuPlanInput in;
+    in.kv_bytes = int64_t{1} << 30;
+    auto all = plan_gpu(*c, in);  // no budget: all resident
+    REQUIRE(all.ok());
+    CHECK(all->n_resident == 32);
+    in.budget_bytes = int64_t{8} << 30;
+    auto p8 = plan_gpu(*c, in);
+    REQUIRE(p8.ok());
+    CHECK(p8->n_resident > 0);
+    CHECK(p8->n_resident < 32);
+    CHECK(p8->n_streamed == 32 - p8->n_resident);
+    CHECK(p8->total_bytes <= in.budget_bytes);
+    CHECK(p8->total_bytes + p8->layer_bytes > in.budget_bytes);  // one more layer would not fit
+    in.budget_bytes = int64_t{1} << 30;
+    auto tiny = plan_gpu(*c, in);
+    REQUIRE(!tiny.ok());
+    CHECK(tiny.status().message().find("--gpu-mem") != std::string::npos);
+    CHECK(tiny.status().message().find("minimum working set") != std::string::npos);
   }
 }

@@ -24,6 +24,7 @@
 #include "runtime/budget.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
+#include "runtime/trace.h"
 
 namespace {
 
@@ -45,6 +46,7 @@ struct ModelFlags {
   int threads = 0;
   std::string disk;
   std::string gpu_mem;
+  std::string trace;
 
   void add(CLI::App* app) {
     app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
@@ -53,6 +55,7 @@ struct ModelFlags {
     app->add_option("--layers", layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
     app->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 4096));
     app->add_option("--gpu-mem", gpu_mem, "GPU memory budget (e.g. 8G): layers that do not fit are streamed from pinned host memory");
+    app->add_option("--trace", trace, "Write a Chrome trace (open in Perfetto): tracks for CPU, GPU compute, GPU copies, disk reads");
     app->add_option("--disk", disk, "Packed store (from 'ferry pack') to read every layer from, checksummed (CPU executor)");
   }
   LoadOptions load(bool need_tokenizer, const std::string& resolved_device) const {
@@ -174,7 +177,16 @@ struct RunFlags {
   bool no_bos = false;
 };
 
+// Writes the trace when --trace was given; returns the exit code `rc` (or 1 if writing failed).
+int finish_trace(const ModelFlags& f, int rc) {
+  if (f.trace.empty()) return rc;
+  if (Status st = Tracer::get().write(f.trace); !st.ok()) return fail(st);
+  std::fprintf(stderr, "ferry: trace with %zu spans written to %s\n", Tracer::get().size(), f.trace.c_str());
+  return rc;
+}
+
 int cmd_run(const RunFlags& f) {
+  if (!f.m.trace.empty()) Tracer::get().enable();
   auto threads = apply_threads(f.m.threads);
   SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
   if (Status st = sp.validate(); !st.ok()) return fail(st);
@@ -251,7 +263,13 @@ int cmd_run(const RunFlags& f) {
                  format_bytes(static_cast<double>(driver_now - be->driver_before)).c_str(),
                  format_bytes(static_cast<double>(be->gpu->streamed_bytes())).c_str());
   }
-  return 0;
+  if (Tracer::get().enabled() && be->gpu && be->gpu->n_streamed_layers() > 0) {
+    be->executor.reset();  // resolves the last GPU spans
+    const Tracer::Overlap o = Tracer::get().overlap("gpu.copy", "gpu.compute");
+    std::fprintf(stderr, "ferry: overlap: %.1f%% of %.1f ms of weight copies hidden under %.1f ms of GPU compute\n", 100 * o.hidden_fraction, o.copy_ms,
+                 o.compute_ms);
+  }
+  return finish_trace(f.m, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -262,6 +280,7 @@ struct LogitsFlags {
 };
 
 int cmd_logits(const LogitsFlags& f) {
+  if (!f.m.trace.empty()) Tracer::get().enable();
   auto threads = apply_threads(f.m.threads);
   auto ids = parse_ids(f.ids, "--ids");
   if (!ids.ok()) return fail(ids.status());
@@ -283,7 +302,8 @@ int cmd_logits(const LogitsFlags& f) {
                                 {{"model", f.m.model}, {"device", std::string(be->executor->name())}});
   if (!st.ok()) return fail(st.with_context("--out"));
   std::fprintf(stderr, "ferry: wrote logits [%zu, %lld] to %s\n", ids->size(), static_cast<long long>(cfg.n_vocab), f.out.c_str());
-  return 0;
+  be->executor.reset();
+  return finish_trace(f.m, 0);
 }
 
 // ---------------------------------------------------------------------------------------------

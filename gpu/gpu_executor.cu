@@ -71,6 +71,62 @@ struct GpuExecutor::Impl {
   cudaStream_t copy_stream = nullptr;
   int64_t streamed_bytes = 0;
 
+  // Tracing (--trace): spans bracketed by CUDA events, converted to the tracer's clock through a
+  // base event recorded when the executor was created.
+  bool tracing = false;
+  cudaEvent_t base_event = nullptr;
+  int64_t base_ns = 0;
+  struct Span {
+    std::string track, name;
+    cudaEvent_t a, b;
+    int64_t bytes;
+  };
+  std::vector<Span> spans;
+  std::vector<cudaEvent_t> event_pool;
+
+  cudaEvent_t take_event() {
+    if (!event_pool.empty()) {
+      cudaEvent_t e = event_pool.back();
+      event_pool.pop_back();
+      return e;
+    }
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+  cudaEvent_t span_begin(cudaStream_t st) {
+    if (!tracing) return nullptr;
+    cudaEvent_t a = take_event();
+    CUDA_CHECK(cudaEventRecord(a, st));
+    return a;
+  }
+  void span_end(cudaEvent_t a, cudaStream_t st, const char* track, std::string name, int64_t bytes = -1) {
+    if (!tracing || a == nullptr) return;
+    cudaEvent_t b = take_event();
+    CUDA_CHECK(cudaEventRecord(b, st));
+    spans.push_back(Span{track, std::move(name), a, b, bytes});
+  }
+  // Hands finished spans to the tracer.
+  void resolve_spans() {
+    if (!tracing) return;
+    std::vector<Span> left;
+    for (auto& sp : spans) {
+      if (cudaEventQuery(sp.b) != cudaSuccess) {
+        cudaGetLastError();  // cudaErrorNotReady is not an error here
+        left.push_back(sp);
+        continue;
+      }
+      float ta = 0, tb = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ta, base_event, sp.a));
+      CUDA_CHECK(cudaEventElapsedTime(&tb, base_event, sp.b));
+      const int64_t a_ns = base_ns + static_cast<int64_t>(static_cast<double>(ta) * 1e6);
+      Tracer::get().complete(sp.track, sp.name, a_ns, static_cast<int64_t>(static_cast<double>(tb - ta) * 1e6), sp.bytes);
+      event_pool.push_back(sp.a);
+      event_pool.push_back(sp.b);
+    }
+    spans.swap(left);
+  }
+
   // The current step.
   int64_t T = 0, n_out = 0, n_rows = 0, n_tiles = 0;  // n_tiles 0: one token per tile (decode)
   int n_splits = 1;
@@ -80,6 +136,19 @@ struct GpuExecutor::Impl {
   int64_t n_captured = 0, n_replays = 0;
 
   ~Impl() {
+    if (tracing && stream) {
+      cudaDeviceSynchronize();
+      try {
+        resolve_spans();
+      } catch (...) {
+      }
+    }
+    for (auto& sp : spans) {
+      cudaEventDestroy(sp.a);
+      cudaEventDestroy(sp.b);
+    }
+    for (cudaEvent_t e : event_pool) cudaEventDestroy(e);
+    if (base_event) cudaEventDestroy(base_event);
     for (auto& [t, g] : graphs) cudaGraphExecDestroy(g);
     if (blas) cublasDestroy(blas);
     for (auto& [p, n] : allocations) cudaFree(p);
@@ -163,7 +232,9 @@ struct GpuExecutor::Impl {
       const int s = static_cast<int>(issued % n_slots);
       const int64_t il = n_resident + issued % n_streamed;
       CUDA_CHECK(cudaStreamWaitEvent(copy_stream, freed[s], 0));
+      cudaEvent_t t0 = span_begin(copy_stream);
       CUDA_CHECK(cudaMemcpyAsync(slots[s], host_layers[il], layer_elems * 2, cudaMemcpyHostToDevice, copy_stream));
+      span_end(t0, copy_stream, "gpu.copy", "layer " + std::to_string(il) + " -> slot " + std::to_string(s), layer_elems * 2);
       CUDA_CHECK(cudaEventRecord(copied[s], copy_stream));
       streamed_bytes += layer_elems * 2;
     }
@@ -249,6 +320,14 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     CUDA_CHECK(cudaDeviceGetAttribute(&m.n_sms, cudaDevAttrMultiProcessorCount, opts.device));
     CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreateWithFlags(&m.in_free, cudaEventDisableTiming));
+    if (Tracer::get().enabled()) {
+      m.tracing = true;
+      m.opts.cuda_graphs = false;  // every step eager, so every step has spans
+      CUDA_CHECK(cudaEventCreate(&m.base_event));
+      CUDA_CHECK(cudaEventRecord(m.base_event, m.stream));
+      CUDA_CHECK(cudaEventSynchronize(m.base_event));
+      m.base_ns = Tracer::get().now_ns();
+    }
     CUBLAS_CHECK(cublasCreate(&m.blas));
     CUBLAS_CHECK(cublasSetStream(m.blas, m.stream));
     // A fixed workspace lets cuBLAS run inside graph capture without allocating.
@@ -458,6 +537,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache&) {
   }
   const LayerWeights& w = *wp;
   FERRY_CHECK(w[kWq].tier == Tier::kDevice);
+  cudaEvent_t span = m.span_begin(m.stream);
   const ModelConfig& c = m.cfg;
   const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -481,6 +561,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache&) {
     swiglu(m.gu, T, F, m.hbuf, m.stream);
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream);
   }
+  m.span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
   if (slot >= 0) CUDA_CHECK(cudaEventRecord(m.freed[slot], m.stream));  // the slot may be refilled
   m.pending_delta = true;
 }
@@ -490,9 +571,11 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
   const ModelConfig& c = m.cfg;
   if (m.mode != Impl::Mode::kReplay && m.n_out > 0) {
     TraceRange r("gpu.head");
+    cudaEvent_t span = m.span_begin(m.stream);
     add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kOutNorm].as<bf16>(), m.in_d + 3 * m.T, m.n_out, c.n_embd,
                 static_cast<float>(c.rms_norm_eps), m.xn, m.stream);
     gemm_f32(m.blas, m.xn, w[kLmHead].as<bf16>(), m.logits, m.n_out, c.n_vocab, c.n_embd, m.stream);
+    m.span_end(span, m.stream, "gpu.compute", "head");
   }
   if (m.mode == Impl::Mode::kCapture) {
     cudaGraph_t g = nullptr;
@@ -513,6 +596,7 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
   if (logits == nullptr) return;  // kept on the device for sample()
   if (m.n_out > 0) CUDA_CHECK(cudaMemcpyAsync(logits, m.logits, m.n_out * c.n_vocab * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
   CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.resolve_spans();
 }
 
 bool GpuExecutor::can_sample(const SamplingParams& p) const { return p.temperature == 0.0f || (p.top_k >= 1 && p.top_k <= kMaxTopK); }
@@ -532,6 +616,7 @@ Status GpuExecutor::sample(const SamplingParams& p, const std::vector<uint64_t>&
     }
     CUDA_CHECK(cudaMemcpyAsync(out, m.tokens_out, m.n_out * 4, cudaMemcpyDeviceToHost, m.stream));
     CUDA_CHECK(cudaStreamSynchronize(m.stream));
+    m.resolve_spans();
   } catch (const CudaError& e) {
     return Status(ErrorCode::kInternal, e.what());
   }

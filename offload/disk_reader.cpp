@@ -13,6 +13,8 @@
 
 #include <xxhash.h>
 
+#include "runtime/trace.h"
+
 namespace ferry {
 
 namespace {
@@ -81,6 +83,7 @@ Expected<std::unique_ptr<DiskReader>> DiskReader::open(const PackedManifest& m, 
       }
       Ticket& tk = self->tickets_[t];
       Status st = Status::Ok();
+      const int64_t span_start = Tracer::get().enabled() ? Tracer::get().now_ns() : 0;
       const PackedBlock& b = self->m_->blocks[tk.block];
       const std::string where = strprintf("%s: block '%s'", self->m_->weights_path().c_str(), b.name.c_str());
       // Keep up to queue_depth chunk reads in flight until the block is in.
@@ -135,6 +138,8 @@ Expected<std::unique_ptr<DiskReader>> DiskReader::open(const PackedManifest& m, 
           st = corrupt(strprintf("%s at offset %llu: checksum mismatch (manifest %016llx, read %016llx)", where.c_str(),
                                  (unsigned long long)b.offset, (unsigned long long)b.xxh3, (unsigned long long)h));
       }
+      if (Tracer::get().enabled())
+        Tracer::get().complete("disk", "read " + b.name, span_start, Tracer::get().now_ns() - span_start, static_cast<int64_t>(b.padded_bytes));
       {
         std::lock_guard<std::mutex> l(g.mu);
         tk.status = st;

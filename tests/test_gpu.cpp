@@ -17,6 +17,7 @@
 #include "models/synthetic.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
+#include "runtime/trace.h"
 #include "test_util.h"
 
 using namespace ferry;
@@ -627,5 +628,30 @@ TEST_SUITE("gpu_model") {
       synthetic_fill_bf16("model.layers.1.mlp.down_proj.weight", m->config.n_ff, false, 0, 4096, want.data());
       CHECK(got == want);
     }
+  }
+
+  // Last: it turns the process's tracer on (which also turns CUDA graphs off for later executors).
+  TEST_CASE("trace of a streamed run: copy and compute spans on their tracks, overlap measured") {
+    Tracer::get().enable();
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    const auto ids = test::read_i32(**gs, "seq0.input_ids");
+    const size_t before = Tracer::get().size();
+    {
+      GpuModel st = load_gpu(dir, 4096, true, 1);
+      GenerateOptions go;
+      go.n_predict = 8;
+      go.sampling.temperature = 0;
+      go.stop_at_eos = false;
+      REQUIRE(generate(*st.runner, {ids}, go).ok());
+    }
+    CHECK(Tracer::get().size() > before + 8 * 4);
+    const auto o = Tracer::get().overlap("gpu.copy", "gpu.compute");
+    MESSAGE("copies " << o.copy_ms << " ms, compute " << o.compute_ms << " ms, hidden " << o.hidden_fraction);
+    CHECK(o.copy_ms > 0);
+    CHECK(o.compute_ms > 0);
+    CHECK(o.hidden_fraction >= 0.0);
+    CHECK(o.hidden_fraction <= 1.0);
   }
 }

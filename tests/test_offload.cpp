@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
 
 #include "cpu/cpu_executor.h"
 #include "models/checkpoint.h"
@@ -246,5 +248,53 @@ TEST_SUITE("offload") {
     REQUIRE(!tiny.ok());
     CHECK(tiny.status().message().find("--gpu-mem") != std::string::npos);
     CHECK(tiny.status().message().find("minimum working set") != std::string::npos);
+  }
+}
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/trace.h"
+
+TEST_SUITE("offload") {
+  TEST_CASE("trace: overlap of copies under compute; the CLI writes a Chrome trace with cpu and disk tracks") {
+    Tracer& t = Tracer::get();  // process-wide: enabling it here affects only this suite's process
+    t.enable();
+    const int64_t base = t.now_ns() + (int64_t{1} << 40);  // far from anything else recorded
+    t.complete("test.compute", "c1", base + 0, 100);
+    t.complete("test.compute", "c2", base + 150, 100);   // compute busy [0,100) and [150,250)
+    t.complete("test.copy", "x1", base + 50, 100);       // [50,150): 50 hidden
+    t.complete("test.copy", "x2", base + 200, 100);      // [200,300): 50 hidden
+    const auto o = t.overlap("test.copy", "test.compute");
+    CHECK(o.hidden_fraction == doctest::Approx(0.5));
+    CHECK(o.copy_ms == doctest::Approx(200e-6));
+    CHECK(o.compute_ms == doctest::Approx(200e-6));
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    test::TempDir tmp;
+    REQUIRE(test::run_ferry("pack -m '" + dir + "' --out '" + (tmp / "st") + "'").exit_code == 0);
+    test::CmdResult r = test::run_ferry("run -m '" + dir + "' --disk '" + (tmp / "st") + "' -p Once -n 4 --temp 0 --device cpu --trace '" +
+                                        (tmp / "t.json") + "'");
+    REQUIRE_MESSAGE(r.exit_code == 0, r.output);
+    std::ifstream f(tmp / "t.json");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+    REQUIRE(!j.is_discarded());
+    std::map<int, std::string> names;
+    int layers = 0, reads = 0;
+    for (const auto& e : j["traceEvents"]) {
+      if (e["ph"] == "M" && e["name"] == "thread_name") names[e["tid"].get<int>()] = e["args"]["name"];
+    }
+    for (const auto& e : j["traceEvents"]) {
+      if (e["ph"] != "X") continue;
+      const std::string track = names[e["tid"].get<int>()];
+      const std::string name = e["name"];
+      if (track == "cpu" && name.rfind("layer ", 0) == 0) ++layers;
+      if (track == "disk") {
+        ++reads;
+        CHECK(e["args"]["bytes"].get<int64_t>() > 0);
+      }
+    }
+    CHECK(layers >= 5 * 4);  // 5 layers, at least 4 steps
+    CHECK(reads >= 5 * 4);
   }
 }

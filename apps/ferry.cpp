@@ -154,15 +154,6 @@ Expected<std::vector<int32_t>> parse_ids(const std::string& text, const char* fl
   return ids;
 }
 
-std::string human_bytes(double b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (b >= 1024 && u < 4) {
-    b /= 1024;
-    ++u;
-  }
-  return strprintf(u == 0 ? "%.0f %s" : "%.2f %s", b, units[u]);
-}
 
 // ---------------------------------------------------------------------------------------------
 struct RunFlags {
@@ -337,17 +328,17 @@ int cmd_inspect(const ModelFlags& f) {
   }
   const size_t embd = g[kTokEmbd].nbytes(), head = c.tie_word_embeddings ? 0 : g[kLmHead].nbytes(), norm = g[kOutNorm].nbytes();
   total += embd + head + norm;
-  std::printf("bytes:        %s in all\n", human_bytes(total).c_str());
+  std::printf("bytes:        %s in all\n", format_bytes(total).c_str());
   size_t layer0 = 0;
   for (const auto& v : ws.layer(0).t)
     if (v.n_dims > 0) layer0 += v.nbytes();
-  std::printf("  per layer   %s (served from %s)\n", human_bytes(static_cast<double>(layer0)).c_str(), std::string(tier_name(ws.layer_tier(0))).c_str());
-  std::printf("  embedding   %s\n", human_bytes(embd).c_str());
-  std::printf("  lm_head     %s%s\n", human_bytes(head).c_str(), c.tie_word_embeddings ? " (tied to the embedding)" : "");
-  std::printf("  final norm  %s\n", human_bytes(norm).c_str());
+  std::printf("  per layer   %s (served from %s)\n", format_bytes(static_cast<double>(layer0)).c_str(), std::string(tier_name(ws.layer_tier(0))).c_str());
+  std::printf("  embedding   %s\n", format_bytes(embd).c_str());
+  std::printf("  lm_head     %s%s\n", format_bytes(head).c_str(), c.tie_word_embeddings ? " (tied to the embedding)" : "");
+  std::printf("  final norm  %s\n", format_bytes(norm).c_str());
   std::printf("  per component, all layers:\n");
   for (int t = 0; t < kLayerTensorCount; ++t)
-    if (per_comp[t]) std::printf("    %-10s %s\n", layer_tensor_short_name(static_cast<LayerTensor>(t)), human_bytes(per_comp[t]).c_str());
+    if (per_comp[t]) std::printf("    %-10s %s\n", layer_tensor_short_name(static_cast<LayerTensor>(t)), format_bytes(per_comp[t]).c_str());
   return 0;
 }
 
@@ -366,7 +357,7 @@ int cmd_pack(const PackFlags& f) {
   auto m = open_store(f.out, model->config);
   if (!m.ok()) return fail(m.status());
   std::fprintf(stderr, "ferry: packed %lld layers + globals (%s) into %s in %.2f s\n", static_cast<long long>(model->config.n_layers),
-               human_bytes(static_cast<double>(m->file_bytes)).c_str(), f.out.c_str(), s);
+               format_bytes(static_cast<double>(m->file_bytes)).c_str(), f.out.c_str(), s);
   return 0;
 }
 

@@ -6,6 +6,18 @@
 namespace ferry::gpu {
 
 namespace {
+// Reduces (value, index) pairs over the warp: the largest value, ties to the lower index.
+__device__ __forceinline__ void warp_argmax(float& best, int32_t& bi) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > best || (ov == best && oi < bi)) {
+      best = ov;
+      bi = oi;
+    }
+  }
+}
+
 // One block per row; ties go to the lowest index (as the CPU argmax).
 __global__ void argmax_kernel(const float* __restrict__ logits, int64_t n_vocab, int32_t* __restrict__ out) {
   __shared__ float sv[32];
@@ -20,14 +32,7 @@ __global__ void argmax_kernel(const float* __restrict__ logits, int64_t n_vocab,
       bi = static_cast<int32_t>(i);
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ov > best || (ov == best && oi < bi)) {
-      best = ov;
-      bi = oi;
-    }
-  }
+  warp_argmax(best, bi);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     sv[warp] = best;
@@ -38,14 +43,7 @@ __global__ void argmax_kernel(const float* __restrict__ logits, int64_t n_vocab,
     const int n_warps = blockDim.x >> 5;
     best = lane < n_warps ? sv[lane] : -FLT_MAX;
     bi = lane < n_warps ? si[lane] : INT32_MAX;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > best || (ov == best && oi < bi)) {
-        best = ov;
-        bi = oi;
-      }
-    }
+    warp_argmax(best, bi);
     if (lane == 0) out[blockIdx.x] = bi;
   }
 }
@@ -93,14 +91,7 @@ __global__ void topk_sample_kernel(const float* __restrict__ logits, int64_t n_v
         bi = static_cast<int32_t>(i);
       }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > best || (ov == best && oi < bi)) {
-        best = ov;
-        bi = oi;
-      }
-    }
+    warp_argmax(best, bi);
     if (lane == 0) {
       rv[warp] = best;
       ri[warp] = bi;

@@ -33,18 +33,7 @@ const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
 }
 
 TensorView SafetensorsFile::view(const SafetensorsEntry& e) const {
-  TensorView v;
-  v.data = const_cast<uint8_t*>(data_ + e.begin);
-  v.dtype = e.dtype;
-  v.tier = Tier::kHost;
-  v.n_dims = static_cast<int>(e.shape.size());
-  int64_t stride = 1;
-  for (int d = v.n_dims - 1; d >= 0; --d) {
-    v.shape[d] = e.shape[d];
-    v.strides[d] = stride;
-    stride *= e.shape[d];
-  }
-  return v;
+  return TensorView::contiguous(const_cast<uint8_t*>(data_ + e.begin), e.dtype, e.shape);
 }
 
 Expected<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::string& path) {

@@ -116,14 +116,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::synthetic(const ModelConfig&
     int64_t numel = 1;
     for (int64_t d : j.shape) numel *= d;
     if (!host) {
-      *j.view = TensorView::contiguous(nullptr, DType::kBF16, {});
-      j.view->n_dims = static_cast<int>(j.shape.size());
-      int64_t stride = 1;
-      for (int d = j.view->n_dims - 1; d >= 0; --d) {
-        j.view->shape[d] = j.shape[d];
-        j.view->strides[d] = stride;
-        stride *= j.shape[d];
-      }
+      *j.view = TensorView::contiguous(nullptr, DType::kBF16, j.shape);  // shapes only: generated where used
       continue;
     }
     HostBuffer buf(static_cast<size_t>(numel) * 2);
@@ -137,17 +130,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::synthetic(const ModelConfig&
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, numel, 1 << 16), [&](const tbb::blocked_range<int64_t>& r) {
       synthetic_fill_bf16(name, fan_in, is_norm, r.begin(), r.end() - r.begin(), out + r.begin());
     });
-    TensorView v;
-    v.data = buf.data();
-    v.dtype = DType::kBF16;
-    v.n_dims = static_cast<int>(j.shape.size());
-    int64_t stride = 1;
-    for (int d = v.n_dims - 1; d >= 0; --d) {
-      v.shape[d] = j.shape[d];
-      v.strides[d] = stride;
-      stride *= j.shape[d];
-    }
-    *j.view = v;
+    *j.view = TensorView::contiguous(buf.data(), DType::kBF16, j.shape);
     ws->owned_.push_back(std::move(buf));
   }
   if (cfg.tie_word_embeddings) ws->globals_.t[kLmHead] = ws->globals_.t[kTokEmbd];
@@ -173,20 +156,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_packed(const ModelConfi
   if (g.data() == nullptr) return out_of_memory(strprintf("%s: cannot allocate %llu bytes for the globals", dir.c_str(), (unsigned long long)blocks[0].padded_bytes));
   FERRY_RETURN_IF_ERROR(ws->reader_->submit(0, 0, g.data()));
   FERRY_RETURN_IF_ERROR(ws->reader_->wait(0));
-  auto view_of = [](uint8_t* base, const PackedTensor& t) {
-    TensorView v;
-    v.data = base + t.offset;
-    v.dtype = t.dtype;
-    v.tier = Tier::kHost;
-    v.n_dims = static_cast<int>(t.shape.size());
-    int64_t stride = 1;
-    for (int d = v.n_dims - 1; d >= 0; --d) {
-      v.shape[d] = t.shape[d];
-      v.strides[d] = stride;
-      stride *= t.shape[d];
-    }
-    return v;
-  };
+  auto view_of = [](uint8_t* base, const PackedTensor& t) { return TensorView::contiguous(base ? base + t.offset : nullptr, t.dtype, t.shape); };
   for (const auto& t : blocks[0].tensors) ws->globals_.t[t.slot] = view_of(g.as<uint8_t>(), t);
   if (cfg.tie_word_embeddings) ws->globals_.t[kLmHead] = ws->globals_.t[kTokEmbd];
   ws->owned_.push_back(std::move(g));

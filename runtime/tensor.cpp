@@ -77,6 +77,10 @@ std::string_view tier_name(Tier t) {
 }
 
 TensorView TensorView::contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape, Tier tier) {
+  return contiguous(data, dtype, std::vector<int64_t>(shape), tier);
+}
+
+TensorView TensorView::contiguous(void* data, DType dtype, const std::vector<int64_t>& shape, Tier tier) {
   FERRY_CHECK(shape.size() <= kMaxDims);
   TensorView v;
   v.data = data;

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "runtime/check.h"
 
@@ -47,6 +48,7 @@ struct TensorView {
   // Returns a contiguous view of `data` with the given shape.
   static TensorView contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
                                Tier tier = Tier::kHost);
+  static TensorView contiguous(void* data, DType dtype, const std::vector<int64_t>& shape, Tier tier = Tier::kHost);
 
   bool empty() const { return data == nullptr; }
   int64_t numel() const;

@@ -343,6 +343,48 @@ int cmd_inspect(const ModelFlags& f) {
 }
 
 // ---------------------------------------------------------------------------------------------
+struct PlanFlags {
+  ModelFlags m;
+  int64_t batch = 1;
+  int64_t context = 4096;
+};
+
+int cmd_plan(const PlanFlags& f) {
+  auto model = load_model(f.m.model, f.m.load(false, "gpu"));
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& c = model->config;
+  GpuPlanInput in;
+  if (!f.m.gpu_mem.empty()) {
+    auto b = parse_size(f.m.gpu_mem, "--gpu-mem");
+    if (!b.ok()) return fail(b.status());
+    in.budget_bytes = *b;
+  }
+  const int64_t ctx = std::min(f.context, c.n_ctx_max);
+  in.kv_bytes = 2 * c.n_layers * f.batch * ctx * c.kv_dim() * 2;  // BF16 K and V
+  in.max_batch = f.batch;
+  auto plan = plan_gpu(c, in);
+  if (!plan.ok()) return fail(plan.status());
+  const HardwareProfile hw;
+  const PlanFloor fl = plan_floor(c, *plan, f.batch, hw);
+  std::printf("model:      %s (%s, %lld layers, %.2f B parameters)\n", f.m.model.c_str(), c.architecture.c_str(), (long long)c.n_layers, c.n_params() / 1e9);
+  std::printf("budget:     --gpu-mem %s, batch %lld, context %lld (KV %s, BF16)\n", f.m.gpu_mem.empty() ? "(none)" : f.m.gpu_mem.c_str(),
+              (long long)f.batch, (long long)ctx, format_bytes(static_cast<double>(in.kv_bytes)).c_str());
+  std::printf("placement:  layers 0-%lld resident on the GPU", (long long)plan->n_resident - 1);
+  if (plan->n_streamed > 0) std::printf("; layers %lld-%lld streamed from pinned host memory", (long long)plan->n_resident, (long long)c.n_layers - 1);
+  std::printf("\n");
+  std::printf("bytes:      GPU %s (weights %s, globals %s, KV %s, staging %s, workspace %s, runtime reserve %s); pinned host %s; disk 0 B\n",
+              format_bytes(static_cast<double>(plan->total_bytes)).c_str(), format_bytes(static_cast<double>(plan->n_resident * plan->layer_bytes)).c_str(),
+              format_bytes(static_cast<double>(plan->globals_bytes)).c_str(), format_bytes(static_cast<double>(in.kv_bytes)).c_str(),
+              format_bytes(static_cast<double>(plan->slots_bytes)).c_str(), format_bytes(static_cast<double>(plan->workspace_bytes)).c_str(),
+              format_bytes(static_cast<double>(plan->reserve_bytes)).c_str(), format_bytes(static_cast<double>(plan->n_streamed * plan->layer_bytes)).c_str());
+  std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, GPU memory %.2f ms, compute %.2f ms\n", fl.step_ms,
+              1e3 * f.batch / fl.step_ms, fl.bound, fl.stream_ms, fl.hbm_ms, fl.compute_ms);
+  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, BF16 %.0f TFLOP/s\n", hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops);
+  std::printf("not yet:    CPU-computed layers and the disk tier in the plan (measured: streaming runs at 100%% of this floor, notes/offload.md)\n");
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 struct PackFlags {
   std::string model;
   std::string out;
@@ -436,6 +478,13 @@ int main(int argc, char** argv) {
   inf.add(inspect);
   inspect->footer("Examples:\n  ferry inspect -m ~/models/Llama-2-7b-hf\n  ferry inspect -m synthetic:llama-3-70b");
 
+  PlanFlags plf;
+  CLI::App* plan = app.add_subcommand("plan", "Print where every layer would live under --gpu-mem, the bytes per tier and the decode-step floor");
+  plf.m.add(plan);
+  plan->add_option("--batch", plf.batch, "Sequences decoded together")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
+  plan->add_option("--context", plf.context, "Context length the KV cache is sized for")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  plan->footer("Example:\n  ferry plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1");
+
   PackFlags pf;
   CLI::App* pack = app.add_subcommand("pack", "Write a model's weights as a packed store for the disk tier (checksummed, 4 KiB aligned)");
   pack->add_option("-m,--model", pf.model, "Hugging Face model directory")->required();
@@ -468,6 +517,7 @@ int main(int argc, char** argv) {
     if (inspect->parsed()) return cmd_inspect(inf);
     if (tokenize->parsed()) return cmd_tokenize(tf);
     if (pack->parsed()) return cmd_pack(pf);
+    if (plan->parsed()) return cmd_plan(plf);
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "ferry: error: out of host memory\n");
     return kExitError;

@@ -94,4 +94,16 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   return p;
 }
 
+PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw) {
+  PlanFloor f;
+  const double streamed = static_cast<double>(plan.n_streamed * plan.layer_bytes);
+  const double all = static_cast<double>(cfg.n_layers * plan.layer_bytes + plan.globals_bytes);
+  f.stream_ms = streamed / (hw.h2d_gbs * 1e9) * 1e3;
+  f.hbm_ms = all / (hw.hbm_gbs * 1e9) * 1e3;
+  f.compute_ms = 2.0 * static_cast<double>(cfg.n_params()) * static_cast<double>(batch) / (hw.gemm_tflops * 1e12) * 1e3;
+  f.step_ms = std::max({f.stream_ms, f.hbm_ms, f.compute_ms});
+  f.bound = f.step_ms == f.stream_ms ? "PCIe (streamed weights)" : f.step_ms == f.hbm_ms ? "GPU memory bandwidth" : "GPU compute";
+  return f;
+}
+
 }  // namespace ferry

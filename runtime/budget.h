@@ -48,4 +48,23 @@ int64_t gpu_workspace_bytes(const ModelConfig& cfg, int64_t max_step_tokens, int
 // Plans resident vs streamed layers under the budget, or says why it cannot (naming --gpu-mem).
 Expected<GpuPlan> plan_gpu(const ModelConfig& cfg, const GpuPlanInput& in);
 
+// Hardware rates for the floor of a plan. The built-in profile is what was measured on the H100 GPU
+// host on 2026-11-23 (notes/gpu.md, notes/offload.md); `ferry calibrate` will measure the user's.
+struct HardwareProfile {
+  double h2d_gbs = 54.9;       // pinned host -> device
+  double hbm_gbs = 3025;       // device memory, bytes read + written per second
+  double gemm_tflops = 790;    // BF16 dense
+  std::string source = "built-in (H100 host, 2026-11-23)";
+};
+
+struct PlanFloor {
+  double stream_ms = 0;   // streamed weight bytes over the H2D rate
+  double hbm_ms = 0;      // every weight byte read once from device memory
+  double compute_ms = 0;  // 2 x parameters x batch over the GEMM rate
+  double step_ms = 0;     // the largest of the three (they overlap)
+  const char* bound = "";
+};
+// Returns the decode-step floor of `plan` at batch `batch`.
+PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw);
+
 }  // namespace ferry

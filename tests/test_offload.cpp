@@ -298,3 +298,24 @@ TEST_SUITE("offload") {
     CHECK(reads >= 5 * 4);
   }
 }
+
+TEST_SUITE("offload") {
+  TEST_CASE("ferry plan: placement, bytes per tier and the floor; a budget below the minimum is refused with the minimum") {
+    test::CmdResult r = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64");
+    REQUIRE_MESSAGE(r.exit_code == 0, r.output);
+    CHECK(r.output.find("layers 0-14 resident") != std::string::npos);
+    CHECK(r.output.find("layers 15-31 streamed") != std::string::npos);
+    CHECK(r.output.find("bound by PCIe") != std::string::npos);
+    test::CmdResult all = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 40G");
+    CHECK(all.exit_code == 0);
+    CHECK(all.output.find("layers 0-31 resident") != std::string::npos);
+    CHECK(all.output.find("GPU memory bandwidth") != std::string::npos);
+    test::CmdResult small = test::run_ferry("plan -m synthetic:llama-2-13b --gpu-mem 2G");
+    CHECK(small.exit_code == 1);
+    CHECK(small.output.find("--gpu-mem") != std::string::npos);
+    CHECK(small.output.find("minimum working set") != std::string::npos);
+    test::CmdResult bad = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8Q");
+    CHECK(bad.exit_code == 2);
+    CHECK(bad.output.find("--gpu-mem") != std::string::npos);
+  }
+}

@@ -391,7 +391,7 @@ struct PackFlags {
 };
 
 int cmd_pack(const PackFlags& f) {
-  auto model = load_model(f.model, LoadOptions{0, false, true, ""});
+  auto model = load_model(f.model, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
   if (!model.ok()) return fail(model.status());
   const auto t0 = std::chrono::steady_clock::now();
   if (Status st = pack_store(*model->weights, f.out); !st.ok()) return fail(st);

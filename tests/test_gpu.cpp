@@ -408,7 +408,7 @@ struct GpuModel {
 
 GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs = true, int64_t n_resident = -1) {
   GpuModel g;
-  auto m = load_model(dir, LoadOptions{0, false, true});
+  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
   g.model = std::move(*m);
   KvCacheShape s{g.model.config.n_layers, g.model.config.n_kv_heads, g.model.config.head_dim, 16, kv_tokens / 16};
@@ -507,7 +507,7 @@ TEST_SUITE("gpu_model") {
     full.insert(full.end(), story.begin(), story.end() - 1);
     auto gl = prompt_logits(*g.runner, full);
     REQUIRE(gl.ok());
-    auto cm = load_model(dir, LoadOptions{0, false});
+    auto cm = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
     REQUIRE(cm.ok());
     cpu::CpuExecutor cex(cm->config);
     auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, 64});
@@ -613,7 +613,7 @@ TEST_SUITE("gpu_model") {
   TEST_CASE("synthetic presets materialise on the GPU in seconds and match the host generator") {
     for (const char* preset : {"llama-2-7b", "llama-2-13b", "llama-3-8b", "mistral-7b", "qwen2.5-32b", "llama-3-70b"}) {
       auto t0 = std::chrono::steady_clock::now();
-      auto m = load_model(std::string("synthetic:") + preset, LoadOptions{2, false, false});
+      auto m = load_model(std::string("synthetic:") + preset, LoadOptions{.synthetic_layers = 2, .need_tokenizer = false, .host_weights = false});
       REQUIRE(m.ok());
       KvCacheShape s{m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 8};
       auto ex = gpu::GpuExecutor::create(*m->weights, s);

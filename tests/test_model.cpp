@@ -25,7 +25,7 @@ struct Loaded {
 
 Loaded load(const std::string& dir, int64_t kv_tokens = 4096, int64_t block_size = 16) {
   Loaded l;
-  auto m = load_model(dir, LoadOptions{0, false});
+  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
   l.model = std::move(*m);
   l.ex = std::make_unique<cpu::CpuExecutor>(l.model.config);
@@ -162,12 +162,12 @@ TEST_SUITE("model") {
   }
 
   TEST_CASE("synthetic presets have their architectures' shapes and run") {
-    auto m = load_model("synthetic:llama-3-8b", LoadOptions{1, true});
+    auto m = load_model("synthetic:llama-3-8b", LoadOptions{.synthetic_layers = 1});
     REQUIRE_MESSAGE(m.ok(), m.status().message());
     CHECK(m->config.n_embd == 4096);
     CHECK(m->config.n_kv_heads == 8);
     CHECK(m->config.n_vocab == 128256);
-    auto full = load_model("synthetic:llama-2-7b", LoadOptions{1, false});
+    auto full = load_model("synthetic:llama-2-7b", LoadOptions{.synthetic_layers = 1, .need_tokenizer = false});
     REQUIRE(full.ok());
     auto cfg7 = synthetic_config("llama-2-7b");
     REQUIRE(cfg7.ok());

@@ -77,8 +77,7 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   const int64_t fixed = p.globals_bytes + in.kv_bytes + p.workspace_bytes + p.reserve_bytes;
   if (in.budget_bytes <= 0 || in.budget_bytes >= fixed + c.n_layers * p.layer_bytes) {
     p.n_resident = c.n_layers;
-    p.total_bytes = fixed + c.n_layers * p.layer_bytes;
-    if (in.budget_bytes > 0 && p.total_bytes > in.budget_bytes) return out_of_memory("unreachable");
+    p.total_bytes = fixed + c.n_layers * p.layer_bytes;  // within the budget by the condition above
     return p;
   }
   p.slots_bytes = in.n_slots * p.layer_bytes;

@@ -6,20 +6,27 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <tbb/blocked_range.h>
 #include <tbb/global_control.h>
+#include <tbb/parallel_for.h>
+#include <tbb/parallel_reduce.h>
 
 #include "cpu/cpu_executor.h"
+#include "cpu/gemm.h"
+#include "cpu/offload_executor.h"
 #include "cpu/simd.h"
 #include "gpu/device.h"
 #include "gpu/gpu_executor.h"
 #include "models/safetensors.h"
 #include "models/synthetic.h"
+#include "offload/disk_reader.h"
 #include "offload/packed_store.h"
 #include "runtime/budget.h"
 #include "runtime/generate.h"
@@ -46,6 +53,8 @@ struct ModelFlags {
   int threads = 0;
   std::string disk;
   std::string gpu_mem;
+  std::string host_mem;
+  int64_t cpu_layers = -1;
   std::string trace;
 
   void add(CLI::App* app) {
@@ -54,9 +63,14 @@ struct ModelFlags {
         ->check(CLI::IsMember({"cpu", "gpu", "auto"}));
     app->add_option("--layers", layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
     app->add_option("--threads", threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 4096));
-    app->add_option("--gpu-mem", gpu_mem, "GPU memory budget (e.g. 8G): layers that do not fit are streamed from pinned host memory");
+    app->add_option("--gpu-mem", gpu_mem,
+                    "GPU memory budget (e.g. 8G): layers that do not fit are streamed or computed on the CPU, as the planner decides. "
+                    "With --device cpu: the same engine against an emulated device of this size");
+    app->add_option("--host-mem", host_mem,
+                    "Pinned host memory for the layers that do not fit on the GPU (default: unlimited; 0 with --disk); the rest are read from --disk");
+    app->add_option("--cpu-layers", cpu_layers, "Compute exactly N layers on the CPU (default: the planner's choice)")->check(CLI::Range(int64_t{0}, int64_t{4096}));
     app->add_option("--trace", trace, "Write a Chrome trace (open in Perfetto): tracks for CPU, GPU compute, GPU copies, disk reads");
-    app->add_option("--disk", disk, "Packed store (from 'ferry pack') to read every layer from, checksummed (CPU executor)");
+    app->add_option("--disk", disk, "Packed store (from 'ferry pack') holding the weights; layers beyond --gpu-mem and --host-mem are read from it, checksummed");
   }
   LoadOptions load(bool need_tokenizer, const std::string& resolved_device) const {
     LoadOptions o;
@@ -92,44 +106,94 @@ KvCacheShape kv_shape(const ModelConfig& cfg, const std::vector<int64_t>& length
 }
 
 // The executor and the KV cache for `device` (already resolved): the GPU executor keeps the KV bytes
-// itself, so the KvCache then holds only block tables.
+// of GPU-computed layers itself, so the KvCache then holds block tables, and host K/V only for the
+// layers the plan puts on the CPU.
 struct Backend {
   std::unique_ptr<Executor> executor;
   std::unique_ptr<KvCache> kv;
-  gpu::GpuExecutor* gpu = nullptr;  // when the executor is the GPU's
+  gpu::GpuExecutor* gpu = nullptr;         // when the executor is the GPU's
+  cpu::OffloadCpuExecutor* emulated = nullptr;  // the CPU under --gpu-mem
+  bool planned = false;
   GpuPlan plan;
+  HardwareProfile hw;
+  int64_t budget = 0;
   int64_t driver_before = -1;
 };
+
+// The planner's input from the flags.
+Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, int64_t batch) {
+  GpuPlanInput in;
+  if (!flags.gpu_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(in.budget_bytes, parse_size(flags.gpu_mem, "--gpu-mem"));
+  }
+  if (!flags.host_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(in.host_budget_bytes, parse_size(flags.host_mem, "--host-mem"));
+  }
+  in.have_disk = model.weights->packed() != nullptr;
+  in.cpu_layers = flags.cpu_layers;
+  in.max_batch = batch;
+  in.hw = load_profile();
+  return in;
+}
+
 Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths, const ModelFlags& flags) {
   Backend b;
   const KvCacheShape shape = kv_shape(model.config, lengths);
-  if (!flags.gpu_mem.empty() && device != "gpu") return invalid_argument("--gpu-mem applies to --device gpu (or auto on a machine with a GPU)");
+  const bool offload = !flags.gpu_mem.empty() || !flags.host_mem.empty() || flags.cpu_layers >= 0;
+  FERRY_ASSIGN_OR_RETURN(GpuPlanInput in, plan_input(flags, model, static_cast<int64_t>(lengths.size())));
+  b.budget = in.budget_bytes;
+  b.hw = in.hw;
   if (device == "gpu") {
-    if (model.weights->layer_tier(0) == Tier::kDisk)
-      return unsupported("--device gpu with --disk: streaming layers from disk to the GPU is not built yet (the offload engine); use --device cpu");
     gpu::GpuInfo g = gpu::probe();
     if (g.n_devices == 0) return unsupported("--device gpu: no usable GPU (" + g.why_none + ")");
-    GpuPlanInput in;
-    if (!flags.gpu_mem.empty()) {
-      FERRY_ASSIGN_OR_RETURN(in.budget_bytes, parse_size(flags.gpu_mem, "--gpu-mem"));
-    }
     in.kv_bytes = shape.bytes() / 2;  // BF16 on the GPU
-    in.max_batch = static_cast<int64_t>(lengths.size());
     FERRY_ASSIGN_OR_RETURN(b.plan, plan_gpu(model.config, in));
+    b.planned = true;
     gpu::GpuOptions opts;
-    opts.n_resident_layers = b.plan.n_resident;
+    opts.plan = b.plan;
+    opts.cap_bytes = in.budget_bytes > 0 ? in.budget_bytes - b.plan.reserve_bytes : 0;
     b.driver_before = gpu::driver_used_bytes();
     FERRY_ASSIGN_OR_RETURN(auto ex, gpu::GpuExecutor::create(*model.weights, shape, opts));
     b.gpu = ex.get();
     b.executor = std::move(ex);
-    FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape, /*host_storage=*/false));
+    std::vector<bool> host_kv(model.config.n_layers);
+    for (int64_t il = 0; il < model.config.n_layers; ++il) host_kv[il] = b.plan.place[il] == Place::kCpu;
+    FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape, host_kv));
     b.kv = std::make_unique<KvCache>(std::move(kv));
     return b;
   }
-  b.executor = std::make_unique<cpu::CpuExecutor>(model.config);
+  if (offload) {
+    // The offload engine against the emulated device: the device holds the stored bytes.
+    in.emulated = true;
+    in.layer_bytes = cpu::stored_layer_bytes(*model.weights);
+    in.globals_bytes = cpu::stored_globals_bytes(*model.weights);
+    FERRY_ASSIGN_OR_RETURN(b.plan, plan_gpu(model.config, in));
+    b.planned = true;
+    FERRY_ASSIGN_OR_RETURN(auto ex, cpu::OffloadCpuExecutor::create(*model.weights, b.plan, in.budget_bytes));
+    b.emulated = ex.get();
+    b.executor = std::move(ex);
+  } else {
+    b.executor = std::make_unique<cpu::CpuExecutor>(model.config);
+  }
   FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape));
   b.kv = std::make_unique<KvCache>(std::move(kv));
   return b;
+}
+
+// Prints where the layers went and what the devices hold (stderr).
+void print_backend(const Backend& be) {
+  if (!be.planned) return;
+  std::fprintf(stderr, "ferry: plan: %s\nferry: placement: %s\n", be.plan.describe().c_str(), be.plan.placement().c_str());
+  if (be.gpu) {
+    const int64_t driver_now = gpu::driver_used_bytes();
+    std::fprintf(stderr, "ferry: gpu: ferry holds %s (peak %s), the driver counts %s more than before ferry started; streamed %s\n",
+                 format_bytes(static_cast<double>(be.gpu->device_bytes())).c_str(), format_bytes(static_cast<double>(be.gpu->peak_device_bytes())).c_str(),
+                 format_bytes(static_cast<double>(driver_now - be.driver_before)).c_str(), format_bytes(static_cast<double>(be.gpu->streamed_bytes())).c_str());
+  }
+  if (be.emulated)
+    std::fprintf(stderr, "ferry: emulated device: peak %s of %s; streamed %s\n", format_bytes(static_cast<double>(be.emulated->device().peak_bytes())).c_str(),
+                 be.budget > 0 ? format_bytes(static_cast<double>(be.budget)).c_str() : "no cap",
+                 format_bytes(static_cast<double>(be.emulated->streamed_bytes())).c_str());
 }
 
 Expected<std::vector<int32_t>> parse_ids(const std::string& text, const char* flag) {
@@ -247,17 +311,11 @@ int cmd_run(const RunFlags& f) {
   std::fprintf(stderr, "ferry: %lld prompt tokens, prefill %.1f ms (%.1f tok/s), %lld generated, decode %.2f tok/s [%s, %s]\n",
                static_cast<long long>(res->n_prompt_tokens), res->prefill_ms, prefill_tps, static_cast<long long>(res->n_generated),
                decode_tps, std::string(ex->name()).c_str(), cpu::simd_level());
-  if (be->gpu) {
-    const int64_t driver_now = gpu::driver_used_bytes();
-    std::fprintf(stderr, "ferry: gpu: %s; ferry holds %s, the driver counts %s more than before ferry started; streamed %s\n",
-                 be->plan.describe().c_str(), format_bytes(static_cast<double>(be->gpu->device_bytes())).c_str(),
-                 format_bytes(static_cast<double>(driver_now - be->driver_before)).c_str(),
-                 format_bytes(static_cast<double>(be->gpu->streamed_bytes())).c_str());
-  }
-  if (Tracer::get().enabled() && be->gpu && be->gpu->n_streamed_layers() > 0) {
+  print_backend(*be);
+  if (Tracer::get().enabled() && ((be->gpu && be->gpu->n_streamed_layers() > 0) || be->emulated)) {
     be->executor.reset();  // resolves the last GPU spans
-    const Tracer::Overlap o = Tracer::get().overlap("gpu.copy", "gpu.compute");
-    std::fprintf(stderr, "ferry: overlap: %.1f%% of %.1f ms of weight copies hidden under %.1f ms of GPU compute\n", 100 * o.hidden_fraction, o.copy_ms,
+    const Tracer::Overlap o = Tracer::get().overlap(be->gpu ? "gpu.copy" : "emulated.copy", std::vector<std::string>{"gpu.compute", "cpu.compute"});
+    std::fprintf(stderr, "ferry: overlap: %.1f%% of %.1f ms of weight copies hidden under %.1f ms of compute\n", 100 * o.hidden_fraction, o.copy_ms,
                  o.compute_ms);
   }
   return finish_trace(f.m, 0);
@@ -293,6 +351,7 @@ int cmd_logits(const LogitsFlags& f) {
                                 {{"model", f.m.model}, {"device", std::string(be->executor->name())}});
   if (!st.ok()) return fail(st.with_context("--out"));
   std::fprintf(stderr, "ferry: wrote logits [%zu, %lld] to %s\n", ids->size(), static_cast<long long>(cfg.n_vocab), f.out.c_str());
+  print_backend(*be);
   be->executor.reset();
   return finish_trace(f.m, 0);
 }
@@ -353,34 +412,172 @@ int cmd_plan(const PlanFlags& f) {
   auto model = load_model(f.m.model, f.m.load(false, "gpu"));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& c = model->config;
-  GpuPlanInput in;
-  if (!f.m.gpu_mem.empty()) {
-    auto b = parse_size(f.m.gpu_mem, "--gpu-mem");
-    if (!b.ok()) return fail(b.status());
-    in.budget_bytes = *b;
-  }
+  auto inp = plan_input(f.m, *model, f.batch);
+  if (!inp.ok()) return fail(inp.status());
+  GpuPlanInput in = *inp;
   const int64_t ctx = std::min(f.context, c.n_ctx_max);
   in.kv_bytes = 2 * c.n_layers * f.batch * ctx * c.kv_dim() * 2;  // BF16 K and V
-  in.max_batch = f.batch;
   auto plan = plan_gpu(c, in);
   if (!plan.ok()) return fail(plan.status());
-  const HardwareProfile hw;
+  const HardwareProfile& hw = in.hw;
   const PlanFloor fl = plan_floor(c, *plan, f.batch, hw);
+  const double b = static_cast<double>(f.batch);
   std::printf("model:      %s (%s, %lld layers, %.2f B parameters)\n", f.m.model.c_str(), c.architecture.c_str(), (long long)c.n_layers, c.n_params() / 1e9);
-  std::printf("budget:     --gpu-mem %s, batch %lld, context %lld (KV %s, BF16)\n", f.m.gpu_mem.empty() ? "(none)" : f.m.gpu_mem.c_str(),
+  std::printf("budget:     --gpu-mem %s, --host-mem %s%s, batch %lld, context %lld (KV %s, BF16)\n", f.m.gpu_mem.empty() ? "(none)" : f.m.gpu_mem.c_str(),
+              f.m.host_mem.empty() ? (in.have_disk ? "0 (--disk)" : "(unlimited)") : f.m.host_mem.c_str(), in.have_disk ? ", --disk" : "",
               (long long)f.batch, (long long)ctx, format_bytes(static_cast<double>(in.kv_bytes)).c_str());
-  std::printf("placement:  layers 0-%lld resident on the GPU", (long long)plan->n_resident - 1);
-  if (plan->n_streamed > 0) std::printf("; layers %lld-%lld streamed from pinned host memory", (long long)plan->n_resident, (long long)c.n_layers - 1);
-  std::printf("\n");
-  std::printf("bytes:      GPU %s (weights %s, globals %s, KV %s, staging %s, workspace %s, runtime reserve %s); pinned host %s; disk 0 B\n",
+  std::printf("placement:  %s\n", plan->placement().c_str());
+  std::printf("layers:     %lld resident, %lld streamed (%lld from disk), %lld computed on the CPU\n", (long long)plan->n_resident,
+              (long long)plan->n_streamed, (long long)plan->n_disk, (long long)plan->n_cpu);
+  std::printf("bytes:      GPU %s (weights %s, globals %s, KV %s, staging %s, workspace %s, runtime reserve %s); pinned host %s; disk %s per step\n",
               format_bytes(static_cast<double>(plan->total_bytes)).c_str(), format_bytes(static_cast<double>(plan->n_resident * plan->layer_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->globals_bytes)).c_str(), format_bytes(static_cast<double>(in.kv_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->slots_bytes)).c_str(), format_bytes(static_cast<double>(plan->workspace_bytes)).c_str(),
-              format_bytes(static_cast<double>(plan->reserve_bytes)).c_str(), format_bytes(static_cast<double>(plan->n_streamed * plan->layer_bytes)).c_str());
-  std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, GPU memory %.2f ms, compute %.2f ms\n", fl.step_ms,
-              1e3 * f.batch / fl.step_ms, fl.bound, fl.stream_ms, fl.hbm_ms, fl.compute_ms);
-  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, BF16 %.0f TFLOP/s\n", hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops);
-  std::printf("not yet:    CPU-computed layers and the disk tier in the plan (measured: streaming runs at 100%% of this floor, notes/offload.md)\n");
+              format_bytes(static_cast<double>(plan->reserve_bytes)).c_str(), format_bytes(static_cast<double>(plan->host_bytes)).c_str(),
+              format_bytes(static_cast<double>(plan->disk_bytes)).c_str());
+  std::printf("predicted:  %.2f ms per decode step = %.1f tok/s (cost model with the profile's measured rates)\n", plan->predicted_ms,
+              1e3 * b / plan->predicted_ms);
+  std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms\n",
+              fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms);
+  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
+              hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs, hw.cpu_tflops, hw.disk_gbs);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+struct CalibrateFlags {
+  std::string dir = "/tmp";
+  std::string disk;
+  std::string out;
+  int threads = 0;
+};
+
+// Best-of-n wall time of fn, in seconds.
+template <typename F>
+double best_seconds(int n, F&& fn) {
+  double best = 1e30;
+  for (int i = 0; i < n; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Reads every block of `m` once (io_uring, O_DIRECT, checksums verified): bytes per second.
+Expected<double> disk_read_rate(const PackedManifest& m) {
+  FERRY_ASSIGN_OR_RETURN(auto reader, DiskReader::open(m));
+  uint64_t largest = 0, total = 0;
+  for (const auto& b : m.blocks) largest = std::max(largest, b.padded_bytes);
+  HostBuffer buf[2] = {HostBuffer(largest, kPackAlign), HostBuffer(largest, kPackAlign)};
+  if (!buf[0].data() || !buf[1].data()) return out_of_memory("calibrate: cannot allocate the read buffers");
+  const auto t0 = std::chrono::steady_clock::now();
+  // Two reads in flight, as the staging ring keeps them.
+  FERRY_RETURN_IF_ERROR(reader->submit(0, 0, buf[0].data()));
+  for (size_t b = 0; b < m.blocks.size(); ++b) {
+    if (b + 1 < m.blocks.size()) FERRY_RETURN_IF_ERROR(reader->submit(static_cast<int>((b + 1) % 2), static_cast<int64_t>(b + 1), buf[(b + 1) % 2].data()));
+    FERRY_RETURN_IF_ERROR(reader->wait(static_cast<int>(b % 2)));
+    total += m.blocks[b].padded_bytes;
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return static_cast<double>(total) / s;
+}
+
+int cmd_calibrate(const CalibrateFlags& f) {
+  auto threads = apply_threads(f.threads);
+  HardwareProfile hw;
+  std::string measured = "ferry calibrate " + std::string(cpu::simd_level());
+  std::fprintf(stderr, "ferry: calibrating (about a minute)...\n");
+  // GPU: copies and GEMMs.
+  const gpu::GpuRates g = gpu::measure_gpu_rates();
+  if (g.error.empty()) {
+    hw.h2d_gbs = g.h2d_gbs;
+    hw.hbm_gbs = g.hbm_gbs;
+    hw.gemm_tflops = g.gemm_tflops;
+    std::printf("gpu:        %s: H2D %.1f GB/s, D2H %.1f GB/s, device memory %.0f GB/s, BF16 GEMM %.0f TFLOP/s\n", gpu::probe().name.c_str(),
+                g.h2d_gbs, g.d2h_gbs, g.hbm_gbs, g.gemm_tflops);
+  } else {
+    std::printf("gpu:        not measured (%s): the built-in H100 values are kept\n", g.error.c_str());
+    measured += ", GPU rates built-in";
+  }
+  // Host DRAM: a parallel read of 2 GiB.
+  {
+    const size_t n = (size_t{2} << 30) / sizeof(float);
+    HostBuffer buf(n * sizeof(float));
+    if (!buf.data()) return fail(out_of_memory("calibrate: cannot allocate 2 GiB of host memory"));
+    float* p = buf.as<float>();
+    tbb::parallel_for(tbb::blocked_range<size_t>(0, n, 1 << 20), [&](const auto& r) {
+      for (size_t i = r.begin(); i < r.end(); ++i) p[i] = 1.0f;
+    });
+    volatile double sink = 0;
+    const double s = best_seconds(4, [&] {
+      sink = tbb::parallel_reduce(tbb::blocked_range<size_t>(0, n, 1 << 20), 0.0, [&](const auto& r, double acc) {
+        float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        size_t i = r.begin();
+        for (; i + 4 <= r.end(); i += 4) {
+          a0 += p[i];
+          a1 += p[i + 1];
+          a2 += p[i + 2];
+          a3 += p[i + 3];
+        }
+        for (; i < r.end(); ++i) a0 += p[i];
+        return acc + a0 + a1 + a2 + a3;
+      }, std::plus<double>());
+    });
+    hw.host_dram_gbs = static_cast<double>(n * sizeof(float)) / s / 1e9;
+    std::printf("host DRAM:  read %.1f GB/s (2 GiB, all threads)\n", hw.host_dram_gbs);
+  }
+  // ferry's CPU layer GEMMs on BF16 weights larger than the caches: batch 1 (bytes/s) and 64 (FLOP/s).
+  {
+    const int64_t N = 11008, K = 4096, n_mats = 4;
+    std::vector<HostBuffer> mats;
+    for (int64_t i = 0; i < n_mats; ++i) {
+      mats.emplace_back(static_cast<size_t>(N * K * 2));
+      if (!mats.back().data()) return fail(out_of_memory("calibrate: cannot allocate the GEMM weights"));
+      uint16_t* w = mats.back().as<uint16_t>();
+      tbb::parallel_for(tbb::blocked_range<int64_t>(0, N * K, 1 << 20), [&](const auto& r) {
+        synthetic_fill_bf16("calibrate." + std::to_string(i), K, false, r.begin(), r.end() - r.begin(), w + r.begin());
+      });
+    }
+    std::vector<float> x(64 * K, 0.01f), y(64 * N);
+    auto run = [&](int64_t M) {
+      for (auto& m : mats) cpu::gemm_xwt(x.data(), M, TensorView::contiguous(m.data(), DType::kBF16, {N, K}), y.data());
+    };
+    const double s1 = best_seconds(4, [&] { run(1); });
+    hw.cpu_layer_gbs = static_cast<double>(n_mats * N * K * 2) / s1 / 1e9;
+    const double s64 = best_seconds(3, [&] { run(64); });
+    hw.cpu_tflops = 2.0 * 64 * static_cast<double>(n_mats * N * K) / s64 / 1e12;
+    std::printf("cpu layer:  batch 1 %.1f GB/s of BF16 weights (%.0f%% of the DRAM read rate), batch 64 %.2f TFLOP/s\n", hw.cpu_layer_gbs,
+                100 * hw.cpu_layer_gbs / hw.host_dram_gbs, hw.cpu_tflops);
+  }
+  // Disk: the given store, or a 1 GiB scratch store in --dir.
+  {
+    Expected<double> rate = 0.0;
+    std::string what;
+    if (!f.disk.empty()) {
+      auto m = open_store_unchecked(f.disk);
+      if (!m.ok()) return fail(m.status());
+      rate = disk_read_rate(*m);
+      what = f.disk;
+    } else {
+      auto m = write_scratch_store(f.dir, int64_t{1} << 30);
+      if (!m.ok()) return fail(m.status());
+      rate = disk_read_rate(*m);
+      std::error_code ec;
+      std::filesystem::remove_all(m->dir, ec);
+      what = "1 GiB scratch file in " + f.dir;
+    }
+    if (!rate.ok()) return fail(rate.status());
+    hw.disk_gbs = *rate / 1e9;
+    std::printf("disk:       %.2f GB/s (%s, O_DIRECT io_uring, checksums verified)\n", hw.disk_gbs, what.c_str());
+  }
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%d", std::localtime(&now));
+  hw.source = measured + ", " + date;
+  const std::string out = f.out.empty() ? profile_path() : f.out;
+  if (Status st = save_profile(hw, out); !st.ok()) return fail(st.with_context("--out"));
+  std::printf("profile:    written to %s (ferry plan / run read it; FERRY_PROFILE overrides the path)\n", out.c_str());
   return 0;
 }
 
@@ -483,7 +680,16 @@ int main(int argc, char** argv) {
   plf.m.add(plan);
   plan->add_option("--batch", plf.batch, "Sequences decoded together")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
   plan->add_option("--context", plf.context, "Context length the KV cache is sized for")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
-  plan->footer("Example:\n  ferry plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1");
+  plan->footer("Examples:\n  ferry plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1\n"
+               "  ferry plan -m synthetic:llama-2-13b --gpu-mem 8G --host-mem 0 --disk STORE");
+
+  CalibrateFlags cf;
+  CLI::App* calibrate = app.add_subcommand("calibrate", "Measure this machine's copy, memory, GEMM and disk rates once; the planner uses them");
+  calibrate->add_option("--dir", cf.dir, "Directory for the 1 GiB scratch file of the disk test (on the drive --disk stores will live on)");
+  calibrate->add_option("--disk", cf.disk, "Measure reads of this packed store instead of a scratch file");
+  calibrate->add_option("--out", cf.out, "Profile file (default: $XDG_CACHE_HOME/ferry/profile.json or ~/.cache/ferry/profile.json)");
+  calibrate->add_option("--threads", cf.threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 4096));
+  calibrate->footer("Example:\n  ferry calibrate --dir /nvme/ferry\n  ferry plan -m synthetic:llama-2-7b --gpu-mem 8G");
 
   PackFlags pf;
   CLI::App* pack = app.add_subcommand("pack", "Write a model's weights as a packed store for the disk tier (checksummed, 4 KiB aligned)");
@@ -518,6 +724,7 @@ int main(int argc, char** argv) {
     if (tokenize->parsed()) return cmd_tokenize(tf);
     if (pack->parsed()) return cmd_pack(pf);
     if (plan->parsed()) return cmd_plan(plf);
+    if (calibrate->parsed()) return cmd_calibrate(cf);
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "ferry: error: out of host memory\n");
     return kExitError;

@@ -11,7 +11,9 @@ namespace ferry::cpu {
 CpuExecutor::CpuExecutor(const ModelConfig& cfg) : cfg_(cfg), inv_freq_(rope_inv_freq(cfg)) {}
 
 Status CpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
-  if (!kv.has_host_storage()) return invalid_argument("cpu executor: the KV cache has no host storage");
+  bool any = false;
+  for (int64_t il = 0; il < cfg_.n_layers; ++il) any |= kv.has_host_storage(il);
+  if (!any) return invalid_argument("cpu executor: the KV cache has no host storage");
   const int64_t T = b.n_tokens();
   if (T == 0) return invalid_argument("empty step: no tokens");
   for (int64_t t = 0; t < T; ++t) {
@@ -22,7 +24,7 @@ Status CpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
   batch_ = &b;
   n_tokens_ = T;
   const size_t n = static_cast<size_t>(T);
-  x_.resize(n * cfg_.n_embd);
+  if (!external_x_) x_.resize(n * cfg_.n_embd);
   xn_.resize(n * cfg_.n_embd);
   q_.resize(n * cfg_.q_dim());
   k_.resize(n * cfg_.kv_dim());
@@ -33,13 +35,13 @@ Status CpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
   return Status::Ok();
 }
 
-void CpuExecutor::embed(const GlobalWeights& w) { embedding(w[kTokEmbd], batch_->tokens.data(), n_tokens_, x_.data()); }
+void CpuExecutor::embed(const GlobalWeights& w) { embedding(w[kTokEmbd], batch_->tokens.data(), n_tokens_, x()); }
 
 void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   const StepBatch& b = *batch_;
   const int64_t T = n_tokens_, E = cfg_.n_embd, hd = cfg_.head_dim;
   // Attention block.
-  rmsnorm(x_.data(), w[kAttnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
+  rmsnorm(x(), w[kAttnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
   gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq]);
   gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk]);
   gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv]);
@@ -52,14 +54,14 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   }
   attention(q_.data(), T, b.positions.data(), b.seq_ids.data(), cfg_.n_heads, cfg_.sliding_window, il, kv, att_.data());
   gemm_xwt(att_.data(), T, w[kWo], xn_.data());
-  add_inplace(x_.data(), xn_.data(), T * E);
+  add_inplace(x(), xn_.data(), T * E);
   // MLP block.
-  rmsnorm(x_.data(), w[kFfnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
+  rmsnorm(x(), w[kFfnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
   gemm_xwt(xn_.data(), T, w[kWGate], gate_.data());
   gemm_xwt(xn_.data(), T, w[kWUp], up_.data());
   swiglu(gate_.data(), up_.data(), T * cfg_.n_ff, gate_.data());
   gemm_xwt(gate_.data(), T, w[kWDown], xn_.data());
-  add_inplace(x_.data(), xn_.data(), T * E);
+  add_inplace(x(), xn_.data(), T * E);
 }
 
 void CpuExecutor::head(const GlobalWeights& w, float* logits) {
@@ -67,7 +69,7 @@ void CpuExecutor::head(const GlobalWeights& w, float* logits) {
   const int64_t E = cfg_.n_embd, n_out = b.n_outputs();
   if (n_out == 0) return;
   for (int64_t i = 0; i < n_out; ++i)
-    std::memcpy(xn_.data() + i * E, x_.data() + b.output_rows[i] * E, E * sizeof(float));
+    std::memcpy(xn_.data() + i * E, x() + b.output_rows[i] * E, E * sizeof(float));
   rmsnorm(xn_.data(), w[kOutNorm], cfg_.rms_norm_eps, n_out, E, xn_.data());
   gemm_xwt(xn_.data(), n_out, w[kLmHead], logits);
 }

@@ -18,8 +18,13 @@ class CpuExecutor final : public Executor {
   void embed(const GlobalWeights& w) override;
   void layer(int64_t il, const LayerWeights& w, KvCache& kv) override;
   void head(const GlobalWeights& w, float* logits) override;
+  // Keeps the residual stream [n_tokens, n_embd] in `x` (sized by the caller for the step) instead
+  // of its own buffer: the GPU executor hands CPU-computed layers a pinned buffer.
+  void use_hidden(float* x) { external_x_ = x; }
 
  private:
+  float* x() { return external_x_ ? external_x_ : x_.data(); }
+  float* external_x_ = nullptr;
   ModelConfig cfg_;
   std::vector<float> inv_freq_;  // [head_dim / 2]
   const StepBatch* batch_ = nullptr;

@@ -9,12 +9,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "offload/stream_device.h"
+
 namespace ferry::gpu {
 
 // Thrown by CUDA_CHECK; the CLI reports its message and exits 1.
-class CudaError : public std::runtime_error {
+class CudaError : public DeviceError {
  public:
-  using std::runtime_error::runtime_error;
+  using DeviceError::DeviceError;
 };
 
 [[noreturn]] inline void throw_cuda(cudaError_t e, const char* what, const char* file, int line) {

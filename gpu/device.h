@@ -19,6 +19,13 @@ struct GpuInfo {
 GpuInfo probe();
 // Returns the bytes in use on device 0 as the driver counts them (total - free), or -1 without a GPU.
 int64_t driver_used_bytes();
+// Measured GPU rates for `ferry calibrate`: pinned host -> device copies (GB/s), device memory
+// copy (bytes read + written, GB/s), and a BF16 GEMM (TFLOP/s). Each is the best of a few runs.
+struct GpuRates {
+  double h2d_gbs = 0, d2h_gbs = 0, hbm_gbs = 0, gemm_tflops = 0;
+  std::string error;  // non-empty: nothing was measured, and why
+};
+GpuRates measure_gpu_rates();
 // Returns true when ferry was built with the CUDA backend.
 bool built_with_cuda();
 

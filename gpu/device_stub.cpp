@@ -4,6 +4,11 @@ namespace ferry::gpu {
 
 bool built_with_cuda() { return false; }
 int64_t driver_used_bytes() { return -1; }
+GpuRates measure_gpu_rates() {
+  GpuRates r;
+  r.error = "built without CUDA";
+  return r;
+}
 
 GpuInfo probe() {
   GpuInfo info;

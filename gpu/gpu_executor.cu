@@ -5,8 +5,12 @@
 #include <map>
 #include <vector>
 
+#include "cpu/cpu_executor.h"
+#include "gpu/cuda_stream_device.h"
 #include "gpu/kernels.h"
 #include "models/synthetic.h"
+#include "offload/layer_layout.h"
+#include "offload/staging_ring.h"
 #include "runtime/trace.h"
 
 namespace ferry::gpu {
@@ -21,12 +25,11 @@ struct GpuExecutor::Impl {
   ModelConfig cfg;
   GpuOptions opts;
   cudaStream_t stream = nullptr;
+  std::unique_ptr<CudaStreamDevice> dev;  // every GPU byte, streams, events, trace spans
   cublasHandle_t blas = nullptr;
   int n_sms = 0;
-  std::map<void*, size_t> allocations;  // pointer -> bytes
-  int64_t bytes = 0;
 
-  // KV pool, per layer [n_blocks, block_size, n_kv, head_dim] bf16.
+  // KV pool, per layer [n_blocks, block_size, n_kv, head_dim] bf16 (none for CPU-computed layers).
   KvCacheShape kv_shape;
   int32_t max_blocks = 0;  // per sequence
   std::vector<bf16*> k_pool, v_pool;
@@ -56,76 +59,18 @@ struct GpuExecutor::Impl {
   // before writing in_h again, since a step that keeps its logits on the GPU does not synchronise.
   cudaEvent_t in_free = nullptr;
 
-  // Streaming: layers >= n_resident live in pinned host memory (fused layout) and are copied on
-  // copy_stream into a ring of n_slots device slots; copied[s] / freed[s] order each slot's reuse.
+  // Placement (runtime/budget.h): resident layers live in their own allocation; streamed layers come
+  // through the StagingRing (from pinned host blocks or the packed store); CPU-computed layers run on
+  // `cpu` from pinned host blocks, the residual crossing PCIe both ways.
+  std::vector<Place> place;
+  LayerLayout layout_bf16;           // every layer's block (BF16, fused: q/k/v and gate/up adjacent)
+  std::vector<void*> host_layers;    // [n_layers] pinned blocks (streamed from host, CPU-computed)
+  std::unique_ptr<StagingRing> ring;
+  bool ring_has_disk = false;
+  std::unique_ptr<cpu::CpuExecutor> cpu;
+  cudaEvent_t x_down = nullptr;      // the residual has reached the host for a CPU layer
+  float* x_host = nullptr;           // [cap_tokens, E] pinned: the residual a CPU layer updates
   int64_t n_resident = 0;
-  int n_slots = 0;
-  int64_t layer_elems = 0;           // bf16 elements of one layer
-  std::vector<bf16*> host_layers;    // [n_layers], pinned; null for resident layers
-  std::vector<bf16*> slots;          // [n_slots] device
-  // A ring in use order: the u-th use of a streamed layer (layers n_resident.. in order, step after
-  // step) is served from slot u % n_slots; copies for uses [use, use + n_slots) are in flight.
-  int64_t use = 0, issued = 0;
-  std::vector<LayerWeights> slot_views;
-  std::vector<cudaEvent_t> copied, freed;
-  cudaStream_t copy_stream = nullptr;
-  int64_t streamed_bytes = 0;
-
-  // Tracing (--trace): spans bracketed by CUDA events, converted to the tracer's clock through a
-  // base event recorded when the executor was created.
-  bool tracing = false;
-  cudaEvent_t base_event = nullptr;
-  int64_t base_ns = 0;
-  struct Span {
-    std::string track, name;
-    cudaEvent_t a, b;
-    int64_t bytes;
-  };
-  std::vector<Span> spans;
-  std::vector<cudaEvent_t> event_pool;
-
-  cudaEvent_t take_event() {
-    if (!event_pool.empty()) {
-      cudaEvent_t e = event_pool.back();
-      event_pool.pop_back();
-      return e;
-    }
-    cudaEvent_t e;
-    CUDA_CHECK(cudaEventCreate(&e));
-    return e;
-  }
-  cudaEvent_t span_begin(cudaStream_t st) {
-    if (!tracing) return nullptr;
-    cudaEvent_t a = take_event();
-    CUDA_CHECK(cudaEventRecord(a, st));
-    return a;
-  }
-  void span_end(cudaEvent_t a, cudaStream_t st, const char* track, std::string name, int64_t bytes = -1) {
-    if (!tracing || a == nullptr) return;
-    cudaEvent_t b = take_event();
-    CUDA_CHECK(cudaEventRecord(b, st));
-    spans.push_back(Span{track, std::move(name), a, b, bytes});
-  }
-  // Hands finished spans to the tracer.
-  void resolve_spans() {
-    if (!tracing) return;
-    std::vector<Span> left;
-    for (auto& sp : spans) {
-      if (cudaEventQuery(sp.b) != cudaSuccess) {
-        cudaGetLastError();  // cudaErrorNotReady is not an error here
-        left.push_back(sp);
-        continue;
-      }
-      float ta = 0, tb = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&ta, base_event, sp.a));
-      CUDA_CHECK(cudaEventElapsedTime(&tb, base_event, sp.b));
-      const int64_t a_ns = base_ns + static_cast<int64_t>(static_cast<double>(ta) * 1e6);
-      Tracer::get().complete(sp.track, sp.name, a_ns, static_cast<int64_t>(static_cast<double>(tb - ta) * 1e6), sp.bytes);
-      event_pool.push_back(sp.a);
-      event_pool.push_back(sp.b);
-    }
-    spans.swap(left);
-  }
 
   // The current step.
   int64_t T = 0, n_out = 0, n_rows = 0, n_tiles = 0;  // n_tiles 0: one token per tile (decode)
@@ -136,52 +81,33 @@ struct GpuExecutor::Impl {
   int64_t n_captured = 0, n_replays = 0;
 
   ~Impl() {
-    if (tracing && stream) {
-      cudaDeviceSynchronize();
+    ring.reset();  // waits for its copies and reads
+    if (stream) cudaStreamSynchronize(stream);
+    if (dev && dev->tracing()) {
       try {
-        resolve_spans();
+        dev->resolve_spans();
       } catch (...) {
       }
     }
-    for (auto& sp : spans) {
-      cudaEventDestroy(sp.a);
-      cudaEventDestroy(sp.b);
-    }
-    for (cudaEvent_t e : event_pool) cudaEventDestroy(e);
-    if (base_event) cudaEventDestroy(base_event);
     for (auto& [t, g] : graphs) cudaGraphExecDestroy(g);
     if (blas) cublasDestroy(blas);
-    for (auto& [p, n] : allocations) cudaFree(p);
     if (in_h) cudaFreeHost(in_h);
     if (in_free) cudaEventDestroy(in_free);
-    for (bf16* h : host_layers)
-      if (h) cudaFreeHost(h);
-    for (cudaEvent_t e : copied) cudaEventDestroy(e);
-    for (cudaEvent_t e : freed) cudaEventDestroy(e);
-    if (copy_stream) cudaStreamDestroy(copy_stream);
+    if (x_down) cudaEventDestroy(x_down);
+    if (x_host) cudaFreeHost(x_host);
+    if (dev)
+      for (void* h : host_layers)
+        if (h) dev->free_pinned(h);
+    dev.reset();  // frees the device memory
     if (stream) cudaStreamDestroy(stream);
   }
 
   template <typename T>
-  T* alloc(int64_t n) {
-    void* p = nullptr;
-    const size_t nb = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
-    cudaError_t e = cudaMalloc(&p, nb);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      throw CudaError(strprintf("out of GPU memory: cannot allocate %.2f MiB (ferry holds %.2f GiB)", nb / 1048576.0, bytes / 1073741824.0));
-    }
-    allocations[p] = nb;
-    bytes += static_cast<int64_t>(nb);
-    return static_cast<T*>(p);
+  T* alloc(int64_t n, const char* what = "workspace") {
+    return static_cast<T*>(dev->alloc_or_throw(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), what));
   }
   void release(void* p) {
-    if (!p) return;
-    auto it = allocations.find(p);
-    if (it == allocations.end()) return;
-    bytes -= static_cast<int64_t>(it->second);
-    allocations.erase(it);
-    cudaFree(p);
+    if (p) dev->free(p);
   }
 
   PagedKv paged(int64_t il) const {
@@ -196,49 +122,8 @@ struct GpuExecutor::Impl {
     return kv;
   }
 
-  // Views of one layer laid out at `p` (q/k/v and gate/up adjacent, so each is one GEMM).
-  LayerWeights layout(bf16* p, Tier tier) const {
-    const int64_t E = cfg.n_embd, Q = cfg.q_dim(), KV = cfg.kv_dim(), F = cfg.n_ff;
-    auto view = [tier](bf16* q, std::initializer_list<int64_t> shape) { return TensorView::contiguous(q, DType::kBF16, shape, tier); };
-    LayerWeights d;
-    d.t[kAttnNorm] = view(p, {E});
-    p += E;
-    d.t[kWq] = view(p, {Q, E});
-    d.t[kWk] = view(p + Q * E, {KV, E});
-    d.t[kWv] = view(p + (Q + KV) * E, {KV, E});
-    p += (Q + 2 * KV) * E;
-    if (cfg.attention_bias) {
-      d.t[kBq] = view(p, {Q});
-      d.t[kBk] = view(p + Q, {KV});
-      d.t[kBv] = view(p + Q + KV, {KV});
-      p += Q + 2 * KV;
-    }
-    d.t[kWo] = view(p, {E, Q});
-    p += E * Q;
-    d.t[kFfnNorm] = view(p, {E});
-    p += E;
-    d.t[kWGate] = view(p, {F, E});
-    d.t[kWUp] = view(p + F * E, {F, E});
-    p += 2 * F * E;
-    d.t[kWDown] = view(p, {E, F});
-    return d;
-  }
-
-  // Issues the copies of uses [issued, upto): each into its ring slot once the use before it there
-  // (n_slots earlier, already enqueued on the compute stream) has released it.
-  void issue_until(int64_t upto) {
-    const int64_t n_streamed = cfg.n_layers - n_resident;
-    for (; issued < upto; ++issued) {
-      const int s = static_cast<int>(issued % n_slots);
-      const int64_t il = n_resident + issued % n_streamed;
-      CUDA_CHECK(cudaStreamWaitEvent(copy_stream, freed[s], 0));
-      cudaEvent_t t0 = span_begin(copy_stream);
-      CUDA_CHECK(cudaMemcpyAsync(slots[s], host_layers[il], layer_elems * 2, cudaMemcpyHostToDevice, copy_stream));
-      span_end(t0, copy_stream, "gpu.copy", "layer " + std::to_string(il) + " -> slot " + std::to_string(s), layer_elems * 2);
-      CUDA_CHECK(cudaEventRecord(copied[s], copy_stream));
-      streamed_bytes += layer_elems * 2;
-    }
-  }
+  // Views of one layer's block at `p` (q/k/v and gate/up adjacent, so each is one GEMM).
+  LayerWeights layout(void* p, Tier tier) const { return layout_bf16.views(p, tier); }
 
   void ensure_scratch(int64_t floats) {
     if (floats <= scratch_floats) return;
@@ -270,6 +155,11 @@ struct GpuExecutor::Impl {
       logits = alloc<float>(cap_out * cfg.n_vocab);
       release(tokens_out);
       release(seeds_d);
+      if (cpu) {
+        if (x_host) CUDA_CHECK(cudaFreeHost(x_host));
+        x_host = nullptr;
+        CUDA_CHECK(cudaMallocHost(&x_host, cap_tokens * E * sizeof(float)));
+      }
       tokens_out = alloc<int32_t>(cap_out);
       seeds_d = alloc<uint64_t>(cap_out);
     }
@@ -295,14 +185,17 @@ struct GpuExecutor::Impl {
 
 GpuExecutor::GpuExecutor(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GpuExecutor::~GpuExecutor() = default;
-int64_t GpuExecutor::device_bytes() const { return impl_->bytes; }
+int64_t GpuExecutor::device_bytes() const { return impl_->dev->held_bytes(); }
+int64_t GpuExecutor::peak_device_bytes() const { return impl_->dev->peak_bytes(); }
 int64_t GpuExecutor::graphs_captured() const { return impl_->n_captured; }
-int64_t GpuExecutor::n_streamed_layers() const { return impl_->cfg.n_layers - impl_->n_resident; }
-int64_t GpuExecutor::streamed_bytes() const { return impl_->streamed_bytes; }
+int64_t GpuExecutor::n_streamed_layers() const { return impl_->ring ? impl_->ring->n_layers() : 0; }
+int64_t GpuExecutor::n_cpu_layers() const { return std::count(impl_->place.begin(), impl_->place.end(), Place::kCpu); }
+int64_t GpuExecutor::streamed_bytes() const { return impl_->ring ? impl_->ring->bytes_copied() : 0; }
 int64_t GpuExecutor::graph_replays() const { return impl_->n_replays; }
 
 Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, const KvCacheShape& kvs, const GpuOptions& opts) {
   const ModelConfig& cfg = ws.config();
+  const int64_t L = cfg.n_layers;
   if (!attention_supports(cfg.head_dim, cfg.n_heads / cfg.n_kv_heads))
     return unsupported(strprintf("--device gpu: head_dim %lld with %lld query heads per KV head is not supported by the GPU attention kernel",
                                  (long long)cfg.head_dim, (long long)(cfg.n_heads / cfg.n_kv_heads)));
@@ -311,39 +204,100 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     cudaGetLastError();
     return unsupported("--device gpu: no usable CUDA GPU");
   }
+  // Placement: the plan's, or layers 0..n_resident_layers-1 resident and the rest streamed from host.
+  std::vector<Place> place = opts.plan.place;
+  std::vector<Tier> source = opts.plan.source;
+  if (place.empty()) {
+    const int64_t n = opts.n_resident_layers < 0 ? L : std::min<int64_t>(L, opts.n_resident_layers);
+    for (int64_t il = 0; il < L; ++il) {
+      place.push_back(il < n ? Place::kResident : Place::kStreamed);
+      source.push_back(il < n ? Tier::kDevice : Tier::kPinnedHost);
+    }
+  }
+  if (static_cast<int64_t>(place.size()) != L || static_cast<int64_t>(source.size()) != L)
+    return invalid_argument("--device gpu: the placement does not match the model's layers");
+  const PackedManifest* store = ws.packed();
+  if (store) {
+    for (int64_t il = 0; il < L; ++il)
+      for (const auto& t : store->blocks[il + 1].tensors)
+        if (t.dtype != DType::kBF16)
+          return unsupported(strprintf("--device gpu --disk %s: tensor '%s' is stored as %s; the GPU streams BF16 blocks: repack with 'ferry pack --dtype bf16'",
+                                       store->dir.c_str(), t.name.c_str(), std::string(dtype_name(t.dtype)).c_str()));
+  }
+  for (int64_t il = 0; il < L; ++il)
+    if (source[il] == Tier::kDisk && store == nullptr)
+      return invalid_argument(strprintf("--device gpu: layer %lld is planned on disk, but there is no --disk store", (long long)il));
+
   auto impl = std::make_unique<Impl>();
   Impl& m = *impl;
   m.cfg = cfg;
   m.opts = opts;
+  m.place = place;
+  m.n_resident = std::count(place.begin(), place.end(), Place::kResident);
   try {
     CUDA_CHECK(cudaSetDevice(opts.device));
     CUDA_CHECK(cudaDeviceGetAttribute(&m.n_sms, cudaDevAttrMultiProcessorCount, opts.device));
     CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreateWithFlags(&m.in_free, cudaEventDisableTiming));
-    if (Tracer::get().enabled()) {
-      m.tracing = true;
-      m.opts.cuda_graphs = false;  // every step eager, so every step has spans
-      CUDA_CHECK(cudaEventCreate(&m.base_event));
-      CUDA_CHECK(cudaEventRecord(m.base_event, m.stream));
-      CUDA_CHECK(cudaEventSynchronize(m.base_event));
-      m.base_ns = Tracer::get().now_ns();
-    }
+    CUDA_CHECK(cudaEventCreateWithFlags(&m.x_down, cudaEventDisableTiming));
+    m.dev = std::make_unique<CudaStreamDevice>(m.stream, opts.cap_bytes, Tracer::get().enabled());
+    if (m.dev->tracing()) m.opts.cuda_graphs = false;  // every step eager, so every step has spans
     CUBLAS_CHECK(cublasCreate(&m.blas));
     CUBLAS_CHECK(cublasSetStream(m.blas, m.stream));
     // A fixed workspace lets cuBLAS run inside graph capture without allocating.
     const size_t ws_bytes = 32u << 20;
-    CUBLAS_CHECK(cublasSetWorkspace(m.blas, m.alloc<uint8_t>(ws_bytes), ws_bytes));
+    CUBLAS_CHECK(cublasSetWorkspace(m.blas, m.alloc<uint8_t>(ws_bytes, "cuBLAS workspace"), ws_bytes));
 
-    const int64_t E = cfg.n_embd, Q = cfg.q_dim(), KV = cfg.kv_dim(), F = cfg.n_ff, V = cfg.n_vocab;
+    const int64_t E = cfg.n_embd, V = cfg.n_vocab;
+    m.layout_bf16 = layer_layout(cfg, 0, DType::kBF16);
+    const int64_t block = static_cast<int64_t>(m.layout_bf16.bytes);
+    auto pinned = [&](int64_t bytes, const std::string& what) {
+      auto p = m.dev->alloc_pinned(bytes, what);
+      if (!p.ok()) throw CudaError(p.status().message());
+      return *p;
+    };
+    // Pinned blocks first (streamed from host, CPU-computed), so the ring knows its sources. A block
+    // read from the store needs room for its 4 KiB-padded size.
+    const int64_t host_block = store ? static_cast<int64_t>((m.layout_bf16.bytes + kPackAlign - 1) / kPackAlign * kPackAlign) : block;
+    m.host_layers.assign(L, nullptr);
+    std::vector<RingLayer> order;
+    for (int64_t il = 0; il < L; ++il) {
+      if (place[il] == Place::kResident) continue;
+      if (source[il] != Tier::kDisk) m.host_layers[il] = pinned(host_block, "layer " + std::to_string(il));
+      if (place[il] == Place::kStreamed) order.push_back({il, m.host_layers[il], source[il] == Tier::kDisk ? il + 1 : -1});
+      if (place[il] == Place::kStreamed && source[il] == Tier::kDisk) m.ring_has_disk = true;
+    }
+    if (!order.empty()) {
+      RingOptions ro;
+      ro.n_slots = opts.n_slots;
+      auto ring = StagingRing::create(*m.dev, std::move(order), block, store, ro);
+      if (!ring.ok()) return ring.status();
+      m.ring = std::move(*ring);
+    }
+    // Building a layer that does not stay resident needs one layer of device memory: ring slot 0
+    // (unused until the first step), else a temporary buffer (the plan keeps room for the slots).
+    void* build = nullptr;
+    bool build_owned = false;
+    auto build_buffer = [&]() {
+      if (build) return build;
+      if (m.ring) {
+        build = m.ring->slot(0);
+      } else {
+        build = m.alloc<uint8_t>(block, "layer build buffer");
+        build_owned = true;
+      }
+      return build;
+    };
+
     // Host bytes go through one device staging buffer when they need converting to BF16.
     int64_t stage_elems = 0;
     auto consider = [&](const TensorView& v) {
       if (!v.empty() && v.dtype != DType::kBF16) stage_elems = std::max(stage_elems, v.numel());
     };
-    for (int64_t il = 0; il < cfg.n_layers; ++il)
+    for (int64_t il = 0; il < L; ++il)
       for (const auto& v : ws.layer(il).t) consider(v);
     for (const auto& v : ws.globals().t) consider(v);
-    void* stage = stage_elems ? m.alloc<float>(stage_elems) : nullptr;
+    void* stage = stage_elems ? m.alloc<float>(stage_elems, "conversion buffer") : nullptr;
 
     auto put = [&](const TensorView& src, bf16* dst, int64_t il, int t) {
       const int64_t n = src.numel();
@@ -359,30 +313,41 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
         CUDA_CHECK(cudaStreamSynchronize(m.stream));  // the stage is reused
       }
     };
-    auto view = [](bf16* p, std::initializer_list<int64_t> shape) { return TensorView::contiguous(p, DType::kBF16, shape, Tier::kDevice); };
-    const int64_t L = cfg.n_layers;
-    m.n_resident = opts.n_resident_layers < 0 ? L : std::min<int64_t>(L, opts.n_resident_layers);
-    m.layer_elems = E + (Q + 2 * KV) * E + (cfg.attention_bias ? Q + 2 * KV : 0) + E * Q + E + 2 * F * E + E * F;
-    m.host_layers.assign(L, nullptr);
-    if (m.n_resident < L) {
-      m.n_slots = std::max(2, opts.n_slots);
-      CUDA_CHECK(cudaStreamCreateWithFlags(&m.copy_stream, cudaStreamNonBlocking));
-      for (int sl = 0; sl < m.n_slots; ++sl) {
-        m.slots.push_back(m.alloc<bf16>(m.layer_elems));
-        m.slot_views.push_back(m.layout(m.slots.back(), Tier::kDevice));
-        cudaEvent_t a, b;
-        CUDA_CHECK(cudaEventCreateWithFlags(&a, cudaEventDisableTiming));
-        CUDA_CHECK(cudaEventCreateWithFlags(&b, cudaEventDisableTiming));
-        m.copied.push_back(a);
-        m.freed.push_back(b);
-      }
+    std::unique_ptr<DiskReader> reader;
+    void* disk_tmp = nullptr;
+    if (store) {
+      auto r = DiskReader::open(*store);
+      if (!r.ok()) return r.status();
+      reader = std::move(*r);
     }
-    // Resident layers: one allocation each. Streamed layers: built in slot 0 (uploaded, converted or
-    // generated exactly as resident ones), then kept in pinned host memory.
+    auto read_block = [&](int64_t il, void* dst) -> Status {
+      FERRY_RETURN_IF_ERROR(reader->submit(0, il + 1, dst));
+      return reader->wait(0);
+    };
     for (int64_t il = 0; il < L; ++il) {
+      if (place[il] != Place::kResident && source[il] == Tier::kDisk) {
+        ws.place_layer(il, m.layout(nullptr, Tier::kDisk), Tier::kDisk);  // the ring reads it
+        continue;
+      }
+      if (store) {
+        // From the packed store: straight into the pinned block, or via a pinned buffer to the GPU.
+        if (place[il] != Place::kResident) {
+          if (Status st = read_block(il, m.host_layers[il]); !st.ok()) return st;
+          ws.place_layer(il, m.layout(m.host_layers[il], Tier::kPinnedHost), Tier::kPinnedHost);
+          continue;
+        }
+        if (!disk_tmp) disk_tmp = pinned(host_block, "disk read buffer");
+        if (Status st = read_block(il, disk_tmp); !st.ok()) return st;
+        void* base = m.alloc<uint8_t>(block, "resident layer");
+        CUDA_CHECK(cudaMemcpyAsync(base, disk_tmp, block, cudaMemcpyHostToDevice, m.stream));
+        CUDA_CHECK(cudaStreamSynchronize(m.stream));
+        ws.place_layer(il, m.layout(base, Tier::kDevice), Tier::kDevice);
+        continue;
+      }
+      // Uploaded, converted or generated on the GPU; a non-resident layer is then copied down once.
       const LayerWeights& h = ws.layer(il);
-      const bool resident = il < m.n_resident;
-      bf16* base = resident ? m.alloc<bf16>(m.layer_elems) : m.slots[0];
+      const bool resident = place[il] == Place::kResident;
+      void* base = resident ? m.alloc<uint8_t>(block, "resident layer") : build_buffer();
       LayerWeights d = m.layout(base, Tier::kDevice);
       for (int t = 0; t < kLayerTensorCount; ++t)
         if (h.t[t].n_dims > 0) put(h.t[t], d.t[t].as<bf16>(), il, t);  // n_dims 0: the model has no such tensor
@@ -390,44 +355,42 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
         ws.place_layer(il, d, Tier::kDevice);
         continue;
       }
-      bf16* host = nullptr;
-      if (cudaMallocHost(&host, m.layer_elems * 2) != cudaSuccess) {
-        cudaGetLastError();
-        throw CudaError(strprintf("cannot allocate %.2f MiB of pinned host memory for streamed layer %lld", m.layer_elems * 2 / 1048576.0,
-                                  static_cast<long long>(il)));
-      }
-      m.host_layers[il] = host;
-      CUDA_CHECK(cudaMemcpyAsync(host, base, m.layer_elems * 2, cudaMemcpyDeviceToHost, m.stream));
+      CUDA_CHECK(cudaMemcpyAsync(m.host_layers[il], base, block, cudaMemcpyDeviceToHost, m.stream));
       CUDA_CHECK(cudaStreamSynchronize(m.stream));
-      ws.place_layer(il, m.layout(host, Tier::kPinnedHost), Tier::kPinnedHost);
+      ws.place_layer(il, m.layout(m.host_layers[il], Tier::kPinnedHost), Tier::kPinnedHost);
     }
+    if (disk_tmp) m.dev->free_pinned(disk_tmp);
+    if (build_owned) m.release(build);
+    auto view = [](bf16* p, std::initializer_list<int64_t> shape) { return TensorView::contiguous(p, DType::kBF16, shape, Tier::kDevice); };
     const GlobalWeights& gh = ws.globals();
     GlobalWeights gd;
-    gd.t[kTokEmbd] = view(m.alloc<bf16>(V * E), {V, E});
+    gd.t[kTokEmbd] = view(m.alloc<bf16>(V * E, "embedding"), {V, E});
     put(gh.t[kTokEmbd], gd.t[kTokEmbd].as<bf16>(), -1, kTokEmbd);
-    gd.t[kOutNorm] = view(m.alloc<bf16>(E), {E});
+    gd.t[kOutNorm] = view(m.alloc<bf16>(E, "final norm"), {E});
     put(gh.t[kOutNorm], gd.t[kOutNorm].as<bf16>(), -1, kOutNorm);
     if (cfg.tie_word_embeddings) {
       gd.t[kLmHead] = gd.t[kTokEmbd];
     } else {
-      gd.t[kLmHead] = view(m.alloc<bf16>(V * E), {V, E});
+      gd.t[kLmHead] = view(m.alloc<bf16>(V * E, "lm_head"), {V, E});
       put(gh.t[kLmHead], gd.t[kLmHead].as<bf16>(), -1, kLmHead);
     }
     ws.place_globals(gd);
 
-    // KV pool and rotary frequencies.
+    // KV pool (GPU-computed layers) and rotary frequencies.
     m.kv_shape = kvs;
     m.max_blocks = static_cast<int32_t>(std::min<int64_t>(kvs.n_blocks, (cfg.n_ctx_max + kvs.block_size - 1) / kvs.block_size));
-    const int64_t pool = kvs.n_blocks * kvs.block_size * KV;
-    for (int64_t il = 0; il < cfg.n_layers; ++il) {
-      m.k_pool.push_back(m.alloc<bf16>(pool));
-      m.v_pool.push_back(m.alloc<bf16>(pool));
+    const int64_t pool = kvs.n_blocks * kvs.block_size * cfg.kv_dim();
+    for (int64_t il = 0; il < L; ++il) {
+      const bool gpu_kv = place[il] != Place::kCpu;
+      m.k_pool.push_back(gpu_kv ? m.alloc<bf16>(pool, "KV cache") : nullptr);
+      m.v_pool.push_back(gpu_kv ? m.alloc<bf16>(pool, "KV cache") : nullptr);
     }
     const std::vector<float> inv = rope_inv_freq(cfg);
-    m.inv_freq = m.alloc<float>(static_cast<int64_t>(inv.size()));
+    m.inv_freq = m.alloc<float>(static_cast<int64_t>(inv.size()), "rotary frequencies");
     CUDA_CHECK(cudaMemcpyAsync(m.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice, m.stream));
     CUDA_CHECK(cudaStreamSynchronize(m.stream));
     m.release(stage);
+    if (std::count(place.begin(), place.end(), Place::kCpu) > 0) m.cpu = std::make_unique<cpu::CpuExecutor>(cfg);
   } catch (const CudaError& e) {
     return out_of_memory(std::string("--device gpu: ") + e.what());
   }
@@ -486,6 +449,13 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       if (static_cast<int64_t>(bt.size()) > m.max_blocks) return invalid_argument("sequence longer than the GPU block table");
       std::copy(bt.begin(), bt.end(), tables + r * m.max_blocks);
     }
+    if (m.cpu) {
+      for (int64_t il = 0; il < m.cfg.n_layers; ++il)
+        if (m.place[il] == Place::kCpu && !kv.has_host_storage(il))
+          return invalid_argument(strprintf("gpu executor: layer %lld is computed on the CPU but its KV cache has no host storage", (long long)il));
+      m.cpu->use_hidden(m.x_host);
+      FERRY_RETURN_IF_ERROR(m.cpu->begin_step(b, kv));
+    }
     const int64_t in_n = 5 * T + n_out + m.n_rows * m.max_blocks;
     m.pending_delta = false;
     if (decode && m.opts.cuda_graphs && m.n_resident == m.cfg.n_layers) {
@@ -518,26 +488,37 @@ void GpuExecutor::embed(const GlobalWeights& w) {
   embedding(w[kTokEmbd].as<bf16>(), m.in_d, m.T, m.cfg.n_embd, m.x, m.stream);
 }
 
-void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache&) {
+void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   Impl& m = *impl_;
   if (m.mode == Impl::Mode::kReplay) return;
+  if (m.place[il] == Place::kCpu) {
+    // The residual goes down, the CPU runs the layer from pinned host memory (its KV in host memory),
+    // the residual comes back. The copy stream keeps streaming the next layers meanwhile.
+    TraceRange r("gpu.cpu_layer", il);
+    const int64_t n = m.T * m.cfg.n_embd;
+    if (m.pending_delta) add_f32(m.x, m.tmp, n, m.stream);
+    CUDA_CHECK(cudaMemcpyAsync(m.x_host, m.x, n * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
+    CUDA_CHECK(cudaEventRecord(m.x_down, m.stream));
+    CUDA_CHECK(cudaEventSynchronize(m.x_down));
+    const int64_t t0 = m.dev->tracing() ? Tracer::get().now_ns() : 0;
+    m.cpu->layer(il, wl, kv);
+    if (m.dev->tracing()) Tracer::get().complete("cpu.compute", "layer " + std::to_string(il), t0, Tracer::get().now_ns() - t0);
+    CUDA_CHECK(cudaMemcpyAsync(m.x, m.x_host, n * sizeof(float), cudaMemcpyHostToDevice, m.stream));
+    m.pending_delta = false;
+    return;
+  }
   const LayerWeights* wp = &wl;
-  int slot = -1;
-  if (il >= m.n_resident) {
-    // This layer's copy (issued one or more layers ago) and the next ones' (wrapping into the next
-    // step), then the compute stream waits for this layer's bytes only.
-    TraceRange r("gpu.stream_weights", il);
-    const int64_t n_streamed = m.cfg.n_layers - m.n_resident;
-    FERRY_CHECK(il == m.n_resident + m.use % n_streamed);  // streamed layers are used in order
-    m.issue_until(m.use + m.n_slots);
-    slot = static_cast<int>(m.use % m.n_slots);
-    CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.copied[slot], 0));
-    wp = &m.slot_views[slot];
-    ++m.use;
+  LayerWeights slot_views;
+  const bool streamed = m.place[il] == Place::kStreamed;
+  if (streamed) {
+    // This layer's copy (issued layers ago) and the next ones' (wrapping into the next step); the
+    // compute stream waits for this layer's bytes only.
+    slot_views = m.layout(m.ring->begin(il), Tier::kDevice);
+    wp = &slot_views;
   }
   const LayerWeights& w = *wp;
   FERRY_CHECK(w[kWq].tier == Tier::kDevice);
-  cudaEvent_t span = m.span_begin(m.stream);
+  cudaEvent_t span = m.dev->span_begin(m.stream);
   const ModelConfig& c = m.cfg;
   const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -561,8 +542,8 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache&) {
     swiglu(m.gu, T, F, m.hbuf, m.stream);
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream);
   }
-  m.span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
-  if (slot >= 0) CUDA_CHECK(cudaEventRecord(m.freed[slot], m.stream));  // the slot may be refilled
+  m.dev->span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
+  if (streamed) m.ring->end();  // the slot may be refilled once this layer's kernels are done
   m.pending_delta = true;
 }
 
@@ -571,11 +552,11 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
   const ModelConfig& c = m.cfg;
   if (m.mode != Impl::Mode::kReplay && m.n_out > 0) {
     TraceRange r("gpu.head");
-    cudaEvent_t span = m.span_begin(m.stream);
+    cudaEvent_t span = m.dev->span_begin(m.stream);
     add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kOutNorm].as<bf16>(), m.in_d + 3 * m.T, m.n_out, c.n_embd,
                 static_cast<float>(c.rms_norm_eps), m.xn, m.stream);
     gemm_f32(m.blas, m.xn, w[kLmHead].as<bf16>(), m.logits, m.n_out, c.n_vocab, c.n_embd, m.stream);
-    m.span_end(span, m.stream, "gpu.compute", "head");
+    m.dev->span_end(span, m.stream, "gpu.compute", "head");
   }
   if (m.mode == Impl::Mode::kCapture) {
     cudaGraph_t g = nullptr;
@@ -596,7 +577,19 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
   if (logits == nullptr) return;  // kept on the device for sample()
   if (m.n_out > 0) CUDA_CHECK(cudaMemcpyAsync(logits, m.logits, m.n_out * c.n_vocab * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
   CUDA_CHECK(cudaStreamSynchronize(m.stream));
-  m.resolve_spans();
+  m.dev->resolve_spans();
+}
+
+Status GpuExecutor::end_step() {
+  Impl& m = *impl_;
+  if (!m.ring_has_disk) return Status::Ok();
+  // Disk reads report their errors on the host: wait for this step's work, then ask.
+  try {
+    CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  } catch (const CudaError& e) {
+    return Status(ErrorCode::kInternal, e.what());
+  }
+  return m.ring->status();
 }
 
 bool GpuExecutor::can_sample(const SamplingParams& p) const { return p.temperature == 0.0f || (p.top_k >= 1 && p.top_k <= kMaxTopK); }
@@ -616,7 +609,7 @@ Status GpuExecutor::sample(const SamplingParams& p, const std::vector<uint64_t>&
     }
     CUDA_CHECK(cudaMemcpyAsync(out, m.tokens_out, m.n_out * 4, cudaMemcpyDeviceToHost, m.stream));
     CUDA_CHECK(cudaStreamSynchronize(m.stream));
-    m.resolve_spans();
+    m.dev->resolve_spans();
   } catch (const CudaError& e) {
     return Status(ErrorCode::kInternal, e.what());
   }

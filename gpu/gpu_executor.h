@@ -9,6 +9,7 @@
 
 #include "offload/kv_cache.h"
 #include "offload/weight_store.h"
+#include "runtime/budget.h"
 #include "runtime/executor.h"
 
 namespace ferry::gpu {
@@ -16,15 +17,19 @@ namespace ferry::gpu {
 struct GpuOptions {
   bool cuda_graphs = true;          // capture and replay decode steps (when every layer is resident)
   int device = 0;
-  int64_t n_resident_layers = -1;   // layers 0..n-1 stay on the GPU, the rest are streamed; -1: all
+  GpuPlan plan;                     // placement per layer (runtime/budget.h); empty: n_resident_layers
+  int64_t n_resident_layers = -1;   // without a plan: layers 0..n-1 stay on the GPU, the rest are streamed; -1: all
   int n_slots = 3;                  // staging ring for streamed layers (prefetch depth n_slots - 1)
+  int64_t cap_bytes = 0;            // ferry's GPU allocations never pass this (--gpu-mem less the runtime reserve); 0: no cap
 };
 
 class GpuExecutor final : public Executor {
  public:
-  // Puts every weight of `ws` on the GPU (uploading checkpoint bytes, converting F32/F16 to BF16, or
-  // generating synthetic weights in place) and makes `ws` serve them from its device tier. Allocates
-  // the KV pool for `kv` (whose block tables the KvCache keeps on the host).
+  // Places every layer of `ws` as opts.plan says: resident layers in GPU memory, streamed ones in
+  // pinned host memory or the packed store (ws.packed(), BF16), CPU-computed ones in pinned host
+  // memory with their KV in the KvCache's host storage (which the caller creates for those layers).
+  // Weights are uploaded, converted from F32/F16, read from the store, or generated in place
+  // (synthetic), and `ws` then serves the placed views. Allocates the GPU KV pool for the other layers.
   static Expected<std::unique_ptr<GpuExecutor>> create(WeightStore& ws, const KvCacheShape& kv, const GpuOptions& opts = {});
   ~GpuExecutor() override;
 
@@ -33,14 +38,18 @@ class GpuExecutor final : public Executor {
   void embed(const GlobalWeights& w) override;
   void layer(int64_t il, const LayerWeights& w, KvCache& kv) override;
   void head(const GlobalWeights& w, float* logits) override;
+  Status end_step() override;
   // Greedy, and top-k (k <= 256) with temperature and top-p, run on the GPU.
   bool can_sample(const SamplingParams& p) const override;
   Status sample(const SamplingParams& p, const std::vector<uint64_t>& seeds, uint64_t step, int32_t* out) override;
 
-  // Returns the GPU memory this executor holds, in bytes.
+  // Returns the GPU memory this executor holds, and the most it held, in bytes.
   int64_t device_bytes() const;
-  // Returns the layers streamed from pinned host memory each step, and the bytes copied so far.
+  int64_t peak_device_bytes() const;
+  // Returns the layers streamed each step (from pinned host memory or disk), the layers computed on
+  // the CPU, and the bytes copied so far.
   int64_t n_streamed_layers() const;
+  int64_t n_cpu_layers() const;
   int64_t streamed_bytes() const;
   // Returns how many decode graphs were captured and how many steps replayed one.
   int64_t graphs_captured() const;

@@ -14,10 +14,13 @@ Status GpuExecutor::begin_step(const StepBatch&, const KvCache&) { return unsupp
 void GpuExecutor::embed(const GlobalWeights&) {}
 void GpuExecutor::layer(int64_t, const LayerWeights&, KvCache&) {}
 void GpuExecutor::head(const GlobalWeights&, float*) {}
+Status GpuExecutor::end_step() { return unsupported("built without CUDA"); }
 bool GpuExecutor::can_sample(const SamplingParams&) const { return false; }
 Status GpuExecutor::sample(const SamplingParams&, const std::vector<uint64_t>&, uint64_t, int32_t*) { return unsupported("built without CUDA"); }
 int64_t GpuExecutor::device_bytes() const { return 0; }
+int64_t GpuExecutor::peak_device_bytes() const { return 0; }
 int64_t GpuExecutor::n_streamed_layers() const { return 0; }
+int64_t GpuExecutor::n_cpu_layers() const { return 0; }
 int64_t GpuExecutor::streamed_bytes() const { return 0; }
 int64_t GpuExecutor::graphs_captured() const { return 0; }
 int64_t GpuExecutor::graph_replays() const { return 0; }

@@ -39,6 +39,8 @@ void embedding(const bf16* table, const int32_t* ids, int64_t n, int64_t n_embd,
 // BF16 GEMM run on both). src = rows ? rows[r] : r. x and delta f32 [n_tokens, n_embd], w bf16.
 void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* rows, int64_t n_rows, int64_t n_embd,
                  float eps, bf16* out, cudaStream_t s, bf16* out_lo = nullptr);
+// x[i] += delta[i], f32 (the residual handed to a CPU-computed layer).
+void add_f32(float* x, const float* delta, int64_t n, cudaStream_t s);
 
 // Paged KV-cache geometry, the same as offload/kv_cache.h: per layer [n_blocks, block_size, n_kv, head_dim].
 struct PagedKv {

@@ -80,3 +80,20 @@ void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* row
 }
 
 }  // namespace ferry::gpu
+
+namespace ferry::gpu {
+
+namespace {
+__global__ void add_f32_kernel(float* __restrict__ x, const float* __restrict__ d, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) x[i] += d[i];
+}
+}  // namespace
+
+void add_f32(float* x, const float* delta, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  add_f32_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, delta, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace ferry::gpu

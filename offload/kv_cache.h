@@ -31,7 +31,10 @@ class KvCache {
   // (an allocation failure names the size). Without it another executor (the GPU's) holds the
   // blocks' bytes and this object only manages sequences, block tables and lengths.
   static Expected<KvCache> create(const KvCacheShape& shape, bool host_storage = true);
-  bool has_host_storage() const { return !k_.empty(); }
+  // Host storage for the layers where `host_layers[il]` only (the layers a GPU executor computes on
+  // the CPU).
+  static Expected<KvCache> create(const KvCacheShape& shape, const std::vector<bool>& host_layers);
+  bool has_host_storage(int64_t il) const { return il < static_cast<int64_t>(k_.size()) && k_[il].data() != nullptr; }
 
   const KvCacheShape& shape() const { return shape_; }
   // Returns a new sequence id (its length is 0).

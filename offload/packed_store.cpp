@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
 
+#include "offload/layer_layout.h"
 #include "offload/weight_store.h"
 
 namespace ferry {
@@ -90,25 +91,43 @@ Status pack_store(const WeightStore& ws, const std::string& out, const PackOptio
   uint64_t offset = 0, written = 0;
   std::vector<uint8_t> buf;
   for (int64_t b = 0; b <= cfg.n_layers; ++b) {
-    // Lay the block out, copy its tensors, checksum, write.
+    // Lay the block out (globals: 256-byte aligned tensors; layers: the LayerLayout, back to back),
+    // copy its tensors (converted to BF16 with --dtype bf16), checksum, write.
     json tensors = json::array();
     uint64_t at = 0;
-    std::vector<std::pair<uint64_t, const TensorView*>> placed;
+    struct Placed {
+      uint64_t offset;
+      const TensorView* v;
+      DType dtype;
+    };
+    std::vector<Placed> placed;
     for (auto [slot, v] : block_tensors(ws, b)) {
       if (v->data == nullptr) {
         ::close(fd);
         return fail(unsupported("ferry pack: the weights are not in host memory (synthetic stores must be generated on the host)"));
       }
-      at = round_up(at, kPackTensorAlign);
-      placed.emplace_back(at, v);
+      const DType dt = opts.bf16 && v->dtype != DType::kBF16 ? DType::kBF16 : v->dtype;
+      const uint64_t nbytes = static_cast<uint64_t>(v->numel()) * dtype_size(dt);
+      if (b == 0) at = round_up(at, kPackTensorAlign);
+      placed.push_back({at, v, dt});
       std::vector<int64_t> shape(v->shape.begin(), v->shape.begin() + v->n_dims);
-      tensors.push_back({{"name", hf_name(cfg, b, slot)}, {"slot", slot}, {"dtype", std::string(dtype_name(v->dtype))},
-                         {"shape", shape}, {"offset", at}, {"bytes", v->nbytes()}});
-      at += v->nbytes();
+      tensors.push_back({{"name", hf_name(cfg, b, slot)}, {"slot", slot}, {"dtype", std::string(dtype_name(dt))},
+                         {"shape", shape}, {"offset", at}, {"bytes", nbytes}});
+      at += nbytes;
     }
     const uint64_t bytes = at, padded = round_up(bytes, kPackAlign);
     buf.assign(padded, 0);
-    for (auto [o, v] : placed) std::memcpy(buf.data() + o, v->data, v->nbytes());
+    for (const Placed& pl : placed) {
+      uint8_t* dst = buf.data() + pl.offset;
+      if (pl.dtype == pl.v->dtype) {
+        std::memcpy(dst, pl.v->data, pl.v->nbytes());
+      } else {
+        uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+        std::vector<float> f(static_cast<size_t>(pl.v->numel()));
+        convert_to_f32(pl.v->data, pl.v->dtype, f.data(), f.size());
+        for (size_t i = 0; i < f.size(); ++i) o[i] = f32_to_bf16(f[i]);
+      }
+    }
     const uint64_t h = XXH3_64bits(buf.data(), bytes);
     if (Status st = write_all(fd, wpath, buf.data(), padded, offset, opts, &written); !st.ok()) {
       ::close(fd);
@@ -124,7 +143,7 @@ Status pack_store(const WeightStore& ws, const std::string& out, const PackOptio
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) return fail(io_error(strprintf("%s: flush failed: %s", wpath.c_str(), std::strerror(errno))));
   json manifest = {{"format", "ferry-pack"},
-                   {"version", 1},
+                   {"version", 2},
                    {"architecture", cfg.architecture},
                    {"n_layers", cfg.n_layers},
                    {"source", ws.source()},
@@ -137,7 +156,7 @@ Status pack_store(const WeightStore& ws, const std::string& out, const PackOptio
   return Status::Ok();
 }
 
-Expected<PackedManifest> open_store(const std::string& dir, const ModelConfig& cfg) {
+Expected<PackedManifest> open_store_unchecked(const std::string& dir) {
   const std::string mpath = dir + "/manifest.json";
   std::ifstream f(mpath, std::ios::binary);
   if (!f) return not_found(strprintf("--disk %s: no manifest.json (not a store written by 'ferry pack', or an interrupted one)", dir.c_str()));
@@ -146,7 +165,8 @@ Expected<PackedManifest> open_store(const std::string& dir, const ModelConfig& c
   json j = json::parse(ss.str(), nullptr, false);
   if (j.is_discarded() || !j.is_object() || j.value("format", "") != "ferry-pack")
     return corrupt(strprintf("%s: not a ferry-pack manifest", mpath.c_str()));
-  if (j.value("version", 0) != 1) return unsupported(strprintf("%s: manifest version %d is not supported (1)", mpath.c_str(), j.value("version", 0)));
+  if (j.value("version", 0) != 2)
+    return unsupported(strprintf("%s: manifest version %d is not supported (2; repack with this ferry)", mpath.c_str(), j.value("version", 0)));
   PackedManifest m;
   m.dir = dir;
   try {
@@ -176,6 +196,17 @@ Expected<PackedManifest> open_store(const std::string& dir, const ModelConfig& c
   } catch (const std::exception& e) {
     return corrupt(strprintf("%s: malformed manifest: %s", mpath.c_str(), e.what()));
   }
+  struct stat st {};
+  if (::stat(m.weights_path().c_str(), &st) != 0) return not_found(strprintf("%s: missing", m.weights_path().c_str()));
+  if (static_cast<uint64_t>(st.st_size) < m.file_bytes)
+    return corrupt(strprintf("%s: truncated: %lld bytes, the manifest needs %llu", m.weights_path().c_str(), (long long)st.st_size,
+                             (unsigned long long)m.file_bytes));
+  return m;
+}
+
+Expected<PackedManifest> open_store(const std::string& dir, const ModelConfig& cfg) {
+  const std::string mpath = dir + "/manifest.json";
+  FERRY_ASSIGN_OR_RETURN(PackedManifest m, open_store_unchecked(dir));
   // The store must hold exactly what the config's recipe needs.
   if (static_cast<int64_t>(m.blocks.size()) != cfg.n_layers + 1)
     return corrupt(strprintf("%s: %zu blocks, but config.json has %lld layers (+ globals)", mpath.c_str(), m.blocks.size(), (long long)cfg.n_layers));
@@ -188,12 +219,46 @@ Expected<PackedManifest> open_store(const std::string& dir, const ModelConfig& c
       for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
       if (numel * dtype_size(t.dtype) != t.bytes) return corrupt(strprintf("%s: tensor '%s': dtype and shape disagree with its size", mpath.c_str(), t.name.c_str()));
     }
+    if (b == 0) continue;
+    // A layer block is its LayerLayout: executors take the views from the layout.
+    LayerWeights dtypes;
+    for (const auto& t : m.blocks[b].tensors) dtypes.t[t.slot] = TensorView::contiguous(nullptr, t.dtype, t.shape);
+    const LayerLayout lay = layer_layout(cfg, b - 1, dtypes);
+    size_t n_present = 0;
+    for (int t = 0; t < kLayerTensorCount; ++t) n_present += lay.present[t];
+    if (m.blocks[b].tensors.size() != n_present || m.blocks[b].bytes != lay.bytes)
+      return corrupt(strprintf("%s: block '%s' does not hold the layer's tensors", mpath.c_str(), m.blocks[b].name.c_str()));
+    for (const auto& t : m.blocks[b].tensors)
+      if (t.offset != lay.offset[t.slot])
+        return corrupt(strprintf("%s: tensor '%s' is not at its layout offset", mpath.c_str(), t.name.c_str()));
   }
-  struct stat st {};
-  if (::stat(m.weights_path().c_str(), &st) != 0) return not_found(strprintf("%s: missing", m.weights_path().c_str()));
-  if (static_cast<uint64_t>(st.st_size) < m.file_bytes)
-    return corrupt(strprintf("%s: truncated: %lld bytes, the manifest needs %llu", m.weights_path().c_str(), (long long)st.st_size,
-                             (unsigned long long)m.file_bytes));
+  return m;
+}
+
+Expected<PackedManifest> write_scratch_store(const std::string& parent, int64_t bytes) {
+  PackedManifest m;
+  m.dir = parent + "/ferry-calibrate." + std::to_string(getpid());
+  std::error_code ec;
+  fs::remove_all(m.dir, ec);
+  if (!fs::create_directories(m.dir, ec)) return io_error(strprintf("--dir %s: cannot create %s: %s", parent.c_str(), m.dir.c_str(), ec.message().c_str()));
+  const std::string path = m.weights_path();
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return io_error(strprintf("%s: cannot create: %s", path.c_str(), std::strerror(errno)));
+  const uint64_t block = uint64_t{64} << 20;
+  std::vector<uint64_t> buf(block / 8);
+  uint64_t x = 0x9e3779b97f4a7c15ull, written = 0;
+  PackOptions none;
+  for (uint64_t off = 0; off < static_cast<uint64_t>(bytes); off += block) {
+    for (auto& v : buf) v = (x = x * 6364136223846793005ull + 1442695040888963407ull);  // incompressible
+    if (Status st = write_all(fd, path, buf.data(), block, off, none, &written); !st.ok()) {
+      ::close(fd);
+      fs::remove_all(m.dir, ec);
+      return st;
+    }
+    m.blocks.push_back({"scratch." + std::to_string(off / block), off, block, block, XXH3_64bits(buf.data(), block), {}});
+  }
+  m.file_bytes = written;
+  if (::fsync(fd) != 0 || ::close(fd) != 0) return io_error(strprintf("%s: flush failed: %s", path.c_str(), std::strerror(errno)));
   return m;
 }
 

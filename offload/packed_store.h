@@ -2,8 +2,10 @@
 //
 //   STORE/manifest.json   format, version, the source config, and one entry per block
 //   STORE/weights.bin     blocks: block 0 = globals (embedding, final norm, untied lm_head), block
-//                         1 + l = layer l; each block starts 4 KiB aligned and is padded to 4 KiB, its
-//                         tensors at 256-byte aligned offsets, in their stored dtype
+//                         1 + l = layer l; each block starts 4 KiB aligned and is padded to 4 KiB.
+//                         Globals: tensors at 256-byte aligned offsets. Layers: the LayerLayout
+//                         (offload/layer_layout.h), tensors back to back, so a BF16 block copied to
+//                         the GPU as one piece is ready to compute with. Stored dtype, or BF16.
 //
 // Every block has an xxh3-64 checksum of its unpadded bytes, checked on every read. Packing writes
 // STORE.tmp.PID/ and renames it to STORE at the end, so an interrupted pack never leaves a STORE that
@@ -50,8 +52,9 @@ struct PackedManifest {
   std::string weights_path() const { return dir + "/weights.bin"; }
 };
 
-// Test hooks for packing: make the n-th write fail with `errno_value` (ENOSPC, EIO, ...).
+// Packing options, and test hooks: make the write with `errno_value` (ENOSPC, EIO, ...).
 struct PackOptions {
+  bool bf16 = false;  // convert F32/F16 tensors to BF16 (what the GPU streams)
   int64_t fail_write_after_bytes = -1;
   int fail_errno = 0;
 };
@@ -62,5 +65,10 @@ Status pack_store(const WeightStore& ws, const std::string& out, const PackOptio
 // Reads and checks `dir`/manifest.json against `cfg` (block count, tensor names, shapes, dtypes) and
 // the size of weights.bin.
 Expected<PackedManifest> open_store(const std::string& dir, const ModelConfig& cfg);
+// Reads `dir`/manifest.json without a config (blocks and sizes checked; for `ferry calibrate`).
+Expected<PackedManifest> open_store_unchecked(const std::string& dir);
+// Writes `bytes` of incompressible data as a store of 64 MiB blocks (no tensors) in a new directory
+// under `parent`, for measuring disk reads; the caller removes m.dir.
+Expected<PackedManifest> write_scratch_store(const std::string& parent, int64_t bytes);
 
 }  // namespace ferry

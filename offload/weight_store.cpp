@@ -169,6 +169,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_packed(const ModelConfi
   }
   ws->layers_.resize(cfg.n_layers);
   ws->layer_tier_.assign(cfg.n_layers, Tier::kDisk);
+  ws->store_reads_.assign(cfg.n_layers, true);
   for (int64_t il = 0; il < cfg.n_layers; ++il)
     for (const auto& t : blocks[il + 1].tensors) {
       TensorView v = view_of(nullptr, t);
@@ -190,7 +191,7 @@ Status WeightStore::prefetch(int64_t il) {
 }
 
 Expected<const LayerWeights*> WeightStore::acquire(int64_t il) {
-  if (layer_tier_[il] != Tier::kDisk) return &layers_[il];
+  if (store_reads_.empty() || !store_reads_[il]) return &layers_[il];
   const int s = static_cast<int>(il % 2);
   if (slot_layer_[s] != il) {
     if (slot_pending_[s]) {  // a prefetch of another layer is in flight there: let it land first

@@ -49,9 +49,12 @@ class WeightStore {
   Tier layer_tier(int64_t il) const { return layer_tier_[il]; }
   // Serves layer `il` from `views` (in `tier`) from now on. The caller owns that memory and keeps it
   // alive as long as the store is used.
+  // The store stops reading the layer itself (an executor that streams a disk-tier layer through its
+  // own ring places shape-only views with Tier::kDisk).
   void place_layer(int64_t il, const LayerWeights& views, Tier tier) {
     layers_[il] = views;
     layer_tier_[il] = tier;
+    if (!store_reads_.empty()) store_reads_[il] = false;
   }
   void place_globals(const GlobalWeights& views) { globals_ = views; }
   // Synthetic stores can regenerate any tensor in place (on the GPU, say) instead of copying it.
@@ -65,6 +68,8 @@ class WeightStore {
   SyntheticInfo synthetic_info(int64_t il, int t) const;
   // Returns a description of the weights' origin, for `inspect`.
   const std::string& source() const { return source_; }
+  // The packed store behind a --disk model (null otherwise).
+  const PackedManifest* packed() const { return manifest_.get(); }
 
  private:
   WeightStore() = default;
@@ -75,6 +80,7 @@ class WeightStore {
   GlobalWeights globals_;
   std::vector<LayerWeights> layers_;
   std::vector<Tier> layer_tier_;
+  std::vector<bool> store_reads_;  // disk-tier layers the store reads itself in acquire()
   bool synthetic_ = false;
   // Disk tier.
   std::unique_ptr<PackedManifest> manifest_;

@@ -3,6 +3,13 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "models/safetensors.h"
 
 namespace ferry {
 
@@ -61,48 +68,192 @@ int64_t gpu_workspace_bytes(const ModelConfig& c, int64_t T, int64_t B) {
   return n;
 }
 
+const char* place_name(Place p) { return p == Place::kResident ? "resident" : p == Place::kStreamed ? "streamed" : "cpu"; }
+
 std::string GpuPlan::describe() const {
-  return strprintf("%lld layers resident, %lld streamed (layer %s, globals %s, staging %s, workspace %s, runtime reserve %s: %s planned)",
-                   static_cast<long long>(n_resident), static_cast<long long>(n_streamed), format_bytes(layer_bytes).c_str(),
-                   format_bytes(globals_bytes).c_str(), format_bytes(slots_bytes).c_str(), format_bytes(workspace_bytes).c_str(),
-                   format_bytes(reserve_bytes).c_str(), format_bytes(total_bytes).c_str());
+  return strprintf("%lld layers resident, %lld streamed (%lld of them from disk), %lld on the CPU (layer %s, globals %s, staging %s, workspace %s, runtime reserve %s: %s planned)",
+                   static_cast<long long>(n_resident), static_cast<long long>(n_streamed), static_cast<long long>(n_disk),
+                   static_cast<long long>(n_cpu), format_bytes(layer_bytes).c_str(), format_bytes(globals_bytes).c_str(),
+                   format_bytes(slots_bytes).c_str(), format_bytes(workspace_bytes).c_str(), format_bytes(reserve_bytes).c_str(),
+                   format_bytes(total_bytes).c_str());
 }
+
+std::string GpuPlan::placement() const {
+  std::string out;
+  auto label = [&](size_t i) {
+    std::string l = place_name(place[i]);
+    if (place[i] == Place::kStreamed) l += source[i] == Tier::kDisk ? " from disk" : " from host";
+    return l;
+  };
+  for (size_t i = 0; i < place.size();) {
+    size_t j = i;
+    while (j + 1 < place.size() && label(j + 1) == label(i)) ++j;
+    if (!out.empty()) out += ", ";
+    out += std::to_string(i);
+    if (j != i) {
+      out += '-';
+      out += std::to_string(j);
+    }
+    out += ' ';
+    out += label(i);
+    i = j + 1;
+  }
+  return out;
+}
+
+namespace {
+
+struct LayerCosts {
+  double gpu_ms, cpu_ms, copy_ms, disk_ms;
+};
+
+LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch, const HardwareProfile& hw) {
+  const double lb = static_cast<double>(layer_bytes), params = lb / 2, b = static_cast<double>(batch);
+  LayerCosts k;
+  k.gpu_ms = std::max(lb / (hw.hbm_gbs * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
+  // A CPU layer also moves its activations down and back, and costs two host-side hand-offs.
+  k.cpu_ms = std::max(lb / (hw.cpu_layer_gbs * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3 +
+             2.0 * b * static_cast<double>(c.n_embd) * 4 / (hw.h2d_gbs * 1e9) * 1e3 + 0.05;
+  k.copy_ms = lb / (hw.h2d_gbs * 1e9) * 1e3;
+  k.disk_ms = lb / (hw.disk_gbs * 1e9) * 1e3;
+  return k;
+}
+
+}  // namespace
 
 Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   GpuPlan p;
-  p.layer_bytes = gpu_layer_bytes(c);
-  p.globals_bytes = 2 * (c.n_vocab * c.n_embd * (c.tie_word_embeddings ? 1 : 2) + c.n_embd);
-  p.workspace_bytes = gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch);
-  p.reserve_bytes = in.budget_bytes > 0 ? in.runtime_reserve_bytes : 0;
+  const int64_t L = c.n_layers;
+  p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
+  p.globals_bytes = in.globals_bytes > 0 ? in.globals_bytes : 2 * (c.n_vocab * c.n_embd * (c.tie_word_embeddings ? 1 : 2) + c.n_embd);
+  p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch);
+  p.reserve_bytes = in.budget_bytes > 0 && !in.emulated ? in.runtime_reserve_bytes : 0;
+  if (in.cpu_layers > L)
+    return invalid_argument(strprintf("--cpu-layers %lld: the model has %lld layers", (long long)in.cpu_layers, (long long)L));
+  const int64_t forced_cpu = std::max<int64_t>(in.cpu_layers, 0);
   const int64_t fixed = p.globals_bytes + in.kv_bytes + p.workspace_bytes + p.reserve_bytes;
-  if (in.budget_bytes <= 0 || in.budget_bytes >= fixed + c.n_layers * p.layer_bytes) {
-    p.n_resident = c.n_layers;
-    p.total_bytes = fixed + c.n_layers * p.layer_bytes;  // within the budget by the condition above
-    return p;
+  // Resident layers: all that fit (with the staging slots when anything is streamed).
+  int64_t n_res = L;
+  if (in.budget_bytes > 0 && in.budget_bytes < fixed + L * p.layer_bytes) {
+    const int64_t slots = in.n_slots * p.layer_bytes;
+    const int64_t minimum = fixed + slots;
+    if (in.budget_bytes < minimum)
+      return out_of_memory(strprintf("--gpu-mem %s is below the minimum working set of %s (globals %s, KV %s, %d staging slots %s, workspace %s, CUDA runtime %s)",
+                                     format_bytes(in.budget_bytes).c_str(), format_bytes(minimum).c_str(), format_bytes(p.globals_bytes).c_str(),
+                                     format_bytes(in.kv_bytes).c_str(), in.n_slots, format_bytes(slots).c_str(),
+                                     format_bytes(p.workspace_bytes).c_str(), format_bytes(p.reserve_bytes).c_str()));
+    n_res = std::min<int64_t>(L - 1, (in.budget_bytes - minimum) / p.layer_bytes);
   }
-  p.slots_bytes = in.n_slots * p.layer_bytes;
-  const int64_t minimum = fixed + p.slots_bytes;
-  if (in.budget_bytes < minimum)
-    return out_of_memory(strprintf("--gpu-mem %s is below the minimum working set of %s (globals %s, KV %s, %d staging slots %s, workspace %s, CUDA runtime %s)",
-                                   format_bytes(in.budget_bytes).c_str(), format_bytes(minimum).c_str(), format_bytes(p.globals_bytes).c_str(),
-                                   format_bytes(in.kv_bytes).c_str(), in.n_slots, format_bytes(p.slots_bytes).c_str(),
-                                   format_bytes(p.workspace_bytes).c_str(), format_bytes(p.reserve_bytes).c_str()));
-  p.n_resident = std::min<int64_t>(c.n_layers - 1, (in.budget_bytes - minimum) / p.layer_bytes);
-  p.n_streamed = c.n_layers - p.n_resident;
-  p.total_bytes = minimum + p.n_resident * p.layer_bytes;
+  n_res = std::min(n_res, L - forced_cpu);
+  const int64_t R = L - n_res;
+  // Host memory holds as many of the others as --host-mem allows; the rest are read from disk.
+  int64_t host_held = R;
+  if (in.host_budget_bytes >= 0) host_held = std::min<int64_t>(R, in.host_budget_bytes / p.layer_bytes);
+  else if (in.have_disk) host_held = 0;
+  if (host_held < R && !in.have_disk)
+    return out_of_memory(strprintf("--host-mem %s holds %lld of the %lld layers that do not fit on the GPU (%s needed): raise it, or give --disk STORE (from 'ferry pack') for the rest",
+                                   format_bytes(static_cast<double>(std::max<int64_t>(in.host_budget_bytes, 0))).c_str(), (long long)host_held,
+                                   (long long)R, format_bytes(static_cast<double>(R * p.layer_bytes)).c_str()));
+  if (forced_cpu > host_held)
+    return out_of_memory(strprintf("--cpu-layers %lld: CPU-computed layers live in host memory, and --host-mem holds only %lld layers",
+                                   (long long)forced_cpu, (long long)host_held));
+  const int64_t n_disk = R - host_held;
+  // CPU-computed layers: the count that minimises the predicted step.
+  const LayerCosts k = layer_costs(c, p.layer_bytes, in.max_batch, in.hw);
+  auto predict = [&](int64_t n_cpu) {
+    const int64_t s = R - n_cpu;
+    const double copy = static_cast<double>(s) * k.copy_ms, disk = static_cast<double>(n_disk) * k.disk_ms;
+    const double serial = static_cast<double>(L - n_cpu) * k.gpu_ms + static_cast<double>(n_cpu) * k.cpu_ms;
+    return std::max({copy, disk, serial});
+  };
+  int64_t n_cpu = forced_cpu;
+  if (in.cpu_layers < 0)
+    for (int64_t x = 1; x <= host_held; ++x)
+      if (predict(x) < predict(n_cpu) - 1e-9) n_cpu = x;
+  p.predicted_ms = predict(n_cpu);
+  // Layout: resident first; among the others, CPU layers spread evenly between the streamed ones;
+  // streamed layers from host memory first, then from disk.
+  p.place.assign(L, Place::kResident);
+  p.source.assign(L, Tier::kDevice);
+  int64_t host_streamed_left = host_held - n_cpu;
+  for (int64_t j = 0; j < R; ++j) {
+    const int64_t il = n_res + j;
+    const bool cpu = n_cpu > 0 && (j + 1) * n_cpu / R > j * n_cpu / R;
+    if (cpu) {
+      p.place[il] = Place::kCpu;
+      p.source[il] = Tier::kPinnedHost;
+    } else {
+      p.place[il] = Place::kStreamed;
+      p.source[il] = host_streamed_left > 0 ? Tier::kPinnedHost : Tier::kDisk;
+      if (host_streamed_left > 0) --host_streamed_left;
+    }
+  }
+  p.n_resident = n_res;
+  p.n_cpu = n_cpu;
+  p.n_streamed = R - n_cpu;
+  p.n_disk = n_disk;
+  p.slots_bytes = p.n_streamed > 0 ? in.n_slots * p.layer_bytes : 0;
+  p.host_bytes = host_held * p.layer_bytes;
+  p.disk_bytes = n_disk * p.layer_bytes;
+  p.total_bytes = fixed + p.slots_bytes + n_res * p.layer_bytes;
   return p;
 }
 
 PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw) {
   PlanFloor f;
-  const double streamed = static_cast<double>(plan.n_streamed * plan.layer_bytes);
-  const double all = static_cast<double>(cfg.n_layers * plan.layer_bytes + plan.globals_bytes);
-  f.stream_ms = streamed / (hw.h2d_gbs * 1e9) * 1e3;
-  f.hbm_ms = all / (hw.hbm_gbs * 1e9) * 1e3;
-  f.compute_ms = 2.0 * static_cast<double>(cfg.n_params()) * static_cast<double>(batch) / (hw.gemm_tflops * 1e12) * 1e3;
-  f.step_ms = std::max({f.stream_ms, f.hbm_ms, f.compute_ms});
-  f.bound = f.step_ms == f.stream_ms ? "PCIe (streamed weights)" : f.step_ms == f.hbm_ms ? "GPU memory bandwidth" : "GPU compute";
+  const double lb = static_cast<double>(plan.layer_bytes), b = static_cast<double>(batch);
+  const double n_gpu = static_cast<double>(cfg.n_layers - plan.n_cpu), n_cpu = static_cast<double>(plan.n_cpu);
+  f.stream_ms = static_cast<double>(plan.n_streamed) * lb / (hw.h2d_gbs * 1e9) * 1e3;
+  f.disk_ms = static_cast<double>(plan.n_disk) * lb / (hw.disk_gbs * 1e9) * 1e3;
+  f.cpu_ms = n_cpu * std::max(lb / (hw.host_dram_gbs * 1e9), lb * b / (hw.cpu_tflops * 1e12)) * 1e3;
+  f.hbm_ms = (n_gpu * lb + static_cast<double>(plan.globals_bytes)) / (hw.hbm_gbs * 1e9) * 1e3;
+  f.compute_ms = 2.0 * (n_gpu * lb / 2 + static_cast<double>(cfg.n_vocab * cfg.n_embd)) * b / (hw.gemm_tflops * 1e12) * 1e3;
+  const double serial = f.cpu_ms + std::max(f.hbm_ms, f.compute_ms);
+  f.step_ms = std::max({f.stream_ms, f.disk_ms, serial});
+  f.bound = f.step_ms == f.stream_ms   ? "PCIe (streamed weights)"
+            : f.step_ms == f.disk_ms   ? "disk reads"
+            : f.cpu_ms > 0             ? "CPU layers (host DRAM) + GPU layers"
+            : f.hbm_ms >= f.compute_ms ? "GPU memory bandwidth"
+                                       : "GPU compute";
   return f;
+}
+
+std::string profile_path() {
+  if (const char* p = std::getenv("FERRY_PROFILE"); p && *p) return p;
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/ferry/profile.json";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.cache/ferry/profile.json";
+  return ".ferry-profile.json";
+}
+
+HardwareProfile load_profile() {
+  HardwareProfile hw;
+  const std::string path = profile_path();
+  std::ifstream f(path);
+  if (!f) return hw;
+  nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return hw;
+  auto get = [&](const char* k, double& v) {
+    if (j.contains(k) && j[k].is_number() && j[k].get<double>() > 0) v = j[k].get<double>();
+  };
+  get("h2d_gbs", hw.h2d_gbs);
+  get("hbm_gbs", hw.hbm_gbs);
+  get("gemm_tflops", hw.gemm_tflops);
+  get("host_dram_gbs", hw.host_dram_gbs);
+  get("cpu_layer_gbs", hw.cpu_layer_gbs);
+  get("cpu_tflops", hw.cpu_tflops);
+  get("disk_gbs", hw.disk_gbs);
+  hw.source = path + " (" + j.value("measured", std::string("ferry calibrate")) + ")";
+  return hw;
+}
+
+Status save_profile(const HardwareProfile& hw, const std::string& path) {
+  nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  const std::string text = j.dump(1) + "\n";
+  return write_file_atomic(path, text.data(), text.size());
 }
 
 }  // namespace ferry

@@ -7,7 +7,10 @@
 #include <cstdint>
 #include <string>
 
+#include <vector>
+
 #include "models/config.h"
+#include "runtime/tensor.h"
 #include "runtime/status.h"
 
 namespace ferry {
@@ -17,27 +20,66 @@ Expected<int64_t> parse_size(const std::string& text, const char* flag);
 // Formats bytes as "8.00 GiB".
 std::string format_bytes(double bytes);
 
+// Where a decoder layer runs and where its weights live.
+enum class Place : uint8_t {
+  kResident,  // weights on the GPU for the whole run
+  kStreamed,  // weights copied to a GPU staging slot every step (from pinned host memory or disk)
+  kCpu,       // computed on the CPU from pinned host memory; only activations cross PCIe
+};
+const char* place_name(Place p);
+
+// Hardware rates the cost model uses. The built-in profile is what `ferry calibrate` measured on the
+// H100 GPU host (notes/offload.md); `ferry calibrate` measures the user's machine and caches it.
+struct HardwareProfile {
+  double h2d_gbs = 54.9;        // pinned host -> device copies
+  double hbm_gbs = 3025;        // device memory, bytes read + written per second
+  double gemm_tflops = 790;     // GPU BF16 dense
+  double host_dram_gbs = 85;    // host memory read, all cores (the floor of a CPU-computed layer)
+  double cpu_layer_gbs = 85;    // weight bytes per second through ferry's CPU layer at batch 1
+  double cpu_tflops = 5.7;      // CPU GEMM rate at large batch
+  double disk_gbs = 2.7;        // O_DIRECT reads of the packed store
+  std::string source = "built-in (H100 host, 2026-11-23)";
+};
+// Returns the profile cached by `ferry calibrate` (FERRY_PROFILE, else $XDG_CACHE_HOME/ferry/
+// profile.json, else ~/.cache/ferry/profile.json), or the built-in one when there is none.
+HardwareProfile load_profile();
+std::string profile_path();
+Status save_profile(const HardwareProfile& hw, const std::string& path);
+
 struct GpuPlanInput {
-  int64_t budget_bytes = 0;      // --gpu-mem
-  int64_t kv_bytes = 0;          // the KV pool
+  int64_t budget_bytes = 0;      // --gpu-mem (<= 0: everything resident)
+  int64_t host_budget_bytes = -1;  // --host-mem: pinned host bytes for non-resident layers (-1: unlimited)
+  bool have_disk = false;        // --disk: layers that fit nowhere else are read from the packed store
+  int64_t kv_bytes = 0;          // the KV pool on the GPU
   int64_t max_step_tokens = 512;
-  int64_t max_batch = 1;
+  int64_t max_batch = 1;         // the decode batch the plan is optimised for
+  int64_t cpu_layers = -1;       // --cpu-layers: exactly this many CPU-computed layers (-1: the cost model chooses)
+  bool emulated = false;         // the emulated device: no CUDA runtime, workspace or cuBLAS on it
   int n_slots = 3;               // staging ring when any layer is streamed
+  int64_t layer_bytes = 0;       // one layer on the device (0: BF16, gpu_layer_bytes)
+  int64_t globals_bytes = 0;     // the globals on the device (0: BF16)
+  HardwareProfile hw;
   // What the CUDA runtime itself takes beyond ferry's allocations once kernels and cuBLAS are loaded
   // (measured on the H100: notes/offload.md), kept free so the driver's count stays under the budget.
   int64_t runtime_reserve_bytes = int64_t{384} << 20;
 };
 
 struct GpuPlan {
-  int64_t n_resident = 0;   // layers 0 .. n_resident-1 stay on the GPU
-  int64_t n_streamed = 0;   // the rest come from pinned host memory each step
+  std::vector<Place> place;  // per layer
+  std::vector<Tier> source;  // per layer: kDevice (resident), kPinnedHost or kDisk
+  int64_t n_resident = 0, n_streamed = 0, n_cpu = 0, n_disk = 0;  // n_disk: streamed layers read from disk
   int64_t layer_bytes = 0;  // one layer, BF16
   int64_t globals_bytes = 0;
   int64_t slots_bytes = 0;
   int64_t workspace_bytes = 0;
   int64_t reserve_bytes = 0;
-  int64_t total_bytes = 0;  // what the plan uses, the reserve included
+  int64_t total_bytes = 0;  // GPU bytes the plan uses, the reserve included
+  int64_t host_bytes = 0;   // pinned host bytes of layer weights
+  int64_t disk_bytes = 0;   // bytes read from disk per step
+  double predicted_ms = 0;  // decode step at max_batch, from the cost model
   std::string describe() const;
+  // Returns e.g. "0-14 resident, 15 cpu, 16 streamed, ...", runs of equal placement collapsed.
+  std::string placement() const;
 };
 
 // Returns the bytes of one layer on the GPU (BF16, all tensors).
@@ -45,26 +87,23 @@ int64_t gpu_layer_bytes(const ModelConfig& cfg);
 // Returns an upper bound of the GPU executor's activation workspace for steps of up to
 // `max_step_tokens` tokens and `max_batch` output rows (including the cuBLAS workspace).
 int64_t gpu_workspace_bytes(const ModelConfig& cfg, int64_t max_step_tokens, int64_t max_batch);
-// Plans resident vs streamed layers under the budget, or says why it cannot (naming --gpu-mem).
+// Plans each layer's placement under the budgets, or says why it cannot (naming the flag): the most
+// resident layers that fit, then, among the rest, the number of CPU-computed layers that minimises
+// the predicted step time (spread among the streamed ones so the copy stream runs while the CPU
+// computes), host memory before disk.
 Expected<GpuPlan> plan_gpu(const ModelConfig& cfg, const GpuPlanInput& in);
-
-// Hardware rates for the floor of a plan. The built-in profile is what was measured on the H100 GPU
-// host on 2026-11-23 (notes/gpu.md, notes/offload.md); `ferry calibrate` will measure the user's.
-struct HardwareProfile {
-  double h2d_gbs = 54.9;       // pinned host -> device
-  double hbm_gbs = 3025;       // device memory, bytes read + written per second
-  double gemm_tflops = 790;    // BF16 dense
-  std::string source = "built-in (H100 host, 2026-11-23)";
-};
 
 struct PlanFloor {
   double stream_ms = 0;   // streamed weight bytes over the H2D rate
-  double hbm_ms = 0;      // every weight byte read once from device memory
-  double compute_ms = 0;  // 2 x parameters x batch over the GEMM rate
-  double step_ms = 0;     // the largest of the three (they overlap)
+  double disk_ms = 0;     // disk-tier bytes over the disk rate
+  double cpu_ms = 0;      // CPU-computed layers' bytes over host DRAM bandwidth (+ their FLOPs)
+  double hbm_ms = 0;      // every GPU-computed weight byte read once from device memory
+  double compute_ms = 0;  // 2 x GPU-computed parameters x batch over the GEMM rate
+  double step_ms = 0;     // the largest of these (they overlap)
   const char* bound = "";
 };
-// Returns the decode-step floor of `plan` at batch `batch`.
+// Returns the decode-step floor of `plan` at batch `batch`: every engine at its peak rate, all
+// running at once.
 PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw);
 
 }  // namespace ferry

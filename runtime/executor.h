@@ -51,6 +51,9 @@ class Executor {
   // Final norm and lm_head over the output rows: logits [n_outputs, n_vocab], float32, host memory.
   // With `logits` null the logits stay where the executor computed them (for sample()).
   virtual void head(const GlobalWeights& w, float* logits) = 0;
+  // Ends the step: reports a failure that happened off the calling thread during it (a disk read
+  // of a streamed layer, say). The step's logits are valid only if this returns OK.
+  virtual Status end_step() { return Status::Ok(); }
 
   // Returns true when sample() can draw with `p` where the logits are (no logits copy).
   virtual bool can_sample(const SamplingParams& p) const { return false; }

@@ -38,6 +38,7 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_lo
     TraceRange r("head");
     ex_.head(ws_.globals(), copy_logits ? logits.data() : nullptr);
   }
+  FERRY_RETURN_IF_ERROR(ex_.end_step());
   for (const auto& [s, n] : next_pos) kv_.set_length(s, n);
   return Status::Ok();
 }

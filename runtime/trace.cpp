@@ -44,10 +44,14 @@ size_t Tracer::size() const {
 }
 
 Tracer::Overlap Tracer::overlap(const std::string& copy_track, const std::string& compute_track) const {
+  return overlap(copy_track, std::vector<std::string>{compute_track});
+}
+
+Tracer::Overlap Tracer::overlap(const std::string& copy_track, const std::vector<std::string>& compute_tracks) const {
   std::lock_guard<std::mutex> l(mu_);
   std::vector<std::pair<int64_t, int64_t>> compute, copies;
   for (const auto& e : events_) {
-    if (e.track == compute_track) compute.emplace_back(e.start_ns, e.start_ns + e.dur_ns);
+    if (std::find(compute_tracks.begin(), compute_tracks.end(), e.track) != compute_tracks.end()) compute.emplace_back(e.start_ns, e.start_ns + e.dur_ns);
     if (e.track == copy_track) copies.emplace_back(e.start_ns, e.start_ns + e.dur_ns);
   }
   // Union of the compute spans, then the part of each copy inside it.
@@ -77,7 +81,7 @@ Status Tracer::write(const std::string& path) const {
   std::lock_guard<std::mutex> l(mu_);
   json ev = json::array();
   std::map<std::string, int> tids;
-  for (const char* t : {"cpu", "gpu.compute", "gpu.copy", "disk"}) tids.emplace(t, static_cast<int>(tids.size()) + 1);
+  for (const char* t : {"cpu", "cpu.compute", "gpu.compute", "gpu.copy", "disk"}) tids.emplace(t, static_cast<int>(tids.size()) + 1);
   for (const auto& e : events_)
     if (!tids.count(e.track)) tids.emplace(e.track, static_cast<int>(tids.size()) + 1);
   for (const auto& [name, tid] : tids) {

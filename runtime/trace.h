@@ -32,6 +32,8 @@ class Tracer {
     double compute_ms = 0;
   };
   Overlap overlap(const std::string& copy_track, const std::string& compute_track) const;
+  // The same against the union of several compute tracks (GPU and CPU compute).
+  Overlap overlap(const std::string& copy_track, const std::vector<std::string>& compute_tracks) const;
   // Writes the Chrome trace JSON atomically.
   Status write(const std::string& path) const;
   size_t size() const;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <tbb/blocked_range.h>
 #include <tbb/global_control.h>
 #include <tbb/parallel_for.h>
@@ -445,6 +446,245 @@ int cmd_plan(const PlanFlags& f) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// bench and sweep: decode throughput under a budget, against the plan's prediction and floor.
+struct BenchFlags {
+  ModelFlags m;
+  std::vector<std::string> budgets;  // sweep: --gpu-mem list
+  std::vector<int64_t> batches{1};
+  int64_t n_predict = 32;
+  int64_t prompt_tokens = 16;
+  bool overlap = true;
+  std::string json;
+  std::string out;  // sweep: PREFIX for .csv/.json/.svg
+};
+
+struct BenchPoint {
+  std::string gpu_mem;
+  int64_t batch = 1;
+  std::string error;  // the point could not run (budget below the minimum, say)
+  GpuPlan plan;
+  PlanFloor floor;
+  double decode_tps = 0, prefill_ms = 0, predicted_tps = 0, floor_tps = 0;
+  int64_t ferry_peak = 0, driver_delta = -1;
+  double overlap = -1, copy_ms = 0, compute_ms = 0;
+  std::string device;
+};
+
+// Runs `batch` synthetic prompts of `prompt_tokens` tokens and `n` greedy decode steps. With `traced`
+// the Tracer is on (no CUDA graphs, events around every copy and layer) and only overlap is kept.
+BenchPoint bench_point(const BenchFlags& f, const std::string& gpu_mem, int64_t batch, bool traced) {
+  BenchPoint pt;
+  pt.gpu_mem = gpu_mem;
+  pt.batch = batch;
+  ModelFlags mf = f.m;
+  mf.gpu_mem = gpu_mem;
+  Tracer::get().reset();
+  if (traced) Tracer::get().enable();
+  struct Off {
+    ~Off() { Tracer::get().disable(); }
+  } off;
+  const std::string device = resolve_device(mf.device);
+  auto model = load_model(mf.model, mf.load(false, device));
+  if (!model.ok()) {
+    pt.error = model.status().message();
+    return pt;
+  }
+  const ModelConfig& cfg = model->config;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<int64_t> lengths;
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<int32_t> ids;
+    for (int64_t i = 0; i < f.prompt_tokens; ++i) ids.push_back(static_cast<int32_t>((1 + 7919 * (b + 1) + 104729 * i) % cfg.n_vocab));
+    prompts.push_back(ids);
+    lengths.push_back(f.prompt_tokens + f.n_predict);
+  }
+  auto be = make_backend(device, *model, lengths, mf);
+  if (!be.ok()) {
+    pt.error = be.status().message();
+    return pt;
+  }
+  pt.device = std::string(be->executor->name());
+  Runner runner(*model->weights, *be->executor, *be->kv);
+  GenerateOptions go;
+  go.n_predict = f.n_predict;
+  go.sampling.temperature = 0;
+  go.stop_at_eos = false;
+  auto res = generate(runner, prompts, go);
+  if (!res.ok()) {
+    pt.error = res.status().message();
+    return pt;
+  }
+  const int64_t n_dec = res->n_generated - batch;
+  pt.decode_tps = res->decode_ms > 0 ? n_dec / (res->decode_ms / 1e3) : 0;
+  pt.prefill_ms = res->prefill_ms;
+  if (be->planned) {
+    pt.plan = be->plan;
+    pt.floor = plan_floor(cfg, be->plan, batch, be->hw);
+    pt.predicted_tps = 1e3 * batch / be->plan.predicted_ms;
+    pt.floor_tps = 1e3 * batch / pt.floor.step_ms;
+  }
+  if (be->gpu) {
+    pt.ferry_peak = be->gpu->peak_device_bytes();
+    pt.driver_delta = gpu::driver_used_bytes() - be->driver_before;
+  }
+  if (be->emulated) pt.ferry_peak = be->emulated->device().peak_bytes();
+  if (traced) {
+    const bool gpu_run = be->gpu != nullptr;
+    be->executor.reset();  // resolves the last spans
+    const Tracer::Overlap o = Tracer::get().overlap(gpu_run ? "gpu.copy" : "emulated.copy", std::vector<std::string>{"gpu.compute", "cpu.compute"});
+    pt.overlap = o.hidden_fraction;
+    pt.copy_ms = o.copy_ms;
+    pt.compute_ms = o.compute_ms;
+  }
+  return pt;
+}
+
+nlohmann::json point_json(const BenchPoint& p) {
+  nlohmann::json j = {{"gpu_mem", p.gpu_mem}, {"batch", p.batch}};
+  if (!p.error.empty()) {
+    j["error"] = p.error;
+    return j;
+  }
+  j.update({{"device", p.device},
+            {"decode_tok_s", p.decode_tps},
+            {"prefill_ms", p.prefill_ms},
+            {"predicted_tok_s", p.predicted_tps},
+            {"floor_tok_s", p.floor_tps},
+            {"of_floor", p.floor_tps > 0 ? p.decode_tps / p.floor_tps : 0},
+            {"bound", p.floor.bound},
+            {"resident", p.plan.n_resident},
+            {"streamed", p.plan.n_streamed},
+            {"from_disk", p.plan.n_disk},
+            {"cpu", p.plan.n_cpu},
+            {"placement", p.plan.placement()},
+            {"ferry_peak_bytes", p.ferry_peak},
+            {"driver_delta_bytes", p.driver_delta}});
+  if (p.overlap >= 0) j.update({{"overlap", p.overlap}, {"copy_ms", p.copy_ms}, {"compute_ms", p.compute_ms}});
+  return j;
+}
+
+void print_point(const BenchPoint& p) {
+  if (!p.error.empty()) {
+    std::printf("--gpu-mem %-6s batch %-4lld  not run: %s\n", p.gpu_mem.c_str(), (long long)p.batch, p.error.c_str());
+    return;
+  }
+  std::printf("--gpu-mem %-6s batch %-4lld  decode %8.2f tok/s | predicted %8.2f | floor %8.2f (%s) | %3.0f%% of floor | %lld resident, %lld streamed (%lld disk), %lld cpu | GPU peak %s (driver %s)",
+              p.gpu_mem.empty() ? "-" : p.gpu_mem.c_str(), (long long)p.batch, p.decode_tps, p.predicted_tps, p.floor_tps, p.floor.bound,
+              p.floor_tps > 0 ? 100 * p.decode_tps / p.floor_tps : 0.0, (long long)p.plan.n_resident, (long long)p.plan.n_streamed,
+              (long long)p.plan.n_disk, (long long)p.plan.n_cpu, format_bytes(static_cast<double>(p.ferry_peak)).c_str(),
+              p.driver_delta >= 0 ? format_bytes(static_cast<double>(p.driver_delta)).c_str() : "-");
+  if (p.overlap >= 0) std::printf(" | overlap %.1f%% (%.0f ms copies, %.0f ms compute)", 100 * p.overlap, p.copy_ms, p.compute_ms);
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+int cmd_bench(const BenchFlags& f) {
+  auto threads = apply_threads(f.m.threads);
+  nlohmann::json all = nlohmann::json::array();
+  int rc = 0;
+  for (int64_t batch : f.batches) {
+    BenchPoint p = bench_point(f, f.m.gpu_mem, batch, false);
+    if (p.error.empty() && f.overlap && (p.plan.n_streamed > 0)) {
+      const BenchPoint t = bench_point(f, f.m.gpu_mem, batch, true);
+      p.overlap = t.overlap;
+      p.copy_ms = t.copy_ms;
+      p.compute_ms = t.compute_ms;
+    }
+    print_point(p);
+    if (!p.error.empty()) rc = kExitError;
+    all.push_back(point_json(p));
+  }
+  if (!f.json.empty()) {
+    const std::string text = all.dump(1) + "\n";
+    if (Status st = write_file_atomic(f.json, text.data(), text.size()); !st.ok()) return fail(st.with_context("--json"));
+  }
+  return rc;
+}
+
+// tokens/s against --gpu-mem, one measured line and one dashed floor line per batch.
+std::string sweep_svg(const std::string& title, const std::vector<BenchPoint>& pts, const std::vector<int64_t>& batches) {
+  const double W = 760, H = 460, L = 70, R = 170, T = 40, B = 60;
+  double xmax = 1, ymax = 1;
+  auto gib = [](const std::string& s) {
+    auto b = parse_size(s, "--gpu-mem");
+    return b.ok() ? static_cast<double>(*b) / (1 << 30) : 0.0;
+  };
+  for (const auto& p : pts) {
+    xmax = std::max(xmax, gib(p.gpu_mem));
+    if (p.error.empty()) ymax = std::max({ymax, p.decode_tps, p.floor_tps});
+  }
+  ymax *= 1.1;
+  auto X = [&](double v) { return L + (W - L - R) * v / xmax; };
+  auto Y = [&](double v) { return H - B - (H - T - B) * v / ymax; };
+  const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"};
+  std::string o = strprintf("<svg xmlns='http://www.w3.org/2000/svg' width='%.0f' height='%.0f' font-family='sans-serif' font-size='12'>\n", W, H);
+  o += strprintf("<rect width='100%%' height='100%%' fill='white'/><text x='%.0f' y='22' font-size='14'>%s</text>\n", L, title.c_str());
+  o += strprintf("<line x1='%.0f' y1='%.0f' x2='%.0f' y2='%.0f' stroke='black'/><line x1='%.0f' y1='%.0f' x2='%.0f' y2='%.0f' stroke='black'/>\n", L, H - B,
+                 W - R, H - B, L, T, L, H - B);
+  for (int i = 0; i <= 5; ++i) {
+    const double yv = ymax * i / 5, xv = xmax * i / 5;
+    o += strprintf("<text x='%.0f' y='%.0f' text-anchor='end'>%.1f</text><line x1='%.0f' y1='%.1f' x2='%.0f' y2='%.1f' stroke='#ddd'/>\n", L - 6, Y(yv) + 4, yv,
+                   L, Y(yv), W - R, Y(yv));
+    o += strprintf("<text x='%.1f' y='%.0f' text-anchor='middle'>%.0f</text>\n", X(xv), H - B + 18, xv);
+  }
+  o += strprintf("<text x='%.0f' y='%.0f' text-anchor='middle'>--gpu-mem (GiB)</text>\n", (L + W - R) / 2, H - 18);
+  o += strprintf("<text x='18' y='%.0f' transform='rotate(-90 18 %.0f)' text-anchor='middle'>decode tokens/s</text>\n", (T + H - B) / 2, (T + H - B) / 2);
+  for (size_t bi = 0; bi < batches.size(); ++bi) {
+    const char* c = colors[bi % 6];
+    std::string meas, flr;
+    for (const auto& p : pts) {
+      if (p.batch != batches[bi] || !p.error.empty()) continue;
+      meas += strprintf("%.1f,%.1f ", X(gib(p.gpu_mem)), Y(p.decode_tps));
+      flr += strprintf("%.1f,%.1f ", X(gib(p.gpu_mem)), Y(p.floor_tps));
+      o += strprintf("<circle cx='%.1f' cy='%.1f' r='3.5' fill='%s'/>\n", X(gib(p.gpu_mem)), Y(p.decode_tps), c);
+    }
+    o += strprintf("<polyline points='%s' fill='none' stroke='%s' stroke-width='2'/>\n", meas.c_str(), c);
+    o += strprintf("<polyline points='%s' fill='none' stroke='%s' stroke-width='1.5' stroke-dasharray='6 4'/>\n", flr.c_str(), c);
+    const double ly = T + 20 + 36 * static_cast<double>(bi);
+    o += strprintf("<line x1='%.0f' y1='%.0f' x2='%.0f' y2='%.0f' stroke='%s' stroke-width='2'/><text x='%.0f' y='%.0f'>batch %lld measured</text>\n", W - R + 10,
+                   ly, W - R + 34, ly, c, W - R + 40, ly + 4, (long long)batches[bi]);
+    o += strprintf("<line x1='%.0f' y1='%.0f' x2='%.0f' y2='%.0f' stroke='%s' stroke-dasharray='6 4'/><text x='%.0f' y='%.0f'>batch %lld floor</text>\n", W - R + 10,
+                   ly + 16, W - R + 34, ly + 16, c, W - R + 40, ly + 20, (long long)batches[bi]);
+  }
+  return o + "</svg>\n";
+}
+
+int cmd_sweep(const BenchFlags& f) {
+  auto threads = apply_threads(f.m.threads);
+  std::vector<BenchPoint> pts;
+  for (const auto& mem : f.budgets) {
+    if (Expected<int64_t> b = parse_size(mem, "--gpu-mem"); !b.ok()) return fail(b.status());
+    for (int64_t batch : f.batches) {
+      BenchPoint p = bench_point(f, mem, batch, false);
+      if (p.error.empty() && f.overlap && p.plan.n_streamed > 0) {
+        const BenchPoint t = bench_point(f, mem, batch, true);
+        p.overlap = t.overlap;
+        p.copy_ms = t.copy_ms;
+        p.compute_ms = t.compute_ms;
+      }
+      print_point(p);
+      pts.push_back(p);
+    }
+  }
+  nlohmann::json j = {{"model", f.m.model}, {"n_predict", f.n_predict}, {"prompt_tokens", f.prompt_tokens}, {"profile", load_profile().source}};
+  j["points"] = nlohmann::json::array();
+  std::string csv = "gpu_mem,batch,device,decode_tok_s,predicted_tok_s,floor_tok_s,of_floor,resident,streamed,from_disk,cpu,ferry_peak_bytes,driver_delta_bytes,overlap,error\n";
+  for (const auto& p : pts) {
+    j["points"].push_back(point_json(p));
+    csv += strprintf("%s,%lld,%s,%.3f,%.3f,%.3f,%.3f,%lld,%lld,%lld,%lld,%lld,%lld,%.3f,\"%s\"\n", p.gpu_mem.c_str(), (long long)p.batch, p.device.c_str(),
+                     p.decode_tps, p.predicted_tps, p.floor_tps, p.floor_tps > 0 ? p.decode_tps / p.floor_tps : 0.0, (long long)p.plan.n_resident,
+                     (long long)p.plan.n_streamed, (long long)p.plan.n_disk, (long long)p.plan.n_cpu, (long long)p.ferry_peak, (long long)p.driver_delta,
+                     p.overlap, p.error.c_str());
+  }
+  const std::string js = j.dump(1) + "\n", svg = sweep_svg("ferry sweep: " + f.m.model + " (decode, greedy)", pts, f.batches);
+  for (auto [ext, text] : {std::pair<const char*, const std::string*>{".csv", &csv}, {".json", &js}, {".svg", &svg}}) {
+    if (Status st = write_file_atomic(f.out + ext, text->data(), text->size()); !st.ok()) return fail(st.with_context("--out"));
+  }
+  std::fprintf(stderr, "ferry: wrote %s.csv, %s.json and %s.svg\n", f.out.c_str(), f.out.c_str(), f.out.c_str());
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 struct CalibrateFlags {
   std::string dir = "/tmp";
   std::string disk;
@@ -540,8 +780,8 @@ int cmd_calibrate(const CalibrateFlags& f) {
       });
     }
     std::vector<float> x(64 * K, 0.01f), y(64 * N);
-    auto run = [&](int64_t M) {
-      for (auto& m : mats) cpu::gemm_xwt(x.data(), M, TensorView::contiguous(m.data(), DType::kBF16, {N, K}), y.data());
+    auto run = [&](int64_t M) {  // the precision CPU-computed layers run at
+      for (auto& m : mats) cpu::gemm_xwt(x.data(), M, TensorView::contiguous(m.data(), DType::kBF16, {N, K}), y.data(), {}, cpu::GemmPrecision::kBf16Inputs);
     };
     const double s1 = best_seconds(4, [&] { run(1); });
     hw.cpu_layer_gbs = static_cast<double>(n_mats * N * K * 2) / s1 / 1e9;
@@ -585,13 +825,17 @@ int cmd_calibrate(const CalibrateFlags& f) {
 struct PackFlags {
   std::string model;
   std::string out;
+  std::string dtype = "stored";
+  int64_t layers = 0;
 };
 
 int cmd_pack(const PackFlags& f) {
-  auto model = load_model(f.model, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
+  auto model = load_model(f.model, LoadOptions{.synthetic_layers = f.layers, .need_tokenizer = false});
   if (!model.ok()) return fail(model.status());
   const auto t0 = std::chrono::steady_clock::now();
-  if (Status st = pack_store(*model->weights, f.out); !st.ok()) return fail(st);
+  PackOptions po;
+  po.bf16 = f.dtype == "bf16";
+  if (Status st = pack_store(*model->weights, f.out, po); !st.ok()) return fail(st);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   auto m = open_store(f.out, model->config);
   if (!m.ok()) return fail(m.status());
@@ -683,6 +927,28 @@ int main(int argc, char** argv) {
   plan->footer("Examples:\n  ferry plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1\n"
                "  ferry plan -m synthetic:llama-2-13b --gpu-mem 8G --host-mem 0 --disk STORE");
 
+  BenchFlags bf;
+  CLI::App* bench = app.add_subcommand("bench", "Measure decode throughput under the budgets, against the plan's prediction and floor; overlap from a traced run");
+  bf.m.add(bench);
+  bench->add_option("--batch", bf.batches, "Batch sizes (repeat or comma-separate)")->delimiter(',')->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  bench->add_option("-n,--n-predict", bf.n_predict, "Decode steps")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  bench->add_option("--prompt-tokens", bf.prompt_tokens, "Prompt length per sequence")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  bench->add_option("--json", bf.json, "Also write the results as JSON");
+  bench->add_flag("!--no-overlap", bf.overlap, "Skip the traced run that measures overlap");
+  bench->footer("Example:\n  ferry bench -m synthetic:llama-2-7b --gpu-mem 8G --batch 1,8 -n 32");
+
+  BenchFlags sf;
+  CLI::App* sweep = app.add_subcommand("sweep", "Benchmark a list of --gpu-mem budgets and batches; write CSV, JSON and an SVG plot with the floor");
+  sf.m.add(sweep);
+  sweep->remove_option(sweep->get_option("--gpu-mem"));
+  sweep->add_option("--gpu-mem", sf.budgets, "Budgets, comma-separated (e.g. 4G,8G,16G)")->delimiter(',')->required();
+  sweep->add_option("--batch", sf.batches, "Batch sizes, comma-separated")->delimiter(',')->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  sweep->add_option("-n,--n-predict", sf.n_predict, "Decode steps per point")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  sweep->add_option("--prompt-tokens", sf.prompt_tokens, "Prompt length per sequence")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  sweep->add_option("--out", sf.out, "Output prefix: PREFIX.csv, PREFIX.json, PREFIX.svg")->required();
+  sweep->add_flag("!--no-overlap", sf.overlap, "Skip the traced runs that measure overlap");
+  sweep->footer("Example:\n  ferry sweep -m synthetic:llama-2-7b --gpu-mem 4G,8G,12G,16G,24G,32G --batch 1,8 --out sweep-7b");
+
   CalibrateFlags cf;
   CLI::App* calibrate = app.add_subcommand("calibrate", "Measure this machine's copy, memory, GEMM and disk rates once; the planner uses them");
   calibrate->add_option("--dir", cf.dir, "Directory for the 1 GiB scratch file of the disk test (on the drive --disk stores will live on)");
@@ -693,8 +959,10 @@ int main(int argc, char** argv) {
 
   PackFlags pf;
   CLI::App* pack = app.add_subcommand("pack", "Write a model's weights as a packed store for the disk tier (checksummed, 4 KiB aligned)");
-  pack->add_option("-m,--model", pf.model, "Hugging Face model directory")->required();
+  pack->add_option("-m,--model", pf.model, "Hugging Face model directory, or synthetic:PRESET")->required();
   pack->add_option("--out", pf.out, "Store directory to create (written to a temporary name, renamed when complete)")->required();
+  pack->add_option("--dtype", pf.dtype, "stored: keep each tensor's dtype; bf16: convert (what --device gpu streams)")->check(CLI::IsMember({"stored", "bf16"}));
+  pack->add_option("--layers", pf.layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
   pack->footer("Example:\n  ferry pack -m ~/models/Llama-2-13b-hf --out /nvme/ferry/llama-2-13b\n"
                "  ferry run -m ~/models/Llama-2-13b-hf --disk /nvme/ferry/llama-2-13b -p \"Hello\"");
 
@@ -725,6 +993,8 @@ int main(int argc, char** argv) {
     if (pack->parsed()) return cmd_pack(pf);
     if (plan->parsed()) return cmd_plan(plf);
     if (calibrate->parsed()) return cmd_calibrate(cf);
+    if (bench->parsed()) return cmd_bench(bf);
+    if (sweep->parsed()) return cmd_sweep(sf);
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "ferry: error: out of host memory\n");
     return kExitError;

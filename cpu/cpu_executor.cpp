@@ -42,9 +42,9 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   const int64_t T = n_tokens_, E = cfg_.n_embd, hd = cfg_.head_dim;
   // Attention block.
   rmsnorm(x(), w[kAttnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
-  gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq]);
-  gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk]);
-  gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv]);
+  gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq], precision_);
+  gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk], precision_);
+  gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv], precision_);
   rope(q_.data(), T, cfg_.n_heads, hd, b.positions.data(), inv_freq_.data());
   rope(k_.data(), T, cfg_.n_kv_heads, hd, b.positions.data(), inv_freq_.data());
   const size_t kv_row = static_cast<size_t>(cfg_.kv_dim()) * sizeof(float);
@@ -53,14 +53,14 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
     std::memcpy(kv.v_at(il, b.seq_ids[t], b.positions[t]), v_.data() + t * cfg_.kv_dim(), kv_row);
   }
   attention(q_.data(), T, b.positions.data(), b.seq_ids.data(), cfg_.n_heads, cfg_.sliding_window, il, kv, att_.data());
-  gemm_xwt(att_.data(), T, w[kWo], xn_.data());
+  gemm_xwt(att_.data(), T, w[kWo], xn_.data(), {}, precision_);
   add_inplace(x(), xn_.data(), T * E);
   // MLP block.
   rmsnorm(x(), w[kFfnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
-  gemm_xwt(xn_.data(), T, w[kWGate], gate_.data());
-  gemm_xwt(xn_.data(), T, w[kWUp], up_.data());
+  gemm_xwt(xn_.data(), T, w[kWGate], gate_.data(), {}, precision_);
+  gemm_xwt(xn_.data(), T, w[kWUp], up_.data(), {}, precision_);
   swiglu(gate_.data(), up_.data(), T * cfg_.n_ff, gate_.data());
-  gemm_xwt(gate_.data(), T, w[kWDown], xn_.data());
+  gemm_xwt(gate_.data(), T, w[kWDown], xn_.data(), {}, precision_);
   add_inplace(x(), xn_.data(), T * E);
 }
 

@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "models/config.h"
 #include "runtime/executor.h"
 
@@ -21,10 +22,14 @@ class CpuExecutor final : public Executor {
   // Keeps the residual stream [n_tokens, n_embd] in `x` (sized by the caller for the step) instead
   // of its own buffer: the GPU executor hands CPU-computed layers a pinned buffer.
   void use_hidden(float* x) { external_x_ = x; }
+  // Multi-row GEMMs (prefill) with BF16 inputs on oneDNN's BF16 matmul (cpu/gemm.h): what the GPU
+  // executor's CPU-computed layers use. The default is the exact float32 reference.
+  void set_precision(GemmPrecision p) { precision_ = p; }
 
  private:
   float* x() { return external_x_ ? external_x_ : x_.data(); }
   float* external_x_ = nullptr;
+  GemmPrecision precision_ = GemmPrecision::kExact;
   ModelConfig cfg_;
   std::vector<float> inv_freq_;  // [head_dim / 2]
   const StepBatch* batch_ = nullptr;

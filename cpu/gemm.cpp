@@ -1,6 +1,7 @@
 #include "cpu/gemm.h"
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include <oneapi/dnnl/dnnl.hpp>
@@ -50,6 +51,33 @@ void onednn_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t nc
   o.stream.wait();
 }
 
+// y[M, N] = bf16(x)[M, K] * W[N, K]^T with BF16 W in place, through oneDNN's BF16 matmul (AMX or
+// AVX-512 BF16 where the CPU has them). Returns false when oneDNN has no such primitive here.
+bool onednn_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y) {
+  using dt = dnnl::memory::data_type;
+  using md = dnnl::memory::desc;
+  OneDnn& o = onednn();
+  thread_local std::vector<uint16_t> xb;
+  xb.resize(static_cast<size_t>(M * K));
+  for (int64_t i = 0; i < M * K; ++i) xb[i] = f32_to_bf16(x[i]);
+  try {
+    md a({M, K}, dt::bf16, dnnl::memory::dims{K, 1});
+    md b({K, N}, dt::bf16, dnnl::memory::dims{1, K});
+    md c({M, N}, dt::f32, dnnl::memory::dims{N, 1});
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), o.engine);
+    if (std::string(pd.impl_info_str()).find("ref") != std::string::npos) return false;  // no fast kernel for this ISA
+    dnnl::matmul prim(pd);
+    dnnl::memory am(a, o.engine, xb.data());
+    dnnl::memory bm(b, o.engine, const_cast<uint16_t*>(w));
+    dnnl::memory cm(c, o.engine, y);
+    prim.execute(o.stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+    o.stream.wait();
+  } catch (const dnnl::error&) {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
@@ -96,10 +124,12 @@ void gemm_xwt_onednn(const float* x, int64_t M, const TensorView& W, float* y) {
   }
 }
 
-void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const TensorView& bias) {
+void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const TensorView& bias, GemmPrecision prec) {
   FERRY_CHECK(W.n_dims == 2 && W.is_contiguous());
   if (M <= kGemvMaxRows) gemm_xwt_stream(x, M, W, y);
-  else gemm_xwt_onednn(x, M, W, y);
+  else if (!(prec == GemmPrecision::kBf16Inputs && W.dtype == DType::kBF16 &&
+             onednn_bf16(x, M, W.shape[1], static_cast<const uint16_t*>(W.data), W.shape[0], y)))
+    gemm_xwt_onednn(x, M, W, y);
   if (!bias.empty()) {
     const int64_t N = W.shape[0];
     thread_local std::vector<float> b;

@@ -13,8 +13,14 @@
 
 namespace ferry::cpu {
 
+// kExact: float32 activations (the reference). kBf16Inputs: above kGemvMaxRows rows, activations are
+// rounded to BF16 and BF16 weights multiplied in place by oneDNN's BF16 matmul (AMX / AVX-512 BF16;
+// float32 accumulation), as the GPU does; where oneDNN has no fast BF16 kernel the exact path runs.
+enum class GemmPrecision { kExact, kBf16Inputs };
+
 // y[M, N] = x[M, K] W[N, K]^T (+ bias[N] when `bias` is not empty).
-void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const TensorView& bias = {});
+void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const TensorView& bias = {},
+              GemmPrecision precision = GemmPrecision::kExact);
 
 // Rows at or below which the weight-streaming kernel is used (bench_cpu_gemm: it wins at 1-2 rows and
 // ties at 4 on an AVX2 Zen 5 core pair, notes/cpu.md).

@@ -32,6 +32,7 @@ CudaStreamDevice::~CudaStreamDevice() {
   for (cudaEvent_t e : events_) cudaEventDestroy(e);
   for (size_t i = 1; i < streams_.size(); ++i) cudaStreamDestroy(streams_[i]);
   for (auto& [p, n] : allocations_) cudaFree(p);
+  for (auto& [a, p] : pinned_) cudaFreeHost(p);
 }
 
 Expected<void*> CudaStreamDevice::alloc(int64_t bytes, const std::string& what) {
@@ -68,16 +69,22 @@ void CudaStreamDevice::free(void* p) {
 }
 
 Expected<void*> CudaStreamDevice::alloc_pinned(int64_t bytes, const std::string& what) {
+  // cudaMallocHost sub-allocates small requests: over-allocate and align to 4 KiB for O_DIRECT.
   void* p = nullptr;
-  if (cudaMallocHost(&p, static_cast<size_t>(std::max<int64_t>(bytes, 1))) != cudaSuccess) {
+  if (cudaMallocHost(&p, static_cast<size_t>(std::max<int64_t>(bytes, 1)) + 4096) != cudaSuccess) {
     cudaGetLastError();
     return out_of_memory(strprintf("cannot allocate %s of pinned host memory for %s", format_bytes(static_cast<double>(bytes)).c_str(), what.c_str()));
   }
-  return p;
+  void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(p) + 4095) & ~uintptr_t{4095});
+  pinned_[aligned] = p;
+  return aligned;
 }
 
 void CudaStreamDevice::free_pinned(void* p) {
-  if (p) cudaFreeHost(p);
+  auto it = pinned_.find(p);
+  if (it == pinned_.end()) return;
+  cudaFreeHost(it->second);
+  pinned_.erase(it);
 }
 
 StreamDevice::Stream CudaStreamDevice::new_stream() {

@@ -51,6 +51,7 @@ class CudaStreamDevice final : public StreamDevice {
  private:
   int64_t cap_ = 0, held_ = 0, peak_ = 0;
   std::map<void*, int64_t> allocations_;
+  std::map<void*, void*> pinned_;  // aligned -> what cudaMallocHost returned
   std::vector<cudaStream_t> streams_;  // [0]: the compute stream (not owned)
   std::vector<cudaEvent_t> events_;
   bool tracing_ = false;

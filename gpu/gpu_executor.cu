@@ -390,7 +390,10 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     CUDA_CHECK(cudaMemcpyAsync(m.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice, m.stream));
     CUDA_CHECK(cudaStreamSynchronize(m.stream));
     m.release(stage);
-    if (std::count(place.begin(), place.end(), Place::kCpu) > 0) m.cpu = std::make_unique<cpu::CpuExecutor>(cfg);
+    if (std::count(place.begin(), place.end(), Place::kCpu) > 0) {
+      m.cpu = std::make_unique<cpu::CpuExecutor>(cfg);
+      m.cpu->set_precision(cpu::GemmPrecision::kBf16Inputs);
+    }
   } catch (const CudaError& e) {
     return out_of_memory(std::string("--device gpu: ") + e.what());
   }

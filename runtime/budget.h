@@ -32,13 +32,13 @@ const char* place_name(Place p);
 // H100 GPU host (notes/offload.md); `ferry calibrate` measures the user's machine and caches it.
 struct HardwareProfile {
   double h2d_gbs = 54.9;        // pinned host -> device copies
-  double hbm_gbs = 3025;        // device memory, bytes read + written per second
-  double gemm_tflops = 790;     // GPU BF16 dense
-  double host_dram_gbs = 85;    // host memory read, all cores (the floor of a CPU-computed layer)
-  double cpu_layer_gbs = 85;    // weight bytes per second through ferry's CPU layer at batch 1
-  double cpu_tflops = 5.7;      // CPU GEMM rate at large batch
-  double disk_gbs = 2.7;        // O_DIRECT reads of the packed store
-  std::string source = "built-in (H100 host, 2026-11-23)";
+  double hbm_gbs = 2976;        // device memory, bytes read + written per second
+  double gemm_tflops = 751;     // GPU BF16 dense
+  double host_dram_gbs = 73.8;  // host memory read, all cores (the floor of a CPU-computed layer)
+  double cpu_layer_gbs = 70.2;  // weight bytes per second through ferry's CPU layer at batch 1
+  double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
+  double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
+  std::string source = "built-in (ferry calibrate on the H100 host, 2026-11-23)";
 };
 // Returns the profile cached by `ferry calibrate` (FERRY_PROFILE, else $XDG_CACHE_HOME/ferry/
 // profile.json, else ~/.cache/ferry/profile.json), or the built-in one when there is none.

@@ -12,10 +12,13 @@ Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
   Model m;
   m.spec = spec;
   if (spec.rfind(kSyntheticPrefix, 0) == 0) {
-    if (!opts.disk.empty()) return invalid_argument("--disk: synthetic models have no packed store; pack a checkpoint directory");
     const std::string preset = spec.substr(std::string(kSyntheticPrefix).size());
     FERRY_ASSIGN_OR_RETURN(m.config, synthetic_config(preset, opts.synthetic_layers));
-    FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::synthetic(m.config, preset, opts.host_weights));
+    if (!opts.disk.empty()) {  // a store packed from the preset (ferry pack -m synthetic:NAME)
+      FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::from_packed(m.config, opts.disk));
+    } else {
+      FERRY_ASSIGN_OR_RETURN(m.weights, WeightStore::synthetic(m.config, preset, opts.host_weights));
+    }
     FERRY_ASSIGN_OR_RETURN(m.tokenizer, Tokenizer::from_json(synthetic_tokenizer_json(m.config.n_vocab), spec));
     return m;
   }

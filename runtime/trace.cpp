@@ -76,6 +76,11 @@ Tracer::Overlap Tracer::overlap(const std::string& copy_track, const std::vector
   return o;
 }
 
+void Tracer::reset() {
+  std::lock_guard<std::mutex> l(mu_);
+  events_.clear();
+}
+
 Status Tracer::write(const std::string& path) const {
   using json = nlohmann::json;
   std::lock_guard<std::mutex> l(mu_);

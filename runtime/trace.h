@@ -19,6 +19,9 @@ class Tracer {
   // Returns the process's tracer (disabled until enable()).
   static Tracer& get();
   void enable();
+  void disable() { enabled_ = false; }
+  // Drops the recorded spans (between benchmark runs).
+  void reset();
   bool enabled() const { return enabled_; }
   // Returns nanoseconds on the steady clock since the tracer was created.
   int64_t now_ns() const;

@@ -240,9 +240,48 @@ TEST_SUITE("offload") {
     REQUIRE(p8.ok());
     CHECK(p8->n_resident > 0);
     CHECK(p8->n_resident < 32);
-    CHECK(p8->n_streamed == 32 - p8->n_resident);
+    CHECK(p8->n_streamed + p8->n_cpu == 32 - p8->n_resident);
     CHECK(p8->total_bytes <= in.budget_bytes);
     CHECK(p8->total_bytes + p8->layer_bytes > in.budget_bytes);  // one more layer would not fit
+    // At batch 1 the cost model puts layers on the CPU (host DRAM and PCIe at once) and predicts a
+    // shorter step than streaming alone; CPU layers sit between streamed ones, never at the front.
+    CHECK(p8->n_cpu > 0);
+    GpuPlanInput only_stream = in;
+    only_stream.budget_bytes = int64_t{8} << 30;
+    only_stream.cpu_layers = 0;
+    auto s8 = plan_gpu(*c, only_stream);
+    REQUIRE(s8.ok());
+    CHECK(s8->n_cpu == 0);
+    CHECK(s8->n_streamed == 32 - s8->n_resident);
+    CHECK(p8->predicted_ms < s8->predicted_ms);
+    CHECK(p8->place[p8->n_resident] == Place::kStreamed);
+    for (int64_t il = 0; il < 32; ++il) CHECK((p8->place[il] == Place::kResident) == (il < p8->n_resident));
+    const PlanFloor f8 = plan_floor(*c, *p8, 1, in.hw), fs8 = plan_floor(*c, *s8, 1, in.hw);
+    CHECK(f8.step_ms < fs8.step_ms);
+    CHECK(p8->predicted_ms >= f8.step_ms * 0.99);  // the prediction is never better than the floor
+    // At batch 64 the CPU's GEMM rate makes CPU layers a loss.
+    GpuPlanInput big = only_stream;
+    big.cpu_layers = -1;
+    big.max_batch = 64;
+    auto b64 = plan_gpu(*c, big);
+    REQUIRE(b64.ok());
+    CHECK(b64->n_cpu < p8->n_cpu);
+    // --host-mem: layers beyond it come from disk, or the error names the flag and --disk.
+    GpuPlanInput host = only_stream;
+    host.host_budget_bytes = 4 * p8->layer_bytes;
+    auto no_disk = plan_gpu(*c, host);
+    REQUIRE(!no_disk.ok());
+    CHECK(no_disk.status().message().find("--host-mem") != std::string::npos);
+    CHECK(no_disk.status().message().find("--disk") != std::string::npos);
+    host.have_disk = true;
+    auto with_disk = plan_gpu(*c, host);
+    REQUIRE(with_disk.ok());
+    CHECK(with_disk->n_disk == 32 - with_disk->n_resident - 4);
+    CHECK(with_disk->host_bytes == 4 * p8->layer_bytes);
+    host.cpu_layers = 5;  // CPU layers need host memory
+    auto too_many = plan_gpu(*c, host);
+    REQUIRE(!too_many.ok());
+    CHECK(too_many.status().message().find("--cpu-layers") != std::string::npos);
     in.budget_bytes = int64_t{1} << 30;
     auto tiny = plan_gpu(*c, in);
     REQUIRE(!tiny.ok());
@@ -301,14 +340,21 @@ TEST_SUITE("offload") {
 
 TEST_SUITE("offload") {
   TEST_CASE("ferry plan: placement, bytes per tier and the floor; a budget below the minimum is refused with the minimum") {
-    test::CmdResult r = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64");
+    ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);  // the built-in profile, whatever this machine cached
+    test::CmdResult r = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64 --cpu-layers 0");
     REQUIRE_MESSAGE(r.exit_code == 0, r.output);
-    CHECK(r.output.find("layers 0-14 resident") != std::string::npos);
-    CHECK(r.output.find("layers 15-31 streamed") != std::string::npos);
+    CHECK(r.output.find("placement:  0-14 resident, 15-31 streamed from host") != std::string::npos);
     CHECK(r.output.find("bound by PCIe") != std::string::npos);
+    test::CmdResult mixed = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64");
+    REQUIRE_MESSAGE(mixed.exit_code == 0, mixed.output);
+    CHECK(mixed.output.find("0-14 resident, 15 streamed from host, 16 cpu") != std::string::npos);
+    CHECK(mixed.output.find("predicted:") != std::string::npos);
+    test::CmdResult disk = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --host-mem 2G --cpu-layers 0");
+    CHECK(disk.exit_code == 1);
+    CHECK(disk.output.find("--host-mem") != std::string::npos);
     test::CmdResult all = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 40G");
     CHECK(all.exit_code == 0);
-    CHECK(all.output.find("layers 0-31 resident") != std::string::npos);
+    CHECK(all.output.find("placement:  0-31 resident") != std::string::npos);
     CHECK(all.output.find("GPU memory bandwidth") != std::string::npos);
     test::CmdResult small = test::run_ferry("plan -m synthetic:llama-2-13b --gpu-mem 2G");
     CHECK(small.exit_code == 1);
@@ -317,5 +363,148 @@ TEST_SUITE("offload") {
     test::CmdResult bad = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8Q");
     CHECK(bad.exit_code == 2);
     CHECK(bad.output.find("--gpu-mem") != std::string::npos);
+  }
+}
+
+#include "cpu/offload_executor.h"
+
+namespace {
+
+// Logits of `ids` through the offload engine on the emulated device: `places` (a letter per layer,
+// repeated: R resident, S streamed from host, D streamed from disk, C computed "on the CPU") over a
+// budget that fits exactly what the placement needs on the device.
+Expected<std::vector<float>> emulated_logits(WeightStore& ws, const std::string& places, const std::vector<int32_t>& ids, int64_t* peak = nullptr) {
+  const ModelConfig& c = ws.config();
+  GpuPlan plan;
+  for (int64_t il = 0; il < c.n_layers; ++il) {
+    const char p = places[il % places.size()];
+    plan.place.push_back(p == 'R' ? Place::kResident : p == 'C' ? Place::kCpu : Place::kStreamed);
+    plan.source.push_back(p == 'R' ? Tier::kDevice : p == 'D' ? Tier::kDisk : Tier::kPinnedHost);
+  }
+  const int64_t lb = cpu::stored_layer_bytes(ws);
+  const int64_t need = cpu::stored_globals_bytes(ws) + 3 * lb + std::count(plan.place.begin(), plan.place.end(), Place::kResident) * lb;
+  FERRY_ASSIGN_OR_RETURN(auto ex, cpu::OffloadCpuExecutor::create(ws, plan, need));
+  FERRY_ASSIGN_OR_RETURN(KvCache kv, KvCache::create({c.n_layers, c.n_kv_heads, c.head_dim, 16, 64}));
+  Runner r(ws, *ex, kv);
+  auto l = prompt_logits(r, ids, 7);  // several steps (as logits_of): the ring wraps across them
+  if (peak) *peak = ex->device().peak_bytes();
+  if (l.ok()) CHECK(ex->device().peak_bytes() <= need);
+  return l;
+}
+
+}  // namespace
+
+TEST_SUITE("offload") {
+  TEST_CASE("emulated device: resident, streamed from host, streamed from disk and CPU-computed layers give the resident logits bit for bit") {
+    for (const char* name : {"llama-gqa", "llama3-tied", "qwen2-bias"}) {
+      const std::string dir = test::shared_dir() + "/golden/" + name;
+      ModelConfig cfg;
+      auto ws = resident(dir, &cfg);
+      auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+      REQUIRE(g.ok());
+      const auto ids = test::read_i32(**g, "seq1.input_ids");
+      const std::vector<float> ref = logits_of(*ws, ids);
+      test::TempDir tmp;
+      REQUIRE(pack_store(*ws, tmp / "store").ok());
+      for (const char* places : {"RRRR", "SSSS", "RSCS", "CCCC", "SCSR"}) {
+        const std::string p = places;
+        CAPTURE(p);
+        auto fresh = resident(dir, &cfg);
+        auto l = emulated_logits(*fresh, places, ids);
+        REQUIRE_MESSAGE(l.ok(), l.status().message());
+        CHECK(*l == ref);
+      }
+      for (const char* places : {"DDDD", "RDSD", "DCDS", "CDDR"}) {
+        const std::string p = places;
+        CAPTURE(p);
+        auto disk = WeightStore::from_packed(cfg, tmp / "store");
+        REQUIRE(disk.ok());
+        auto l = emulated_logits(**disk, places, ids);
+        REQUIRE_MESSAGE(l.ok(), l.status().message());
+        CHECK(*l == ref);
+      }
+    }
+  }
+
+  TEST_CASE("emulated device: the budget is enforced; a bad block read by the ring fails the step, naming it") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    ModelConfig cfg;
+    auto ws = resident(dir, &cfg);
+    GpuPlan plan;
+    plan.place.assign(cfg.n_layers, Place::kResident);
+    plan.source.assign(cfg.n_layers, Tier::kDevice);
+    auto over = cpu::OffloadCpuExecutor::create(*ws, plan, 3 << 20);  // less than the resident weights
+    REQUIRE(!over.ok());
+    CHECK(over.status().message().find("--gpu-mem") != std::string::npos);
+    test::TempDir tmp;
+    const std::string store = tmp / "store";
+    REQUIRE(pack_store(*ws, store).ok());
+    auto m = open_store(store, cfg);
+    REQUIRE(m.ok());
+    flip_byte(store + "/weights.bin", m->blocks[4].offset + 77);  // layer 3
+    auto disk = WeightStore::from_packed(cfg, store);
+    REQUIRE(disk.ok());
+    auto l = emulated_logits(**disk, "RRDD", {1, 2, 3});
+    REQUIRE(!l.ok());
+    CHECK(l.status().message().find("layer.3") != std::string::npos);
+    CHECK(l.status().message().find("checksum mismatch") != std::string::npos);
+  }
+
+  TEST_CASE("CLI: ferry logits --device cpu --gpu-mem/--host-mem/--disk/--cpu-layers equal the plain CPU logits; bench and sweep write their files") {
+    ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    test::TempDir tmp;
+    const std::string ids = "1,403,407,261,378,182,2,100,300";
+    auto logits = [&](const std::string& extra, const std::string& out) {
+      test::CmdResult r = test::run_ferry("logits -m " + dir + " --device cpu --ids " + ids + " --out " + out + " " + extra);
+      REQUIRE_MESSAGE(r.exit_code == 0, r.output);
+      auto f = SafetensorsFile::open(out);
+      REQUIRE(f.ok());
+      return test::read_f32(**f, "logits");
+    };
+    const auto ref = logits("", tmp / "ref.st");
+    REQUIRE(test::run_ferry("pack -m " + dir + " --out " + (tmp / "store")).exit_code == 0);
+    int i = 0;
+    const std::string store = tmp / "store";
+    for (const std::string& extra : std::vector<std::string>{"--gpu-mem 1M", "--gpu-mem 1M --cpu-layers 2", "--cpu-layers 5", "--disk " + store + " --gpu-mem 1M",
+                                                             "--disk " + store + " --gpu-mem 1M --host-mem 200K --cpu-layers 1"}) {
+      CAPTURE(extra);
+      std::string name = "e";
+      name += std::to_string(i++);
+      name += ".st";
+      CHECK(logits(extra, tmp / name) == ref);
+    }
+    test::CmdResult tiny = test::run_ferry("logits -m " + dir + " --device cpu --ids 1,2 --out " + (tmp / "x.st") + " --gpu-mem 10K");
+    CHECK(tiny.exit_code == 1);
+    CHECK(tiny.output.find("minimum working set") != std::string::npos);
+    // bench and sweep on the emulated device.
+    test::CmdResult b = test::run_ferry("bench -m " + dir + " --device cpu --gpu-mem 1M --batch 1,2 -n 4 --json " + (tmp / "b.json"));
+    REQUIRE_MESSAGE(b.exit_code == 0, b.output);
+    CHECK(b.output.find("overlap") != std::string::npos);
+    test::CmdResult sw = test::run_ferry("sweep -m " + dir + " --device cpu --gpu-mem 10K,1M,4M --batch 1 -n 4 --no-overlap --out " + (tmp / "sw"));
+    REQUIRE_MESSAGE(sw.exit_code == 0, sw.output);
+    for (const char* ext : {".csv", ".json", ".svg"}) CHECK(fs::file_size(tmp / (std::string("sw") + ext)) > 100);
+    std::ifstream csv(tmp / "sw.csv");
+    std::string header, line;
+    std::getline(csv, header);
+    CHECK(header.find("decode_tok_s") != std::string::npos);
+    int rows = 0;
+    while (std::getline(csv, line)) ++rows;
+    CHECK(rows == 3);  // 10K is recorded as not run, with its error
+  }
+
+  TEST_CASE("ferry calibrate measures and caches a profile that plan then reads") {
+    test::TempDir tmp;
+    const std::string prof = tmp / "profile.json";
+    ::setenv("FERRY_PROFILE", prof.c_str(), 1);
+    test::CmdResult r = test::run_ferry("calibrate --dir " + std::string(tmp.path) + " --threads 2");
+    REQUIRE_MESSAGE(r.exit_code == 0, r.output);
+    CHECK(r.output.find("host DRAM:") != std::string::npos);
+    auto j = nlohmann::json::parse(std::ifstream(prof));
+    CHECK(j["host_dram_gbs"].get<double>() > 0);
+    CHECK(j["disk_gbs"].get<double>() > 0);
+    test::CmdResult p = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G");
+    CHECK(p.output.find(prof) != std::string::npos);  // the profile named as the source of the rates
+    ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);
   }
 }

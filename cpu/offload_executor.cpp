@@ -57,6 +57,9 @@ Expected<std::unique_ptr<OffloadCpuExecutor>> OffloadCpuExecutor::create(WeightS
   };
   std::vector<RingLayer> order;
   ex->views_.resize(L);
+  // The store serves the placed views only once everything has succeeded: a failed create must not
+  // leave it pointing into memory that is freed with the executor.
+  std::vector<std::pair<LayerWeights, Tier>> placed(L);
   for (int64_t il = 0; il < L; ++il) {
     const LayerLayout lay = layer_layout(cfg, il, ws.layer(il));
     ex->layouts_.push_back(lay);
@@ -65,18 +68,18 @@ Expected<std::unique_ptr<OffloadCpuExecutor>> OffloadCpuExecutor::create(WeightS
       FERRY_ASSIGN_OR_RETURN(void* d, dev.alloc(block_bytes, "layer " + std::to_string(il)));
       FERRY_RETURN_IF_ERROR(load(il, lay, d));
       ex->views_[il] = lay.views(d, Tier::kDevice);
-      ws.place_layer(il, ex->views_[il], Tier::kDevice);
+      placed[il] = {ex->views_[il], Tier::kDevice};
     } else if (pl == Place::kCpu || plan.source[il] == Tier::kPinnedHost) {
       FERRY_ASSIGN_OR_RETURN(void* h, dev.alloc_pinned(block_bytes, "layer " + std::to_string(il)));
       ex->pinned_.push_back(h);
       FERRY_RETURN_IF_ERROR(load(il, lay, h));
       ex->views_[il] = lay.views(h, Tier::kPinnedHost);
-      ws.place_layer(il, ex->views_[il], Tier::kPinnedHost);
+      placed[il] = {ex->views_[il], Tier::kPinnedHost};
       if (pl == Place::kStreamed) order.push_back({il, h, -1});
     } else {
       if (store == nullptr) return invalid_argument(strprintf("offload: layer %lld is planned on disk but there is no --disk store", (long long)il));
       order.push_back({il, nullptr, il + 1});
-      ws.place_layer(il, lay.views(nullptr, Tier::kDisk), Tier::kDisk);
+      placed[il] = {lay.views(nullptr, Tier::kDisk), Tier::kDisk};
     }
   }
   // Globals on the device.
@@ -94,6 +97,7 @@ Expected<std::unique_ptr<OffloadCpuExecutor>> OffloadCpuExecutor::create(WeightS
   if (!order.empty()) {
     FERRY_ASSIGN_OR_RETURN(ex->ring_, StagingRing::create(dev, std::move(order), block_bytes, store, ring_opts));
   }
+  for (int64_t il = 0; il < L; ++il) ws.place_layer(il, placed[il].first, placed[il].second);
   return ex;
 }
 

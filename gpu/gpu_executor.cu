@@ -324,16 +324,19 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
       FERRY_RETURN_IF_ERROR(reader->submit(0, il + 1, dst));
       return reader->wait(0);
     };
+    // The store serves the placed views only once everything has succeeded (a failed create frees
+    // the memory they point into).
+    std::vector<std::pair<LayerWeights, Tier>> placed(L);
     for (int64_t il = 0; il < L; ++il) {
       if (place[il] != Place::kResident && source[il] == Tier::kDisk) {
-        ws.place_layer(il, m.layout(nullptr, Tier::kDisk), Tier::kDisk);  // the ring reads it
+        placed[il] = {m.layout(nullptr, Tier::kDisk), Tier::kDisk};  // the ring reads it
         continue;
       }
       if (store) {
         // From the packed store: straight into the pinned block, or via a pinned buffer to the GPU.
         if (place[il] != Place::kResident) {
           if (Status st = read_block(il, m.host_layers[il]); !st.ok()) return st;
-          ws.place_layer(il, m.layout(m.host_layers[il], Tier::kPinnedHost), Tier::kPinnedHost);
+          placed[il] = {m.layout(m.host_layers[il], Tier::kPinnedHost), Tier::kPinnedHost};
           continue;
         }
         if (!disk_tmp) disk_tmp = pinned(host_block, "disk read buffer");
@@ -341,7 +344,7 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
         void* base = m.alloc<uint8_t>(block, "resident layer");
         CUDA_CHECK(cudaMemcpyAsync(base, disk_tmp, block, cudaMemcpyHostToDevice, m.stream));
         CUDA_CHECK(cudaStreamSynchronize(m.stream));
-        ws.place_layer(il, m.layout(base, Tier::kDevice), Tier::kDevice);
+        placed[il] = {m.layout(base, Tier::kDevice), Tier::kDevice};
         continue;
       }
       // Uploaded, converted or generated on the GPU; a non-resident layer is then copied down once.
@@ -352,12 +355,12 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
       for (int t = 0; t < kLayerTensorCount; ++t)
         if (h.t[t].n_dims > 0) put(h.t[t], d.t[t].as<bf16>(), il, t);  // n_dims 0: the model has no such tensor
       if (resident) {
-        ws.place_layer(il, d, Tier::kDevice);
+        placed[il] = {d, Tier::kDevice};
         continue;
       }
       CUDA_CHECK(cudaMemcpyAsync(m.host_layers[il], base, block, cudaMemcpyDeviceToHost, m.stream));
       CUDA_CHECK(cudaStreamSynchronize(m.stream));
-      ws.place_layer(il, m.layout(m.host_layers[il], Tier::kPinnedHost), Tier::kPinnedHost);
+      placed[il] = {m.layout(m.host_layers[il], Tier::kPinnedHost), Tier::kPinnedHost};
     }
     if (disk_tmp) m.dev->free_pinned(disk_tmp);
     if (build_owned) m.release(build);
@@ -374,7 +377,6 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
       gd.t[kLmHead] = view(m.alloc<bf16>(V * E, "lm_head"), {V, E});
       put(gh.t[kLmHead], gd.t[kLmHead].as<bf16>(), -1, kLmHead);
     }
-    ws.place_globals(gd);
 
     // KV pool (GPU-computed layers) and rotary frequencies.
     m.kv_shape = kvs;
@@ -390,6 +392,8 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     CUDA_CHECK(cudaMemcpyAsync(m.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice, m.stream));
     CUDA_CHECK(cudaStreamSynchronize(m.stream));
     m.release(stage);
+    for (int64_t il = 0; il < L; ++il) ws.place_layer(il, placed[il].first, placed[il].second);
+    ws.place_globals(gd);
     if (std::count(place.begin(), place.end(), Place::kCpu) > 0) {
       m.cpu = std::make_unique<cpu::CpuExecutor>(cfg);
       m.cpu->set_precision(cpu::GemmPrecision::kBf16Inputs);

@@ -539,6 +539,18 @@ BenchPoint bench_point(const BenchFlags& f, const std::string& gpu_mem, int64_t 
   return pt;
 }
 
+// The untraced run's speed, and (with streamed layers, unless --no-overlap) a traced run's overlap.
+BenchPoint measure_point(const BenchFlags& f, const std::string& gpu_mem, int64_t batch) {
+  BenchPoint p = bench_point(f, gpu_mem, batch, false);
+  if (p.error.empty() && f.overlap && p.plan.n_streamed > 0) {
+    const BenchPoint t = bench_point(f, gpu_mem, batch, true);
+    p.overlap = t.overlap;
+    p.copy_ms = t.copy_ms;
+    p.compute_ms = t.compute_ms;
+  }
+  return p;
+}
+
 nlohmann::json point_json(const BenchPoint& p) {
   nlohmann::json j = {{"gpu_mem", p.gpu_mem}, {"batch", p.batch}};
   if (!p.error.empty()) {
@@ -583,13 +595,7 @@ int cmd_bench(const BenchFlags& f) {
   nlohmann::json all = nlohmann::json::array();
   int rc = 0;
   for (int64_t batch : f.batches) {
-    BenchPoint p = bench_point(f, f.m.gpu_mem, batch, false);
-    if (p.error.empty() && f.overlap && (p.plan.n_streamed > 0)) {
-      const BenchPoint t = bench_point(f, f.m.gpu_mem, batch, true);
-      p.overlap = t.overlap;
-      p.copy_ms = t.copy_ms;
-      p.compute_ms = t.compute_ms;
-    }
+    BenchPoint p = measure_point(f, f.m.gpu_mem, batch);
     print_point(p);
     if (!p.error.empty()) rc = kExitError;
     all.push_back(point_json(p));
@@ -655,13 +661,7 @@ int cmd_sweep(const BenchFlags& f) {
   for (const auto& mem : f.budgets) {
     if (Expected<int64_t> b = parse_size(mem, "--gpu-mem"); !b.ok()) return fail(b.status());
     for (int64_t batch : f.batches) {
-      BenchPoint p = bench_point(f, mem, batch, false);
-      if (p.error.empty() && f.overlap && p.plan.n_streamed > 0) {
-        const BenchPoint t = bench_point(f, mem, batch, true);
-        p.overlap = t.overlap;
-        p.copy_ms = t.copy_ms;
-        p.compute_ms = t.compute_ms;
-      }
+      BenchPoint p = measure_point(f, mem, batch);
       print_point(p);
       pts.push_back(p);
     }

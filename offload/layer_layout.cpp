@@ -8,8 +8,6 @@ namespace {
 
 LayerLayout build(const ModelConfig& cfg, int64_t il, const std::array<DType, kLayerTensorCount>& dt) {
   LayerLayout l;
-  l.cfg = cfg;
-  l.layer = il;
   const auto specs = layer_tensor_specs(cfg, il);
   uint64_t at = 0;
   for (int t = 0; t < kLayerTensorCount; ++t) {
@@ -17,6 +15,7 @@ LayerLayout build(const ModelConfig& cfg, int64_t il, const std::array<DType, kL
     l.dtype[t] = dt[t];
     l.offset[t] = at;
     if (!l.present[t]) continue;
+    l.shapes.t[t] = TensorView::contiguous(nullptr, dt[t], specs[t].shape);
     uint64_t n = 1;
     for (int64_t d : specs[t].shape) n *= static_cast<uint64_t>(d);
     at += n * dtype_size(dt[t]);
@@ -40,11 +39,11 @@ LayerLayout layer_layout(const ModelConfig& cfg, int64_t il, const LayerWeights&
 }
 
 LayerWeights LayerLayout::views(void* base, Tier tier) const {
-  LayerWeights w;
-  const auto specs = layer_tensor_specs(cfg, layer);
+  LayerWeights w = shapes;
   for (int t = 0; t < kLayerTensorCount; ++t) {
     if (!present[t]) continue;
-    w.t[t] = TensorView::contiguous(base ? static_cast<uint8_t*>(base) + offset[t] : nullptr, dtype[t], specs[t].shape, tier);
+    w.t[t].data = base ? static_cast<uint8_t*>(base) + offset[t] : nullptr;
+    w.t[t].tier = tier;
   }
   return w;
 }

@@ -17,9 +17,9 @@ struct LayerLayout {
   std::array<DType, kLayerTensorCount> dtype{};
   std::array<bool, kLayerTensorCount> present{};
   uint64_t bytes = 0;
-  ModelConfig cfg;
-  int64_t layer = 0;
-  // Returns the views of the layer whose block starts at `base` (null: shapes only).
+  LayerWeights shapes;  // the views with data null; views() only fills in the pointers
+  // Returns the views of the layer whose block starts at `base` (null: shapes only). Cheap: called
+  // for every streamed layer of every step.
   LayerWeights views(void* base, Tier tier) const;
   // Copies the tensors of `w` (in this layout's dtypes) into the block at `dst`.
   void gather(const LayerWeights& w, void* dst) const;

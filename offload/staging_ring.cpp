@@ -62,7 +62,8 @@ void StagingRing::issue_until(int64_t upto) {
   for (; issued_ < upto; ++issued_) {
     const int s = static_cast<int>(issued_ % static_cast<int64_t>(slots_.size()));
     const RingLayer& l = order_[issued_ % n];
-    const std::string label = "layer " + std::to_string(l.layer) + " -> slot " + std::to_string(s);
+    // The label only matters to the trace: no string work per copy otherwise.
+    const std::string label = Tracer::get().enabled() ? "layer " + std::to_string(l.layer) + " -> slot " + std::to_string(s) : std::string();
     if (l.host != nullptr) {
       dev_.wait(copy_stream_, freed_[s]);
       dev_.copy_h2d(slots_[s], l.host, layer_bytes_, copy_stream_, label);
@@ -83,7 +84,7 @@ void StagingRing::issue_until(int64_t upto) {
       dev_.record(read_done_[h], disk_stream_);
       dev_.wait(copy_stream_, freed_[s]);
       dev_.wait(copy_stream_, read_done_[h]);
-      dev_.copy_h2d(slots_[s], dst, layer_bytes_, copy_stream_, label + " (from disk)");
+      dev_.copy_h2d(slots_[s], dst, layer_bytes_, copy_stream_, label.empty() ? label : label + " (from disk)");
       dev_.record(copied_[s], copy_stream_);
       dev_.record(host_free_[h], copy_stream_);
     }

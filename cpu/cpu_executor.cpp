@@ -47,11 +47,7 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv], precision_);
   rope(q_.data(), T, cfg_.n_heads, hd, b.positions.data(), inv_freq_.data());
   rope(k_.data(), T, cfg_.n_kv_heads, hd, b.positions.data(), inv_freq_.data());
-  const size_t kv_row = static_cast<size_t>(cfg_.kv_dim()) * sizeof(float);
-  for (int64_t t = 0; t < T; ++t) {
-    std::memcpy(kv.k_at(il, b.seq_ids[t], b.positions[t]), k_.data() + t * cfg_.kv_dim(), kv_row);
-    std::memcpy(kv.v_at(il, b.seq_ids[t], b.positions[t]), v_.data() + t * cfg_.kv_dim(), kv_row);
-  }
+  for (int64_t t = 0; t < T; ++t) kv.append(il, b.seq_ids[t], b.positions[t], k_.data() + t * cfg_.kv_dim(), v_.data() + t * cfg_.kv_dim());
   attention(q_.data(), T, b.positions.data(), b.seq_ids.data(), cfg_.n_heads, cfg_.sliding_window, il, kv, att_.data());
   gemm_xwt(att_.data(), T, w[kWo], xn_.data(), {}, precision_);
   add_inplace(x(), xn_.data(), T * E);

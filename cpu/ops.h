@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "cpu/attention.h"
 #include "offload/kv_cache.h"
 #include "runtime/tensor.h"
 
@@ -25,12 +26,6 @@ void swiglu(const float* gate, const float* up, int64_t n, float* out);
 // y[i] += x[i] over n elements.
 void add_inplace(float* y, const float* x, int64_t n);
 
-// Causal attention for a step. q [n_tokens, n_heads, head_dim] (RoPE applied), K/V already
-// appended to `kv` for every token of the step. For token t of sequence s at position p it attends
-// to positions [max(0, p - window + 1), p] of s (window 0: all). out [n_tokens, n_heads, head_dim].
-// Per (token, KV head) every K/V row is read once for the whole group of query heads; online
-// softmax, float32.
-void attention(const float* q, int64_t n_tokens, const int32_t* positions, const int32_t* seq_ids, int64_t n_heads,
-               int64_t window, int64_t il, const KvCache& kv, float* out);
+// attention(): cpu/attention.h.
 
 }  // namespace ferry::cpu

@@ -1,13 +1,18 @@
 // KvCache: paged keys and values. Fixed-size blocks of `block_size` tokens come from one pool; each
-// sequence has a block table shared by all layers (vLLM's layout). Per layer, K and V are
-//   [n_blocks, block_size, n_kv_heads, head_dim]
-// so a block of one KV head is read as block_size strided rows of head_dim values.
+// sequence has a block table shared by all layers (vLLM's layout).
 //
-// Today the pool is host memory in float32 (exact CPU math). GPU blocks, BF16 blocks and the
-// host/disk tiers of the offload engine keep this interface: sequences, block tables, lengths.
+// Host storage (the CPU executor's, and the layers whose attention a GPU executor runs on the CPU)
+// is float32 (the exact reference) or BF16, laid out for the CPU attention kernels (cpu/attention.h):
+// per layer, block and KV head one contiguous tile of block_size x head_dim values,
+//   K: [head_dim/2][block_size][2]   (dims 2r and 2r+1 of each key side by side: one vector load
+//                                      gives one dim pair of every key of the block)
+//   V: [block_size/2][head_dim][2]   (keys 2r and 2r+1 of each dim side by side)
+// so a (block, head) tile is read once, front to back, for all query heads of its group. GPU
+// blocks (gpu/) keep their own [block, token, head, dim] pool and share only the block tables.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "runtime/host_buffer.h"
@@ -22,7 +27,19 @@ struct KvCacheShape {
   int64_t head_dim = 0;
   int64_t block_size = 16;
   int64_t n_blocks = 0;
-  int64_t bytes() const { return 2 * n_layers * n_blocks * block_size * n_kv_heads * head_dim * 4; }
+  DType dtype = DType::kF32;  // host storage: kF32 or kBF16
+  int64_t bytes_per_token_layer() const { return 2 * n_kv_heads * head_dim * static_cast<int64_t>(dtype_size(dtype)); }
+  int64_t bytes() const { return n_layers * n_blocks * block_size * bytes_per_token_layer(); }
+};
+
+// One layer's host K/V as the attention kernels read it.
+struct KvLayerView {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  DType dtype = DType::kF32;
+  int64_t block_size = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t tile() const { return block_size * head_dim; }                // elements of one (block, head) tile
+  int64_t block_elems() const { return n_kv_heads * tile(); }            // elements of one block
 };
 
 class KvCache {
@@ -31,10 +48,13 @@ class KvCache {
   // (an allocation failure names the size). Without it another executor (the GPU's) holds the
   // blocks' bytes and this object only manages sequences, block tables and lengths.
   static Expected<KvCache> create(const KvCacheShape& shape, bool host_storage = true);
-  // Host storage for the layers where `host_layers[il]` only (the layers a GPU executor computes on
-  // the CPU).
-  static Expected<KvCache> create(const KvCacheShape& shape, const std::vector<bool>& host_layers);
+  // Host storage for the layers where `host_layers[il]` only (the layers whose attention a GPU
+  // executor runs on the CPU). Host pools are bound to the NUMA node nearest the PCI device
+  // `near_pci` (the GPU) when hwloc knows it, and zeroed (so every page is placed now).
+  static Expected<KvCache> create(const KvCacheShape& shape, const std::vector<bool>& host_layers, const std::string& near_pci = "");
+  int numa_node() const { return numa_node_; }
   bool has_host_storage(int64_t il) const { return il < static_cast<int64_t>(k_.size()) && k_[il].data() != nullptr; }
+  int64_t host_bytes() const;
 
   const KvCacheShape& shape() const { return shape_; }
   // Returns a new sequence id (its length is 0).
@@ -48,13 +68,19 @@ class KvCache {
   void set_length(int32_t seq, int64_t n) { seqs_[seq].length = n; }
   const std::vector<int32_t>& block_table(int32_t seq) const { return seqs_[seq].blocks; }
   int64_t n_free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  int64_t n_live_sequences() const;
 
-  // Returns K (or V) of token `pos` of `seq` in layer `il`: [n_kv_heads, head_dim].
-  float* k_at(int64_t il, int32_t seq, int64_t pos) { return at(k_[il], seq, pos); }
-  float* v_at(int64_t il, int32_t seq, int64_t pos) { return at(v_[il], seq, pos); }
-  const float* k_block(int64_t il, int32_t block) const { return k_[il].as<float>() + block * block_stride(); }
-  const float* v_block(int64_t il, int32_t block) const { return v_[il].as<float>() + block * block_stride(); }
-  int64_t block_stride() const { return shape_.block_size * shape_.n_kv_heads * shape_.head_dim; }
+  // Stores K and V of token `pos` of `seq` in layer `il` (reserved blocks): k, v [n_kv_heads, head_dim]
+  // float32 or BF16 bits, converted to the pool's dtype (round to nearest even).
+  void append(int64_t il, int32_t seq, int64_t pos, const float* k, const float* v);
+  void append_bf16(int64_t il, int32_t seq, int64_t pos, const uint16_t* k, const uint16_t* v);
+  // Reads them back as float32 [n_kv_heads, head_dim] (tests, spills).
+  void read(int64_t il, int32_t seq, int64_t pos, float* k, float* v) const;
+  KvLayerView layer_view(int64_t il) const;
+
+  // Element offsets inside a (block, head) tile.
+  static int64_t k_index(int64_t j, int64_t i, int64_t bs) { return ((i >> 1) * bs + j) * 2 + (i & 1); }
+  static int64_t v_index(int64_t j, int64_t i, int64_t hd) { return ((j >> 1) * hd + i) * 2 + (j & 1); }
 
  private:
   struct Seq {
@@ -62,12 +88,12 @@ class KvCache {
     int64_t length = 0;
     std::vector<int32_t> blocks;
   };
-  float* at(HostBuffer& buf, int32_t seq, int64_t pos) {
-    const Seq& s = seqs_[seq];
-    const int32_t block = s.blocks[pos / shape_.block_size];
-    return buf.as<float>() + block * block_stride() + (pos % shape_.block_size) * shape_.n_kv_heads * shape_.head_dim;
-  }
+  // Element offset of (block of `pos`, head 0) in a layer's pool, and the token's index in its block.
+  int64_t tile_base(int32_t seq, int64_t pos, int64_t* j) const;
+  template <typename Src>
+  void store(int64_t il, int32_t seq, int64_t pos, const Src* k, const Src* v);
   KvCacheShape shape_;
+  int numa_node_ = -1;
   std::vector<HostBuffer> k_, v_;  // per layer
   std::vector<int32_t> free_;
   std::vector<Seq> seqs_;

@@ -331,10 +331,7 @@ TEST_SUITE("gpu_ops") {
                 v[t * n_kv * hd + i] = qkv[t * width + (H + n_kv) * hd + i];
               }
             cpu::rope(k.data(), L, n_kv, hd, pos.data(), inv.data());
-            for (int64_t t = 0; t < L; ++t) {
-              std::memcpy(kv.k_at(0, seqs[si], t), k.data() + t * n_kv * hd, n_kv * hd * 4);
-              std::memcpy(kv.v_at(0, seqs[si], t), v.data() + t * n_kv * hd, n_kv * hd * 4);
-            }
+            for (int64_t t = 0; t < L; ++t) kv.append(0, seqs[si], t, k.data() + t * n_kv * hd, v.data() + t * n_kv * hd);
             kv.set_length(seqs[si], L);
             // q as the GPU rotated it, and the CPU's rotation of the same input.
             std::vector<float> qg = bits_to_f32(dq.get());
@@ -353,7 +350,8 @@ TEST_SUITE("gpu_ops") {
             const int64_t L = lens[2];
             for (int64_t t = 0; t < L; t += 17) {
               const auto& bt = kv.block_table(seqs[2]);
-              const float* kc = kv.k_at(0, seqs[2], t);
+              std::vector<float> kc(n_kv * hd), vc(n_kv * hd);
+              kv.read(0, seqs[2], t, kc.data(), vc.data());
               for (int64_t i = 0; i < n_kv * hd; ++i) {
                 const float g = kg[(bt[t / bs] * bs + t % bs) * n_kv * hd + i];
                 CHECK(std::fabs(g - kc[i]) <= 1e-2f * std::max(1.0f, std::fabs(kc[i])));

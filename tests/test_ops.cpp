@@ -209,10 +209,7 @@ TEST_SUITE("ops") {
           REQUIRE(kv.reserve(s, L).ok());
           K.push_back(randn(L * n_kv * hd));
           V.push_back(randn(L * n_kv * hd));
-          for (int64_t p = 0; p < L; ++p) {
-            std::memcpy(kv.k_at(0, s, p), K.back().data() + p * n_kv * hd, n_kv * hd * 4);
-            std::memcpy(kv.v_at(0, s, p), V.back().data() + p * n_kv * hd, n_kv * hd * 4);
-          }
+          for (int64_t p = 0; p < L; ++p) kv.append(0, s, p, K.back().data() + p * n_kv * hd, V.back().data() + p * n_kv * hd);
           kv.set_length(s, L);
         }
         // One query token per sequence at its last position, plus an earlier one of the longest.

@@ -1,0 +1,47 @@
+// CPU attention over the paged host KV cache (offload/kv_cache.h): decode and prefill, F32 or BF16
+// K/V, float32 math, online softmax. Per (token, KV head) every K/V tile is read once for all query
+// heads of its group; long key ranges are split into chunks (oneTBB tasks over token x head x chunk,
+// merged afterwards) so one sequence still uses every core.
+//
+// Kernels, picked at run time (CPUID): AVX-512 and AVX2 for BF16 K/V (a BF16 pair is widened to two
+// float32 vectors with one shift and one mask: no conversion instructions), and a scalar kernel for
+// every dtype and shape (the reference the others are tested against; also what F32 pools use).
+#pragma once
+
+#include <cstdint>
+
+#include "offload/kv_cache.h"
+
+namespace ferry::cpu {
+
+enum class AttnIsa { kScalar, kAvx2, kAvx512 };
+const char* attn_isa_name(AttnIsa isa);
+// Returns true when this CPU runs `isa`'s kernel.
+bool attn_isa_supported(AttnIsa isa);
+// Returns the best kernel this CPU runs (FERRY_ATTN_ISA=scalar|avx2|avx512 caps it).
+AttnIsa attn_isa_best();
+// Returns true when the CPU has AMX-BF16 and Linux granted this process the tile state.
+bool amx_usable();
+
+struct AttnArgs {
+  const void* q = nullptr;        // [n_tokens, n_heads, head_dim], RoPE applied
+  bool q_bf16 = false;            // q is BF16 bits (else float32)
+  int64_t n_tokens = 0;
+  const int32_t* positions = nullptr;  // [n_tokens]
+  const int32_t* seq_ids = nullptr;    // [n_tokens]
+  int64_t n_heads = 0;
+  int64_t window = 0;             // sliding window (0: none)
+  void* out = nullptr;            // [n_tokens, n_heads, head_dim]
+  bool out_bf16 = false;          // write BF16 bits (else float32)
+};
+
+// Causal attention of layer `il`: token t of sequence s at position p attends to positions
+// [max(0, p - window + 1), p] of s, whose K/V are already in `kv`'s host storage.
+void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa isa);
+inline void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv) { paged_attention(a, il, kv, attn_isa_best()); }
+
+// Float32 q and out (the CPU executor's call).
+void attention(const float* q, int64_t n_tokens, const int32_t* positions, const int32_t* seq_ids, int64_t n_heads,
+               int64_t window, int64_t il, const KvCache& kv, float* out);
+
+}  // namespace ferry::cpu

@@ -1,0 +1,109 @@
+#include "runtime/topology.h"
+
+#include <hwloc.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+
+#include <tbb/blocked_range.h>
+#include <tbb/info.h>
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+#include <tbb/task_scheduler_observer.h>
+
+#include "runtime/status.h"
+
+namespace ferry {
+
+namespace {
+
+struct Topology {
+  hwloc_topology_t topo = nullptr;
+  int n_cores = 0, n_nodes = 0;
+  Topology() {
+    if (hwloc_topology_init(&topo) != 0) {
+      topo = nullptr;
+      return;
+    }
+    hwloc_topology_set_io_types_filter(topo, HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
+    if (hwloc_topology_load(topo) != 0) {
+      hwloc_topology_destroy(topo);
+      topo = nullptr;
+      return;
+    }
+    n_cores = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_CORE);
+    n_nodes = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE);
+  }
+  ~Topology() {
+    if (topo) hwloc_topology_destroy(topo);
+  }
+};
+Topology& topology() {
+  static Topology t;
+  return t;
+}
+
+// Pins each worker that enters the arena to its own core (the calling thread stays free).
+class PinWorkers : public tbb::task_scheduler_observer {
+ public:
+  explicit PinWorkers(tbb::task_arena& a) : tbb::task_scheduler_observer(a) { observe(true); }
+  ~PinWorkers() override { observe(false); }
+  void on_scheduler_entry(bool is_worker) override {
+    Topology& t = topology();
+    if (!is_worker || t.topo == nullptr || t.n_cores <= 1) return;
+    const int i = 1 + next_.fetch_add(1) % (t.n_cores - 1);  // core 0 is left to the calling thread
+    hwloc_obj_t core = hwloc_get_obj_by_type(t.topo, HWLOC_OBJ_CORE, static_cast<unsigned>(i));
+    if (core) hwloc_set_cpubind(t.topo, core->cpuset, HWLOC_CPUBIND_THREAD);
+  }
+
+ private:
+  std::atomic<int> next_{0};
+};
+
+struct Arena {
+  tbb::task_arena arena;
+  std::unique_ptr<PinWorkers> pin;
+  int threads = 1;
+  Arena() {
+    const int cores = topology().n_cores;
+    threads = cores > 0 ? std::min(cores, tbb::info::default_concurrency()) : tbb::info::default_concurrency();
+    arena.initialize(threads);
+    pin = std::make_unique<PinWorkers>(arena);
+  }
+};
+Arena& arena() {
+  static Arena a;
+  return a;
+}
+
+}  // namespace
+
+int64_t compute_threads() { return arena().threads; }
+
+void run_parallel(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain) {
+  if (n <= 0) return;
+  arena().arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, std::max<int64_t>(1, grain)),
+                      [&](const tbb::blocked_range<int64_t>& r) { fn(r.begin(), r.end()); });
+  });
+}
+
+int bind_near_pci(void* p, size_t bytes, const std::string& pci_bus) {
+  Topology& t = topology();
+  if (t.topo == nullptr || pci_bus.empty() || p == nullptr || t.n_nodes <= 1) return t.n_nodes == 1 ? 0 : -1;
+  hwloc_obj_t dev = hwloc_get_pcidev_by_busidstring(t.topo, pci_bus.c_str());
+  if (dev == nullptr) return -1;
+  hwloc_obj_t anc = hwloc_get_non_io_ancestor_obj(t.topo, dev);
+  if (anc == nullptr || anc->nodeset == nullptr) return -1;
+  if (hwloc_set_area_membind(t.topo, p, bytes, anc->nodeset, HWLOC_MEMBIND_BIND, HWLOC_MEMBIND_BYNODESET) != 0) return -1;
+  return hwloc_bitmap_first(anc->nodeset);
+}
+
+std::string topology_summary() {
+  Topology& t = topology();
+  return strprintf("%d cores, %d NUMA node%s, %lld compute threads", t.n_cores, t.n_nodes, t.n_nodes == 1 ? "" : "s",
+                   static_cast<long long>(compute_threads()));
+}
+
+}  // namespace ferry

@@ -1,0 +1,23 @@
+// The machine's layout through hwloc: ferry's compute arena (oneTBB workers pinned one per core, so
+// CPU attention and CPU layers keep their caches), and host memory bound to the NUMA node nearest
+// the GPU. Without hwloc information (a container hiding it) everything still runs, unpinned.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace ferry {
+
+// Returns the number of threads of the compute arena (physical cores, or the TBB default).
+int64_t compute_threads();
+// Runs fn(begin, end) over [0, n) in the compute arena, in ranges of `grain` or more.
+void run_parallel(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain = 1);
+// Binds [p, p + bytes) to the NUMA node nearest the PCI device `pci_bus` ("0000:41:00.0"); pages not
+// yet touched are then allocated there. Returns the node's index, or -1 when hwloc cannot tell.
+int bind_near_pci(void* p, size_t bytes, const std::string& pci_bus);
+// Returns "N cores, M NUMA nodes" (for the CLI's backend line).
+std::string topology_summary();
+
+}  // namespace ferry

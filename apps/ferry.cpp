@@ -2,12 +2,14 @@
 // the library, and turns every failure into one line on stderr naming the file, tensor or flag,
 // with a non-zero exit (1 for run-time failures, 2 for bad usage).
 #include <omp.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,6 +21,7 @@
 #include <tbb/parallel_for.h>
 #include <tbb/parallel_reduce.h>
 
+#include "cpu/attention.h"
 #include "cpu/cpu_executor.h"
 #include "cpu/gemm.h"
 #include "cpu/offload_executor.h"
@@ -32,6 +35,8 @@
 #include "runtime/budget.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
+#include "runtime/serve.h"
+#include "runtime/topology.h"
 #include "runtime/trace.h"
 
 namespace {
@@ -53,6 +58,7 @@ struct ModelFlags {
   int64_t layers = 0;
   int threads = 0;
   std::string disk;
+  std::string kv = "auto";
   std::string gpu_mem;
   std::string host_mem;
   int64_t cpu_layers = -1;
@@ -72,6 +78,9 @@ struct ModelFlags {
     app->add_option("--cpu-layers", cpu_layers, "Compute exactly N layers on the CPU (default: the planner's choice)")->check(CLI::Range(int64_t{0}, int64_t{4096}));
     app->add_option("--trace", trace, "Write a Chrome trace (open in Perfetto): tracks for CPU, GPU compute, GPU copies, disk reads");
     app->add_option("--disk", disk, "Packed store (from 'ferry pack') holding the weights; layers beyond --gpu-mem and --host-mem are read from it, checksummed");
+    app->add_option("--kv", kv, "Where K/V live with --device gpu: gpu, host (the CPU computes attention over them, overlapped with the GPU's GEMMs) "
+                                "or auto (the GPU when it fits beside the weights' working set)")
+        ->check(CLI::IsMember({"auto", "gpu", "host"}));
   }
   LoadOptions load(bool need_tokenizer, const std::string& resolved_device) const {
     LoadOptions o;
@@ -132,16 +141,19 @@ Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, i
   }
   in.have_disk = model.weights->packed() != nullptr;
   in.cpu_layers = flags.cpu_layers;
+  FERRY_ASSIGN_OR_RETURN(in.kv, parse_kv_place(flags.kv));
   in.max_batch = batch;
   in.hw = load_profile();
   return in;
 }
 
-Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths, const ModelFlags& flags) {
+Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths, const ModelFlags& flags,
+                               int64_t max_step_tokens = 512) {
   Backend b;
   const KvCacheShape shape = kv_shape(model.config, lengths);
   const bool offload = !flags.gpu_mem.empty() || !flags.host_mem.empty() || flags.cpu_layers >= 0;
   FERRY_ASSIGN_OR_RETURN(GpuPlanInput in, plan_input(flags, model, static_cast<int64_t>(lengths.size())));
+  in.max_step_tokens = max_step_tokens;
   b.budget = in.budget_bytes;
   b.hw = in.hw;
   if (device == "gpu") {
@@ -157,9 +169,11 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     FERRY_ASSIGN_OR_RETURN(auto ex, gpu::GpuExecutor::create(*model.weights, shape, opts));
     b.gpu = ex.get();
     b.executor = std::move(ex);
-    std::vector<bool> host_kv(model.config.n_layers);
-    for (int64_t il = 0; il < model.config.n_layers; ++il) host_kv[il] = b.plan.place[il] == Place::kCpu;
-    FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape, host_kv));
+    // Host K/V (the plan's kv_host layers, CPU-computed ones included) in BF16, as on the GPU, on
+    // the NUMA node nearest the GPU.
+    KvCacheShape host_shape = shape;
+    host_shape.dtype = DType::kBF16;
+    FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(host_shape, b.plan.kv_host, g.pci_bus));
     b.kv = std::make_unique<KvCache>(std::move(kv));
     return b;
   }
@@ -191,6 +205,10 @@ void print_backend(const Backend& be) {
                  format_bytes(static_cast<double>(be.gpu->device_bytes())).c_str(), format_bytes(static_cast<double>(be.gpu->peak_device_bytes())).c_str(),
                  format_bytes(static_cast<double>(driver_now - be.driver_before)).c_str(), format_bytes(static_cast<double>(be.gpu->streamed_bytes())).c_str());
   }
+  if (be.gpu && be.gpu->n_kv_host_layers() > 0)
+    std::fprintf(stderr, "ferry: kv: %lld of %lld layers keep K/V in host memory (%s, NUMA node %d); their attention runs on the CPU (%s kernel, %s)\n",
+                 (long long)be.gpu->n_kv_host_layers(), (long long)be.plan.place.size(), format_bytes(static_cast<double>(be.kv->host_bytes())).c_str(),
+                 be.kv->numa_node(), cpu::attn_isa_name(cpu::attn_isa_best()), topology_summary().c_str());
   if (be.emulated)
     std::fprintf(stderr, "ferry: emulated device: peak %s of %s; streamed %s\n", format_bytes(static_cast<double>(be.emulated->device().peak_bytes())).c_str(),
                  be.budget > 0 ? format_bytes(static_cast<double>(be.budget)).c_str() : "no cap",
@@ -231,6 +249,11 @@ struct RunFlags {
   uint64_t seed = 0;
   bool ignore_eos = false;
   bool no_bos = false;
+  std::string prompts_file;   // throughput mode: JSONL in
+  std::string out_file;       // JSONL out
+  int64_t batch = 64;
+  int64_t step_tokens = 2048;
+  bool no_progress = false;
 };
 
 // Writes the trace when --trace was given; returns the exit code `rc` (or 1 if writing failed).
@@ -241,7 +264,151 @@ int finish_trace(const ModelFlags& f, int rc) {
   return rc;
 }
 
+// Throughput mode: `ferry run --prompts IN.jsonl --out OUT.jsonl --batch N`.
+Expected<std::vector<nlohmann::json>> read_jsonl(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return not_found("--prompts " + path + ": cannot open");
+  std::vector<nlohmann::json> rows;
+  std::string line;
+  int64_t no = 0;
+  while (std::getline(in, line)) {
+    ++no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      return invalid_argument(strprintf("--prompts %s:%lld: not a JSON object", path.c_str(), (long long)no));
+    j["_line"] = no;
+    rows.push_back(std::move(j));
+  }
+  if (rows.empty()) return invalid_argument("--prompts " + path + ": no requests in the file");
+  return rows;
+}
+
+int cmd_serve(const RunFlags& f) {
+  if (!f.m.trace.empty()) Tracer::get().enable();
+  auto threads = apply_threads(f.m.threads);
+  SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
+  if (Status st = sp.validate(); !st.ok()) return fail(st);
+  if (f.out_file.empty()) return fail(invalid_argument("--prompts needs --out OUT.jsonl for the completions"));
+  if (!f.prompts.empty()) return fail(invalid_argument("-p and --prompts do not go together: put every prompt in the JSONL file"));
+  auto rows = read_jsonl(f.prompts_file);
+  if (!rows.ok()) return fail(rows.status());
+  const std::string device = resolve_device(f.m.device);
+  bool need_tok = false;
+  for (const auto& j : *rows) need_tok |= j.contains("prompt");
+  auto model = load_model(f.m.model, f.m.load(need_tok, device));
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& cfg = model->config;
+  if (need_tok && !model->tokenizer) return fail(invalid_argument("--prompts: text prompts need a tokenizer; " + f.m.model + " has none (give \"ids\")"));
+  std::vector<ServeRequest> reqs;
+  for (const auto& j : *rows) {
+    const long long no = j["_line"].get<long long>();
+    ServeRequest r;
+    r.max_tokens = f.n_predict;
+    if (j.contains("max_tokens")) {
+      if (!j["max_tokens"].is_number_integer() || j["max_tokens"].get<int64_t>() < 1)
+        return fail(invalid_argument(strprintf("--prompts %s:%lld: max_tokens must be a positive integer", f.prompts_file.c_str(), no)));
+      r.max_tokens = j["max_tokens"].get<int64_t>();
+    }
+    if (j.contains("ids")) {
+      if (!j["ids"].is_array() || j["ids"].empty())
+        return fail(invalid_argument(strprintf("--prompts %s:%lld: \"ids\" must be a non-empty array of token ids", f.prompts_file.c_str(), no)));
+      for (const auto& v : j["ids"]) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= cfg.n_vocab)
+          return fail(invalid_argument(strprintf("--prompts %s:%lld: %s is not a token id of this model (vocab %lld)", f.prompts_file.c_str(), no,
+                                                 v.dump().c_str(), (long long)cfg.n_vocab)));
+        r.prompt.push_back(v.get<int32_t>());
+      }
+    } else if (j.contains("prompt") && j["prompt"].is_string()) {
+      r.prompt = model->tokenizer->encode(j["prompt"].get<std::string>(), !f.no_bos);
+      if (r.prompt.empty() && cfg.bos_token_id >= 0) r.prompt.push_back(static_cast<int32_t>(cfg.bos_token_id));
+      if (r.prompt.empty()) return fail(invalid_argument(strprintf("--prompts %s:%lld: the prompt is empty", f.prompts_file.c_str(), no)));
+    } else {
+      return fail(invalid_argument(strprintf("--prompts %s:%lld: each line needs \"prompt\" (text) or \"ids\" (token ids)", f.prompts_file.c_str(), no)));
+    }
+    if (static_cast<int64_t>(r.prompt.size()) + r.max_tokens > cfg.n_ctx_max)
+      return fail(invalid_argument(strprintf("--prompts %s:%lld: %zu prompt tokens + %lld new ones pass max_position_embeddings (%lld)", f.prompts_file.c_str(),
+                                             no, r.prompt.size(), (long long)r.max_tokens, (long long)cfg.n_ctx_max)));
+    reqs.push_back(std::move(r));
+  }
+  // KV for the `batch` longest requests at once; the GPU's workspace for a step of step_tokens.
+  std::vector<int64_t> totals;
+  for (const auto& r : reqs) totals.push_back(static_cast<int64_t>(r.prompt.size()) + r.max_tokens);
+  std::sort(totals.rbegin(), totals.rend());
+  totals.resize(std::min<size_t>(totals.size(), static_cast<size_t>(f.batch)));
+  ModelFlags mf = f.m;
+  auto be = make_backend(device, *model, totals, mf, f.step_tokens);
+  if (!be.ok()) return fail(be.status());
+  Runner runner(*model->weights, *be->executor, *be->kv);
+  ServeOptions so;
+  so.batch = f.batch;
+  so.max_step_tokens = f.step_tokens;
+  so.sampling = sp;
+  so.stop_at_eos = !f.ignore_eos;
+  print_backend(*be);
+  // A bar redrawn in place on a terminal (at most 5 times a second); a line per tenth of the
+  // requests otherwise (logs).
+  const bool bar = !f.no_progress, tty = isatty(2) != 0;
+  double last_draw = -1e9;
+  int64_t last_tenth = 0;
+  auto progress = [&](int64_t done, int64_t total, int64_t generated, double ms) {
+    if (!bar) return;
+    if (tty && ms - last_draw < 200 && done < total) return;
+    if (!tty && done * 10 / std::max<int64_t>(total, 1) == last_tenth && done < total) return;
+    last_draw = ms;
+    last_tenth = done * 10 / std::max<int64_t>(total, 1);
+    const double tps = ms > 0 ? generated / (ms / 1e3) : 0;
+    const double eta = done > 0 ? ms / 1e3 * static_cast<double>(total - done) / static_cast<double>(done) : 0;
+    const int width = 30, filled = static_cast<int>(width * done / std::max<int64_t>(total, 1));
+    std::fprintf(stderr, "%s[%s%s] %lld/%lld requests, %lld tokens, %.1f tok/s, ETA %s   %s", tty ? "\r" : "", std::string(filled, '#').c_str(),
+                 std::string(width - filled, '.').c_str(), (long long)done, (long long)total, (long long)generated, tps,
+                 done > 0 ? strprintf("%.0f s", eta).c_str() : "-", tty ? "" : "\n");
+  };
+  std::vector<ServeResult> results;
+  auto stats = serve(runner, reqs, so, results, {}, progress);
+  if (bar && tty) std::fputc('\n', stderr);
+  if (!stats.ok()) return fail(stats.status());
+  std::string out;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const nlohmann::json& in = (*rows)[i];
+    nlohmann::json o;
+    if (in.contains("id")) o["id"] = in["id"];
+    o["index"] = i;
+    if (model->tokenizer) o["completion"] = model->tokenizer->decode(results[i].tokens, /*skip_special=*/true);
+    o["ids"] = results[i].tokens;
+    o["prompt_tokens"] = reqs[i].prompt.size();
+    o["completion_tokens"] = results[i].tokens.size();
+    o["finish_reason"] = results[i].hit_eos ? "stop" : "length";
+    o["ttft_ms"] = std::round(results[i].ttft_ms * 10) / 10;
+    o["latency_ms"] = std::round(results[i].latency_ms * 10) / 10;
+    out += o.dump() + "\n";
+  }
+  if (Status st = write_file_atomic(f.out_file, out.data(), out.size()); !st.ok()) return fail(st.with_context("--out"));
+  const ServeStats& s = *stats;
+  // The run's floor: per step the largest of streamed weights over PCIe, GEMM FLOPs over the GPU
+  // rate, and host-resident K/V over host DRAM bandwidth (plan_floor), summed over the steps.
+  if (be->planned) {
+    double floor_ms = 0;
+    for (const auto& [tokens, kv_tokens] : s.step_shapes)
+      floor_ms += plan_floor(cfg, be->plan, tokens, be->hw, static_cast<double>(kv_tokens) / static_cast<double>(tokens)).step_ms;
+    std::fprintf(stderr, "ferry: floor of these %lld steps %.2f s (PCIe %.1f GB/s, host DRAM %.1f GB/s, GPU %.0f TFLOP/s): %.0f%% of it reached\n",
+                 (long long)s.steps, floor_ms / 1e3, be->hw.h2d_gbs, be->hw.host_dram_gbs, be->hw.gemm_tflops, 100 * floor_ms / s.total_ms);
+  }
+  const int64_t peak = be->gpu ? be->gpu->peak_device_bytes() : be->emulated ? be->emulated->device().peak_bytes() : -1;
+  std::fprintf(stderr,
+               "ferry: served %lld requests in %.2f s: %lld prompt + %lld generated tokens, %.1f generated tok/s (%.1f tok/s with prompts), "
+               "%lld steps, batch peak %lld\n"
+               "ferry: time to first token: mean %.0f ms, p50 %.0f ms, p90 %.0f ms; peak GPU memory %s; completions in %s\n",
+               (long long)s.n_requests, s.total_ms / 1e3, (long long)s.prompt_tokens, (long long)s.generated_tokens,
+               s.generated_tokens / (s.total_ms / 1e3), (s.generated_tokens + s.prompt_tokens) / (s.total_ms / 1e3), (long long)s.steps,
+               (long long)s.peak_live, s.ttft_mean_ms, s.ttft_p50_ms, s.ttft_p90_ms,
+               peak >= 0 ? format_bytes(static_cast<double>(peak)).c_str() : "n/a (no GPU)", f.out_file.c_str());
+  be->executor.reset();
+  return finish_trace(f.m, 0);
+}
+
 int cmd_run(const RunFlags& f) {
+  if (!f.prompts_file.empty()) return cmd_serve(f);
   if (!f.m.trace.empty()) Tracer::get().enable();
   auto threads = apply_threads(f.m.threads);
   SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
@@ -901,11 +1068,18 @@ int main(int argc, char** argv) {
   run->add_option("--seed", rf.seed, "Random seed (same seed, same text)");
   run->add_flag("--ignore-eos", rf.ignore_eos, "Keep generating past the end-of-sequence token");
   run->add_flag("--no-bos", rf.no_bos, "Do not add the tokenizer's BOS template to the prompt");
+  run->add_option("--prompts", rf.prompts_file,
+                  "Throughput mode: a JSONL file of requests, one object per line: {\"prompt\": TEXT} or {\"ids\": [...]}, optional \"max_tokens\" and \"id\"");
+  run->add_option("--out", rf.out_file, "Throughput mode: JSONL completions, in input order, written atomically at the end");
+  run->add_option("--batch", rf.batch, "Throughput mode: most sequences in flight (new ones admitted as others finish)")->check(CLI::Range(int64_t{1}, int64_t{65536}));
+  run->add_option("--step-tokens", rf.step_tokens, "Throughput mode: tokens per step (decode tokens plus prompt chunks)")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  run->add_flag("--no-progress", rf.no_progress, "Throughput mode: no progress bar");
   run->footer(
       "Examples:\n"
       "  ferry run -m synthetic:stories15m -p \"Once upon a time\" -n 32\n"
       "  ferry run -m ~/models/Llama-2-7b-hf -p \"The capital of France is\" --temp 0\n"
-      "  ferry run -m DIR -p \"first prompt\" -p \"second prompt\" -n 64 --seed 7");
+      "  ferry run -m DIR -p \"first prompt\" -p \"second prompt\" -n 64 --seed 7\n"
+      "  ferry run -m DIR --prompts requests.jsonl --out completions.jsonl --batch 128 --gpu-mem 8G --kv host");
 
   LogitsFlags lf;
   CLI::App* logits = app.add_subcommand("logits", "Write the F32 logits [L, vocab] of a token sequence to a safetensors file");

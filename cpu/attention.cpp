@@ -177,6 +177,7 @@ void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa i
   if (isa == AttnIsa::kAvx2) vec = avx2::attend_chunk;
 #endif
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int64_t q_stride = a.q_stride > 0 ? a.q_stride : H * hd;
 
   // Tasks: (token, KV head, key chunk). Chunks are whole blocks, sized so there are several tasks
   // per thread even for one long sequence.
@@ -243,7 +244,7 @@ void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa i
     float* l = m + G;
     for (int64_t i = i0; i < i1; ++i) {
       const Task& tk = tasks[i];
-      const int64_t q0 = (tk.t * H + tk.kh * G) * hd;
+      const int64_t q0 = tk.t * q_stride + tk.kh * G * hd;
       if (a.q_bf16) {
         const uint16_t* qs = static_cast<const uint16_t*>(a.q) + q0;
         for (int64_t x = 0; x < G * hd; ++x) q[x] = bf16_to_f32(qs[x]) * scale;

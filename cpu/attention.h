@@ -26,6 +26,7 @@ bool amx_usable();
 struct AttnArgs {
   const void* q = nullptr;        // [n_tokens, n_heads, head_dim], RoPE applied
   bool q_bf16 = false;            // q is BF16 bits (else float32)
+  int64_t q_stride = 0;           // elements from one token's q to the next (0: n_heads * head_dim)
   int64_t n_tokens = 0;
   const int32_t* positions = nullptr;  // [n_tokens]
   const int32_t* seq_ids = nullptr;    // [n_tokens]

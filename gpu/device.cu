@@ -42,6 +42,8 @@ GpuInfo probe() {
   info.name = p.name;
   info.total_bytes = static_cast<int64_t>(p.totalGlobalMem);
   info.cc_major = p.major;
+  char bus[32] = {0};
+  if (cudaDeviceGetPCIBusId(bus, sizeof bus, 0) == cudaSuccess) info.pci_bus = bus;
   info.cc_minor = p.minor;
   return info;
 }

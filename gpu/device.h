@@ -12,6 +12,7 @@ struct GpuInfo {
   std::string name;            // of device 0
   int64_t total_bytes = 0;     // of device 0
   int cc_major = 0, cc_minor = 0;
+  std::string pci_bus;         // of device 0, "0000:41:00.0" (hwloc's NUMA lookup)
   std::string why_none;        // when n_devices == 0: the runtime's message, or "built without CUDA"
 };
 

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <map>
+#include <mutex>
 #include <vector>
 
+#include "cpu/attention.h"
 #include "cpu/cpu_executor.h"
 #include "gpu/cuda_stream_device.h"
 #include "gpu/kernels.h"
@@ -72,6 +75,26 @@ struct GpuExecutor::Impl {
   float* x_host = nullptr;           // [cap_tokens, E] pinned: the residual a CPU layer updates
   int64_t n_resident = 0;
 
+  // Host-resident K/V (plan.kv_host, GPU-computed layers): attention on the CPU, in micro-batches.
+  std::vector<bool> kv_host;          // per layer, CPU-computed layers excluded
+  int64_t n_kv_host = 0;
+  static constexpr int kMaxMb = 2;
+  int n_mb = 1;                       // micro-batches of the current step
+  cudaStream_t attn_stream = nullptr; // q/k/v down, the CPU's attention (host functions), output up
+  cudaEvent_t ev_qkv[kMaxMb] = {}, ev_att[kMaxMb] = {};
+  bf16* qkvb = nullptr;               // [cap, q + 2 kv] rotated q, k and v of the step
+  uint16_t* qkv_host = nullptr;       // pinned twin of qkvb
+  uint16_t* att_host = nullptr;       // pinned [cap, q] the CPU's attention output
+  struct AttnJob {
+    Impl* m;
+    KvCache* kv;
+    int64_t il, t0, n;
+  };
+  std::deque<AttnJob> jobs;           // this step's host functions (stable addresses)
+  std::vector<int32_t> step_pos, step_seq;
+  std::mutex attn_mu;
+  std::string attn_error;             // the first failure of a host function this step
+
   // The current step.
   int64_t T = 0, n_out = 0, n_rows = 0, n_tiles = 0;  // n_tiles 0: one token per tile (decode)
   int n_splits = 1;
@@ -83,6 +106,7 @@ struct GpuExecutor::Impl {
   ~Impl() {
     ring.reset();  // waits for its copies and reads
     if (stream) cudaStreamSynchronize(stream);
+    if (attn_stream) cudaStreamSynchronize(attn_stream);
     if (dev && dev->tracing()) {
       try {
         dev->resolve_spans();
@@ -95,11 +119,18 @@ struct GpuExecutor::Impl {
     if (in_free) cudaEventDestroy(in_free);
     if (x_down) cudaEventDestroy(x_down);
     if (x_host) cudaFreeHost(x_host);
+    if (qkv_host) cudaFreeHost(qkv_host);
+    if (att_host) cudaFreeHost(att_host);
+    for (int i = 0; i < kMaxMb; ++i) {
+      if (ev_qkv[i]) cudaEventDestroy(ev_qkv[i]);
+      if (ev_att[i]) cudaEventDestroy(ev_att[i]);
+    }
     if (dev)
       for (void* h : host_layers)
         if (h) dev->free_pinned(h);
     dev.reset();  // frees the device memory
     if (stream) cudaStreamDestroy(stream);
+    if (attn_stream) cudaStreamDestroy(attn_stream);
   }
 
   template <typename T>
@@ -160,6 +191,15 @@ struct GpuExecutor::Impl {
         x_host = nullptr;
         CUDA_CHECK(cudaMallocHost(&x_host, cap_tokens * E * sizeof(float)));
       }
+      if (n_kv_host > 0) {
+        release(qkvb);
+        if (qkv_host) CUDA_CHECK(cudaFreeHost(qkv_host));
+        if (att_host) CUDA_CHECK(cudaFreeHost(att_host));
+        qkv_host = att_host = nullptr;
+        qkvb = alloc<bf16>(cap_tokens * (Q + 2 * KV));
+        CUDA_CHECK(cudaMallocHost(&qkv_host, cap_tokens * (Q + 2 * KV) * 2));
+        CUDA_CHECK(cudaMallocHost(&att_host, cap_tokens * Q * 2));
+      }
       tokens_out = alloc<int32_t>(cap_out);
       seeds_d = alloc<uint64_t>(cap_out);
     }
@@ -190,6 +230,7 @@ int64_t GpuExecutor::peak_device_bytes() const { return impl_->dev->peak_bytes()
 int64_t GpuExecutor::graphs_captured() const { return impl_->n_captured; }
 int64_t GpuExecutor::n_streamed_layers() const { return impl_->ring ? impl_->ring->n_layers() : 0; }
 int64_t GpuExecutor::n_cpu_layers() const { return std::count(impl_->place.begin(), impl_->place.end(), Place::kCpu); }
+int64_t GpuExecutor::n_kv_host_layers() const { return impl_->n_kv_host + n_cpu_layers(); }
 int64_t GpuExecutor::streamed_bytes() const { return impl_->ring ? impl_->ring->bytes_copied() : 0; }
 int64_t GpuExecutor::graph_replays() const { return impl_->n_replays; }
 
@@ -228,11 +269,18 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     if (source[il] == Tier::kDisk && store == nullptr)
       return invalid_argument(strprintf("--device gpu: layer %lld is planned on disk, but there is no --disk store", (long long)il));
 
+  std::vector<bool> kv_host = opts.plan.kv_host;
+  if (kv_host.empty()) kv_host.assign(L, opts.kv_on_host);
+  if (static_cast<int64_t>(kv_host.size()) != L) return invalid_argument("--device gpu: the KV placement does not match the model's layers");
+  for (int64_t il = 0; il < L; ++il) kv_host[il] = kv_host[il] && place[il] != Place::kCpu;
+
   auto impl = std::make_unique<Impl>();
   Impl& m = *impl;
   m.cfg = cfg;
   m.opts = opts;
   m.place = place;
+  m.kv_host = kv_host;
+  m.n_kv_host = std::count(kv_host.begin(), kv_host.end(), true);
   m.n_resident = std::count(place.begin(), place.end(), Place::kResident);
   try {
     CUDA_CHECK(cudaSetDevice(opts.device));
@@ -240,6 +288,13 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreateWithFlags(&m.in_free, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&m.x_down, cudaEventDisableTiming));
+    if (m.n_kv_host > 0) {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&m.attn_stream, cudaStreamNonBlocking));
+      for (int i = 0; i < Impl::kMaxMb; ++i) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_qkv[i], cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_att[i], cudaEventDisableTiming));
+      }
+    }
     m.dev = std::make_unique<CudaStreamDevice>(m.stream, opts.cap_bytes, Tracer::get().enabled());
     if (m.dev->tracing()) m.opts.cuda_graphs = false;  // every step eager, so every step has spans
     CUBLAS_CHECK(cublasCreate(&m.blas));
@@ -383,7 +438,7 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     m.max_blocks = static_cast<int32_t>(std::min<int64_t>(kvs.n_blocks, (cfg.n_ctx_max + kvs.block_size - 1) / kvs.block_size));
     const int64_t pool = kvs.n_blocks * kvs.block_size * cfg.kv_dim();
     for (int64_t il = 0; il < L; ++il) {
-      const bool gpu_kv = place[il] != Place::kCpu;
+      const bool gpu_kv = place[il] != Place::kCpu && !kv_host[il];
       m.k_pool.push_back(gpu_kv ? m.alloc<bf16>(pool, "KV cache") : nullptr);
       m.v_pool.push_back(gpu_kv ? m.alloc<bf16>(pool, "KV cache") : nullptr);
     }
@@ -456,6 +511,17 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       if (static_cast<int64_t>(bt.size()) > m.max_blocks) return invalid_argument("sequence longer than the GPU block table");
       std::copy(bt.begin(), bt.end(), tables + r * m.max_blocks);
     }
+    if (m.n_kv_host > 0) {
+      CUDA_CHECK(cudaStreamSynchronize(m.attn_stream));  // the last step's host functions are done
+      for (int64_t il = 0; il < m.cfg.n_layers; ++il)
+        if (m.kv_host[il] && !kv.has_host_storage(il))
+          return invalid_argument(strprintf("gpu executor: layer %lld keeps its K/V in host memory, but the KV cache has no host storage for it", (long long)il));
+      m.jobs.clear();
+      m.attn_error.clear();
+      m.step_pos = b.positions;
+      m.step_seq = b.seq_ids;
+      m.n_mb = T >= 2 ? std::clamp(m.opts.micro_batches, 1, Impl::kMaxMb) : 1;
+    }
     if (m.cpu) {
       for (int64_t il = 0; il < m.cfg.n_layers; ++il)
         if (m.place[il] == Place::kCpu && !kv.has_host_storage(il))
@@ -465,7 +531,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
     }
     const int64_t in_n = 5 * T + n_out + m.n_rows * m.max_blocks;
     m.pending_delta = false;
-    if (decode && m.opts.cuda_graphs && m.n_resident == m.cfg.n_layers) {
+    if (decode && m.opts.cuda_graphs && m.n_resident == m.cfg.n_layers && m.n_kv_host == 0) {
       // Fixed split count (from the longest possible context) so one graph serves every step.
       m.n_splits = m.choose_splits(T, static_cast<int64_t>(m.max_blocks) * m.kv_shape.block_size);
       m.ensure_scratch(m.n_splits > 1 ? T * m.cfg.n_heads * m.n_splits * (m.cfg.head_dim + 2) : 0);
@@ -493,6 +559,90 @@ void GpuExecutor::embed(const GlobalWeights& w) {
   if (m.mode == Impl::Mode::kReplay) return;
   TraceRange r("gpu.embed");
   embedding(w[kTokEmbd].as<bf16>(), m.in_d, m.T, m.cfg.n_embd, m.x, m.stream);
+}
+
+namespace {
+
+// A host function on the attention stream: appends one micro-batch's K/V to the host cache and
+// computes its attention into the pinned output. Failures are kept for end_step (no CUDA call here).
+void CUDART_CB run_attn_job(void* p) {
+  auto& j = *static_cast<GpuExecutor::Impl::AttnJob*>(p);
+  GpuExecutor::Impl& m = *j.m;
+  const bool tracing = m.dev->tracing();
+  const int64_t t_start = tracing ? Tracer::get().now_ns() : 0;
+  try {
+    const int64_t Q = m.cfg.q_dim(), KV = m.cfg.kv_dim(), W = Q + 2 * KV;
+    for (int64_t t = j.t0; t < j.t0 + j.n; ++t)
+      j.kv->append_bf16(j.il, m.step_seq[t], m.step_pos[t], m.qkv_host + t * W + Q, m.qkv_host + t * W + Q + KV);
+    cpu::AttnArgs a;
+    a.q = m.qkv_host + j.t0 * W;
+    a.q_bf16 = true;
+    a.q_stride = W;
+    a.n_tokens = j.n;
+    a.positions = m.step_pos.data() + j.t0;
+    a.seq_ids = m.step_seq.data() + j.t0;
+    a.n_heads = m.cfg.n_heads;
+    a.window = m.cfg.sliding_window;
+    a.out = m.att_host + j.t0 * Q;
+    a.out_bf16 = true;
+    cpu::paged_attention(a, j.il, *j.kv);
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> lock(m.attn_mu);
+    if (m.attn_error.empty()) m.attn_error = strprintf("CPU attention of layer %lld: %s", (long long)j.il, e.what());
+  }
+  if (tracing)
+    Tracer::get().complete("cpu.attention", strprintf("layer %lld tokens %lld-%lld", (long long)j.il, (long long)j.t0, (long long)(j.t0 + j.n)),
+                           t_start, Tracer::get().now_ns() - t_start);
+}
+
+}  // namespace
+
+// A layer whose K/V live in host memory: per micro-batch the GPU runs norm, QKV and RoPE and sends
+// q/k/v down; the CPU appends K/V and computes attention; the output comes back and the GPU runs the
+// output projection and the MLP. All micro-batches' QKV are issued before any output projection, so
+// the CPU's attention of one overlaps the GPU's work on the other. The GPU work stays on one stream
+// (its scratch is reused micro-batch after micro-batch); only the rows that cross PCIe are per part.
+void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCache& kv) {
+  const ModelConfig& c = m.cfg;
+  const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff, W = Q + 2 * KV;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int32_t* pos = m.in_d + T;
+  const int32_t* row = m.in_d + 2 * T;
+  const int n_mb = m.n_mb;
+  int64_t edge[GpuExecutor::Impl::kMaxMb + 1];
+  for (int i = 0; i <= n_mb; ++i) edge[i] = T * i / n_mb;
+  PagedKv none;
+  none.n_kv_heads = static_cast<int32_t>(c.n_kv_heads);
+  none.head_dim = static_cast<int32_t>(c.head_dim);
+  for (int mb = 0; mb < n_mb; ++mb) {
+    TraceRange r("gpu.qkv", il);
+    const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
+    add_rmsnorm(m.x + t0 * E, m.pending_delta ? m.tmp + t0 * E : nullptr, w[kAttnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream, m.xn + n * E);
+    gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * n, W, E, m.stream);
+    rope_kv_append(m.qkv, m.qkv + n * W, c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos + t0, row + t0, m.inv_freq, n, c.n_heads, none,
+                   m.qkvb + t0 * W, m.stream);
+    CUDA_CHECK(cudaEventRecord(m.ev_qkv[mb], m.stream));
+    CUDA_CHECK(cudaStreamWaitEvent(m.attn_stream, m.ev_qkv[mb], 0));
+    cudaEvent_t down = m.dev->span_begin(m.attn_stream);
+    CUDA_CHECK(cudaMemcpyAsync(m.qkv_host + t0 * W, m.qkvb + t0 * W, n * W * 2, cudaMemcpyDeviceToHost, m.attn_stream));
+    m.dev->span_end(down, m.attn_stream, "gpu.kv_copy", "qkv down", n * W * 2);
+    m.jobs.push_back({&m, &kv, il, t0, n});
+    CUDA_CHECK(cudaLaunchHostFunc(m.attn_stream, run_attn_job, &m.jobs.back()));
+    cudaEvent_t up = m.dev->span_begin(m.attn_stream);
+    CUDA_CHECK(cudaMemcpyAsync(m.att + t0 * Q, m.att_host + t0 * Q, n * Q * 2, cudaMemcpyHostToDevice, m.attn_stream));
+    m.dev->span_end(up, m.attn_stream, "gpu.kv_copy", "attention up", n * Q * 2);
+    CUDA_CHECK(cudaEventRecord(m.ev_att[mb], m.attn_stream));
+  }
+  for (int mb = 0; mb < n_mb; ++mb) {
+    TraceRange r("gpu.out_mlp", il);
+    const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
+    CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
+    gemm_f32(m.blas, m.att + t0 * Q, w[kWo].as<bf16>(), m.tmp + t0 * E, n, E, Q, m.stream);
+    add_rmsnorm(m.x + t0 * E, m.tmp + t0 * E, w[kFfnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream);
+    gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, n, 2 * F, E, m.stream);
+    swiglu(m.gu, n, F, m.hbuf, m.stream);
+    gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp + t0 * E, n, E, F, m.stream);
+  }
 }
 
 void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
@@ -531,6 +681,9 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t* pos = m.in_d + T;
   const int32_t* row = m.in_d + 2 * T;
+  if (m.kv_host[il]) {
+    host_kv_layer(m, il, w, kv);
+  } else {
   {
     TraceRange r("gpu.attention_block", il);
     // The attention scores are the most sensitive to the rounding of this GEMM's input, so it runs
@@ -548,6 +701,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
     gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, T, 2 * F, E, m.stream);  // gate and up are adjacent
     swiglu(m.gu, T, F, m.hbuf, m.stream);
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream);
+  }
   }
   m.dev->span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
   if (streamed) m.ring->end();  // the slot may be refilled once this layer's kernels are done
@@ -589,6 +743,15 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
 
 Status GpuExecutor::end_step() {
   Impl& m = *impl_;
+  if (m.n_kv_host > 0) {
+    try {
+      CUDA_CHECK(cudaStreamSynchronize(m.attn_stream));
+    } catch (const CudaError& e) {
+      return Status(ErrorCode::kInternal, e.what());
+    }
+    std::lock_guard<std::mutex> lock(m.attn_mu);
+    if (!m.attn_error.empty()) return Status(ErrorCode::kInternal, m.attn_error);
+  }
   if (!m.ring_has_disk) return Status::Ok();
   // Disk reads report their errors on the host: wait for this step's work, then ask.
   try {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "offload/kv_cache.h"
 #include "offload/weight_store.h"
@@ -21,6 +22,9 @@ struct GpuOptions {
   int64_t n_resident_layers = -1;   // without a plan: layers 0..n-1 stay on the GPU, the rest are streamed; -1: all
   int n_slots = 3;                  // staging ring for streamed layers (prefetch depth n_slots - 1)
   int64_t cap_bytes = 0;            // ferry's GPU allocations never pass this (--gpu-mem less the runtime reserve); 0: no cap
+  bool kv_on_host = false;          // without a plan: every layer's K/V in host memory, attention on the CPU
+  int micro_batches = 2;            // host-KV layers: the step's tokens split so CPU attention of one part
+                                    // overlaps the GPU GEMMs of the other (1: no split)
 };
 
 class GpuExecutor final : public Executor {
@@ -28,6 +32,10 @@ class GpuExecutor final : public Executor {
   // Places every layer of `ws` as opts.plan says: resident layers in GPU memory, streamed ones in
   // pinned host memory or the packed store (ws.packed(), BF16), CPU-computed ones in pinned host
   // memory with their KV in the KvCache's host storage (which the caller creates for those layers).
+  // Layers whose K/V the plan keeps in host memory (plan.kv_host) run their GEMMs on the GPU and
+  // their attention on the CPU over the KvCache's host storage: per micro-batch, q/k/v go down on a
+  // second stream, a host function appends K/V and computes attention (cpu/attention.h), the output
+  // comes back, and the compute stream waits for it by event only.
   // Weights are uploaded, converted from F32/F16, read from the store, or generated in place
   // (synthetic), and `ws` then serves the placed views. Allocates the GPU KV pool for the other layers.
   static Expected<std::unique_ptr<GpuExecutor>> create(WeightStore& ws, const KvCacheShape& kv, const GpuOptions& opts = {});
@@ -50,6 +58,7 @@ class GpuExecutor final : public Executor {
   // the CPU, and the bytes copied so far.
   int64_t n_streamed_layers() const;
   int64_t n_cpu_layers() const;
+  int64_t n_kv_host_layers() const;
   int64_t streamed_bytes() const;
   // Returns how many decode graphs were captured and how many steps replayed one.
   int64_t graphs_captured() const;

@@ -21,6 +21,7 @@ int64_t GpuExecutor::device_bytes() const { return 0; }
 int64_t GpuExecutor::peak_device_bytes() const { return 0; }
 int64_t GpuExecutor::n_streamed_layers() const { return 0; }
 int64_t GpuExecutor::n_cpu_layers() const { return 0; }
+int64_t GpuExecutor::n_kv_host_layers() const { return 0; }
 int64_t GpuExecutor::streamed_bytes() const { return 0; }
 int64_t GpuExecutor::graphs_captured() const { return 0; }
 int64_t GpuExecutor::graph_replays() const { return 0; }

@@ -55,7 +55,8 @@ struct PagedKv {
 
 // rope_kv.cu: qkv f32 [n, q_dim + 2 kv_dim] (+ qkv_lo, the lo half's product, when not null; + bias
 // [q_dim + 2 kv_dim]) -> q bf16 [n, n_heads, head_dim] rotated (rotate-half form, angle pos * inv_freq),
-// and K (rotated) / V appended to the paged cache at (row[t], pos[t]).
+// and K (rotated) / V appended to the paged cache at (row[t], pos[t]). With kv.k null (K/V kept in
+// host memory) q is [n, q_dim + 2 kv_dim] and receives q, k (both rotated) and v side by side.
 void rope_kv_append(const float* qkv, const float* qkv_lo, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq,
                     int64_t n, int64_t n_heads, const PagedKv& kv, bf16* q, cudaStream_t s);
 

@@ -31,6 +31,12 @@ __global__ void rope_kv_kernel(const float* __restrict__ qkv, const float* __res
     a = ra;
     b = rb;
   }
+  if (kv.k == nullptr) {  // K/V go to the host: q, k, v side by side in `q` [n, q_dim + 2 kv_dim]
+    bf16* dst = q + t * width + col;
+    dst[i] = __float2bfloat16(a);
+    dst[i + half] = __float2bfloat16(b);
+    return;
+  }
   if (h < n_heads) {
     bf16* dst = q + t * q_dim + h * hd;
     dst[i] = __float2bfloat16(a);

@@ -121,7 +121,16 @@ LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch,
 
 }  // namespace
 
-Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
+Expected<KvPlace> parse_kv_place(const std::string& s) {
+  if (s == "auto") return KvPlace::kAuto;
+  if (s == "gpu") return KvPlace::kGpu;
+  if (s == "host" || s == "cpu") return KvPlace::kHost;
+  return invalid_argument("--kv " + s + ": expected auto, gpu or host");
+}
+
+namespace {
+
+Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in) {
   GpuPlan p;
   const int64_t L = c.n_layers;
   p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
@@ -199,8 +208,37 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   return p;
 }
 
-PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw) {
+}  // namespace
+
+Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
+  // K/V on the GPU when asked, or (auto) when the weights' minimum working set still fits beside
+  // them; otherwise in host memory, where the CPU computes attention and the GPU keeps the budget
+  // for weights.
+  auto finish = [&](GpuPlan p, bool host) {
+    p.kv_host.assign(c.n_layers, host);
+    for (int64_t il = 0; il < c.n_layers; ++il) p.kv_host[il] = p.kv_host[il] || p.place[il] == Place::kCpu;
+    p.n_kv_host = std::count(p.kv_host.begin(), p.kv_host.end(), true);
+    p.kv_gpu_bytes = host ? 0 : in.kv_bytes;
+    return p;
+  };
+  if (in.kv != KvPlace::kHost) {
+    auto on_gpu = plan_weights(c, in);
+    if (on_gpu.ok() || in.kv == KvPlace::kGpu) {
+      if (!on_gpu.ok()) return on_gpu.status();
+      return finish(std::move(*on_gpu), false);
+    }
+  }
+  GpuPlanInput host = in;
+  host.kv_bytes = 0;
+  FERRY_ASSIGN_OR_RETURN(GpuPlan p, plan_weights(c, host));
+  return finish(std::move(p), true);
+}
+
+PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw, double avg_context) {
   PlanFloor f;
+  // Host-resident K/V (BF16) read once per step by the CPU's attention, beside the other work.
+  const double kv_layer_token = 2.0 * static_cast<double>(cfg.kv_dim()) * 2;
+  f.kv_ms = static_cast<double>(plan.n_kv_host - plan.n_cpu) * kv_layer_token * batch * avg_context / (hw.host_dram_gbs * 1e9) * 1e3;
   const double lb = static_cast<double>(plan.layer_bytes), b = static_cast<double>(batch);
   const double n_gpu = static_cast<double>(cfg.n_layers - plan.n_cpu), n_cpu = static_cast<double>(plan.n_cpu);
   f.stream_ms = static_cast<double>(plan.n_streamed) * lb / (hw.h2d_gbs * 1e9) * 1e3;
@@ -209,8 +247,9 @@ PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch,
   f.hbm_ms = (n_gpu * lb + static_cast<double>(plan.globals_bytes)) / (hw.hbm_gbs * 1e9) * 1e3;
   f.compute_ms = 2.0 * (n_gpu * lb / 2 + static_cast<double>(cfg.n_vocab * cfg.n_embd)) * b / (hw.gemm_tflops * 1e12) * 1e3;
   const double serial = f.cpu_ms + std::max(f.hbm_ms, f.compute_ms);
-  f.step_ms = std::max({f.stream_ms, f.disk_ms, serial});
+  f.step_ms = std::max({f.stream_ms, f.disk_ms, serial, f.kv_ms});
   f.bound = f.step_ms == f.stream_ms   ? "PCIe (streamed weights)"
+            : f.step_ms == f.kv_ms     ? "host DRAM (K/V read by CPU attention)"
             : f.step_ms == f.disk_ms   ? "disk reads"
             : f.cpu_ms > 0             ? "CPU layers (host DRAM) + GPU layers"
             : f.hbm_ms >= f.compute_ms ? "GPU memory bandwidth"

@@ -28,6 +28,11 @@ enum class Place : uint8_t {
 };
 const char* place_name(Place p);
 
+// Where a layer's K/V blocks live. On the host, the CPU computes that layer's attention
+// (cpu/attention.h) while the GPU runs the GEMMs (the heterogeneous pipeline, gpu/gpu_executor.h).
+enum class KvPlace : uint8_t { kAuto, kGpu, kHost };
+Expected<KvPlace> parse_kv_place(const std::string& s);
+
 // Hardware rates the cost model uses. The built-in profile is what `ferry calibrate` measured on the
 // H100 GPU host (notes/offload.md); `ferry calibrate` measures the user's machine and caches it.
 struct HardwareProfile {
@@ -50,7 +55,8 @@ struct GpuPlanInput {
   int64_t budget_bytes = 0;      // --gpu-mem (<= 0: everything resident)
   int64_t host_budget_bytes = -1;  // --host-mem: pinned host bytes for non-resident layers (-1: unlimited)
   bool have_disk = false;        // --disk: layers that fit nowhere else are read from the packed store
-  int64_t kv_bytes = 0;          // the KV pool on the GPU
+  int64_t kv_bytes = 0;          // the KV pool, were it on the GPU
+  KvPlace kv = KvPlace::kAuto;   // --kv: where K/V live (auto: the GPU when it fits, else host memory)
   int64_t max_step_tokens = 512;
   int64_t max_batch = 1;         // the decode batch the plan is optimised for
   int64_t cpu_layers = -1;       // --cpu-layers: exactly this many CPU-computed layers (-1: the cost model chooses)
@@ -67,6 +73,9 @@ struct GpuPlanInput {
 struct GpuPlan {
   std::vector<Place> place;  // per layer
   std::vector<Tier> source;  // per layer: kDevice (resident), kPinnedHost or kDisk
+  std::vector<bool> kv_host; // per layer: K/V in host memory, attention on the CPU (CPU-computed layers too)
+  int64_t n_kv_host = 0;     // layers with kv_host, CPU-computed ones included
+  int64_t kv_gpu_bytes = 0;  // the KV pool on the GPU
   int64_t n_resident = 0, n_streamed = 0, n_cpu = 0, n_disk = 0;  // n_disk: streamed layers read from disk
   int64_t layer_bytes = 0;  // one layer, BF16
   int64_t globals_bytes = 0;
@@ -99,11 +108,12 @@ struct PlanFloor {
   double cpu_ms = 0;      // CPU-computed layers' bytes over host DRAM bandwidth (+ their FLOPs)
   double hbm_ms = 0;      // every GPU-computed weight byte read once from device memory
   double compute_ms = 0;  // 2 x GPU-computed parameters x batch over the GEMM rate
+  double kv_ms = 0;       // host-resident K/V (batch x context tokens) over host DRAM bandwidth
   double step_ms = 0;     // the largest of these (they overlap)
   const char* bound = "";
 };
 // Returns the decode-step floor of `plan` at batch `batch`: every engine at its peak rate, all
 // running at once.
-PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw);
+PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw, double avg_context = 0);
 
 }  // namespace ferry

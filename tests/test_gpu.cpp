@@ -409,7 +409,7 @@ struct GpuModel {
 // `places`: a letter per layer, repeated over the model's layers: R resident, S streamed from host,
 // D streamed from disk, C on the CPU (empty: as n_resident says); `disk`: a packed store to load from.
 GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs = true, int64_t n_resident = -1,
-                  const std::string& places = "", const std::string& disk = "") {
+                  const std::string& places = "", const std::string& disk = "", bool kv_host = false, int micro_batches = 2) {
   GpuModel g;
   auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
@@ -418,13 +418,17 @@ GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs 
   gpu::GpuOptions o;
   o.cuda_graphs = graphs;
   o.n_resident_layers = n_resident;
-  std::vector<bool> host_kv(g.model.config.n_layers, false);
+  o.kv_on_host = kv_host;
+  o.micro_batches = micro_batches;
+  std::vector<bool> host_kv(g.model.config.n_layers, kv_host);
   for (int64_t il = 0; !places.empty() && il < g.model.config.n_layers; ++il) {
     const char c = places[il % places.size()];
     o.plan.place.push_back(c == 'R' ? Place::kResident : c == 'C' ? Place::kCpu : Place::kStreamed);
     o.plan.source.push_back(c == 'R' ? Tier::kDevice : c == 'D' ? Tier::kDisk : Tier::kPinnedHost);
-    host_kv[il] = c == 'C';
+    host_kv[il] = kv_host || c == 'C';
   }
+  if (!o.plan.place.empty()) o.plan.kv_host = host_kv;
+  if (kv_host) s.dtype = DType::kBF16;  // as the CLI makes it
   auto ex = gpu::GpuExecutor::create(*g.model.weights, s, o);
   REQUIRE_MESSAGE(ex.ok(), ex.status().message());
   g.ex = std::move(*ex);
@@ -703,6 +707,49 @@ TEST_SUITE("gpu_model") {
     auto ok = gpu::GpuExecutor::create(*m2->weights, s, o);
     REQUIRE(ok.ok());
     CHECK((*ok)->peak_device_bytes() <= o.cap_bytes);
+  }
+
+  TEST_CASE("K/V in host memory, attention on the CPU (heterogeneous pipeline): golden logits, micro-batches, batches, streamed layers") {
+    for (const char* name : {"llama-gqa", "llama3-tied", "qwen2-bias"}) {
+      const std::string dir = test::shared_dir() + "/golden/" + name;
+      auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+      REQUIRE(gs.ok());
+      GpuModel ref = load_gpu(dir);
+      for (const char* seq : {"seq0", "seq1"}) {
+        const auto ids = test::read_i32(**gs, std::string(seq) + ".input_ids");
+        const auto ref_logits = test::read_f32(**gs, std::string(seq) + ".logits");
+        auto gl = prompt_logits(*ref.runner, ids, 7);
+        REQUIRE(gl.ok());
+        for (int mb : {1, 2}) {
+          for (const char* places : {"", "RS"}) {
+            GpuModel h = load_gpu(dir, 4096, true, -1, places, "", /*kv_host=*/true, mb);
+            CHECK(h.ex->n_kv_host_layers() == h.model.config.n_layers);
+            // Chunks of 7: later chunks attend to K/V earlier steps left in host memory.
+            auto l = prompt_logits(*h.runner, ids, 7);
+            REQUIRE_MESSAGE(l.ok(), l.status().message());
+            const double err = rel(*l, ref_logits), vs_gpu = rel(*l, *gl);
+            MESSAGE(name << " " << seq << " host KV, " << mb << " micro-batch(es), places '" << places << "': max|d|/max|ref| = " << err
+                         << " vs golden, " << vs_gpu << " vs GPU attention (GPU attention vs golden " << rel(*gl, ref_logits) << ")");
+            CHECK(err <= 2e-2);
+            CHECK(vs_gpu <= 1e-2);
+          }
+        }
+      }
+      // A decode batch of sequences of different lengths: each token's logits as when alone.
+      GpuModel h = load_gpu(dir, 4096, true, -1, "", "", true, 2);
+      const auto a = test::read_i32(**gs, "seq0.input_ids"), b = test::read_i32(**gs, "seq1.input_ids");
+      GenerateOptions go;
+      go.n_predict = 6;
+      go.sampling.temperature = 0;
+      go.stop_at_eos = false;
+      auto together = generate(*h.runner, {a, b, a}, go);
+      REQUIRE(together.ok());
+      auto alone = generate(*h.runner, {b}, go);
+      REQUIRE(alone.ok());
+      CHECK(together->tokens[0] == together->tokens[2]);
+      CHECK(together->tokens[1] == alone->tokens[0]);
+      CHECK(h.kv->n_free_blocks() == h.kv->shape().n_blocks);  // every block back
+    }
   }
 
   TEST_CASE("synthetic presets materialise on the GPU in seconds and match the host generator") {

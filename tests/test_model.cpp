@@ -10,6 +10,7 @@
 #include "models/synthetic.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
+#include "runtime/serve.h"
 #include "test_util.h"
 
 using namespace ferry;
@@ -159,6 +160,78 @@ TEST_SUITE("model") {
     auto cont = generate(*l.runner, {ids}, go);
     REQUIRE(cont.ok());
     CHECK(cont->tokens[0] == test::read_i32(**g, "prompt.greedy_ids"));
+  }
+
+  TEST_CASE("throughput mode: continuous batching gives each request what it gets alone; BF16 host KV stays on the story") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(g.ok());
+    const auto prompt = test::read_i32(**g, "prompt.input_ids");
+    // Requests of different prompt lengths and budgets: more than the batch, so some are admitted
+    // mid-run into steps that mix decode tokens with prompt chunks (step tokens 24 cut prompts).
+    std::vector<ServeRequest> reqs;
+    for (int i = 0; i < 7; ++i) {
+      ServeRequest r;
+      r.prompt.assign(prompt.begin(), prompt.begin() + std::min<size_t>(prompt.size(), 3 + 5 * i));
+      r.max_tokens = 10 + 7 * (i % 3);
+      reqs.push_back(r);
+    }
+    Loaded alone = load(dir, 1024);
+    std::vector<std::vector<int32_t>> want;
+    for (const auto& r : reqs) {
+      GenerateOptions go;
+      go.n_predict = r.max_tokens;
+      go.sampling.temperature = 0;
+      go.stop_at_eos = false;
+      auto res = generate(*alone.runner, {r.prompt}, go);
+      REQUIRE(res.ok());
+      want.push_back(res->tokens[0]);
+    }
+    Loaded l = load(dir, 256);  // 16 blocks: admission waits for blocks as well as batch slots
+    ServeOptions so;
+    so.batch = 3;
+    so.max_step_tokens = 24;
+    so.sampling.temperature = 0;
+    so.stop_at_eos = false;
+    std::vector<ServeResult> got;
+    int64_t done_calls = 0;
+    auto st = serve(*l.runner, reqs, so, got, [&](int64_t, const ServeResult&) { ++done_calls; });
+    REQUIRE_MESSAGE(st.ok(), st.status().message());
+    CHECK(done_calls == 7);
+    CHECK(st->generated_tokens == [&] { int64_t n = 0; for (auto& r : reqs) n += r.max_tokens; return n; }());
+    CHECK(st->peak_live <= 3);
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      CAPTURE(i);
+      CHECK(got[i].tokens == want[i]);
+      CHECK(got[i].ttft_ms <= got[i].latency_ms);
+    }
+    CHECK(l.kv->n_free_blocks() == l.kv->shape().n_blocks);
+    // Refusals name the request.
+    std::vector<ServeRequest> bad = {reqs[0]};
+    bad[0].prompt.push_back(100000);
+    auto e = serve(*l.runner, bad, so, got);
+    REQUIRE(!e.ok());
+    CHECK(e.status().message().find("request 0") != std::string::npos);
+    bad[0] = reqs[0];
+    bad[0].max_tokens = 10000;  // more blocks than the whole cache
+    CHECK(!serve(*l.runner, bad, so, got).ok());
+
+    // The CPU executor over a BF16 host cache (what the GPU's host-KV layers use): the reference
+    // story's first 64 tokens still come out.
+    auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
+    REQUIRE(m.ok());
+    cpu::CpuExecutor ex(m->config);
+    auto kv = KvCache::create({m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 64, DType::kBF16});
+    REQUIRE(kv.ok());
+    Runner runner(*m->weights, ex, *kv);
+    GenerateOptions go;
+    go.n_predict = 64;
+    go.sampling.temperature = 0;
+    go.stop_at_eos = false;
+    auto res = generate(runner, {{1}}, go);
+    REQUIRE(res.ok());
+    const auto story = test::read_i32(**g, "bos.greedy_ids");
+    CHECK(res->tokens[0] == std::vector<int32_t>(story.begin(), story.begin() + 64));
   }
 
   TEST_CASE("synthetic presets have their architectures' shapes and run") {

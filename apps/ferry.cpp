@@ -336,7 +336,10 @@ int cmd_serve(const RunFlags& f) {
   for (const auto& r : reqs) totals.push_back(static_cast<int64_t>(r.prompt.size()) + r.max_tokens);
   std::sort(totals.rbegin(), totals.rend());
   totals.resize(std::min<size_t>(totals.size(), static_cast<size_t>(f.batch)));
+  // The CPU's work in throughput mode is attention; whole CPU layers would run prompt chunks of
+  // thousands of tokens on it. --cpu-layers N still asks for them.
   ModelFlags mf = f.m;
+  if (mf.cpu_layers < 0) mf.cpu_layers = 0;
   auto be = make_backend(device, *model, totals, mf, f.step_tokens);
   if (!be.ok()) return fail(be.status());
   Runner runner(*model->weights, *be->executor, *be->kv);
@@ -403,7 +406,12 @@ int cmd_serve(const RunFlags& f) {
                s.generated_tokens / (s.total_ms / 1e3), (s.generated_tokens + s.prompt_tokens) / (s.total_ms / 1e3), (long long)s.steps,
                (long long)s.peak_live, s.ttft_mean_ms, s.ttft_p50_ms, s.ttft_p90_ms,
                peak >= 0 ? format_bytes(static_cast<double>(peak)).c_str() : "n/a (no GPU)", f.out_file.c_str());
-  be->executor.reset();
+  be->executor.reset();  // resolves the last GPU spans
+  if (Tracer::get().enabled() && be->gpu && be->gpu->n_kv_host_layers() > 0) {
+    const Tracer::Overlap o = Tracer::get().overlap("cpu.attention", std::vector<std::string>{"gpu.compute"});
+    std::fprintf(stderr, "ferry: overlap: %.1f%% of %.1f ms of CPU attention ran while the GPU computed (%.1f ms busy)\n", 100 * o.hidden_fraction,
+                 o.copy_ms, o.compute_ms);
+  }
   return finish_trace(f.m, 0);
 }
 

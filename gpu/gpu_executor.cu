@@ -617,10 +617,12 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
   for (int mb = 0; mb < n_mb; ++mb) {
     TraceRange r("gpu.qkv", il);
     const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
+    cudaEvent_t span = m.dev->span_begin(m.stream);
     add_rmsnorm(m.x + t0 * E, m.pending_delta ? m.tmp + t0 * E : nullptr, w[kAttnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream, m.xn + n * E);
     gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * n, W, E, m.stream);
     rope_kv_append(m.qkv, m.qkv + n * W, c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos + t0, row + t0, m.inv_freq, n, c.n_heads, none,
                    m.qkvb + t0 * W, m.stream);
+    if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld qkv part %d", (long long)il, mb));
     CUDA_CHECK(cudaEventRecord(m.ev_qkv[mb], m.stream));
     CUDA_CHECK(cudaStreamWaitEvent(m.attn_stream, m.ev_qkv[mb], 0));
     cudaEvent_t down = m.dev->span_begin(m.attn_stream);
@@ -637,11 +639,13 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     TraceRange r("gpu.out_mlp", il);
     const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
     CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
+    cudaEvent_t span = m.dev->span_begin(m.stream);
     gemm_f32(m.blas, m.att + t0 * Q, w[kWo].as<bf16>(), m.tmp + t0 * E, n, E, Q, m.stream);
     add_rmsnorm(m.x + t0 * E, m.tmp + t0 * E, w[kFfnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream);
     gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, n, 2 * F, E, m.stream);
     swiglu(m.gu, n, F, m.hbuf, m.stream);
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp + t0 * E, n, E, F, m.stream);
+    if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld out+mlp part %d", (long long)il, mb));
   }
 }
 
@@ -675,7 +679,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   }
   const LayerWeights& w = *wp;
   FERRY_CHECK(w[kWq].tier == Tier::kDevice);
-  cudaEvent_t span = m.dev->span_begin(m.stream);
+  cudaEvent_t span = m.kv_host[il] ? nullptr : m.dev->span_begin(m.stream);  // host-KV layers trace their parts
   const ModelConfig& c = m.cfg;
   const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -703,7 +707,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream);
   }
   }
-  m.dev->span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
+  if (span) m.dev->span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
   if (streamed) m.ring->end();  // the slot may be refilled once this layer's kernels are done
   m.pending_delta = true;
 }

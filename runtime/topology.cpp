@@ -3,6 +3,7 @@
 #include <hwloc.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 
@@ -44,21 +45,39 @@ Topology& topology() {
   return t;
 }
 
-// Pins each worker that enters the arena to its own core (the calling thread stays free).
+// Pins each worker to one core while it works in the arena: the core of its arena slot (slots are
+// unique among the threads in an arena at a time; slot 0, the calling thread's, is never pinned).
+// On leaving, the worker gets the whole machine back, since TBB's workers also serve the default
+// arena (the CPU GEMMs), whose threads must not inherit a pin. FERRY_PIN=0 turns pinning off.
 class PinWorkers : public tbb::task_scheduler_observer {
  public:
-  explicit PinWorkers(tbb::task_arena& a) : tbb::task_scheduler_observer(a) { observe(true); }
-  ~PinWorkers() override { observe(false); }
-  void on_scheduler_entry(bool is_worker) override {
+  explicit PinWorkers(tbb::task_arena& a) : tbb::task_scheduler_observer(a) {
     Topology& t = topology();
-    if (!is_worker || t.topo == nullptr || t.n_cores <= 1) return;
-    const int i = 1 + next_.fetch_add(1) % (t.n_cores - 1);  // core 0 is left to the calling thread
-    hwloc_obj_t core = hwloc_get_obj_by_type(t.topo, HWLOC_OBJ_CORE, static_cast<unsigned>(i));
+    const char* env = std::getenv("FERRY_PIN");
+    enabled_ = t.topo != nullptr && t.n_cores > 1 && !(env && std::string(env) == "0");
+    if (enabled_) all_ = hwloc_bitmap_dup(hwloc_topology_get_allowed_cpuset(t.topo));
+    observe(true);
+  }
+  ~PinWorkers() override {
+    observe(false);
+    if (all_) hwloc_bitmap_free(all_);
+  }
+  void on_scheduler_entry(bool is_worker) override {
+    if (!enabled_ || !is_worker) return;
+    Topology& t = topology();
+    const int slot = tbb::this_task_arena::current_thread_index();
+    if (slot <= 0) return;
+    hwloc_obj_t core = hwloc_get_obj_by_type(t.topo, HWLOC_OBJ_CORE, static_cast<unsigned>(slot % t.n_cores));
     if (core) hwloc_set_cpubind(t.topo, core->cpuset, HWLOC_CPUBIND_THREAD);
   }
+  void on_scheduler_exit(bool is_worker) override {
+    if (enabled_ && is_worker) hwloc_set_cpubind(topology().topo, all_, HWLOC_CPUBIND_THREAD);
+  }
+  bool enabled() const { return enabled_; }
 
  private:
-  std::atomic<int> next_{0};
+  bool enabled_ = false;
+  hwloc_bitmap_t all_ = nullptr;
 };
 
 struct Arena {
@@ -102,8 +121,8 @@ int bind_near_pci(void* p, size_t bytes, const std::string& pci_bus) {
 
 std::string topology_summary() {
   Topology& t = topology();
-  return strprintf("%d cores, %d NUMA node%s, %lld compute threads", t.n_cores, t.n_nodes, t.n_nodes == 1 ? "" : "s",
-                   static_cast<long long>(compute_threads()));
+  return strprintf("%d cores, %d NUMA node%s, %lld compute threads%s", t.n_cores, t.n_nodes, t.n_nodes == 1 ? "" : "s",
+                   static_cast<long long>(compute_threads()), arena().pin->enabled() ? " pinned" : "");
 }
 
 }  // namespace ferry

@@ -728,7 +728,7 @@ TEST_SUITE("gpu_model") {
             auto l = prompt_logits(*h.runner, ids, 7);
             REQUIRE_MESSAGE(l.ok(), l.status().message());
             const double err = rel(*l, ref_logits), vs_gpu = rel(*l, *gl);
-            MESSAGE(name << " " << seq << " host KV, " << mb << " micro-batch(es), places '" << places << "': max|d|/max|ref| = " << err
+            MESSAGE(std::string(name) << " " << std::string(seq) << " host KV, " << mb << " micro-batch(es), places '" << std::string(places) << "': max|d|/max|ref| = " << err
                          << " vs golden, " << vs_gpu << " vs GPU attention (GPU attention vs golden " << rel(*gl, ref_logits) << ")");
             CHECK(err <= 2e-2);
             CHECK(vs_gpu <= 1e-2);

@@ -89,7 +89,15 @@ struct GpuExecutor::Impl {
     Impl* m;
     KvCache* kv;
     int64_t il, t0, n;
+    bool append_only;  // fresh prompts: the GPU attends; the host only keeps their K/V
   };
+  // Fresh prompts (sequences that start in this step, tokens [t_gpu, T)) attend on the GPU over a
+  // scratch pool holding only this step's K/V; their K/V still go to the host cache for later steps.
+  int64_t t_gpu = 0, n_gpu_tiles = 0;
+  bf16* scratch_k = nullptr;
+  bf16* scratch_v = nullptr;
+  int64_t scratch_blocks = 0;
+  cudaEvent_t ev_fresh = nullptr;
   std::deque<AttnJob> jobs;           // this step's host functions (stable addresses)
   std::vector<int32_t> step_pos, step_seq;
   std::mutex attn_mu;
@@ -121,6 +129,7 @@ struct GpuExecutor::Impl {
     if (x_host) cudaFreeHost(x_host);
     if (qkv_host) cudaFreeHost(qkv_host);
     if (att_host) cudaFreeHost(att_host);
+    if (ev_fresh) cudaEventDestroy(ev_fresh);
     for (int i = 0; i < kMaxMb; ++i) {
       if (ev_qkv[i]) cudaEventDestroy(ev_qkv[i]);
       if (ev_att[i]) cudaEventDestroy(ev_att[i]);
@@ -166,7 +175,7 @@ struct GpuExecutor::Impl {
   }
 
   void ensure_capacity(int64_t t, int64_t o, int64_t rows) {
-    const int64_t need_in = 5 * t + o + rows * max_blocks;
+    const int64_t need_in = 7 * t + o + 2 * rows * max_blocks;
     if (t > cap_tokens || o > cap_out) {
       for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
       graphs.clear();
@@ -197,6 +206,11 @@ struct GpuExecutor::Impl {
         if (att_host) CUDA_CHECK(cudaFreeHost(att_host));
         qkv_host = att_host = nullptr;
         qkvb = alloc<bf16>(cap_tokens * (Q + 2 * KV));
+        release(scratch_k);
+        release(scratch_v);
+        scratch_blocks = cap_tokens / kv_shape.block_size + 64;
+        scratch_k = alloc<bf16>(scratch_blocks * kv_shape.block_size * KV, "fresh-prompt K/V scratch");
+        scratch_v = alloc<bf16>(scratch_blocks * kv_shape.block_size * KV, "fresh-prompt K/V scratch");
         CUDA_CHECK(cudaMallocHost(&qkv_host, cap_tokens * (Q + 2 * KV) * 2));
         CUDA_CHECK(cudaMallocHost(&att_host, cap_tokens * Q * 2));
       }
@@ -290,6 +304,7 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     CUDA_CHECK(cudaEventCreateWithFlags(&m.x_down, cudaEventDisableTiming));
     if (m.n_kv_host > 0) {
       CUDA_CHECK(cudaStreamCreateWithFlags(&m.attn_stream, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_fresh, cudaEventDisableTiming));
       for (int i = 0; i < Impl::kMaxMb; ++i) {
         CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_qkv[i], cudaEventDisableTiming));
         CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_att[i], cudaEventDisableTiming));
@@ -522,6 +537,40 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       m.step_seq = b.seq_ids;
       m.n_mb = T >= 2 ? std::clamp(m.opts.micro_batches, 1, Impl::kMaxMb) : 1;
     }
+    m.t_gpu = T;
+    m.n_gpu_tiles = 0;
+    if (m.n_kv_host > 0) {
+      // The fresh-prompt tail: the longest suffix of tokens whose sequences have nothing cached and
+      // no token before it, and whose blocks fit the scratch pool.
+      int64_t tc = T;
+      while (tc > 0 && kv.length(b.seq_ids[tc - 1]) == 0) --tc;
+      bool ok = tc < T;
+      for (int64_t t = 0; ok && t < tc; ++t) ok = kv.length(b.seq_ids[t]) != 0 || std::find(b.seq_ids.begin() + tc, b.seq_ids.end(), b.seq_ids[t]) == b.seq_ids.end();
+      int32_t* gtiles = in + 5 * T + n_out + m.n_rows * m.max_blocks;
+      int32_t* stables = gtiles + 2 * T;
+      const int64_t bs = m.kv_shape.block_size;
+      int64_t next_block = 0;
+      for (int64_t t = tc; ok && t < T;) {
+        int64_t e = t + 1;
+        while (e < T && b.seq_ids[e] == b.seq_ids[t]) ++e;
+        const int64_t need = (e - t + bs - 1) / bs;
+        if (next_block + need > m.scratch_blocks || need > m.max_blocks) {
+          ok = false;
+          break;
+        }
+        for (int64_t k = 0; k < need; ++k) stables[static_cast<int64_t>(row[t]) * m.max_blocks + k] = static_cast<int32_t>(next_block + k);
+        next_block += need;
+        const int qt = query_tile_tokens(m.cfg.n_heads, m.cfg.n_kv_heads);
+        for (int64_t u = t; u < e; u += qt) {
+          gtiles[2 * m.n_gpu_tiles] = static_cast<int32_t>(u - tc);
+          gtiles[2 * m.n_gpu_tiles + 1] = static_cast<int32_t>(std::min<int64_t>(qt, e - u));
+          ++m.n_gpu_tiles;
+        }
+        t = e;
+      }
+      if (ok) m.t_gpu = tc;
+      else m.n_gpu_tiles = 0;
+    }
     if (m.cpu) {
       for (int64_t il = 0; il < m.cfg.n_layers; ++il)
         if (m.place[il] == Place::kCpu && !kv.has_host_storage(il))
@@ -529,7 +578,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       m.cpu->use_hidden(m.x_host);
       FERRY_RETURN_IF_ERROR(m.cpu->begin_step(b, kv));
     }
-    const int64_t in_n = 5 * T + n_out + m.n_rows * m.max_blocks;
+    const int64_t in_n = 7 * T + n_out + 2 * m.n_rows * m.max_blocks;
     m.pending_delta = false;
     if (decode && m.opts.cuda_graphs && m.n_resident == m.cfg.n_layers && m.n_kv_host == 0) {
       // Fixed split count (from the longest possible context) so one graph serves every step.
@@ -574,6 +623,7 @@ void CUDART_CB run_attn_job(void* p) {
     const int64_t Q = m.cfg.q_dim(), KV = m.cfg.kv_dim(), W = Q + 2 * KV;
     for (int64_t t = j.t0; t < j.t0 + j.n; ++t)
       j.kv->append_bf16(j.il, m.step_seq[t], m.step_pos[t], m.qkv_host + t * W + Q, m.qkv_host + t * W + Q + KV);
+    if (j.append_only) return;
     cpu::AttnArgs a;
     a.q = m.qkv_host + j.t0 * W;
     a.q_bf16 = true;
@@ -608,10 +658,22 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t* pos = m.in_d + T;
   const int32_t* row = m.in_d + 2 * T;
-  const int n_mb = m.n_mb;
+  // CPU attention for tokens [0, Tc) in micro-batches; fresh prompts [Tc, T) attend on the GPU.
+  const int64_t Tc = m.t_gpu;
+  const int n_mb = Tc == 0 ? 0 : Tc >= 2 ? m.n_mb : 1;
   int64_t edge[GpuExecutor::Impl::kMaxMb + 1];
-  for (int i = 0; i <= n_mb; ++i) edge[i] = T * i / n_mb;
-  PagedKv none;
+  for (int i = 0; i <= n_mb; ++i) edge[i] = Tc * i / n_mb;
+  // Output projection and MLP of tokens [t0, t0 + n).
+  auto post = [&](int64_t t0, int64_t n, const char* what) {
+    cudaEvent_t span = m.dev->span_begin(m.stream);
+    gemm_f32(m.blas, m.att + t0 * Q, w[kWo].as<bf16>(), m.tmp + t0 * E, n, E, Q, m.stream);
+    add_rmsnorm(m.x + t0 * E, m.tmp + t0 * E, w[kFfnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream);
+    gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, n, 2 * F, E, m.stream);
+    swiglu(m.gu, n, F, m.hbuf, m.stream);
+    gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp + t0 * E, n, E, F, m.stream);
+    if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld out+mlp %s", (long long)il, what));
+  };
+  PagedKv none;  // no pool: q, k and v go to qkvb for the host
   none.n_kv_heads = static_cast<int32_t>(c.n_kv_heads);
   none.head_dim = static_cast<int32_t>(c.head_dim);
   for (int mb = 0; mb < n_mb; ++mb) {
@@ -628,24 +690,42 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     cudaEvent_t down = m.dev->span_begin(m.attn_stream);
     CUDA_CHECK(cudaMemcpyAsync(m.qkv_host + t0 * W, m.qkvb + t0 * W, n * W * 2, cudaMemcpyDeviceToHost, m.attn_stream));
     m.dev->span_end(down, m.attn_stream, "gpu.kv_copy", "qkv down", n * W * 2);
-    m.jobs.push_back({&m, &kv, il, t0, n});
+    m.jobs.push_back({&m, &kv, il, t0, n, false});
     CUDA_CHECK(cudaLaunchHostFunc(m.attn_stream, run_attn_job, &m.jobs.back()));
     cudaEvent_t up = m.dev->span_begin(m.attn_stream);
     CUDA_CHECK(cudaMemcpyAsync(m.att + t0 * Q, m.att_host + t0 * Q, n * Q * 2, cudaMemcpyHostToDevice, m.attn_stream));
     m.dev->span_end(up, m.attn_stream, "gpu.kv_copy", "attention up", n * Q * 2);
     CUDA_CHECK(cudaEventRecord(m.ev_att[mb], m.attn_stream));
   }
+  if (Tc < T) {
+    TraceRange r("gpu.fresh_prompts", il);
+    const int64_t n = T - Tc;
+    cudaEvent_t span = m.dev->span_begin(m.stream);
+    add_rmsnorm(m.x + Tc * E, m.pending_delta ? m.tmp + Tc * E : nullptr, w[kAttnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream, m.xn + n * E);
+    gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * n, W, E, m.stream);
+    const bf16* bias = c.attention_bias ? w[kBq].as<bf16>() : nullptr;
+    // Rotated k and v for the host cache, then q and K/V into the scratch pool for this step.
+    rope_kv_append(m.qkv, m.qkv + n * W, bias, pos + Tc, row + Tc, m.inv_freq, n, c.n_heads, none, m.qkvb + Tc * W, m.stream);
+    CUDA_CHECK(cudaEventRecord(m.ev_fresh, m.stream));
+    CUDA_CHECK(cudaStreamWaitEvent(m.attn_stream, m.ev_fresh, 0));
+    CUDA_CHECK(cudaMemcpyAsync(m.qkv_host + Tc * W, m.qkvb + Tc * W, n * W * 2, cudaMemcpyDeviceToHost, m.attn_stream));
+    m.jobs.push_back({&m, &kv, il, Tc, n, true});
+    CUDA_CHECK(cudaLaunchHostFunc(m.attn_stream, run_attn_job, &m.jobs.back()));
+    PagedKv sk = m.paged(il);
+    sk.k = m.scratch_k;
+    sk.v = m.scratch_v;
+    sk.block_tables = m.in_d + 7 * T + m.n_out + m.n_rows * m.max_blocks;
+    rope_kv_append(m.qkv, m.qkv + n * W, bias, pos + Tc, row + Tc, m.inv_freq, n, c.n_heads, sk, m.q + Tc * Q, m.stream);
+    attention(m.q + Tc * Q, pos + Tc, row + Tc, m.in_d + 5 * T + m.n_out + m.n_rows * m.max_blocks, m.n_gpu_tiles, n, c.n_heads, c.sliding_window, sk,
+              m.n_splits, m.scratch, m.att + Tc * Q, m.stream);
+    if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld fresh prompts qkv+attention", (long long)il));
+    post(Tc, n, "fresh prompts");
+  }
   for (int mb = 0; mb < n_mb; ++mb) {
     TraceRange r("gpu.out_mlp", il);
     const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
     CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
-    cudaEvent_t span = m.dev->span_begin(m.stream);
-    gemm_f32(m.blas, m.att + t0 * Q, w[kWo].as<bf16>(), m.tmp + t0 * E, n, E, Q, m.stream);
-    add_rmsnorm(m.x + t0 * E, m.tmp + t0 * E, w[kFfnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream);
-    gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, n, 2 * F, E, m.stream);
-    swiglu(m.gu, n, F, m.hbuf, m.stream);
-    gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp + t0 * E, n, E, F, m.stream);
-    if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld out+mlp part %d", (long long)il, mb));
+    post(t0, n, mb == 0 ? "part 0" : "part 1");
   }
 }
 

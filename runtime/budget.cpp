@@ -64,7 +64,8 @@ int64_t gpu_workspace_bytes(const ModelConfig& c, int64_t T, int64_t B) {
   n += B * c.n_vocab * 4;         // logits
   n += B * c.n_heads * 32 * (c.head_dim + 2) * 4;  // split partials (decode: at most 32 splits)
   n += (32 << 20);                // cuBLAS workspace
-  n += (64 << 10) + 5 * T * 4 + B * 4096;  // inputs and block tables (generous)
+  n += (64 << 10) + 7 * T * 4 + B * 8192;  // inputs and block tables (generous)
+  n += T * (Q + 2 * KV) * 2 + (T + 64 * 16) * KV * 4;  // host-KV layers: q/k/v going down, fresh prompts' K/V scratch
   return n;
 }
 

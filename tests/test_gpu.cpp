@@ -724,7 +724,8 @@ TEST_SUITE("gpu_model") {
           for (const char* places : {"", "RS"}) {
             GpuModel h = load_gpu(dir, 4096, true, -1, places, "", /*kv_host=*/true, mb);
             CHECK(h.ex->n_kv_host_layers() == h.model.config.n_layers);
-            // Chunks of 7: later chunks attend to K/V earlier steps left in host memory.
+            // Chunks of 7: the first is a fresh prompt (GPU attention over this step's K/V), later
+            // ones attend on the CPU to K/V earlier steps left in host memory.
             auto l = prompt_logits(*h.runner, ids, 7);
             REQUIRE_MESSAGE(l.ok(), l.status().message());
             const double err = rel(*l, ref_logits), vs_gpu = rel(*l, *gl);
@@ -732,6 +733,9 @@ TEST_SUITE("gpu_model") {
                          << " vs golden, " << vs_gpu << " vs GPU attention (GPU attention vs golden " << rel(*gl, ref_logits) << ")");
             CHECK(err <= 2e-2);
             CHECK(vs_gpu <= 1e-2);
+            auto whole = prompt_logits(*h.runner, ids, 512);  // one fresh step
+            REQUIRE(whole.ok());
+            CHECK(rel(*whole, ref_logits) <= 2e-2);
           }
         }
       }

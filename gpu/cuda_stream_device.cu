@@ -1,5 +1,8 @@
 #include "gpu/cuda_stream_device.h"
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "runtime/budget.h"
 #include "runtime/trace.h"
 
@@ -7,6 +10,7 @@ namespace ferry::gpu {
 
 CudaStreamDevice::CudaStreamDevice(cudaStream_t compute, int64_t cap_bytes, bool tracing) : cap_(cap_bytes), tracing_(tracing) {
   streams_.push_back(compute);
+  if (const char* c = std::getenv("FERRY_COPY_CHUNK_MB"); c && *c) chunk_bytes_ = std::max<int64_t>(0, std::atoll(c)) << 20;
   if (tracing_) {
     CUDA_CHECK(cudaEventCreate(&base_event_));
     CUDA_CHECK(cudaEventRecord(base_event_, compute));
@@ -108,7 +112,10 @@ void CudaStreamDevice::host_wait(Event e) { CUDA_CHECK(cudaEventSynchronize(even
 void CudaStreamDevice::copy_h2d(void* dst, const void* src, int64_t bytes, Stream s, const std::string& label) {
   cudaStream_t st = streams_.at(s);
   cudaEvent_t a = span_begin(st);
-  CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, st));
+  const int64_t piece = chunk_bytes_ > 0 ? chunk_bytes_ : bytes;
+  for (int64_t off = 0; off < bytes; off += piece)
+    CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, static_cast<size_t>(std::min(piece, bytes - off)),
+                               cudaMemcpyHostToDevice, st));
   span_end(a, st, "gpu.copy", label, bytes);
 }
 

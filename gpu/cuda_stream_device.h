@@ -50,6 +50,9 @@ class CudaStreamDevice final : public StreamDevice {
 
  private:
   int64_t cap_ = 0, held_ = 0, peak_ = 0;
+  // Layer copies go in pieces of this size, so the small copies of other streams (the attention's
+  // q/k/v and outputs) are not queued behind a whole layer on the copy engine (FERRY_COPY_CHUNK_MB).
+  int64_t chunk_bytes_ = int64_t{16} << 20;
   std::map<void*, int64_t> allocations_;
   std::map<void*, void*> pinned_;  // aligned -> what cudaMallocHost returned
   std::vector<cudaStream_t> streams_;  // [0]: the compute stream (not owned)

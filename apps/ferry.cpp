@@ -606,7 +606,7 @@ int cmd_plan(const PlanFlags& f) {
   auto plan = plan_gpu(c, in);
   if (!plan.ok()) return fail(plan.status());
   const HardwareProfile& hw = in.hw;
-  const PlanFloor fl = plan_floor(c, *plan, f.batch, hw);
+  const PlanFloor fl = plan_floor(c, *plan, f.batch, hw, static_cast<double>(ctx));
   const double b = static_cast<double>(f.batch);
   std::printf("model:      %s (%s, %lld layers, %.2f B parameters)\n", f.m.model.c_str(), c.architecture.c_str(), (long long)c.n_layers, c.n_params() / 1e9);
   std::printf("budget:     --gpu-mem %s, --host-mem %s%s, batch %lld, context %lld (KV %s, BF16)\n", f.m.gpu_mem.empty() ? "(none)" : f.m.gpu_mem.c_str(),
@@ -615,16 +615,19 @@ int cmd_plan(const PlanFlags& f) {
   std::printf("placement:  %s\n", plan->placement().c_str());
   std::printf("layers:     %lld resident, %lld streamed (%lld from disk), %lld computed on the CPU\n", (long long)plan->n_resident,
               (long long)plan->n_streamed, (long long)plan->n_disk, (long long)plan->n_cpu);
+  std::printf("kv:         %s\n", plan->n_kv_host == 0 ? "on the GPU, attention on the GPU"
+                                   : strprintf("%lld of %lld layers in host memory, attention on the CPU (%s kernel); --kv %s", (long long)plan->n_kv_host,
+                                               (long long)c.n_layers, cpu::attn_isa_name(cpu::attn_isa_best()), f.m.kv.c_str()).c_str());
   std::printf("bytes:      GPU %s (weights %s, globals %s, KV %s, staging %s, workspace %s, runtime reserve %s); pinned host %s; disk %s per step\n",
               format_bytes(static_cast<double>(plan->total_bytes)).c_str(), format_bytes(static_cast<double>(plan->n_resident * plan->layer_bytes)).c_str(),
-              format_bytes(static_cast<double>(plan->globals_bytes)).c_str(), format_bytes(static_cast<double>(in.kv_bytes)).c_str(),
+              format_bytes(static_cast<double>(plan->globals_bytes)).c_str(), format_bytes(static_cast<double>(plan->kv_gpu_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->slots_bytes)).c_str(), format_bytes(static_cast<double>(plan->workspace_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->reserve_bytes)).c_str(), format_bytes(static_cast<double>(plan->host_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->disk_bytes)).c_str());
   std::printf("predicted:  %.2f ms per decode step = %.1f tok/s (cost model with the profile's measured rates)\n", plan->predicted_ms,
               1e3 * b / plan->predicted_ms);
-  std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms\n",
-              fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms);
+  std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms, host K/V %.2f ms\n",
+              fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms, fl.kv_ms);
   std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
               hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs, hw.cpu_tflops, hw.disk_gbs);
   return 0;

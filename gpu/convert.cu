@@ -1,3 +1,4 @@
+#include <algorithm>
 #include "gpu/kernels.h"
 
 #include <cuda_fp16.h>
@@ -42,6 +43,24 @@ void to_bf16(const void* src, int dtype, int64_t n, bf16* dst, cudaStream_t s) {
 void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* dst, cudaStream_t s) {
   if (n == 0) return;
   synthetic_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(key, scale, is_norm, n, dst);
+  CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+__global__ void copy16_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) dst[i] = src[i];
+}
+}  // namespace
+
+void copy_by_kernel(const void* src, void* dst, int64_t bytes, cudaStream_t s) {
+  if (bytes <= 0) return;
+  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, s));
+    return;
+  }
+  const int64_t n = bytes / 16;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 264));
+  copy16_kernel<<<blocks, 256, 0, s>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), n);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -82,14 +82,20 @@ struct GpuExecutor::Impl {
   int n_mb = 1;                       // micro-batches of the current step
   cudaStream_t attn_stream = nullptr; // q/k/v down, the CPU's attention (host functions), output up
   cudaEvent_t ev_qkv[kMaxMb] = {}, ev_att[kMaxMb] = {};
-  bf16* qkvb = nullptr;               // [cap, q + 2 kv] rotated q, k and v of the step
-  uint16_t* qkv_host = nullptr;       // pinned twin of qkvb
+  // Pinned, and written / read by kernels through their mapped addresses: the small per-layer
+  // transfers then never queue behind a streamed layer on a copy engine.
+  uint16_t* qkv_host = nullptr;       // [cap, q + 2 kv] rotated q, k and v of the step
   uint16_t* att_host = nullptr;       // pinned [cap, q] the CPU's attention output
+  // Fresh prompts' rotated q/k/v for the host cache, two buffers by layer parity: the GPU fills one
+  // while the host appends the other (ev_fresh_done: that append has finished).
+  uint16_t* fresh_host[2] = {nullptr, nullptr};
+  cudaEvent_t ev_fresh_done[2] = {nullptr, nullptr};
   struct AttnJob {
     Impl* m;
     KvCache* kv;
     int64_t il, t0, n;
     bool append_only;  // fresh prompts: the GPU attends; the host only keeps their K/V
+    const uint16_t* qkv;  // rows [t0, t0 + n) of q/k/v (qkv_host or a fresh_host buffer)
   };
   // Fresh prompts (sequences that start in this step, tokens [t_gpu, T)) attend on the GPU over a
   // scratch pool holding only this step's K/V; their K/V still go to the host cache for later steps.
@@ -128,6 +134,10 @@ struct GpuExecutor::Impl {
     if (x_down) cudaEventDestroy(x_down);
     if (x_host) cudaFreeHost(x_host);
     if (qkv_host) cudaFreeHost(qkv_host);
+    for (int i = 0; i < 2; ++i) {
+      if (fresh_host[i]) cudaFreeHost(fresh_host[i]);
+      if (ev_fresh_done[i]) cudaEventDestroy(ev_fresh_done[i]);
+    }
     if (att_host) cudaFreeHost(att_host);
     if (ev_fresh) cudaEventDestroy(ev_fresh);
     for (int i = 0; i < kMaxMb; ++i) {
@@ -201,11 +211,14 @@ struct GpuExecutor::Impl {
         CUDA_CHECK(cudaMallocHost(&x_host, cap_tokens * E * sizeof(float)));
       }
       if (n_kv_host > 0) {
-        release(qkvb);
         if (qkv_host) CUDA_CHECK(cudaFreeHost(qkv_host));
         if (att_host) CUDA_CHECK(cudaFreeHost(att_host));
+        for (uint16_t*& f : fresh_host) {
+          if (f) CUDA_CHECK(cudaFreeHost(f));
+          f = nullptr;
+        }
         qkv_host = att_host = nullptr;
-        qkvb = alloc<bf16>(cap_tokens * (Q + 2 * KV));
+        for (uint16_t*& f : fresh_host) CUDA_CHECK(cudaMallocHost(&f, cap_tokens * (Q + 2 * KV) * 2));
         release(scratch_k);
         release(scratch_v);
         scratch_blocks = cap_tokens / kv_shape.block_size + 64;
@@ -305,6 +318,7 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     if (m.n_kv_host > 0) {
       CUDA_CHECK(cudaStreamCreateWithFlags(&m.attn_stream, cudaStreamNonBlocking));
       CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_fresh, cudaEventDisableTiming));
+      for (int i = 0; i < 2; ++i) CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_fresh_done[i], cudaEventDisableTiming));
       for (int i = 0; i < Impl::kMaxMb; ++i) {
         CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_qkv[i], cudaEventDisableTiming));
         CUDA_CHECK(cudaEventCreateWithFlags(&m.ev_att[i], cudaEventDisableTiming));
@@ -622,10 +636,10 @@ void CUDART_CB run_attn_job(void* p) {
   try {
     const int64_t Q = m.cfg.q_dim(), KV = m.cfg.kv_dim(), W = Q + 2 * KV;
     for (int64_t t = j.t0; t < j.t0 + j.n; ++t)
-      j.kv->append_bf16(j.il, m.step_seq[t], m.step_pos[t], m.qkv_host + t * W + Q, m.qkv_host + t * W + Q + KV);
+      j.kv->append_bf16(j.il, m.step_seq[t], m.step_pos[t], j.qkv + t * W + Q, j.qkv + t * W + Q + KV);
     if (j.append_only) return;
     cpu::AttnArgs a;
-    a.q = m.qkv_host + j.t0 * W;
+    a.q = j.qkv + j.t0 * W;
     a.q_bf16 = true;
     a.q_stride = W;
     a.n_tokens = j.n;
@@ -673,7 +687,7 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp + t0 * E, n, E, F, m.stream);
     if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld out+mlp %s", (long long)il, what));
   };
-  PagedKv none;  // no pool: q, k and v go to qkvb for the host
+  PagedKv none;  // no pool: q, k and v go straight to the pinned qkv_host
   none.n_kv_heads = static_cast<int32_t>(c.n_kv_heads);
   none.head_dim = static_cast<int32_t>(c.head_dim);
   for (int mb = 0; mb < n_mb; ++mb) {
@@ -683,18 +697,12 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     add_rmsnorm(m.x + t0 * E, m.pending_delta ? m.tmp + t0 * E : nullptr, w[kAttnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream, m.xn + n * E);
     gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * n, W, E, m.stream);
     rope_kv_append(m.qkv, m.qkv + n * W, c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos + t0, row + t0, m.inv_freq, n, c.n_heads, none,
-                   m.qkvb + t0 * W, m.stream);
+                   reinterpret_cast<bf16*>(m.qkv_host) + t0 * W, m.stream);
     if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld qkv part %d", (long long)il, mb));
     CUDA_CHECK(cudaEventRecord(m.ev_qkv[mb], m.stream));
     CUDA_CHECK(cudaStreamWaitEvent(m.attn_stream, m.ev_qkv[mb], 0));
-    cudaEvent_t down = m.dev->span_begin(m.attn_stream);
-    CUDA_CHECK(cudaMemcpyAsync(m.qkv_host + t0 * W, m.qkvb + t0 * W, n * W * 2, cudaMemcpyDeviceToHost, m.attn_stream));
-    m.dev->span_end(down, m.attn_stream, "gpu.kv_copy", "qkv down", n * W * 2);
-    m.jobs.push_back({&m, &kv, il, t0, n, false});
+    m.jobs.push_back({&m, &kv, il, t0, n, false, m.qkv_host});
     CUDA_CHECK(cudaLaunchHostFunc(m.attn_stream, run_attn_job, &m.jobs.back()));
-    cudaEvent_t up = m.dev->span_begin(m.attn_stream);
-    CUDA_CHECK(cudaMemcpyAsync(m.att + t0 * Q, m.att_host + t0 * Q, n * Q * 2, cudaMemcpyHostToDevice, m.attn_stream));
-    m.dev->span_end(up, m.attn_stream, "gpu.kv_copy", "attention up", n * Q * 2);
     CUDA_CHECK(cudaEventRecord(m.ev_att[mb], m.attn_stream));
   }
   if (Tc < T) {
@@ -705,12 +713,16 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * n, W, E, m.stream);
     const bf16* bias = c.attention_bias ? w[kBq].as<bf16>() : nullptr;
     // Rotated k and v for the host cache, then q and K/V into the scratch pool for this step.
-    rope_kv_append(m.qkv, m.qkv + n * W, bias, pos + Tc, row + Tc, m.inv_freq, n, c.n_heads, none, m.qkvb + Tc * W, m.stream);
+    // This parity's buffer is free once the host appended what the layer before last left in it.
+    const int par = static_cast<int>(il & 1);
+    CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_fresh_done[par], 0));
+    rope_kv_append(m.qkv, m.qkv + n * W, bias, pos + Tc, row + Tc, m.inv_freq, n, c.n_heads, none, reinterpret_cast<bf16*>(m.fresh_host[par]) + Tc * W,
+                   m.stream);
     CUDA_CHECK(cudaEventRecord(m.ev_fresh, m.stream));
     CUDA_CHECK(cudaStreamWaitEvent(m.attn_stream, m.ev_fresh, 0));
-    CUDA_CHECK(cudaMemcpyAsync(m.qkv_host + Tc * W, m.qkvb + Tc * W, n * W * 2, cudaMemcpyDeviceToHost, m.attn_stream));
-    m.jobs.push_back({&m, &kv, il, Tc, n, true});
+    m.jobs.push_back({&m, &kv, il, Tc, n, true, m.fresh_host[par]});
     CUDA_CHECK(cudaLaunchHostFunc(m.attn_stream, run_attn_job, &m.jobs.back()));
+    CUDA_CHECK(cudaEventRecord(m.ev_fresh_done[par], m.attn_stream));
     PagedKv sk = m.paged(il);
     sk.k = m.scratch_k;
     sk.v = m.scratch_v;
@@ -725,6 +737,7 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     TraceRange r("gpu.out_mlp", il);
     const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
     CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
+    copy_by_kernel(m.att_host + t0 * Q, m.att + t0 * Q, n * Q * 2, m.stream);  // the CPU's output, read over PCIe by a kernel
     post(t0, n, mb == 0 ? "part 0" : "part 1");
   }
 }

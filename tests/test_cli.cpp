@@ -227,6 +227,42 @@ TEST_SUITE("cli") {
     expect_error("logits -m " + q(test::shared_dir() + "/models/stories260K") + " --ids " + ids + " --out /tmp/x.st", {"--ids", "max_position_embeddings"});
   }
 
+  TEST_CASE("throughput mode: completions in input order, written atomically; bad request files named by line") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    test::TempDir tmp;
+    const std::string in = (tmp.path / "req.jsonl").string(), out = (tmp.path / "out.jsonl").string();
+    write_file(in, "{\"prompt\": \"Once upon a time\", \"id\": \"a\"}\n\n{\"ids\": [1, 200, 300], \"max_tokens\": 4}\n{\"prompt\": \"Lily\"}\n");
+    test::CmdResult r = test::run_ferry("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " --batch 2 -n 8 --temp 0 --device cpu");
+    CAPTURE(r.output);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.output.find("served 3 requests") != std::string::npos);
+    CHECK(r.output.find("time to first token") != std::string::npos);
+    std::vector<json> lines;
+    std::istringstream ss(read_file(out));
+    for (std::string l; std::getline(ss, l);) lines.push_back(json::parse(l));
+    REQUIRE(lines.size() == 3);
+    CHECK(lines[0]["id"] == "a");
+    CHECK(lines[1]["index"] == 1);
+    CHECK(lines[1]["completion_tokens"] == 4);
+    CHECK(lines[2]["completion_tokens"] == 8);
+    CHECK(lines[0]["finish_reason"] == "length");
+    // The same prompt through -p gives the same text (greedy).
+    test::CmdResult one = test::run_ferry("run -m " + q(dir) + " -p 'Once upon a time' -n 8 --temp 0 --device cpu", true);
+    CHECK(one.output.find(lines[0]["completion"].get<std::string>()) != std::string::npos);
+
+    write_file(in, "{\"prompt\": \"ok\"}\nnot json\n");
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " --device cpu", {in + ":2", "JSON"});
+    write_file(in, "{\"text\": \"no prompt key\"}\n");
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " --device cpu", {in + ":1", "\"prompt\""});
+    write_file(in, "{\"ids\": [1, 999999]}\n");
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " --device cpu", {in + ":1", "999999"});
+    write_file(in, "{\"ids\": [1], \"max_tokens\": 0}\n");
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " --device cpu", {"max_tokens"});
+    expect_error("run -m " + q(dir) + " --prompts /nonexistent/req.jsonl --out " + q(out) + " --device cpu", {"/nonexistent/req.jsonl"});
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --device cpu", {"--out"});
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " -p hi --device cpu", {"-p"});
+  }
+
   TEST_CASE("nonsense flag values") {
     const std::string m = q(test::shared_dir() + "/models/stories260K");
     expect_error("run -m " + m + " -n abc", {"-n"});

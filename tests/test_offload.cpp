@@ -295,6 +295,49 @@ TEST_SUITE("offload") {
 #include "runtime/trace.h"
 
 TEST_SUITE("offload") {
+  TEST_CASE("K/V placement: --kv gpu keeps K/V on the GPU or names the budget; auto moves them to the host only when needed") {
+    auto c = synthetic_config("llama-3-8b");
+    REQUIRE(c.ok());
+    GpuPlanInput in;
+    in.budget_bytes = int64_t{8} << 30;
+    in.cpu_layers = 0;
+    in.max_batch = 32;
+    in.kv_bytes = int64_t{2} << 30;  // fits beside the working set
+    auto a = plan_gpu(*c, in);
+    REQUIRE(a.ok());
+    CHECK(a->n_kv_host == 0);
+    CHECK(a->kv_gpu_bytes == in.kv_bytes);
+    in.kv_bytes = int64_t{10} << 30;  // does not
+    in.kv = KvPlace::kGpu;
+    auto g = plan_gpu(*c, in);
+    REQUIRE(!g.ok());
+    CHECK(g.status().message().find("--gpu-mem") != std::string::npos);
+    in.kv = KvPlace::kAuto;
+    auto h = plan_gpu(*c, in);
+    REQUIRE(h.ok());
+    CHECK(h->n_kv_host == c->n_layers);
+    CHECK(h->kv_gpu_bytes == 0);
+    CHECK(h->n_resident > a->n_resident);  // the K/V's share of the budget went to weights
+    in.kv = KvPlace::kHost;
+    in.kv_bytes = int64_t{2} << 30;
+    auto forced = plan_gpu(*c, in);
+    REQUIRE(forced.ok());
+    CHECK(forced->n_kv_host == c->n_layers);
+    // CPU-computed layers always keep their K/V on the host.
+    in.kv = KvPlace::kGpu;
+    in.cpu_layers = 2;
+    auto cpu = plan_gpu(*c, in);
+    REQUIRE(cpu.ok());
+    CHECK(cpu->n_kv_host == 2);
+    // The floor's host-K/V term: bytes read per step over host DRAM, and none when K/V are on the GPU.
+    const PlanFloor fh = plan_floor(*c, *h, 64, in.hw, 1000), fa = plan_floor(*c, *a, 64, in.hw, 1000);
+    CHECK(fa.kv_ms == 0);
+    CHECK(fh.kv_ms == doctest::Approx(32.0 * 2 * 1024 * 2 * 64 * 1000 / (in.hw.host_dram_gbs * 1e9) * 1e3));
+    CHECK(fh.step_ms >= fh.kv_ms);
+    CHECK(parse_kv_place("host").ok());
+    CHECK(!parse_kv_place("ssd").ok());
+  }
+
   TEST_CASE("trace: overlap of copies under compute; the CLI writes a Chrome trace with cpu and disk tracks") {
     Tracer& t = Tracer::get();  // process-wide: enabling it here affects only this suite's process
     t.enable();

@@ -78,9 +78,9 @@ struct ModelFlags {
     app->add_option("--cpu-layers", cpu_layers, "Compute exactly N layers on the CPU (default: the planner's choice)")->check(CLI::Range(int64_t{0}, int64_t{4096}));
     app->add_option("--trace", trace, "Write a Chrome trace (open in Perfetto): tracks for CPU, GPU compute, GPU copies, disk reads");
     app->add_option("--disk", disk, "Packed store (from 'ferry pack') holding the weights; layers beyond --gpu-mem and --host-mem are read from it, checksummed");
-    app->add_option("--kv", kv, "Where K/V live with --device gpu: gpu, host (the CPU computes attention over them, overlapped with the GPU's GEMMs) "
-                                "or auto (the GPU when it fits beside the weights' working set)")
-        ->check(CLI::IsMember({"auto", "gpu", "host"}));
+    app->add_option("--kv", kv, "Where K/V live with --device gpu: gpu, host (the CPU computes attention over them, overlapped with the GPU's GEMMs), "
+                                "auto (the GPU when it fits beside the weights' working set) or split (per layer, by the cost model; experimental)")
+        ->check(CLI::IsMember({"auto", "gpu", "host", "split"}));
   }
   LoadOptions load(bool need_tokenizer, const std::string& resolved_device) const {
     LoadOptions o;

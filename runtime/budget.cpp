@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
+#include <optional>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -126,7 +128,8 @@ Expected<KvPlace> parse_kv_place(const std::string& s) {
   if (s == "auto") return KvPlace::kAuto;
   if (s == "gpu") return KvPlace::kGpu;
   if (s == "host" || s == "cpu") return KvPlace::kHost;
-  return invalid_argument("--kv " + s + ": expected auto, gpu or host");
+  if (s == "split") return KvPlace::kSplit;
+  return invalid_argument("--kv " + s + ": expected auto, gpu, host or split");
 }
 
 namespace {
@@ -212,27 +215,74 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in) {
 }  // namespace
 
 Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
-  // K/V on the GPU when asked, or (auto) when the weights' minimum working set still fits beside
-  // them; otherwise in host memory, where the CPU computes attention and the GPU keeps the budget
-  // for weights.
-  auto finish = [&](GpuPlan p, bool host) {
-    p.kv_host.assign(c.n_layers, host);
-    for (int64_t il = 0; il < c.n_layers; ++il) p.kv_host[il] = p.kv_host[il] || p.place[il] == Place::kCpu;
+  const int64_t L = c.n_layers;
+  // Marks `k` layers' K/V as host-resident: streamed layers first (their steps wait on copies, which
+  // hides the CPU's attention), then resident layers from the last; CPU-computed layers always.
+  auto finish = [&](GpuPlan p, int64_t k) {
+    p.kv_host.assign(L, false);
+    for (int64_t il = 0; il < L && k > 0; ++il)
+      if (p.place[il] == Place::kStreamed) p.kv_host[il] = true, --k;
+    for (int64_t il = L - 1; il >= 0 && k > 0; --il)
+      if (p.place[il] == Place::kResident) p.kv_host[il] = true, --k;
+    for (int64_t il = 0; il < L; ++il) p.kv_host[il] = p.kv_host[il] || p.place[il] == Place::kCpu;
     p.n_kv_host = std::count(p.kv_host.begin(), p.kv_host.end(), true);
-    p.kv_gpu_bytes = host ? 0 : in.kv_bytes;
+    const int64_t on_gpu = std::count_if(p.place.begin(), p.place.end(), [](Place x) { return x != Place::kCpu; });
+    const int64_t host_gpu_layers = p.n_kv_host - p.n_cpu;
+    p.kv_gpu_bytes = on_gpu > 0 ? in.kv_bytes * (on_gpu - host_gpu_layers) / L : 0;
     return p;
   };
-  if (in.kv != KvPlace::kHost) {
-    auto on_gpu = plan_weights(c, in);
-    if (on_gpu.ok() || in.kv == KvPlace::kGpu) {
-      if (!on_gpu.ok()) return on_gpu.status();
-      return finish(std::move(*on_gpu), false);
+  auto with_kv = [&](int64_t k) {
+    GpuPlanInput t = in;
+    t.kv_bytes = in.kv_bytes * (L - k) / L;
+    return plan_weights(c, t);
+  };
+  if (in.kv == KvPlace::kGpu) {
+    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(0));
+    return finish(std::move(p), 0);
+  }
+  if (in.kv == KvPlace::kHost) {
+    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(L));
+    return finish(std::move(p), L);
+  }
+  if (in.kv == KvPlace::kAuto) {
+    // The GPU when the weights' minimum working set still fits beside all of them, else the host.
+    auto on_gpu = with_kv(0);
+    if (on_gpu.ok()) return finish(std::move(*on_gpu), 0);
+    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(L));
+    return finish(std::move(p), L);
+  }
+  // split: the number of layers whose K/V live on the host that minimises the predicted step. Each
+  // such layer frees its share of the GPU pool for weights; the host pays a read of its K/V per step
+  // (the whole pool: the longest context) over host DRAM, overlapped with the rest, plus a round
+  // trip of about 0.25 ms per layer (GPU -> host function -> GPU, from the traces in notes/kv.md).
+  // Ties go to fewer host layers.
+  constexpr double kRoundTripMs = 0.25;
+  std::optional<GpuPlan> best;
+  int64_t best_k = 0;
+  double best_ms = std::numeric_limits<double>::infinity();
+  Status first_error = Status::Ok();
+  for (int64_t k = 0; k <= L; ++k) {
+    auto p = with_kv(k);
+    if (!p.ok()) {
+      if (first_error.ok()) first_error = p.status();
+      continue;
+    }
+    const double kv_ms = static_cast<double>(in.kv_bytes) * static_cast<double>(k) / static_cast<double>(L) / (in.hw.host_dram_gbs * 1e9) * 1e3;
+    const double ms = std::max(p->predicted_ms, kv_ms) + kRoundTripMs * static_cast<double>(k);
+    if (ms < best_ms - 1e-9) {
+      best_ms = ms;
+      best = std::move(*p);
+      best_k = k;
     }
   }
-  GpuPlanInput host = in;
-  host.kv_bytes = 0;
-  FERRY_ASSIGN_OR_RETURN(GpuPlan p, plan_weights(c, host));
-  return finish(std::move(p), true);
+  if (!best) {
+    // Not even with every layer's K/V on the host: the host plan's error names the minimum.
+    auto p = with_kv(L);
+    return p.ok() ? Status(ErrorCode::kInternal, "plan: no K/V placement") : p.status();
+  }
+  GpuPlan p = finish(std::move(*best), best_k);
+  p.predicted_ms = best_ms;
+  return p;
 }
 
 PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw, double avg_context) {

@@ -295,34 +295,63 @@ TEST_SUITE("offload") {
 #include "runtime/trace.h"
 
 TEST_SUITE("offload") {
-  TEST_CASE("K/V placement: --kv gpu keeps K/V on the GPU or names the budget; auto moves them to the host only when needed") {
+  TEST_CASE("K/V placement: --kv gpu keeps K/V on the GPU or names the budget; host moves them all; auto when needed; split per layer by cost") {
     auto c = synthetic_config("llama-3-8b");
     REQUIRE(c.ok());
+    const int64_t L = c->n_layers;
     GpuPlanInput in;
     in.budget_bytes = int64_t{8} << 30;
     in.cpu_layers = 0;
     in.max_batch = 32;
-    in.kv_bytes = int64_t{2} << 30;  // fits beside the working set
-    auto a = plan_gpu(*c, in);
-    REQUIRE(a.ok());
-    CHECK(a->n_kv_host == 0);
-    CHECK(a->kv_gpu_bytes == in.kv_bytes);
-    in.kv_bytes = int64_t{10} << 30;  // does not
+    in.kv_bytes = int64_t{2} << 30;
     in.kv = KvPlace::kGpu;
     auto g = plan_gpu(*c, in);
-    REQUIRE(!g.ok());
-    CHECK(g.status().message().find("--gpu-mem") != std::string::npos);
-    in.kv = KvPlace::kAuto;
+    REQUIRE(g.ok());
+    CHECK(g->n_kv_host == 0);
+    CHECK(g->kv_gpu_bytes == in.kv_bytes);
+    in.kv = KvPlace::kHost;
     auto h = plan_gpu(*c, in);
     REQUIRE(h.ok());
-    CHECK(h->n_kv_host == c->n_layers);
+    CHECK(h->n_kv_host == L);
     CHECK(h->kv_gpu_bytes == 0);
-    CHECK(h->n_resident > a->n_resident);  // the K/V's share of the budget went to weights
-    in.kv = KvPlace::kHost;
-    in.kv_bytes = int64_t{2} << 30;
-    auto forced = plan_gpu(*c, in);
-    REQUIRE(forced.ok());
-    CHECK(forced->n_kv_host == c->n_layers);
+    CHECK(h->n_resident > g->n_resident);  // the K/V's share of the budget went to weights
+    // auto: 2 GiB fit beside the working set, so the GPU.
+    in.kv = KvPlace::kAuto;
+    auto fits = plan_gpu(*c, in);
+    REQUIRE(fits.ok());
+    CHECK(fits->n_kv_host == 0);
+    // split: some number of layers in between, streamed layers first, the GPU pool sized to the rest.
+    in.kv = KvPlace::kSplit;
+    auto a = plan_gpu(*c, in);
+    REQUIRE(a.ok());
+    CHECK(a->n_kv_host >= 0);
+    CHECK(a->kv_gpu_bytes == in.kv_bytes * (L - a->n_kv_host) / L);
+    CHECK(a->n_resident >= g->n_resident);
+    CHECK(a->total_bytes <= in.budget_bytes);
+    for (int64_t il = 0; il < L; ++il)
+      if (a->kv_host[il] && a->place[il] == Place::kResident)  // resident layers only once every streamed one is on the host
+        for (int64_t j = 0; j < L; ++j) CHECK((a->place[j] != Place::kStreamed || a->kv_host[j]));
+    // K/V that cannot fit on the GPU: gpu names the budget; auto puts enough layers on the host.
+    in.kv_bytes = int64_t{10} << 30;
+    in.kv = KvPlace::kGpu;
+    auto big = plan_gpu(*c, in);
+    REQUIRE(!big.ok());
+    CHECK(big.status().message().find("--gpu-mem") != std::string::npos);
+    in.kv = KvPlace::kAuto;
+    auto fit = plan_gpu(*c, in);
+    REQUIRE(fit.ok());
+    CHECK(fit->n_kv_host == L);
+    in.kv = KvPlace::kSplit;
+    auto fit_split = plan_gpu(*c, in);
+    REQUIRE(fit_split.ok());
+    CHECK(fit_split->n_kv_host > 0);
+    CHECK(fit_split->total_bytes <= in.budget_bytes);
+    // Batch 1 with a short context: nothing to gain by splitting, K/V stay on the GPU.
+    in.kv_bytes = int64_t{64} << 20;
+    in.max_batch = 1;
+    auto small = plan_gpu(*c, in);
+    REQUIRE(small.ok());
+    CHECK(small->n_kv_host == 0);
     // CPU-computed layers always keep their K/V on the host.
     in.kv = KvPlace::kGpu;
     in.cpu_layers = 2;
@@ -330,8 +359,8 @@ TEST_SUITE("offload") {
     REQUIRE(cpu.ok());
     CHECK(cpu->n_kv_host == 2);
     // The floor's host-K/V term: bytes read per step over host DRAM, and none when K/V are on the GPU.
-    const PlanFloor fh = plan_floor(*c, *h, 64, in.hw, 1000), fa = plan_floor(*c, *a, 64, in.hw, 1000);
-    CHECK(fa.kv_ms == 0);
+    const PlanFloor fh = plan_floor(*c, *h, 64, in.hw, 1000), fg = plan_floor(*c, *g, 64, in.hw, 1000);
+    CHECK(fg.kv_ms == 0);
     CHECK(fh.kv_ms == doctest::Approx(32.0 * 2 * 1024 * 2 * 64 * 1000 / (in.hw.host_dram_gbs * 1e9) * 1e3));
     CHECK(fh.step_ms >= fh.kv_ms);
     CHECK(parse_kv_place("host").ok());

@@ -418,9 +418,12 @@ int cmd_serve(const RunFlags& f) {
                peak >= 0 ? format_bytes(static_cast<double>(peak)).c_str() : "n/a (no GPU)", f.out_file.c_str());
   be->executor.reset();  // resolves the last GPU spans
   if (Tracer::get().enabled() && be->gpu && be->gpu->n_kv_host_layers() > 0) {
-    const Tracer::Overlap o = Tracer::get().overlap("cpu.attention", std::vector<std::string>{"gpu.compute"});
-    std::fprintf(stderr, "ferry: overlap: %.1f%% of %.1f ms of CPU attention ran while the GPU computed (%.1f ms busy)\n", 100 * o.hidden_fraction,
-                 o.copy_ms, o.compute_ms);
+    // Against the GPU's compute and its weight copies: in a streamed plan the attention mostly hides
+    // under the copy stream (the GEMMs of a layer take a fraction of its copy).
+    const Tracer::Overlap o = Tracer::get().overlap("cpu.attention", std::vector<std::string>{"gpu.compute", "gpu.copy"});
+    const Tracer::Overlap oc = Tracer::get().overlap("cpu.attention", std::vector<std::string>{"gpu.compute"});
+    std::fprintf(stderr, "ferry: overlap: %.1f%% of %.1f ms of CPU attention ran while the GPU computed or copied weights (%.1f%% under compute alone)\n",
+                 100 * o.hidden_fraction, o.copy_ms, 100 * oc.hidden_fraction);
   }
   return finish_trace(f.m, 0);
 }

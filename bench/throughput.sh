@@ -18,5 +18,5 @@ for mode in "host $HB" "gpu $GB"; do
   set -- $mode
   echo "== --kv $1 --batch $2 ($N requests, $MODEL, --gpu-mem $MEM)"
   "$FERRY" run -m "$MODEL" --prompts "$DIR/req.jsonl" --out "$DIR/out.jsonl" --batch "$2" --gpu-mem "$MEM" --kv "$1" \
-    --temp 0 --ignore-eos --no-progress 2>&1 | grep -E "^ferry: (plan|floor|served|time to first)" || true
+    --temp 0 --ignore-eos --no-progress 2>&1 | grep -E "^ferry: (plan|floor|served|time to first|error)" || true
 done

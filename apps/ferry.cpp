@@ -411,10 +411,10 @@ int cmd_serve(const RunFlags& f) {
   std::fprintf(stderr,
                "ferry: served %lld requests in %.2f s: %lld prompt + %lld generated tokens, %.1f generated tok/s (%.1f tok/s with prompts), "
                "%lld steps, batch peak %lld\n"
-               "ferry: time to first token: mean %.0f ms, p50 %.0f ms, p90 %.0f ms; peak GPU memory %s; completions in %s\n",
+               "ferry: time to first token: mean %.0f ms, p50 %.0f ms, p90 %.0f ms; peak %s memory %s; completions in %s\n",
                (long long)s.n_requests, s.total_ms / 1e3, (long long)s.prompt_tokens, (long long)s.generated_tokens,
                s.generated_tokens / (s.total_ms / 1e3), (s.generated_tokens + s.prompt_tokens) / (s.total_ms / 1e3), (long long)s.steps,
-               (long long)s.peak_live, s.ttft_mean_ms, s.ttft_p50_ms, s.ttft_p90_ms,
+               (long long)s.peak_live, s.ttft_mean_ms, s.ttft_p50_ms, s.ttft_p90_ms, be->emulated ? "emulated-device" : "GPU",
                peak >= 0 ? format_bytes(static_cast<double>(peak)).c_str() : "n/a (no GPU)", f.out_file.c_str());
   be->executor.reset();  // resolves the last GPU spans
   if (Tracer::get().enabled() && be->gpu && be->gpu->n_kv_host_layers() > 0) {

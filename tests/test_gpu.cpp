@@ -409,7 +409,8 @@ struct GpuModel {
 // `places`: a letter per layer, repeated over the model's layers: R resident, S streamed from host,
 // D streamed from disk, C on the CPU (empty: as n_resident says); `disk`: a packed store to load from.
 GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs = true, int64_t n_resident = -1,
-                  const std::string& places = "", const std::string& disk = "", bool kv_host = false, int micro_batches = 2) {
+                  const std::string& places = "", const std::string& disk = "", bool kv_host = false, int micro_batches = 2,
+                  const std::string& kv_pattern = "") {
   GpuModel g;
   auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
@@ -426,6 +427,16 @@ GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs 
     o.plan.place.push_back(c == 'R' ? Place::kResident : c == 'C' ? Place::kCpu : Place::kStreamed);
     o.plan.source.push_back(c == 'R' ? Tier::kDevice : c == 'D' ? Tier::kDisk : Tier::kPinnedHost);
     host_kv[il] = kv_host || c == 'C';
+  }
+  // `kv_pattern`: a letter per layer, repeated: H host K/V, G GPU K/V (mixed placements, --kv split).
+  if (!kv_pattern.empty()) {
+    if (o.plan.place.empty())
+      for (int64_t il = 0; il < g.model.config.n_layers; ++il) {
+        o.plan.place.push_back(Place::kResident);
+        o.plan.source.push_back(Tier::kDevice);
+      }
+    for (int64_t il = 0; il < g.model.config.n_layers; ++il) host_kv[il] = host_kv[il] || kv_pattern[il % kv_pattern.size()] == 'H';
+    kv_host = true;
   }
   if (!o.plan.place.empty()) o.plan.kv_host = host_kv;
   if (kv_host) s.dtype = DType::kBF16;  // as the CLI makes it
@@ -738,6 +749,18 @@ TEST_SUITE("gpu_model") {
             CHECK(rel(*whole, ref_logits) <= 2e-2);
           }
         }
+      }
+      // Mixed placements (--kv split): some layers' K/V on the host, the others' on the GPU.
+      for (const char* pattern : {"HG", "GH"}) {
+        const auto ids = test::read_i32(**gs, "seq1.input_ids");
+        const auto ref_logits = test::read_f32(**gs, "seq1.logits");
+        GpuModel mixed = load_gpu(dir, 4096, true, -1, "", "", false, 2, pattern);
+        CHECK(mixed.ex->n_kv_host_layers() > 0);
+        CHECK(mixed.ex->n_kv_host_layers() < mixed.model.config.n_layers);
+        auto l = prompt_logits(*mixed.runner, ids, 7);
+        REQUIRE_MESSAGE(l.ok(), l.status().message());
+        MESSAGE(std::string(name) << " mixed K/V '" << std::string(pattern) << "': max|d|/max|ref| = " << rel(*l, ref_logits));
+        CHECK(rel(*l, ref_logits) <= 2e-2);
       }
       // A decode batch of sequences of different lengths: each token's logits as when alone.
       GpuModel h = load_gpu(dir, 4096, true, -1, "", "", true, 2);

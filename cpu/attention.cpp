@@ -103,25 +103,11 @@ inline float hmax(V x) {
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-// exp(x) for x <= 0: 2^n * p(f), x = (n + f) ln 2, |f| <= 1/2, degree-6 polynomial (relative error
-// about 2e-7); below -87 it returns 0 (and exp(-inf) = 0).
-inline V vexp(V x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const V t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const V n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  const V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), f);
-  V p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const V y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ));
+inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2i(V n) {  // 2^n for integral n in the normal range
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
+inline V vzero_unless_gt(V y, V x, float t) { return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(t), _CMP_GT_OQ)); }
 #include "cpu/attention_kernel.inc"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -148,23 +134,11 @@ inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float hsum(V x) { return _mm512_reduce_add_ps(x); }
 inline float hmax(V x) { return _mm512_reduce_max_ps(x); }
-inline V vexp(V x) {  // as avx2::vexp
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const V t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const V n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  const V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
-  V p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const V y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ), y);
+inline V vround(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2i(V n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
+inline V vzero_unless_gt(V y, V x, float t) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(t), _CMP_GT_OQ), y); }
 #include "cpu/attention_kernel.inc"
 }  // namespace avx512
 #pragma GCC pop_options

@@ -1,5 +1,6 @@
-#include <algorithm>
 #include "gpu/kernels.h"
+
+#include <algorithm>
 
 #include <cuda_fp16.h>
 

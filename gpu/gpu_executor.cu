@@ -80,7 +80,7 @@ struct GpuExecutor::Impl {
   int64_t n_kv_host = 0;
   static constexpr int kMaxMb = 2;
   int n_mb = 1;                       // micro-batches of the current step
-  cudaStream_t attn_stream = nullptr; // q/k/v down, the CPU's attention (host functions), output up
+  cudaStream_t attn_stream = nullptr; // the CPU's attention, as host functions in layer order
   cudaEvent_t ev_qkv[kMaxMb] = {}, ev_att[kMaxMb] = {};
   // Pinned, and written / read by kernels through their mapped addresses: the small per-layer
   // transfers then never queue behind a streamed layer on a copy engine.

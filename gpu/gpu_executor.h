@@ -33,9 +33,9 @@ class GpuExecutor final : public Executor {
   // pinned host memory or the packed store (ws.packed(), BF16), CPU-computed ones in pinned host
   // memory with their KV in the KvCache's host storage (which the caller creates for those layers).
   // Layers whose K/V the plan keeps in host memory (plan.kv_host) run their GEMMs on the GPU and
-  // their attention on the CPU over the KvCache's host storage: per micro-batch, q/k/v go down on a
-  // second stream, a host function appends K/V and computes attention (cpu/attention.h), the output
-  // comes back, and the compute stream waits for it by event only.
+  // their attention on the CPU over the KvCache's host storage: per micro-batch, RoPE writes q/k/v
+  // into pinned host memory, a host function on a second stream appends K/V and computes attention
+  // (cpu/attention.h), and the compute stream waits for it by event and reads the output back.
   // Weights are uploaded, converted from F32/F16, read from the store, or generated in place
   // (synthetic), and `ws` then serves the placed views. Allocates the GPU KV pool for the other layers.
   static Expected<std::unique_ptr<GpuExecutor>> create(WeightStore& ws, const KvCacheShape& kv, const GpuOptions& opts = {});

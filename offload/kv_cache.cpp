@@ -46,12 +46,6 @@ int64_t KvCache::host_bytes() const {
   return n;
 }
 
-int64_t KvCache::n_live_sequences() const {
-  int64_t n = 0;
-  for (const Seq& s : seqs_) n += s.live;
-  return n;
-}
-
 int32_t KvCache::add_sequence() {
   for (size_t i = 0; i < seqs_.size(); ++i) {
     if (!seqs_[i].live) {

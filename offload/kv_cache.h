@@ -68,7 +68,6 @@ class KvCache {
   void set_length(int32_t seq, int64_t n) { seqs_[seq].length = n; }
   const std::vector<int32_t>& block_table(int32_t seq) const { return seqs_[seq].blocks; }
   int64_t n_free_blocks() const { return static_cast<int64_t>(free_.size()); }
-  int64_t n_live_sequences() const;
 
   // Stores K and V of token `pos` of `seq` in layer `il` (reserved blocks): k, v [n_kv_heads, head_dim]
   // float32 or BF16 bits, converted to the pool's dtype (round to nearest even).

@@ -348,6 +348,7 @@ int cmd_serve(const RunFlags& f) {
   so.max_step_tokens = f.step_tokens;
   so.sampling = sp;
   so.stop_at_eos = !f.ignore_eos;
+  so.whole_prompts = be->gpu && be->gpu->n_kv_host_layers() > 0;
   print_backend(*be);
   // A bar redrawn in place on a terminal (at most 5 times a second); a line per tenth of the
   // requests otherwise (logs).

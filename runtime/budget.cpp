@@ -184,14 +184,20 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in) {
     for (int64_t x = 1; x <= host_held; ++x)
       if (predict(x) < predict(n_cpu) - 1e-9) n_cpu = x;
   p.predicted_ms = predict(n_cpu);
-  // Layout: resident first; among the others, CPU layers spread evenly between the streamed ones;
-  // streamed layers from host memory first, then from disk.
+  // Layout: resident layers spread evenly among the others, so the copy stream keeps filling the
+  // ring while the GPU (and, with host K/V, the CPU's attention) works on a resident layer; with
+  // the resident layers first, the copies stalled for the whole resident run, every step
+  // (notes/kv.md). Among the others, CPU layers spread evenly between the streamed ones; streamed
+  // layers from host memory first, then from disk.
   p.place.assign(L, Place::kResident);
   p.source.assign(L, Tier::kDevice);
   int64_t host_streamed_left = host_held - n_cpu;
-  for (int64_t j = 0; j < R; ++j) {
-    const int64_t il = n_res + j;
+  for (int64_t il = 0, j = 0; il < L; ++il) {
+    // R of the L layers are not resident, evenly spaced (the last layer is always one of them).
+    const bool other = R > 0 && (il + 1) * R / L > il * R / L;
+    if (!other) continue;
     const bool cpu = n_cpu > 0 && (j + 1) * n_cpu / R > j * n_cpu / R;
+    ++j;
     if (cpu) {
       p.place[il] = Place::kCpu;
       p.source[il] = Tier::kPinnedHost;

@@ -99,8 +99,11 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
       const auto& prompt = requests[l.req].prompt;
       const int64_t len = static_cast<int64_t>(prompt.size());
       if (l.prefilled >= len) continue;
-      const int64_t take = std::min(len - l.prefilled, opts.max_step_tokens - b.n_tokens());
+      const int64_t room = opts.max_step_tokens - b.n_tokens();
+      if (opts.whole_prompts && l.prefilled == 0 && len > room && len <= opts.max_step_tokens && b.n_tokens() > 0) continue;
+      const int64_t take = std::min(len - l.prefilled, room);
       took[i] = take;
+      stats.split_prompts += l.prefilled == 0 && take < len;
       for (int64_t j = l.prefilled; j < l.prefilled + take; ++j) {
         const bool last = j == len - 1;
         b.add(prompt[j], static_cast<int32_t>(j), l.seq, last);

@@ -27,6 +27,12 @@ struct ServeOptions {
   int64_t max_step_tokens = 2048; // tokens per step (decode tokens + prefill chunks)
   SamplingParams sampling;
   bool stop_at_eos = true;
+  // A prompt that fits in one step is not started in a step that cannot take all of it: it waits
+  // for the next step. With K/V on the host, a prompt's later chunks attend on the CPU over its
+  // earlier ones (a prefill over hundreds of keys per token), while a prompt that starts and ends in
+  // one step attends on the GPU; the trace in notes/kv.md shows the split chunks doubling those
+  // steps. Prompts longer than a step are split regardless.
+  bool whole_prompts = false;
 };
 
 struct ServeResult {
@@ -40,6 +46,7 @@ struct ServeResult {
 struct ServeStats {
   int64_t n_requests = 0, prompt_tokens = 0, generated_tokens = 0, steps = 0;
   int64_t peak_live = 0;
+  int64_t split_prompts = 0;      // prompts whose prefill spanned more than one step
   double total_ms = 0;
   double ttft_mean_ms = 0, ttft_p50_ms = 0, ttft_p90_ms = 0;
   // Per step: tokens, and K/V tokens its attention reads (each sequence's length after the step,

@@ -168,7 +168,7 @@ TEST_SUITE("model") {
     REQUIRE(g.ok());
     const auto prompt = test::read_i32(**g, "prompt.input_ids");
     // Requests of different prompt lengths and budgets: more than the batch, so some are admitted
-    // mid-run into steps that mix decode tokens with prompt chunks (step tokens 24 cut prompts).
+    // mid-run into steps that mix decode tokens with prompt chunks (step tokens 12 cut prompts).
     std::vector<ServeRequest> reqs;
     for (int i = 0; i < 7; ++i) {
       ServeRequest r;
@@ -190,7 +190,7 @@ TEST_SUITE("model") {
     Loaded l = load(dir, 256);  // 16 blocks: admission waits for blocks as well as batch slots
     ServeOptions so;
     so.batch = 3;
-    so.max_step_tokens = 24;
+    so.max_step_tokens = 12;
     so.sampling.temperature = 0;
     so.stop_at_eos = false;
     std::vector<ServeResult> got;
@@ -206,6 +206,32 @@ TEST_SUITE("model") {
       CHECK(got[i].ttft_ms <= got[i].latency_ms);
     }
     CHECK(l.kv->n_free_blocks() == l.kv->shape().n_blocks);
+    // Whole prompts: 10-token prompts in 16-token steps are cut in two unless a prompt that does
+    // not fit waits for the next step; either way each request gets the same tokens.
+    {
+      std::vector<ServeRequest> tens(5);
+      for (auto& r : tens) {
+        r.prompt.assign(prompt.begin(), prompt.begin() + 10);
+        r.max_tokens = 6;
+      }
+      GenerateOptions go;
+      go.n_predict = 6;
+      go.sampling.temperature = 0;
+      go.stop_at_eos = false;
+      auto res = generate(*alone.runner, {tens[0].prompt}, go);
+      REQUIRE(res.ok());
+      ServeOptions wo = so;
+      wo.max_step_tokens = 16;
+      for (bool whole : {false, true}) {
+        CAPTURE(whole);
+        wo.whole_prompts = whole;
+        std::vector<ServeResult> out;
+        auto w = serve(*l.runner, tens, wo, out);
+        REQUIRE_MESSAGE(w.ok(), w.status().message());
+        CHECK((w->split_prompts == 0) == whole);
+        for (const auto& o : out) CHECK(o.tokens == res->tokens[0]);
+      }
+    }
     // Refusals name the request.
     std::vector<ServeRequest> bad = {reqs[0]};
     bad[0].prompt.push_back(100000);

@@ -63,6 +63,7 @@ struct ModelFlags {
   std::string host_mem;
   int64_t cpu_layers = -1;
   std::string trace;
+  std::string kv_mem, kv_disk;
 
   void add(CLI::App* app) {
     app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
@@ -81,6 +82,10 @@ struct ModelFlags {
     app->add_option("--kv", kv, "Where K/V live with --device gpu: gpu, host (the CPU computes attention over them, overlapped with the GPU's GEMMs), "
                                 "auto (the GPU when it fits beside the weights' working set) or split (per layer, by the cost model; experimental)")
         ->check(CLI::IsMember({"auto", "gpu", "host", "split"}));
+    app->add_option("--kv-mem", kv_mem, "Host memory for K/V blocks (e.g. 16G; default: what the batch needs); blocks beyond it need --kv-disk");
+    app->add_option("--kv-disk", kv_disk,
+                    "Directory for K/V blocks that do not fit in --kv-mem (an anonymous file, io_uring, checksummed): the coldest blocks "
+                    "of sequences not in the step are spilled there and read back when their sequence runs");
   }
   LoadOptions load(bool need_tokenizer, const std::string& resolved_device) const {
     LoadOptions o;
@@ -150,7 +155,32 @@ Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, i
 Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths, const ModelFlags& flags,
                                int64_t max_step_tokens = 512) {
   Backend b;
-  const KvCacheShape shape = kv_shape(model.config, lengths);
+  KvCacheShape shape = kv_shape(model.config, lengths);
+  // --kv-mem caps the host pool; the blocks beyond it live on --kv-disk.
+  int64_t disk_records = 0;
+  if (!flags.kv_disk.empty() && flags.kv_mem.empty()) return invalid_argument("--kv-disk needs --kv-mem (the host memory K/V may use before spilling)");
+  if (!flags.kv_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(const int64_t cap, parse_size(flags.kv_mem, "--kv-mem"));
+    KvCacheShape one = shape;
+    one.dtype = device == "gpu" ? DType::kBF16 : DType::kF32;  // the host pool's dtype on each backend
+    one.n_blocks = 1;
+    const int64_t fit = cap / one.bytes();
+    if (fit < 1)
+      return out_of_memory(strprintf("--kv-mem %s is below one K/V block (%s: %lld tokens of every layer)", flags.kv_mem.c_str(),
+                                     format_bytes(static_cast<double>(one.bytes())).c_str(), (long long)shape.block_size));
+    if (fit < shape.n_blocks) {
+      if (flags.kv_disk.empty())
+        return out_of_memory(strprintf("--kv-mem %s holds %lld of the %lld K/V blocks the batch needs (%s): raise it, lower --batch, or give --kv-disk DIR",
+                                       flags.kv_mem.c_str(), (long long)fit, (long long)shape.n_blocks,
+                                       format_bytes(static_cast<double>(shape.n_blocks * one.bytes())).c_str()));
+      disk_records = shape.n_blocks - fit;
+      shape.n_blocks = fit;
+    }
+  }
+  auto add_disk = [&](KvCache& kv) -> Status {
+    if (flags.kv_disk.empty()) return Status::Ok();
+    return kv.enable_disk(flags.kv_disk, std::max<int64_t>(disk_records, 1));
+  };
   const bool offload = !flags.gpu_mem.empty() || !flags.host_mem.empty() || flags.cpu_layers >= 0;
   FERRY_ASSIGN_OR_RETURN(GpuPlanInput in, plan_input(flags, model, static_cast<int64_t>(lengths.size())));
   in.max_step_tokens = max_step_tokens;
@@ -174,6 +204,7 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     KvCacheShape host_shape = shape;
     host_shape.dtype = DType::kBF16;
     FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(host_shape, b.plan.kv_host, g.pci_bus));
+    FERRY_RETURN_IF_ERROR(add_disk(kv));
     b.kv = std::make_unique<KvCache>(std::move(kv));
     return b;
   }
@@ -191,6 +222,7 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     b.executor = std::make_unique<cpu::CpuExecutor>(model.config);
   }
   FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape));
+  FERRY_RETURN_IF_ERROR(add_disk(kv));
   b.kv = std::make_unique<KvCache>(std::move(kv));
   return b;
 }
@@ -209,6 +241,10 @@ void print_backend(const Backend& be) {
     std::fprintf(stderr, "ferry: kv: %lld of %lld layers keep K/V in host memory (%s, NUMA node %d); their attention runs on the CPU (%s kernel, %s)\n",
                  (long long)be.gpu->n_kv_host_layers(), (long long)be.plan.place.size(), format_bytes(static_cast<double>(be.kv->host_bytes())).c_str(),
                  be.kv->numa_node(), cpu::attn_isa_name(cpu::attn_isa_best()), topology_summary().c_str());
+  if (const KvDiskFile* d = be.kv->disk())
+    std::fprintf(stderr, "ferry: kv: %lld blocks in host memory, %lld more on disk (%s, %s, %s)\n", (long long)be.kv->shape().n_blocks,
+                 (long long)d->n_records(), d->where().c_str(), format_bytes(static_cast<double>(d->n_records() * d->record_bytes())).c_str(),
+                 d->direct_io() ? "O_DIRECT" : "buffered");
   if (be.emulated)
     std::fprintf(stderr, "ferry: emulated device: peak %s of %s; streamed %s\n", format_bytes(static_cast<double>(be.emulated->device().peak_bytes())).c_str(),
                  be.budget > 0 ? format_bytes(static_cast<double>(be.budget)).c_str() : "no cap",
@@ -417,6 +453,10 @@ int cmd_serve(const RunFlags& f) {
                s.generated_tokens / (s.total_ms / 1e3), (s.generated_tokens + s.prompt_tokens) / (s.total_ms / 1e3), (long long)s.steps,
                (long long)s.peak_live, s.ttft_mean_ms, s.ttft_p50_ms, s.ttft_p90_ms, be->emulated ? "emulated-device" : "GPU",
                peak >= 0 ? format_bytes(static_cast<double>(peak)).c_str() : "n/a (no GPU)", f.out_file.c_str());
+  if (const KvDiskFile* d = be->kv->disk())
+    std::fprintf(stderr, "ferry: kv disk: %lld blocks spilled (%s written), %lld read back (%s)\n", (long long)s.blocks_spilled,
+                 format_bytes(static_cast<double>(d->bytes_written())).c_str(), (long long)s.blocks_restored,
+                 format_bytes(static_cast<double>(d->bytes_read())).c_str());
   be->executor.reset();  // resolves the last GPU spans
   if (Tracer::get().enabled() && be->gpu && be->gpu->n_kv_host_layers() > 0) {
     // Against the GPU's compute and its weight copies: in a streamed plan the attention mostly hides

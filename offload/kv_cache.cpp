@@ -1,5 +1,8 @@
 #include "offload/kv_cache.h"
 
+#include <algorithm>
+#include <cstring>
+
 #include "runtime/topology.h"
 
 namespace ferry {
@@ -59,7 +62,14 @@ int32_t KvCache::add_sequence() {
 
 void KvCache::free_sequence(int32_t seq) {
   Seq& s = seqs_[seq];
-  for (int32_t b : s.blocks) free_.push_back(b);
+  for (size_t b = 0; b < s.blocks.size(); ++b) {
+    if (s.blocks[b] >= 0) {
+      free_.push_back(s.blocks[b]);
+      if (disk_) owner_[s.blocks[b]] = Owner{};
+    }
+    if (disk_ && s.disk[b] >= 0) disk_free_.push_back(s.disk[b]);
+  }
+  if (disk_) committed_ -= static_cast<int64_t>(s.blocks.size());
   s = Seq{};
 }
 
@@ -67,6 +77,17 @@ Status KvCache::reserve(int32_t seq, int64_t n_tokens) {
   Seq& s = seqs_[seq];
   const int64_t need = (n_tokens + shape_.block_size - 1) / shape_.block_size;
   while (static_cast<int64_t>(s.blocks.size()) < need) {
+    if (disk_) {
+      // Logical blocks: host memory comes with make_resident.
+      if (committed_ >= capacity())
+        return out_of_memory(strprintf("KV cache is full: %lld tokens need %lld blocks of %lld, %lld in host memory and %lld on disk",
+                                       (long long)n_tokens, (long long)need, (long long)shape_.block_size, (long long)shape_.n_blocks,
+                                       (long long)disk_->n_records()));
+      s.blocks.push_back(-1);
+      s.disk.push_back(-1);
+      ++committed_;
+      continue;
+    }
     if (free_.empty())
       return out_of_memory(strprintf("KV cache is full: %lld tokens need %lld blocks of %lld, %lld in the pool", (long long)n_tokens,
                                      (long long)need, (long long)shape_.block_size, (long long)shape_.n_blocks));
@@ -74,6 +95,146 @@ Status KvCache::reserve(int32_t seq, int64_t n_tokens) {
     free_.pop_back();
   }
   return Status::Ok();
+}
+
+Status KvCache::enable_disk(const std::string& dir, int64_t n_records) {
+  if (disk_) return invalid_argument("--kv-disk given twice");
+  for (int64_t il = 0; il < shape_.n_layers; ++il)
+    if (!has_host_storage(il))
+      return invalid_argument(strprintf("--kv-disk: layer %lld keeps its K/V on the GPU; the disk tier needs every layer's K/V in host memory (--kv host)",
+                                        (long long)il));
+  for (const Seq& q : seqs_)
+    if (q.live) return invalid_argument("--kv-disk: the cache already holds sequences");
+  const int64_t record = 2 * shape_.n_layers * shape_.n_kv_heads * shape_.block_size * shape_.head_dim * static_cast<int64_t>(dtype_size(shape_.dtype));
+  FERRY_ASSIGN_OR_RETURN(disk_, KvDiskFile::create(dir, record, n_records));
+  disk_free_.clear();
+  for (int64_t r = n_records - 1; r >= 0; --r) disk_free_.push_back(static_cast<int32_t>(r));
+  owner_.assign(shape_.n_blocks, Owner{});
+  stamp_.assign(shape_.n_blocks, 0);
+  committed_ = 0;
+  return Status::Ok();
+}
+
+void KvCache::gather(int32_t phys, void* record) const {
+  const size_t bytes = static_cast<size_t>(shape_.n_kv_heads * shape_.block_size * shape_.head_dim) * dtype_size(shape_.dtype);
+  char* out = static_cast<char*>(record);
+  for (int64_t il = 0; il < shape_.n_layers; ++il) {
+    std::memcpy(out, k_[il].as<const char>() + phys * bytes, bytes);
+    std::memcpy(out + bytes, v_[il].as<const char>() + phys * bytes, bytes);
+    out += 2 * bytes;
+  }
+}
+
+void KvCache::scatter(const void* record, int32_t phys) {
+  const size_t bytes = static_cast<size_t>(shape_.n_kv_heads * shape_.block_size * shape_.head_dim) * dtype_size(shape_.dtype);
+  const char* in = static_cast<const char*>(record);
+  for (int64_t il = 0; il < shape_.n_layers; ++il) {
+    std::memcpy(k_[il].as<char>() + phys * bytes, in, bytes);
+    std::memcpy(v_[il].as<char>() + phys * bytes, in + bytes, bytes);
+    in += 2 * bytes;
+  }
+}
+
+bool KvCache::resident(int32_t seq, int64_t n_tokens) const {
+  const Seq& s = seqs_[seq];
+  const int64_t need = (n_tokens + shape_.block_size - 1) / shape_.block_size;
+  if (need > static_cast<int64_t>(s.blocks.size())) return false;
+  for (int64_t b = 0; b < need; ++b)
+    if (s.blocks[b] < 0) return false;
+  return true;
+}
+
+Expected<bool> KvCache::make_resident(int32_t seq, int64_t n_tokens) {
+  if (!disk_) return true;
+  Seq& s = seqs_[seq];
+  const int64_t bs = shape_.block_size;
+  const int64_t need = (n_tokens + bs - 1) / bs;
+  if (need > static_cast<int64_t>(s.blocks.size()))
+    return Status(ErrorCode::kInternal, strprintf("KV cache: sequence %d makes %lld tokens resident but reserved %zu blocks", seq,
+                                                  (long long)n_tokens, s.blocks.size()));
+  std::vector<int64_t> missing;
+  for (int64_t b = 0; b < need; ++b)
+    if (s.blocks[b] < 0) missing.push_back(b);
+  // Room: free host blocks, then unpinned blocks of other sequences, coldest first.
+  std::vector<int32_t> victims;
+  if (static_cast<int64_t>(missing.size()) > static_cast<int64_t>(free_.size())) {
+    for (int32_t p = 0; p < static_cast<int32_t>(shape_.n_blocks); ++p)
+      if (owner_[p].seq >= 0 && owner_[p].seq != seq && stamp_[p] < epoch_) victims.push_back(p);
+    if (free_.size() + victims.size() < missing.size()) return false;
+    std::sort(victims.begin(), victims.end(), [&](int32_t a, int32_t b) { return stamp_[a] != stamp_[b] ? stamp_[a] < stamp_[b] : a < b; });
+  }
+  for (int64_t b = 0; b < need; ++b)
+    if (s.blocks[b] >= 0) stamp_[s.blocks[b]] = epoch_;
+  if (missing.empty()) return true;
+  // In batches: read the spilled blocks back (freeing their records), spill victims into records
+  // (the reads first, so the records freed serve the spills), then place the blocks read.
+  constexpr size_t kBatch = 8;
+  const int64_t record = disk_->record_bytes();
+  if (staging_.empty())
+    for (size_t i = 0; i < 2 * kBatch; ++i) {
+      HostBuffer b(static_cast<size_t>(record), 4096);
+      if (b.data() == nullptr) return out_of_memory(strprintf("KV cache: cannot allocate %lld bytes of spill buffers", (long long)(2 * kBatch * record)));
+      staging_.push_back(std::move(b));
+    }
+  size_t next_victim = 0;
+  for (size_t at = 0; at < missing.size(); at += kBatch) {
+    const size_t n = std::min(kBatch, missing.size() - at);
+    std::vector<int64_t> rd;
+    std::vector<void*> rd_buf;
+    std::vector<int64_t> rd_block;  // index into this batch
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t b = missing[at + i];
+      if (s.disk[b] < 0) continue;
+      rd.push_back(s.disk[b]);
+      rd_buf.push_back(staging_[rd.size() - 1].data());
+      rd_block.push_back(static_cast<int64_t>(i));
+    }
+    if (!rd.empty()) {
+      FERRY_RETURN_IF_ERROR(disk_->read(rd, rd_buf));
+      for (int64_t r : rd) disk_free_.push_back(static_cast<int32_t>(r));
+      for (int64_t i : rd_block) s.disk[missing[at + i]] = -1;
+      n_restored_ += static_cast<int64_t>(rd.size());
+    }
+    // Host blocks for the batch.
+    std::vector<int32_t> phys(n);
+    std::vector<int64_t> wr;
+    std::vector<const void*> wr_buf;
+    for (size_t i = 0; i < n; ++i) {
+      if (!free_.empty()) {
+        phys[i] = free_.back();
+        free_.pop_back();
+        continue;
+      }
+      const int32_t v = victims.at(next_victim++);
+      Seq& o = seqs_[owner_[v].seq];
+      const int32_t idx = owner_[v].index;
+      o.blocks[idx] = -1;
+      if (static_cast<int64_t>(idx) * bs < o.length) {  // holds tokens: to disk
+        if (disk_free_.empty()) return Status(ErrorCode::kInternal, "KV cache: the spill file has no free record");
+        const int32_t r = disk_free_.back();
+        disk_free_.pop_back();
+        void* buf = staging_[kBatch + wr.size()].data();
+        gather(v, buf);
+        wr.push_back(r);
+        wr_buf.push_back(buf);
+        o.disk[idx] = r;
+      }
+      owner_[v] = Owner{};
+      phys[i] = v;
+    }
+    if (!wr.empty()) {
+      FERRY_RETURN_IF_ERROR(disk_->write(wr, wr_buf));
+      n_spilled_ += static_cast<int64_t>(wr.size());
+    }
+    for (size_t j = 0; j < rd_block.size(); ++j) scatter(rd_buf[j], phys[rd_block[j]]);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t b = missing[at + i];
+      s.blocks[b] = phys[i];
+      owner_[phys[i]] = Owner{seq, static_cast<int32_t>(b)};
+      stamp_[phys[i]] = epoch_;
+    }
+  }
+  return true;
 }
 
 int64_t KvCache::tile_base(int32_t seq, int64_t pos, int64_t* j) const {

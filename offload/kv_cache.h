@@ -9,12 +9,21 @@
 //   V: [block_size/2][head_dim][2]   (keys 2r and 2r+1 of each dim side by side)
 // so a (block, head) tile is read once, front to back, for all query heads of its group. GPU
 // blocks (gpu/) keep their own [block, token, head, dim] pool and share only the block tables.
+//
+// The disk tier (enable_disk, throughput mode's --kv-disk): a sequence then owns logical blocks, up
+// to the host pool plus the disk's records; a block holds host memory only while it is resident. A
+// step makes its sequences' blocks resident (make_resident): spilled ones are read back, and room
+// comes from the coldest blocks (least recently used by a step) of sequences not in the step, which
+// are written to disk, checksummed, in one record per block (that block of every layer). Blocks no
+// token was written to yet cost no I/O. Attention only ever reads resident blocks.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "offload/kv_disk.h"
 #include "runtime/host_buffer.h"
 #include "runtime/status.h"
 #include "runtime/tensor.h"
@@ -67,7 +76,27 @@ class KvCache {
   int64_t length(int32_t seq) const { return seqs_[seq].length; }
   void set_length(int32_t seq, int64_t n) { seqs_[seq].length = n; }
   const std::vector<int32_t>& block_table(int32_t seq) const { return seqs_[seq].blocks; }
-  int64_t n_free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  // Blocks a reserve() can still take: the host pool's free ones, or with a disk tier, what the host
+  // pool and the disk hold together less the blocks sequences own.
+  int64_t n_free_blocks() const { return disk_ ? capacity() - committed_ : static_cast<int64_t>(free_.size()); }
+
+  // Adds the disk tier: `n_records` blocks in a spill file under `dir` (every layer must have host
+  // storage: a spilled block takes all its layers with it).
+  Status enable_disk(const std::string& dir, int64_t n_records);
+  bool has_disk() const { return disk_ != nullptr; }
+  const KvDiskFile* disk() const { return disk_.get(); }
+  int64_t capacity() const { return shape_.n_blocks + (disk_ ? disk_->n_records() : 0); }
+  // Starts a step: blocks made resident after this stay pinned (are not spilled) until the next one.
+  void begin_step() { ++epoch_; }
+  // Makes the blocks holding tokens [0, n_tokens) of `seq` resident and pins them for this step,
+  // reading spilled ones back and spilling the coldest unpinned blocks of other sequences for room.
+  // Returns false, changing nothing, when the pinned blocks leave too little room: the sequence
+  // waits for a later step. Without a disk tier every block is resident: true.
+  Expected<bool> make_resident(int32_t seq, int64_t n_tokens);
+  // Whether the blocks holding tokens [0, n_tokens) of `seq` are in host memory.
+  bool resident(int32_t seq, int64_t n_tokens) const;
+  int64_t blocks_spilled() const { return n_spilled_; }    // written to disk, in total
+  int64_t blocks_restored() const { return n_restored_; }  // read back, in total
 
   // Stores K and V of token `pos` of `seq` in layer `il` (reserved blocks): k, v [n_kv_heads, head_dim]
   // float32 or BF16 bits, converted to the pool's dtype (round to nearest even).
@@ -85,8 +114,15 @@ class KvCache {
   struct Seq {
     bool live = false;
     int64_t length = 0;
-    std::vector<int32_t> blocks;
+    std::vector<int32_t> blocks;  // host block, or -1 while not resident (disk tier only)
+    std::vector<int32_t> disk;    // disk record holding the block, or -1 (disk tier only)
   };
+  struct Owner {
+    int32_t seq = -1, index = -1;  // the sequence and block-table index a host block serves
+  };
+  // One block of every layer into / out of a record buffer.
+  void gather(int32_t phys, void* record) const;
+  void scatter(const void* record, int32_t phys);
   // Element offset of (block of `pos`, head 0) in a layer's pool, and the token's index in its block.
   int64_t tile_base(int32_t seq, int64_t pos, int64_t* j) const;
   template <typename Src>
@@ -96,6 +132,15 @@ class KvCache {
   std::vector<HostBuffer> k_, v_;  // per layer
   std::vector<int32_t> free_;
   std::vector<Seq> seqs_;
+  // Disk tier.
+  std::unique_ptr<KvDiskFile> disk_;
+  std::vector<int32_t> disk_free_;
+  std::vector<Owner> owner_;     // per host block
+  std::vector<uint64_t> stamp_;  // per host block: the step that last made it resident
+  uint64_t epoch_ = 1;
+  int64_t committed_ = 0;        // logical blocks the sequences own
+  std::vector<HostBuffer> staging_;
+  int64_t n_spilled_ = 0, n_restored_ = 0;
 };
 
 }  // namespace ferry

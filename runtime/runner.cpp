@@ -23,6 +23,17 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_lo
     next_pos[s] = expect + 1;
   }
   for (const auto& [s, n] : next_pos) FERRY_RETURN_IF_ERROR(kv_.reserve(s, n));
+  if (kv_.has_disk()) {
+    // The step's blocks in host memory (serve() chose sequences that fit; this reads back what
+    // other callers' sequences had spilled).
+    kv_.begin_step();
+    for (const auto& [s, n] : next_pos) {
+      FERRY_ASSIGN_OR_RETURN(const bool fits, kv_.make_resident(s, n));
+      if (!fits)
+        return out_of_memory(strprintf("step: the K/V blocks of the step's %zu sequences do not fit in host memory together (%lld blocks of %lld tokens)",
+                                       next_pos.size(), (long long)kv_.shape().n_blocks, (long long)kv_.shape().block_size));
+    }
+  }
   FERRY_RETURN_IF_ERROR(ex_.begin_step(b, kv_));
   if (copy_logits) logits.resize(static_cast<size_t>(b.n_outputs() * cfg.n_vocab));
   {

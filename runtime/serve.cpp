@@ -30,7 +30,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
       return invalid_argument(strprintf("request %lld: %zu prompt tokens + %lld new ones pass max_position_embeddings (%lld)", (long long)i, r.prompt.size(),
                                         (long long)r.max_tokens, (long long)cfg.n_ctx_max));
     if ((total + bs - 1) / bs > kv.shape().n_blocks)
-      return invalid_argument(strprintf("request %lld needs %lld KV blocks, more than the whole cache (%lld)", (long long)i, (long long)((total + bs - 1) / bs),
+      return invalid_argument(strprintf("request %lld needs %lld KV blocks, more than the cache holds in host memory (%lld; --kv-mem)", (long long)i, (long long)((total + bs - 1) / bs),
                                         (long long)kv.shape().n_blocks));
     stats.prompt_tokens += static_cast<int64_t>(r.prompt.size());
   }
@@ -45,6 +45,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
     int64_t prefilled = 0;  // prompt tokens already in the KV cache
     int32_t last = -1;      // the token to feed next (decoding once the prompt is in)
     Sampler sampler;
+    uint64_t last_run = 0;  // the last step it was in (with a disk tier not every live one runs)
   };
   std::vector<Live> live;
   std::deque<int64_t> queue;
@@ -84,13 +85,31 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
       return Status(ErrorCode::kInternal, "serve: no request fits the KV cache");  // ruled out above
     }
     stats.peak_live = std::max<int64_t>(stats.peak_live, static_cast<int64_t>(live.size()));
-    // The step: one token of every decoding sequence, then prompt chunks in admission order.
+    // The step: one token of every decoding sequence, then prompt chunks in admission order. With
+    // a disk tier, a sequence runs only if its blocks can be resident beside those already pinned
+    // for this step; the ones that waited longest go first.
     b.clear();
     out_live.clear();
+    kv.begin_step();
     std::vector<int64_t> took(live.size(), 0);  // prompt tokens of each live sequence in this step
+    std::vector<bool> run(live.size(), false);
+    {
+      std::vector<size_t> order;
+      for (size_t i = 0; i < live.size(); ++i)
+        if (live[i].prefilled >= static_cast<int64_t>(requests[live[i].req].prompt.size())) order.push_back(i);
+      std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return live[x].last_run < live[y].last_run; });
+      for (size_t i : order) {
+        auto ok = kv.make_resident(live[i].seq, kv.length(live[i].seq) + 1);
+        if (!ok.ok()) {
+          release_all();
+          return ok.status();
+        }
+        run[i] = *ok;
+      }
+    }
     for (size_t i = 0; i < live.size(); ++i) {
+      if (!run[i]) continue;
       Live& l = live[i];
-      if (l.prefilled < static_cast<int64_t>(requests[l.req].prompt.size())) continue;
       b.add(l.last, static_cast<int32_t>(kv.length(l.seq)), l.seq, true);
       out_live.push_back(static_cast<int64_t>(i));
     }
@@ -102,6 +121,13 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
       const int64_t room = opts.max_step_tokens - b.n_tokens();
       if (opts.whole_prompts && l.prefilled == 0 && len > room && len <= opts.max_step_tokens && b.n_tokens() > 0) continue;
       const int64_t take = std::min(len - l.prefilled, room);
+      auto ok = kv.make_resident(l.seq, l.prefilled + take);
+      if (!ok.ok()) {
+        release_all();
+        return ok.status();
+      }
+      if (!*ok) continue;
+      run[i] = true;
       took[i] = take;
       stats.split_prompts += l.prefilled == 0 && take < len;
       for (int64_t j = l.prefilled; j < l.prefilled + take; ++j) {
@@ -109,6 +135,10 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
         b.add(prompt[j], static_cast<int32_t>(j), l.seq, last);
         if (last) out_live.push_back(static_cast<int64_t>(i));
       }
+    }
+    if (b.n_tokens() == 0) {
+      release_all();
+      return Status(ErrorCode::kInternal, "serve: no sequence could run this step");  // the first always fits (checked above)
     }
     // Output rows: decode tokens first, then prompt-final tokens, each in live order: the order
     // they were pushed, which is the ascending order of b.output_rows.
@@ -132,9 +162,11 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
     {
       int64_t kv_read = 0;
       for (size_t i = 0; i < live.size(); ++i)
-        if (took[i] > 0 || live[i].prefilled >= static_cast<int64_t>(requests[live[i].req].prompt.size())) kv_read += kv.length(live[i].seq);
+        if (run[i]) kv_read += kv.length(live[i].seq), live[i].last_run = step_no;
       stats.step_shapes.push_back({b.n_tokens(), kv_read});
     }
+    stats.blocks_spilled = kv.blocks_spilled();
+    stats.blocks_restored = kv.blocks_restored();
     for (size_t i = 0; i < live.size(); ++i) live[i].prefilled += took[i];
     const double t_ms = now_ms();
     std::vector<bool> finished(live.size(), false);

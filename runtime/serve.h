@@ -4,7 +4,9 @@
 // order), with decode tokens first and newly admitted prompts' prefill chunks filling the rest of
 // the step's token budget. A request is admitted when a batch slot and KV blocks for its whole
 // length (prompt + max tokens) are free, so a running sequence never runs out of blocks; when one
-// finishes its blocks go to the next request in the queue.
+// finishes its blocks go to the next request in the queue. With a disk tier (KvCache::enable_disk)
+// requests are admitted against host and disk blocks together, and each step runs the live sequences
+// whose blocks fit in host memory at once, longest-waiting first; the others' coldest blocks spill.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +49,7 @@ struct ServeStats {
   int64_t n_requests = 0, prompt_tokens = 0, generated_tokens = 0, steps = 0;
   int64_t peak_live = 0;
   int64_t split_prompts = 0;      // prompts whose prefill spanned more than one step
+  int64_t blocks_spilled = 0, blocks_restored = 0;  // K/V blocks written to and read from the disk tier
   double total_ms = 0;
   double ttft_mean_ms = 0, ttft_p50_ms = 0, ttft_p90_ms = 0;
   // Per step: tokens, and K/V tokens its attention reads (each sequence's length after the step,

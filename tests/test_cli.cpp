@@ -250,6 +250,31 @@ TEST_SUITE("cli") {
     test::CmdResult one = test::run_ferry("run -m " + q(dir) + " -p 'Once upon a time' -n 8 --temp 0 --device cpu", true);
     CHECK(one.output.find(lines[0]["completion"].get<std::string>()) != std::string::npos);
 
+    // K/V beyond --kv-mem on --kv-disk: the same completions (greedy), blocks spilled and read back.
+    {
+      std::string many;
+      for (int i = 0; i < 8; ++i) many += "{\"ids\": [1, " + std::to_string(200 + i) + ", 300, 301, 302], \"max_tokens\": 12}\n";
+      const std::string in8 = (tmp.path / "req8.jsonl").string(), a = (tmp.path / "a.jsonl").string(), d = (tmp.path / "d.jsonl").string();
+      write_file(in8, many);
+      const std::string base = "run -m " + q(dir) + " --prompts " + q(in8) + " --batch 8 --temp 0 --device cpu --no-progress --out ";
+      test::CmdResult plain = test::run_ferry(base + q(a));
+      REQUIRE_MESSAGE(plain.exit_code == 0, plain.output);
+      // stories260K: 5 layers x 2 x 4 KV heads x 8 dims x 16 tokens x 4 bytes = 20 KiB a block: 120K holds 6
+      // blocks, 3 of the 8 requests (2 blocks each).
+      test::CmdResult spill = test::run_ferry(base + q(d) + " --kv-mem 120K --kv-disk " + q(tmp.path.string()));
+      REQUIRE_MESSAGE(spill.exit_code == 0, spill.output);
+      CHECK(spill.output.find("more on disk") != std::string::npos);
+      CHECK(spill.output.find("blocks spilled") != std::string::npos);
+      std::istringstream pa(read_file(a)), pd(read_file(d));
+      int rows = 0;
+      for (std::string x, y; std::getline(pa, x) && std::getline(pd, y); ++rows) CHECK(json::parse(x)["ids"] == json::parse(y)["ids"]);
+      CHECK(rows == 8);
+      expect_error(base + q(d) + " --kv-mem 120K", {"--kv-mem", "--kv-disk"});
+      expect_error(base + q(d) + " --kv-disk " + q(tmp.path.string()), {"--kv-disk needs --kv-mem"});
+      expect_error(base + q(d) + " --kv-mem 1K --kv-disk " + q(tmp.path.string()), {"--kv-mem", "below one K/V block"});
+      expect_error(base + q(d) + " --kv-mem 120K --kv-disk /nonexistent/kvdir", {"--kv-disk", "/nonexistent/kvdir"});
+    }
+
     write_file(in, "{\"prompt\": \"ok\"}\nnot json\n");
     expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " --device cpu", {in + ":2", "JSON"});
     write_file(in, "{\"text\": \"no prompt key\"}\n");

@@ -137,6 +137,87 @@ TEST_SUITE("model") {
     CHECK(rel_err(*chunked, *full) < 1e-5);
   }
 
+  TEST_CASE("K/V on disk: golden logits with the sequence spilled and read back between chunks; serve over a disk tier gives each request what it gets alone") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(g.ok());
+    const auto ids = test::read_i32(**g, "seq1.input_ids");
+    const auto ref = test::read_f32(**g, "seq1.logits");
+    const int64_t n = static_cast<int64_t>(ids.size());
+    test::TempDir tmp;
+    // A host pool of exactly one sequence's blocks, and a second sequence that takes all of it
+    // between the chunks of the first: every block of the first goes to disk and comes back.
+    const int64_t blocks = (n + 3) / 4;
+    Loaded l = load(dir, blocks * 4, 4);
+    REQUIRE(l.kv->enable_disk(tmp.path.string(), 2 * blocks).ok());
+    const int64_t V = l.model.config.n_vocab;
+    const int32_t a = l.kv->add_sequence(), other = l.kv->add_sequence();
+    std::vector<float> all(static_cast<size_t>(n * V)), logits;
+    StepBatch b;
+    for (int64_t j0 = 0; j0 < n; j0 += 5) {
+      b.clear();
+      for (int64_t j = j0; j < std::min(n, j0 + 5); ++j) b.add(ids[j], static_cast<int32_t>(j), a, true);
+      REQUIRE(l.runner->step(b, logits).ok());
+      std::copy(logits.begin(), logits.end(), all.begin() + j0 * V);
+      b.clear();
+      for (int64_t j = 0; j < n; ++j) b.add(ids[(j * 7) % n], static_cast<int32_t>(j), other, false);
+      if (l.kv->length(other) == 0) REQUIRE(l.runner->step(b, logits).ok());
+      else {
+        l.kv->begin_step();
+        auto ok = l.kv->make_resident(other, n);  // the other sequence back: the first one out
+        REQUIRE(ok.ok());
+        CHECK(*ok);
+      }
+      CHECK(!l.kv->resident(a, std::min(n, j0 + 5)));
+    }
+    CHECK(l.kv->blocks_spilled() >= blocks);
+    CHECK(l.kv->blocks_restored() >= blocks);
+    const double err = rel_err(all, ref);
+    MESSAGE("K/V through disk: logits max|d|/max|ref| = " << err);
+    CHECK(err <= 1e-3);
+    // Bit for bit what the same chunks give without a disk tier.
+    Loaded plain = load(dir, 1024, 4);
+    auto want = prompt_logits(*plain.runner, ids, 5);
+    REQUIRE(want.ok());
+    CHECK(rel_err(all, *want) == 0);
+    l.kv->free_sequence(a);
+    l.kv->free_sequence(other);
+
+    // Throughput mode over a host pool that holds 2 of 6 requests at a time: admission counts the
+    // disk's blocks, steps take the sequences that fit, and each request gets its tokens alone.
+    std::vector<ServeRequest> reqs(6);
+    std::vector<std::vector<int32_t>> alone;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      reqs[i].prompt.assign(ids.begin(), ids.begin() + 3 + static_cast<int64_t>(i) % 4);
+      reqs[i].max_tokens = 9 + static_cast<int64_t>(i);
+      GenerateOptions go;
+      go.n_predict = reqs[i].max_tokens;
+      go.sampling.temperature = 0;
+      go.stop_at_eos = false;
+      auto r = generate(*plain.runner, {reqs[i].prompt}, go);
+      REQUIRE(r.ok());
+      alone.push_back(r->tokens[0]);
+    }
+    Loaded s = load(dir, 2 * 5 * 4, 4);  // 10 blocks: each request needs 4 or 5
+    REQUIRE(s.kv->enable_disk(tmp.path.string(), 40).ok());
+    ServeOptions so;
+    so.batch = 6;
+    so.max_step_tokens = 16;
+    so.sampling.temperature = 0;
+    so.stop_at_eos = false;
+    std::vector<ServeResult> got;
+    auto st = serve(*s.runner, reqs, so, got);
+    REQUIRE_MESSAGE(st.ok(), st.status().message());
+    CHECK(st->peak_live == 6);
+    CHECK(st->blocks_spilled > 0);
+    CHECK(st->blocks_restored > 0);
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      CAPTURE(i);
+      CHECK(got[i].tokens == alone[i]);
+    }
+    CHECK(s.kv->n_free_blocks() == s.kv->capacity());
+  }
+
   TEST_CASE("stories260K: llama2.c's reference story token for token, and prompt logits") {
     const std::string dir = test::shared_dir() + "/models/stories260K";
     Loaded l = load(dir, 1024);

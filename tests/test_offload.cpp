@@ -8,11 +8,13 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <unistd.h>
 
 #include "cpu/cpu_executor.h"
 #include "models/checkpoint.h"
 #include "models/synthetic.h"
 #include "offload/disk_reader.h"
+#include "offload/kv_cache.h"
 #include "offload/packed_store.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
@@ -586,5 +588,109 @@ TEST_SUITE("offload") {
     test::CmdResult p = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G");
     CHECK(p.output.find(prof) != std::string::npos);  // the profile named as the source of the rates
     ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);
+  }
+}
+
+TEST_SUITE("offload") {
+  TEST_CASE("K/V disk tier: spilled blocks come back bit for bit, coldest first; a changed record is an error naming the file") {
+    test::TempDir tmp;
+    const std::string dir = tmp.path.string();
+    // A file of 3 records: write, read back, and a flipped byte fails the checksum.
+    {
+      auto f = KvDiskFile::create(dir, 5000, 3);  // rounded up to 8 KiB records
+      REQUIRE_MESSAGE(f.ok(), f.status().message());
+      CHECK((*f)->record_bytes() == 8192);
+      HostBuffer a(8192, 4096), b(8192, 4096), c(8192, 4096);
+      for (int i = 0; i < 8192; ++i) a.as<uint8_t>()[i] = static_cast<uint8_t>(i * 7 + 1), b.as<uint8_t>()[i] = static_cast<uint8_t>(i * 13 + 5);
+      REQUIRE((*f)->write({2, 0}, {a.data(), b.data()}).ok());
+      HostBuffer x(8192, 4096), y(8192, 4096);
+      REQUIRE((*f)->read({0, 2}, {x.data(), y.data()}).ok());
+      CHECK(std::memcmp(x.data(), b.data(), 8192) == 0);
+      CHECK(std::memcmp(y.data(), a.data(), 8192) == 0);
+      CHECK(!(*f)->read({1}, {c.data()}).ok());  // never written
+      // One byte of record 2 changed behind ferry's back (aligned: the file may be O_DIRECT).
+      HostBuffer page(4096, 4096);
+      REQUIRE(::pread((*f)->fd(), page.data(), 4096, 2 * 8192) == 4096);
+      page.as<uint8_t>()[100] ^= 0x5a;
+      REQUIRE(::pwrite((*f)->fd(), page.data(), 4096, 2 * 8192) == 4096);
+      Status bad = (*f)->read({2}, {c.data()});
+      CHECK(bad.code() == ErrorCode::kCorrupt);
+      CHECK(bad.message().find(dir) != std::string::npos);
+      CHECK(bad.message().find("record 2") != std::string::npos);
+    }
+    CHECK(!KvDiskFile::create(dir + "/missing", 4096, 1).ok());
+    CHECK(std::filesystem::is_empty(tmp.path));  // an anonymous file: nothing left behind
+
+    // A cache of 4 host blocks of 4 tokens and 8 disk records: three sequences of 8 tokens (2
+    // blocks each) cannot all be resident; making one resident spills the coldest.
+    KvCacheShape shape{2, 2, 4, 4, 4, DType::kBF16};
+    auto kv = KvCache::create(shape);
+    REQUIRE(kv.ok());
+    REQUIRE(kv->enable_disk(dir, 8).ok());
+    CHECK(kv->n_free_blocks() == 12);
+    auto value = [](int s, int64_t il, int64_t pos, int64_t h, int64_t i, int kv_) {
+      return static_cast<float>(s * 1000 + il * 100 + pos * 10 + h * 4 + i) * (kv_ ? -0.5f : 0.25f);
+    };
+    std::vector<int32_t> seqs;
+    for (int s = 0; s < 3; ++s) {
+      const int32_t q = kv->add_sequence();
+      seqs.push_back(q);
+      REQUIRE(kv->reserve(q, 8).ok());
+      kv->begin_step();
+      auto ok = kv->make_resident(q, 8);
+      REQUIRE(ok.ok());
+      REQUIRE(*ok);
+      for (int64_t il = 0; il < 2; ++il)
+        for (int64_t pos = 0; pos < 8; ++pos) {
+          float k[8], v[8];
+          for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 4; ++i) k[h * 4 + i] = value(s, il, pos, h, i, 0), v[h * 4 + i] = value(s, il, pos, h, i, 1);
+          kv->append(il, q, pos, k, v);
+        }
+      kv->set_length(q, 8);
+    }
+    CHECK(kv->n_free_blocks() == 6);
+    CHECK(kv->blocks_spilled() == 2);  // sequence 0 (the coldest) went to disk for sequence 2
+    CHECK(!kv->resident(seqs[0], 8));
+    CHECK(kv->resident(seqs[1], 8));
+    CHECK(kv->resident(seqs[2], 8));
+    // Two sequences pinned in one step leave no room for the third.
+    kv->begin_step();
+    REQUIRE(*kv->make_resident(seqs[1], 8));
+    REQUIRE(*kv->make_resident(seqs[2], 8));
+    auto no = kv->make_resident(seqs[0], 8);
+    REQUIRE(no.ok());
+    CHECK(!*no);
+    CHECK(!kv->resident(seqs[0], 8));
+    // Next step: sequence 0 comes back (sequence 1, now the coldest, goes out), bit for bit.
+    kv->begin_step();
+    REQUIRE(*kv->make_resident(seqs[2], 8));
+    REQUIRE(*kv->make_resident(seqs[0], 8));
+    CHECK(kv->blocks_restored() == 2);
+    CHECK(!kv->resident(seqs[1], 8));
+    for (int s : {0, 2})
+      for (int64_t il = 0; il < 2; ++il)
+        for (int64_t pos = 0; pos < 8; ++pos) {
+          float k[8], v[8];
+          kv->read(il, seqs[s], pos, k, v);
+          for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 4; ++i) {
+              CHECK(k[h * 4 + i] == bf16_to_f32(f32_to_bf16(value(s, il, pos, h, i, 0))));
+              CHECK(v[h * 4 + i] == bf16_to_f32(f32_to_bf16(value(s, il, pos, h, i, 1))));
+            }
+        }
+    // Freeing returns host blocks and records; the cache holds only what it has room for.
+    for (int32_t q : seqs) kv->free_sequence(q);
+    CHECK(kv->n_free_blocks() == 12);
+    const int32_t big = kv->add_sequence();
+    CHECK(kv->reserve(big, 48).ok());
+    CHECK(!kv->reserve(big, 49).ok());
+    kv->free_sequence(big);
+    // The disk tier takes every layer's K/V: a cache with GPU-held layers refuses it.
+    auto part = KvCache::create(shape, std::vector<bool>{true, false});
+    REQUIRE(part.ok());
+    Status refused = part->enable_disk(dir, 8);
+    CHECK(!refused.ok());
+    CHECK(refused.message().find("--kv host") != std::string::npos);
   }
 }

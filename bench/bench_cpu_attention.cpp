@@ -1,6 +1,7 @@
 // bench_cpu_attention: times CPU decode attention (cpu/attention.h) over a BF16 host KV cache of
 // real models' head layouts, for each kernel this CPU runs, and prints the K/V bandwidth reached
-// next to a plain all-core read of the same number of bytes (the floor). No timing is asserted.
+// next to a plain all-core read of the same number of bytes (the floor); then prefill chunks
+// (compute-bound) in GFLOP/s. No timing is asserted.
 // Usage: bench_cpu_attention [BATCH CONTEXT]   (default 64 sequences x 1024 tokens)
 #include <algorithm>
 #include <chrono>
@@ -67,7 +68,7 @@ int main(int argc, char** argv) {
       if (sums[7] == 42) std::printf(" ");
     }
     std::vector<uint16_t> q(batch * s.n_heads * s.hd, f32_to_bf16(0.01f)), out(batch * s.n_heads * s.hd);
-    for (cpu::AttnIsa isa : {cpu::AttnIsa::kAvx512, cpu::AttnIsa::kAvx2, cpu::AttnIsa::kScalar}) {
+    for (cpu::AttnIsa isa : {cpu::AttnIsa::kAmx, cpu::AttnIsa::kAvx512, cpu::AttnIsa::kAvx2, cpu::AttnIsa::kScalar}) {
       if (!cpu::attn_isa_supported(isa)) continue;
       cpu::AttnArgs a;
       a.q = q.data();
@@ -86,6 +87,53 @@ int main(int argc, char** argv) {
       }
       std::printf("| %s | %lld x %lld | %s | %.2f | %.1f | %.1f | %.0f%% |\n", s.name, (long long)batch, (long long)ctx, cpu::attn_isa_name(isa), best * 1e3,
                   bytes / best / 1e9, bytes / best_read / 1e9, 100 * best_read / best);
+      std::fflush(stdout);
+    }
+  }
+  // Prefill chunks: 8 sequences continue with 256 new tokens each after 512 cached ones (the chunks
+  // throughput mode attends on the CPU), compute-bound: GFLOP/s (4 x head_dim per query head and key).
+  std::printf("\n| prefill: heads (q/kv) | sequences x (cached + new) | kernel | ms | GFLOP/s |\n|---|---|---|---|---|\n");
+  for (const Shape& s : shapes) {
+    const int64_t n_seq = 8, cached = 512, fresh = 256, len = cached + fresh;
+    KvCacheShape ks{1, s.n_kv, s.hd, 16, n_seq * (len / 16), DType::kBF16};
+    auto kv = KvCache::create(ks);
+    if (!kv.ok()) return 1;
+    std::vector<uint16_t> row(2 * s.n_kv * s.hd);
+    for (size_t i = 0; i < row.size(); ++i) row[i] = f32_to_bf16(static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f);
+    std::vector<int32_t> seq, pos;
+    double flops = 0;
+    for (int64_t b = 0; b < n_seq; ++b) {
+      const int32_t q = kv->add_sequence();
+      if (!kv->reserve(q, len).ok()) return 1;
+      for (int64_t p = 0; p < len; ++p) kv->append_bf16(0, q, p, row.data(), row.data() + s.n_kv * s.hd);
+      kv->set_length(q, len);
+      for (int64_t p = cached; p < len; ++p) {
+        seq.push_back(q);
+        pos.push_back(static_cast<int32_t>(p));
+        flops += 4.0 * static_cast<double>(s.hd) * static_cast<double>(s.n_heads) * static_cast<double>(p + 1);
+      }
+    }
+    const int64_t T = static_cast<int64_t>(seq.size());
+    std::vector<uint16_t> q(T * s.n_heads * s.hd, f32_to_bf16(0.01f)), out(T * s.n_heads * s.hd);
+    for (cpu::AttnIsa isa : {cpu::AttnIsa::kAmx, cpu::AttnIsa::kAvx512, cpu::AttnIsa::kAvx2}) {
+      if (!cpu::attn_isa_supported(isa)) continue;
+      cpu::AttnArgs a;
+      a.q = q.data();
+      a.q_bf16 = true;
+      a.n_tokens = T;
+      a.positions = pos.data();
+      a.seq_ids = seq.data();
+      a.n_heads = s.n_heads;
+      a.out = out.data();
+      a.out_bf16 = true;
+      double best = 1e30;
+      for (int rep = 0; rep < 3; ++rep) {
+        const double t0 = now_s();
+        cpu::paged_attention(a, 0, *kv, isa);
+        best = std::min(best, now_s() - t0);
+      }
+      std::printf("| %s | %lld x (%lld + %lld) | %s | %.2f | %.0f |\n", s.name, (long long)n_seq, (long long)cached, (long long)fresh,
+                  cpu::attn_isa_name(isa), best * 1e3, flops / best / 1e9);
       std::fflush(stdout);
     }
   }

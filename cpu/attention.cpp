@@ -68,6 +68,46 @@ void attend_chunk_scalar(const float* q, int64_t G, int64_t hd, const T* k, cons
   }
 }
 
+// The tile kernel's arithmetic (amx::attend_rows below) in scalar code: q and P rounded to BF16,
+// float32 sums. paged_attention runs it when AMX is asked for on a CPU without it, so the tile
+// path's grouping, per-row key ranges and merges are tested on every machine; only the tile
+// instructions themselves need an AMX CPU.
+void attend_rows_emulated(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t block_elems,
+                          const int32_t* blocks, int64_t bs, int64_t j0, int64_t j1, const int64_t* lo, const int64_t* hi, float* m,
+                          float* l, float* acc, float* sc) {
+  for (int64_t b = j0 / bs; b * bs < j1; ++b) {
+    const int64_t base = b * bs;
+    const uint16_t* kt = k + static_cast<int64_t>(blocks[b]) * block_elems;
+    const uint16_t* vt = v + static_cast<int64_t>(blocks[b]) * block_elems;
+    for (int r = 0; r < M; ++r) {
+      float* s = sc + r * bs;
+      const int64_t a = std::max<int64_t>(std::max(j0, lo[r]) - base, 0), e = std::min<int64_t>(std::min(j1, hi[r]) - base, bs);
+      for (int64_t j = 0; j < bs; ++j) s[j] = 0.0f;
+      if (a >= e) continue;
+      float bmax = m[r];
+      for (int64_t j = a; j < e; ++j) {
+        float x = 0.0f;
+        for (int64_t i = 0; i < hd; ++i) x += bf16_to_f32(qb[r * hd + i]) * bf16_to_f32(kt[KvCache::k_index(j, i, bs)]);
+        s[j] = x;
+        bmax = std::max(bmax, x);
+      }
+      if (bmax > m[r]) {
+        const float corr = std::exp(m[r] - bmax);
+        l[r] *= corr;
+        for (int64_t i = 0; i < hd; ++i) acc[r * hd + i] *= corr;
+        m[r] = bmax;
+      }
+      for (int64_t j = a; j < e; ++j) {
+        s[j] = std::exp(s[j] - bmax);
+        l[r] += s[j];
+        s[j] = bf16_to_f32(f32_to_bf16(s[j]));
+      }
+      for (int64_t j = a; j < e; ++j)
+        for (int64_t i = 0; i < hd; ++i) acc[r * hd + i] += s[j] * bf16_to_f32(vt[KvCache::v_index(j, i, hd)]);
+    }
+  }
+}
+
 using ChunkFn = void (*)(const float*, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const int32_t*, int64_t, int64_t,
                          int64_t, float*, float*, float*, float*);
 
@@ -142,14 +182,117 @@ inline V vzero_unless_gt(V y, V x, float t) { return _mm512_maskz_mov_ps(_mm512_
 #include "cpu/attention_kernel.inc"
 }  // namespace avx512
 #pragma GCC pop_options
+
+// AMX: up to 16 query rows (the query heads of a GQA group, and several tokens of one sequence in
+// a prefill) against a block at a time, on tiles. The K tile's layout ([head_dim/2][block][2]) is
+// already the B operand of TDPBF16PS for Q K^T, and the V tile's ([block/2][head_dim][2]) that of
+// P V: blocks are loaded as they lie. Q and P are rounded to BF16 (the tile unit's input type), so
+// this kernel is accurate to BF16 (about 1e-2 of |out|), not to float32 like the vector kernels.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,amx-tile,amx-bf16")
+namespace amx {
+using namespace avx512;
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+// Tiles: 0 scores (M x 16 float), 1 K (16 dim pairs x 16 keys), 2 output (M x 16 float), 3 Q
+// (M x 32 dims), 4 P (M x bs keys), 5 V (bs/2 key pairs x 16 dims).
+void configure(int M, int64_t bs) {
+  TileConfig c;
+  auto set = [&](int t, int rows, int colsb) {
+    c.rows[t] = static_cast<uint8_t>(rows);
+    c.colsb[t] = static_cast<uint16_t>(colsb);
+  };
+  set(0, M, 64);
+  set(1, 16, 64);
+  set(2, M, 64);
+  set(3, M, 64);
+  set(4, M, static_cast<int>(bs * 2));
+  set(5, static_cast<int>(bs / 2), 64);
+  _tile_loadconfig(&c);
+}
+void release() { _tile_release(); }
+
+// 16 non-negative floats to BF16, rounded to nearest even.
+inline __m256i to_bf16(V x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16));
+}
+
+// M rows of one sequence and KV head (qb: [M][hd] BF16, scaled) over keys [j0, j1), row r only over
+// [lo[r], hi[r]): updates m[M], l[M], acc[M][hd]. sc: M x bs floats, pb: M x bs BF16 scratch.
+// Needs configure(M, bs), bs 16 or 32, hd a multiple of 32.
+void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks,
+                 int64_t bs, int64_t j0, int64_t j1, const int64_t* lo, const int64_t* hi, float* m, float* l, float* acc, float* sc,
+                 uint16_t* pb) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t b = j0 / bs; b * bs < j1; ++b) {
+    const int64_t base = b * bs;
+    const uint16_t* kt = k + static_cast<int64_t>(blocks[b]) * block_elems;
+    const uint16_t* vt = v + static_cast<int64_t>(blocks[b]) * block_elems;
+    for (int64_t n = 0; n < bs; n += 16) {
+      _tile_zero(0);
+      for (int64_t c = 0; c < hd; c += 32) {
+        _tile_loadd(3, qb + c, hd * 2);
+        _tile_loadd(1, kt + (c / 2) * bs * 2 + n * 2, bs * 4);
+        _tile_dpbf16ps(0, 3, 1);
+      }
+      _tile_stored(0, sc + n, bs * 4);
+    }
+    for (int r = 0; r < M; ++r) {
+      float* s = sc + r * bs;
+      const int64_t a = std::max<int64_t>(std::max(j0, lo[r]) - base, 0), e = std::min<int64_t>(std::min(j1, hi[r]) - base, bs);
+      if (a >= e) {
+        for (int64_t j = 0; j < bs; j += W) vstore(s + j, vzero());
+      } else {
+        for (int64_t j = 0; j < a; ++j) s[j] = ninf;
+        for (int64_t j = e; j < bs; ++j) s[j] = ninf;
+        V mx = vset1(m[r]);
+        for (int64_t j = 0; j < bs; j += W) mx = vmax(mx, vload(s + j));
+        const float bmax = hmax(mx);
+        if (bmax > m[r]) {
+          const float corr = std::exp(m[r] - bmax);
+          l[r] *= corr;
+          const V cv = vset1(corr);
+          float* ar = acc + r * hd;
+          for (int64_t i = 0; i < hd; i += W) vstore(ar + i, vmul(vload(ar + i), cv));
+          m[r] = bmax;
+        }
+        const V mb = vset1(bmax);
+        V sum = vzero();
+        for (int64_t j = 0; j < bs; j += W) {
+          const V p = vexp(vsub(vload(s + j), mb));
+          vstore(s + j, p);
+          sum = vadd(sum, p);
+        }
+        l[r] += hsum(sum);
+      }
+      for (int64_t j = 0; j < bs; j += W) _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * bs + j), to_bf16(vload(s + j)));
+    }
+    _tile_loadd(4, pb, bs * 2);
+    for (int64_t c = 0; c < hd; c += 16) {
+      _tile_loadd(2, acc + c, hd * 4);
+      _tile_loadd(5, vt + c * 2, hd * 4);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_stored(2, acc + c, hd * 4);
+    }
+  }
+}
+}  // namespace amx
+#pragma GCC pop_options
 #endif
 
-int lanes(AttnIsa isa) { return isa == AttnIsa::kAvx512 ? 16 : isa == AttnIsa::kAvx2 ? 8 : 1; }
+int lanes(AttnIsa isa) { return isa == AttnIsa::kAvx512 || isa == AttnIsa::kAmx ? 16 : isa == AttnIsa::kAvx2 ? 8 : 1; }
 
 }  // namespace
 
 const char* attn_isa_name(AttnIsa isa) {
   switch (isa) {
+    case AttnIsa::kAmx: return "amx";
     case AttnIsa::kAvx512: return "avx512";
     case AttnIsa::kAvx2: return "avx2";
     default: return "scalar";
@@ -163,18 +306,19 @@ bool attn_isa_supported(AttnIsa isa) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vl");
   if (isa == AttnIsa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == AttnIsa::kAmx) return attn_isa_supported(AttnIsa::kAvx512) && amx_usable();
 #endif
   return isa == AttnIsa::kScalar;
 }
 
 AttnIsa attn_isa_best() {
   static const AttnIsa best = [] {
-    AttnIsa cap = AttnIsa::kAvx512;
+    AttnIsa cap = AttnIsa::kAmx;
     if (const char* e = std::getenv("FERRY_ATTN_ISA")) {
       const std::string s = e;
-      cap = s == "scalar" ? AttnIsa::kScalar : s == "avx2" ? AttnIsa::kAvx2 : AttnIsa::kAvx512;
+      cap = s == "scalar" ? AttnIsa::kScalar : s == "avx2" ? AttnIsa::kAvx2 : s == "avx512" ? AttnIsa::kAvx512 : AttnIsa::kAmx;
     }
-    for (AttnIsa i : {AttnIsa::kAvx512, AttnIsa::kAvx2})
+    for (AttnIsa i : {AttnIsa::kAmx, AttnIsa::kAvx512, AttnIsa::kAvx2})
       if (static_cast<int>(i) <= static_cast<int>(cap) && attn_isa_supported(i)) return i;
     return AttnIsa::kScalar;
   }();
@@ -182,16 +326,19 @@ AttnIsa attn_isa_best() {
 }
 
 bool amx_usable() {
+  static const bool usable = [] {
 #if defined(__x86_64__) && defined(__linux__)
-  unsigned eax, ebx, ecx, edx;
-  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
-  if (!tile || !bf16) return false;
-  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    unsigned eax, ebx, ecx, edx;
+    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+    const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
+    if (!tile || !bf16) return false;
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state (once per process)
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
-  return false;
+    return false;
 #endif
+  }();
+  return usable;
 }
 
 void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa isa) {
@@ -199,22 +346,28 @@ void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa i
   FERRY_CHECK_MSG(L.k != nullptr, "attention: this layer's KV has no host storage");
   const int64_t hd = L.head_dim, n_kv = L.n_kv_heads, bs = L.block_size, H = a.n_heads, G = H / n_kv, T = a.n_tokens;
   if (T == 0) return;
-  // The vector kernels read BF16 tiles whose block size and head_dim are whole vectors.
+  // The vector kernels read BF16 tiles whose block size and head_dim are whole vectors; the tile
+  // kernel also wants blocks of 16 or 32 keys, head_dim in 32s and a group of at most 16 heads.
+  if (isa == AttnIsa::kAmx && (L.dtype != DType::kBF16 || (bs != 16 && bs != 32) || hd % 32 != 0 || G > 16))
+    isa = attn_isa_supported(AttnIsa::kAvx512) ? AttnIsa::kAvx512 : attn_isa_supported(AttnIsa::kAvx2) ? AttnIsa::kAvx2 : AttnIsa::kScalar;
   if (L.dtype != DType::kBF16 || bs % lanes(isa) != 0 || hd % lanes(isa) != 0) isa = AttnIsa::kScalar;
+  // AMX asked for where there is none (tests): the tile kernel's arithmetic in scalar code.
+  const bool tiles = isa == AttnIsa::kAmx && amx_usable();
   ChunkFn vec = nullptr;
 #if defined(__x86_64__)
-  if (isa == AttnIsa::kAvx512) vec = avx512::attend_chunk;
+  if (isa == AttnIsa::kAvx512 || (isa == AttnIsa::kAmx && attn_isa_supported(AttnIsa::kAvx512))) vec = avx512::attend_chunk;
   if (isa == AttnIsa::kAvx2) vec = avx2::attend_chunk;
 #endif
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int64_t q_stride = a.q_stride > 0 ? a.q_stride : H * hd;
 
-  // Tasks: (token, KV head, key chunk). Chunks are whole blocks, sized so there are several tasks
-  // per thread even for one long sequence.
+  // Tasks: (run of tokens, KV head, key chunk). A run is one token, or with AMX up to 16 / G
+  // consecutive tokens of one sequence (the rows of one tile). Chunks are whole blocks, sized so
+  // there are several tasks per thread even for one long sequence.
   struct Task {
-    int32_t t, kh;
+    int32_t t0, nt, kh;
     int64_t j0, j1;
-    int64_t part;  // -1: the only chunk, written straight to out; else its slot in `parts`
+    int64_t chunk;  // -1: the only chunk, written straight to out; else its index among the run's chunks
   };
   std::vector<Task> tasks;
   std::vector<int64_t> first(T);
@@ -224,28 +377,36 @@ void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa i
     first[t] = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
     total += (p + 1 - first[t]) * n_kv;
   }
+  const int64_t run_max = isa == AttnIsa::kAmx ? std::max<int64_t>(1, 16 / G) : 1;
   const int64_t threads = compute_threads();
   int64_t chunk = std::max<int64_t>(16 * bs, (total / (4 * threads) + bs - 1) / bs * bs);
   int64_t n_parts = 0;
   std::vector<int64_t> part_begin(T * n_kv, -1), part_count(T * n_kv, 1);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t j_end = a.positions[t] + 1;
+  for (int64_t t0 = 0; t0 < T;) {
+    int64_t nt = 1;
+    while (nt < run_max && t0 + nt < T && a.seq_ids[t0 + nt] == a.seq_ids[t0]) ++nt;
+    int64_t j_begin = first[t0], j_end = 0;
+    for (int64_t u = 0; u < nt; ++u) j_begin = std::min(j_begin, first[t0 + u]), j_end = std::max<int64_t>(j_end, a.positions[t0 + u] + 1);
     for (int64_t kh = 0; kh < n_kv; ++kh) {
-      const int64_t n_chunks = (j_end - first[t] + chunk - 1) / chunk;
+      const int64_t n_chunks = (j_end - j_begin + chunk - 1) / chunk;
       if (n_chunks <= 1) {
-        tasks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(kh), first[t], j_end, -1});
+        tasks.push_back({static_cast<int32_t>(t0), static_cast<int32_t>(nt), static_cast<int32_t>(kh), j_begin, j_end, -1});
         continue;
       }
-      part_begin[t * n_kv + kh] = n_parts;
-      part_count[t * n_kv + kh] = n_chunks;
+      for (int64_t u = 0; u < nt; ++u) {
+        part_begin[(t0 + u) * n_kv + kh] = n_parts;
+        part_count[(t0 + u) * n_kv + kh] = n_chunks;
+        n_parts += n_chunks;
+      }
       // Chunk edges on block boundaries (the first chunk may start mid-block).
-      int64_t j = first[t];
+      int64_t j = j_begin;
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t j1 = c + 1 == n_chunks ? j_end : std::min(j_end, (first[t] / bs + (c + 1) * (chunk / bs)) * bs);
-        tasks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(kh), j, j1, n_parts++});
+        const int64_t j1 = c + 1 == n_chunks ? j_end : std::min(j_end, (j_begin / bs + (c + 1) * (chunk / bs)) * bs);
+        tasks.push_back({static_cast<int32_t>(t0), static_cast<int32_t>(nt), static_cast<int32_t>(kh), j, j1, c});
         j = j1;
       }
     }
+    t0 += nt;
   }
   const int64_t part_floats = G * (hd + 2);
   std::vector<float> parts(static_cast<size_t>(n_parts * part_floats));
@@ -263,49 +424,89 @@ void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa i
       }
     }
   };
+  // Row state of token u of a task: acc [G][hd], m [G], l [G] at row u * G.
+  auto finish = [&](const Task& tk, int64_t u, const float* acc, const float* m, const float* l) {
+    const int64_t t = tk.t0 + u;
+    if (tk.chunk < 0) {
+      write_out(t, tk.kh, acc, l);
+      return;
+    }
+    float* pp = parts.data() + (part_begin[t * n_kv + tk.kh] + tk.chunk) * part_floats;
+    std::copy(acc, acc + G * hd, pp);
+    std::copy(m, m + G, pp + G * hd);
+    std::copy(l, l + G, pp + G * hd + G);
+  };
 
   run_parallel(static_cast<int64_t>(tasks.size()), [&](int64_t i0, int64_t i1) {
+    const int64_t R = run_max * G;  // rows of the largest task
     thread_local std::vector<float> buf;
-    buf.resize(static_cast<size_t>(G * hd * 2 + G * bs + 2 * G));
+    thread_local std::vector<uint16_t> bbuf;
+    buf.resize(static_cast<size_t>(R * hd * 2 + R * bs + 2 * R));
+    bbuf.resize(static_cast<size_t>(R * hd + R * bs));
     float* q = buf.data();
-    float* acc = q + G * hd;
-    float* sc = acc + G * hd;
-    float* m = sc + G * bs;
-    float* l = m + G;
+    float* acc = q + R * hd;
+    float* sc = acc + R * hd;
+    float* m = sc + R * bs;
+    float* l = m + R;
+    int tiles_for = -1;  // the row count the AMX tiles are configured for
     for (int64_t i = i0; i < i1; ++i) {
       const Task& tk = tasks[i];
-      const int64_t q0 = tk.t * q_stride + tk.kh * G * hd;
-      if (a.q_bf16) {
-        const uint16_t* qs = static_cast<const uint16_t*>(a.q) + q0;
-        for (int64_t x = 0; x < G * hd; ++x) q[x] = bf16_to_f32(qs[x]) * scale;
-      } else {
-        const float* qs = static_cast<const float*>(a.q) + q0;
-        for (int64_t x = 0; x < G * hd; ++x) q[x] = qs[x] * scale;
+      const int64_t rows = tk.nt * G;
+      for (int64_t u = 0; u < tk.nt; ++u) {
+        const int64_t q0 = (tk.t0 + u) * q_stride + tk.kh * G * hd;
+        float* qu = q + u * G * hd;
+        if (a.q_bf16) {
+          const uint16_t* qs = static_cast<const uint16_t*>(a.q) + q0;
+          for (int64_t x = 0; x < G * hd; ++x) qu[x] = bf16_to_f32(qs[x]) * scale;
+        } else {
+          const float* qs = static_cast<const float*>(a.q) + q0;
+          for (int64_t x = 0; x < G * hd; ++x) qu[x] = qs[x] * scale;
+        }
       }
-      std::fill(acc, acc + G * hd, 0.0f);
-      std::fill(m, m + G, -std::numeric_limits<float>::infinity());
-      std::fill(l, l + G, 0.0f);
-      const auto& blocks = kv.block_table(a.seq_ids[tk.t]);
+      std::fill(acc, acc + rows * hd, 0.0f);
+      std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + rows, 0.0f);
+      const auto& blocks = kv.block_table(a.seq_ids[tk.t0]);
       const int64_t head = tk.kh * L.tile();
-      if (vec) {
-        vec(q, G, hd, static_cast<const uint16_t*>(L.k) + head, static_cast<const uint16_t*>(L.v) + head, L.block_elems(), blocks.data(), bs,
-            tk.j0, tk.j1, m, l, acc, sc);
-      } else if (L.dtype == DType::kBF16) {
-        attend_chunk_scalar(q, G, hd, static_cast<const uint16_t*>(L.k) + head, static_cast<const uint16_t*>(L.v) + head, L.block_elems(),
-                            blocks.data(), bs, tk.j0, tk.j1, m, l, acc, sc);
-      } else {
-        attend_chunk_scalar(q, G, hd, static_cast<const float*>(L.k) + head, static_cast<const float*>(L.v) + head, L.block_elems(),
-                            blocks.data(), bs, tk.j0, tk.j1, m, l, acc, sc);
+      const uint16_t* kb = static_cast<const uint16_t*>(L.k) + head;
+      const uint16_t* vb = static_cast<const uint16_t*>(L.v) + head;
+#if defined(__x86_64__)
+      if (isa == AttnIsa::kAmx && rows >= 4) {
+        uint16_t* qb = bbuf.data();
+        uint16_t* pb = qb + R * hd;
+        for (int64_t x = 0; x < rows * hd; ++x) qb[x] = f32_to_bf16(q[x]);
+        int64_t lo[16], hi[16];
+        for (int64_t r = 0; r < rows; ++r) lo[r] = first[tk.t0 + r / G], hi[r] = a.positions[tk.t0 + r / G] + 1;
+        if (!tiles) {
+          attend_rows_emulated(qb, static_cast<int>(rows), hd, kb, vb, L.block_elems(), blocks.data(), bs, tk.j0, tk.j1, lo, hi, m, l, acc, sc);
+        } else {
+          if (tiles_for != rows) amx::configure(static_cast<int>(rows), bs), tiles_for = static_cast<int>(rows);
+          amx::attend_rows(qb, static_cast<int>(rows), hd, kb, vb, L.block_elems(), blocks.data(), bs, tk.j0, tk.j1, lo, hi, m, l, acc, sc, pb);
+        }
+        for (int64_t u = 0; u < tk.nt; ++u) finish(tk, u, acc + u * G * hd, m + u * G, l + u * G);
+        continue;
       }
-      if (tk.part < 0) {
-        write_out(tk.t, tk.kh, acc, l);
-      } else {
-        float* pp = parts.data() + tk.part * part_floats;
-        std::copy(acc, acc + G * hd, pp);
-        std::copy(m, m + G, pp + G * hd);
-        std::copy(l, l + G, pp + G * hd + G);
+#endif
+      for (int64_t u = 0; u < tk.nt; ++u) {
+        const int64_t t = tk.t0 + u;
+        const int64_t j0 = std::max(tk.j0, first[t]), j1 = std::min<int64_t>(tk.j1, a.positions[t] + 1);
+        float *qu = q + u * G * hd, *au = acc + u * G * hd, *mu = m + u * G, *lu = l + u * G;
+        if (j0 < j1) {
+          if (vec) {
+            vec(qu, G, hd, kb, vb, L.block_elems(), blocks.data(), bs, j0, j1, mu, lu, au, sc);
+          } else if (L.dtype == DType::kBF16) {
+            attend_chunk_scalar(qu, G, hd, kb, vb, L.block_elems(), blocks.data(), bs, j0, j1, mu, lu, au, sc);
+          } else {
+            attend_chunk_scalar(qu, G, hd, static_cast<const float*>(L.k) + head, static_cast<const float*>(L.v) + head, L.block_elems(),
+                                blocks.data(), bs, j0, j1, mu, lu, au, sc);
+          }
+        }
+        finish(tk, u, au, mu, lu);
       }
     }
+#if defined(__x86_64__)
+    if (tiles_for >= 0) amx::release();
+#endif
   });
   if (n_parts == 0) return;
   // Merge the chunks of each split (token, head).

@@ -6,6 +6,9 @@
 // Kernels, picked at run time (CPUID): AVX-512 and AVX2 for BF16 K/V (a BF16 pair is widened to two
 // float32 vectors with one shift and one mask: no conversion instructions), and a scalar kernel for
 // every dtype and shape (the reference the others are tested against; also what F32 pools use).
+// With AMX (and the Linux permission for its tile state), tasks take up to 16 query rows at once,
+// the heads of a GQA group times consecutive tokens of one sequence, on tiles: GQA decode with
+// groups of 4 or more and prefill chunks. Fewer rows run on AVX-512.
 #pragma once
 
 #include <cstdint>
@@ -14,11 +17,11 @@
 
 namespace ferry::cpu {
 
-enum class AttnIsa { kScalar, kAvx2, kAvx512 };
+enum class AttnIsa { kScalar, kAvx2, kAvx512, kAmx };
 const char* attn_isa_name(AttnIsa isa);
 // Returns true when this CPU runs `isa`'s kernel.
 bool attn_isa_supported(AttnIsa isa);
-// Returns the best kernel this CPU runs (FERRY_ATTN_ISA=scalar|avx2|avx512 caps it).
+// Returns the best kernel this CPU runs (FERRY_ATTN_ISA=scalar|avx2|avx512|amx caps it).
 AttnIsa attn_isa_best();
 // Returns true when the CPU has AMX-BF16 and Linux granted this process the tile state.
 bool amx_usable();

@@ -27,6 +27,7 @@ struct Case {
   DType dtype;
   std::vector<int64_t> lengths;
   int64_t window;
+  bool prefill = false;  // query rows: each sequence's last 12 positions (a prefill chunk)
 };
 
 // Runs one case on `isa` and returns the largest |out - ref|.
@@ -58,6 +59,14 @@ double run_case(const Case& c, cpu::AttnIsa isa, bool bf16_io) {
   std::vector<int32_t> pos, sid, which;
   for (size_t i = 0; i < c.lengths.size(); ++i) {
     const int64_t L = c.lengths[i];
+    if (c.prefill) {
+      for (int64_t p = std::max<int64_t>(0, L - 12); p < L; ++p) {
+        pos.push_back(static_cast<int32_t>(p));
+        sid.push_back(seqs[i]);
+        which.push_back(static_cast<int32_t>(i));
+      }
+      continue;
+    }
     for (int64_t p : {L - 1, L / 2, L / 3, int64_t{0}}) {
       if (p < 0 || (p != L - 1 && std::find(pos.end() - std::min<size_t>(pos.size(), 3), pos.end(), p) != pos.end())) continue;
       pos.push_back(static_cast<int32_t>(p));
@@ -151,6 +160,42 @@ TEST_SUITE("attention") {
         CHECK(run_case(c, isa, true) < 1e-2);  // the output rounded to BF16
       }
     }
+  }
+
+  TEST_CASE("the tile kernel (AMX here if the CPU has it, else its arithmetic in scalar code) matches the reference to BF16 accuracy") {
+    MESSAGE("tile kernel on " << std::string(cpu::amx_usable() ? "AMX" : "scalar emulation (no AMX here)"));
+    int64_t cases = 0;
+    for (int64_t group : {1, 2, 4, 8}) {
+      for (int64_t hd : {64, 128}) {
+        for (int64_t bs : {16, 32}) {
+          for (int64_t window : {0, 37}) {
+            for (bool prefill : {false, true}) {
+              Case c{group, hd, bs, DType::kBF16, {1, 7, 16, 33, 300}, window, prefill};
+              CAPTURE(group);
+              CAPTURE(hd);
+              CAPTURE(bs);
+              CAPTURE(window);
+              CAPTURE(prefill);
+              // Q and P enter the tiles as BF16: about 2^-9 of each weight.
+              CHECK(run_case(c, cpu::AttnIsa::kAmx, false) < 2e-2);
+              ++cases;
+            }
+          }
+        }
+      }
+    }
+    // Long sequences: key chunks split across threads and merged, decode and prefill rows.
+    for (int64_t group : {1, 4, 8})
+      for (bool prefill : {false, true}) {
+        Case c{group, 128, 16, DType::kBF16, {4096, 2049}, 0, prefill};
+        CAPTURE(group);
+        CAPTURE(prefill);
+        CHECK(run_case(c, cpu::AttnIsa::kAmx, true) < 2e-2);
+      }
+    // F32 pools and odd shapes fall back to the other kernels: exact again.
+    CHECK(run_case(Case{4, 64, 16, DType::kF32, {1, 40}, 0, true}, cpu::AttnIsa::kAmx, false) < 2e-5);
+    CHECK(run_case(Case{4, 48, 16, DType::kBF16, {1, 40}, 0, true}, cpu::AttnIsa::kAmx, false) < 2e-5);
+    CHECK(cases == 64);
   }
 
   TEST_CASE("KV cache round trip in both dtypes and layouts") {

@@ -779,6 +779,50 @@ TEST_SUITE("gpu_model") {
     }
   }
 
+  TEST_CASE("K/V on disk under the heterogeneous pipeline: the golden logits with the sequence spilled and read back between chunks") {
+    for (const char* name : {"llama-gqa", "qwen2-bias"}) {
+      const std::string dir = test::shared_dir() + "/golden/" + name;
+      auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+      REQUIRE(gs.ok());
+      const auto ids = test::read_i32(**gs, "seq1.input_ids");
+      const auto ref_logits = test::read_f32(**gs, "seq1.logits");
+      const int64_t n = static_cast<int64_t>(ids.size()), blocks = (n + 15) / 16;
+      GpuModel plain = load_gpu(dir, 4096, true, -1, "", "", true, 2);
+      auto want = prompt_logits(*plain.runner, ids, 7);
+      REQUIRE(want.ok());
+      // A host pool of one sequence's blocks; a second sequence takes it between the chunks.
+      GpuModel h = load_gpu(dir, blocks * 16, true, -1, "", "", true, 2);
+      test::TempDir tmp;
+      REQUIRE(h.kv->enable_disk(tmp.path.string(), 2 * blocks).ok());
+      const int64_t V = h.model.config.n_vocab;
+      const int32_t a = h.kv->add_sequence(), other = h.kv->add_sequence();
+      std::vector<float> all(static_cast<size_t>(n * V)), logits;
+      StepBatch b;
+      for (int64_t j0 = 0; j0 < n; j0 += 7) {
+        b.clear();
+        for (int64_t j = j0; j < std::min(n, j0 + 7); ++j) b.add(ids[j], static_cast<int32_t>(j), a, true);
+        REQUIRE(h.runner->step(b, logits).ok());
+        std::copy(logits.begin(), logits.end(), all.begin() + j0 * V);
+        b.clear();
+        for (int64_t j = 0; j < n; ++j) b.add(ids[(j * 5) % n], static_cast<int32_t>(j), other, false);
+        if (h.kv->length(other) == 0) {
+          REQUIRE(h.runner->step(b, logits).ok());
+        } else {
+          h.kv->begin_step();
+          auto ok = h.kv->make_resident(other, n);
+          REQUIRE(ok.ok());
+          CHECK(*ok);
+        }
+      }
+      CHECK(h.kv->blocks_spilled() >= blocks);
+      CHECK(h.kv->blocks_restored() >= blocks);
+      const double err = rel(all, ref_logits), vs_host = rel(all, *want);
+      MESSAGE(std::string(name) << " K/V through disk: max|d|/max|ref| = " << err << " vs golden, " << vs_host << " vs host K/V without disk");
+      CHECK(err <= 2e-2);
+      CHECK(vs_host <= 1e-6);
+    }
+  }
+
   TEST_CASE("synthetic presets materialise on the GPU in seconds and match the host generator") {
     for (const char* preset : {"llama-2-7b", "llama-2-13b", "llama-3-8b", "mistral-7b", "qwen2.5-32b", "llama-3-70b"}) {
       auto t0 = std::chrono::steady_clock::now();

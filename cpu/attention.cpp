@@ -212,9 +212,18 @@ void configure(int M, int64_t bs) {
   set(3, M, 64);
   set(4, M, static_cast<int>(bs * 2));
   set(5, static_cast<int>(bs / 2), 64);
-  _tile_loadconfig(&c);
+  // Not _tile_loadconfig: GCC 12's declares only the first 8 bytes as read, so the stores of the
+  // rows and widths above were dropped as dead (every tile left unconfigured: SIGILL).
+  __asm__ volatile("ldtilecfg %0" : : "m"(c));
 }
-void release() { _tile_release(); }
+void release() { __asm__ volatile("tilerelease" ::: "memory"); }
+// The tile instructions as asm that tells the compiler what memory they touch: GCC 12's intrinsics
+// carry no memory operand or clobber, so stores feeding a tile load could be moved past it and
+// values a tile store wrote could be read from stale registers.
+#define FERRY_TILE_LOAD(t, base, stride) __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define FERRY_TILE_STORE(t, base, stride) __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define FERRY_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define FERRY_TILE_DPBF16(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 
 // 16 non-negative floats to BF16, rounded to nearest even.
 inline __m256i to_bf16(V x) {
@@ -235,13 +244,13 @@ void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const
     const uint16_t* kt = k + static_cast<int64_t>(blocks[b]) * block_elems;
     const uint16_t* vt = v + static_cast<int64_t>(blocks[b]) * block_elems;
     for (int64_t n = 0; n < bs; n += 16) {
-      _tile_zero(0);
+      FERRY_TILE_ZERO(0);
       for (int64_t c = 0; c < hd; c += 32) {
-        _tile_loadd(3, qb + c, hd * 2);
-        _tile_loadd(1, kt + (c / 2) * bs * 2 + n * 2, bs * 4);
-        _tile_dpbf16ps(0, 3, 1);
+        FERRY_TILE_LOAD(3, qb + c, hd * 2);
+        FERRY_TILE_LOAD(1, kt + (c / 2) * bs * 2 + n * 2, bs * 4);
+        FERRY_TILE_DPBF16(0, 3, 1);
       }
-      _tile_stored(0, sc + n, bs * 4);
+      FERRY_TILE_STORE(0, sc + n, bs * 4);
     }
     for (int r = 0; r < M; ++r) {
       float* s = sc + r * bs;
@@ -273,15 +282,19 @@ void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const
       }
       for (int64_t j = 0; j < bs; j += W) _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * bs + j), to_bf16(vload(s + j)));
     }
-    _tile_loadd(4, pb, bs * 2);
+    FERRY_TILE_LOAD(4, pb, bs * 2);
     for (int64_t c = 0; c < hd; c += 16) {
-      _tile_loadd(2, acc + c, hd * 4);
-      _tile_loadd(5, vt + c * 2, hd * 4);
-      _tile_dpbf16ps(2, 4, 5);
-      _tile_stored(2, acc + c, hd * 4);
+      FERRY_TILE_LOAD(2, acc + c, hd * 4);
+      FERRY_TILE_LOAD(5, vt + c * 2, hd * 4);
+      FERRY_TILE_DPBF16(2, 4, 5);
+      FERRY_TILE_STORE(2, acc + c, hd * 4);
     }
   }
 }
+#undef FERRY_TILE_LOAD
+#undef FERRY_TILE_STORE
+#undef FERRY_TILE_ZERO
+#undef FERRY_TILE_DPBF16
 }  // namespace amx
 #pragma GCC pop_options
 #endif

@@ -311,6 +311,11 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
   m.n_resident = std::count(place.begin(), place.end(), Place::kResident);
   try {
     CUDA_CHECK(cudaSetDevice(opts.device));
+    if (m.n_kv_host > 0) {
+      // The CPU's attention wants every core: the host thread sleeps in its waits for the step
+      // instead of spinning on a core a pinned attention worker runs on.
+      if (cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync) != cudaSuccess) cudaGetLastError();
+    }
     CUDA_CHECK(cudaDeviceGetAttribute(&m.n_sms, cudaDevAttrMultiProcessorCount, opts.device));
     CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreateWithFlags(&m.in_free, cudaEventDisableTiming));

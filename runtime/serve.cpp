@@ -87,7 +87,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
     stats.peak_live = std::max<int64_t>(stats.peak_live, static_cast<int64_t>(live.size()));
     // The step: one token of every decoding sequence, then prompt chunks in admission order. With
     // a disk tier, a sequence runs only if its blocks can be resident beside those already pinned
-    // for this step; the ones that waited longest go first.
+    // for this step: those in host memory go first, then the ones that waited longest.
     b.clear();
     out_live.clear();
     kv.begin_step();
@@ -97,7 +97,13 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
       std::vector<size_t> order;
       for (size_t i = 0; i < live.size(); ++i)
         if (live[i].prefilled >= static_cast<int64_t>(requests[live[i].req].prompt.size())) order.push_back(i);
-      std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return live[x].last_run < live[y].last_run; });
+      // Resident sequences first (no I/O: a disk tier does not thrash), then the longest-waiting;
+      // spilled ones come back as blocks free up.
+      std::vector<bool> in_host(live.size());
+      for (size_t i : order) in_host[i] = kv.resident(live[i].seq, kv.length(live[i].seq));
+      std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+        return in_host[x] != in_host[y] ? static_cast<bool>(in_host[x]) : live[x].last_run < live[y].last_run;
+      });
       for (size_t i : order) {
         auto ok = kv.make_resident(live[i].seq, kv.length(live[i].seq) + 1);
         if (!ok.ok()) {

@@ -6,7 +6,8 @@
 // length (prompt + max tokens) are free, so a running sequence never runs out of blocks; when one
 // finishes its blocks go to the next request in the queue. With a disk tier (KvCache::enable_disk)
 // requests are admitted against host and disk blocks together, and each step runs the live sequences
-// whose blocks fit in host memory at once, longest-waiting first; the others' coldest blocks spill.
+// whose blocks fit in host memory at once (those already there first, then the longest-waiting);
+// blocks of sequences left out spill to disk, coldest first, when others need the room.
 #pragma once
 
 #include <cstdint>

@@ -130,8 +130,8 @@ TEST_SUITE("attention") {
     std::vector<cpu::AttnIsa> isas;
     for (cpu::AttnIsa i : {cpu::AttnIsa::kScalar, cpu::AttnIsa::kAvx2, cpu::AttnIsa::kAvx512})
       if (cpu::attn_isa_supported(i)) isas.push_back(i);
-    MESSAGE("kernels tested here: " << isas.size() << " (best " << cpu::attn_isa_name(cpu::attn_isa_best()) << "), AMX usable: "
-                                    << (cpu::amx_usable() ? "yes" : "no"));
+    MESSAGE("kernels tested here: " << isas.size() << " (best " << std::string(cpu::attn_isa_name(cpu::attn_isa_best())) << "), AMX usable: "
+                                    << std::string(cpu::amx_usable() ? "yes" : "no"));
     for (cpu::AttnIsa isa : isas) {
       for (int64_t group : {1, 2, 4, 8}) {
         for (DType dt : {DType::kBF16, DType::kF32}) {

@@ -743,7 +743,9 @@ TEST_SUITE("gpu_model") {
             MESSAGE(std::string(name) << " " << std::string(seq) << " host KV, " << mb << " micro-batch(es), places '" << std::string(places) << "': max|d|/max|ref| = " << err
                          << " vs golden, " << vs_gpu << " vs GPU attention (GPU attention vs golden " << rel(*gl, ref_logits) << ")");
             CHECK(err <= 2e-2);
-            CHECK(vs_gpu <= 1e-2);
+            // The AMX kernel rounds Q and P to BF16, as the GPU's rounds its inputs: the two differ
+            // by as much as each differs from the golden logits (0.005-0.015 on the H100 host).
+            CHECK(vs_gpu <= 2e-2);
             auto whole = prompt_logits(*h.runner, ids, 512);  // one fresh step
             REQUIRE(whole.ok());
             CHECK(rel(*whole, ref_logits) <= 2e-2);

@@ -101,9 +101,9 @@ int64_t gpu_layer_bytes(const ModelConfig& cfg);
 int64_t gpu_workspace_bytes(const ModelConfig& cfg, int64_t max_step_tokens, int64_t max_batch);
 // Plans each layer's placement under the budgets, or says why it cannot (naming the flag): the most
 // resident layers that fit, then, among the rest, the number of CPU-computed layers that minimises
-// the predicted step time, host memory before disk. Resident layers are spread evenly among the
-// others and CPU layers among the streamed ones, so the copy stream keeps running while the GPU or
-// the CPU computes.
+// the predicted step time, host memory before disk. CPU layers are spread among the streamed ones,
+// and with host K/V the resident layers among the others too, so the copy stream keeps running
+// while the GPU or the CPU computes.
 Expected<GpuPlan> plan_gpu(const ModelConfig& cfg, const GpuPlanInput& in);
 
 struct PlanFloor {

@@ -18,6 +18,20 @@ using namespace ferry;
 
 namespace {
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+// BF16 q and out, as the GPU pipeline hands them over.
+cpu::AttnArgs bf16_args(const std::vector<uint16_t>& q, std::vector<uint16_t>& out, const std::vector<int32_t>& pos,
+                        const std::vector<int32_t>& seq, int64_t n_heads) {
+  cpu::AttnArgs a;
+  a.q = q.data();
+  a.q_bf16 = true;
+  a.n_tokens = static_cast<int64_t>(pos.size());
+  a.positions = pos.data();
+  a.seq_ids = seq.data();
+  a.n_heads = n_heads;
+  a.out = out.data();
+  a.out_bf16 = true;
+  return a;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -70,15 +84,7 @@ int main(int argc, char** argv) {
     std::vector<uint16_t> q(batch * s.n_heads * s.hd, f32_to_bf16(0.01f)), out(batch * s.n_heads * s.hd);
     for (cpu::AttnIsa isa : {cpu::AttnIsa::kAmx, cpu::AttnIsa::kAvx512, cpu::AttnIsa::kAvx2, cpu::AttnIsa::kScalar}) {
       if (!cpu::attn_isa_supported(isa)) continue;
-      cpu::AttnArgs a;
-      a.q = q.data();
-      a.q_bf16 = true;
-      a.n_tokens = batch;
-      a.positions = pos.data();
-      a.seq_ids = seq.data();
-      a.n_heads = s.n_heads;
-      a.out = out.data();
-      a.out_bf16 = true;
+      const cpu::AttnArgs a = bf16_args(q, out, pos, seq, s.n_heads);
       double best = 1e30;
       for (int rep = 0; rep < (isa == cpu::AttnIsa::kScalar ? 1 : 5); ++rep) {
         const double t0 = now_s();
@@ -117,15 +123,7 @@ int main(int argc, char** argv) {
     std::vector<uint16_t> q(T * s.n_heads * s.hd, f32_to_bf16(0.01f)), out(T * s.n_heads * s.hd);
     for (cpu::AttnIsa isa : {cpu::AttnIsa::kAmx, cpu::AttnIsa::kAvx512, cpu::AttnIsa::kAvx2}) {
       if (!cpu::attn_isa_supported(isa)) continue;
-      cpu::AttnArgs a;
-      a.q = q.data();
-      a.q_bf16 = true;
-      a.n_tokens = T;
-      a.positions = pos.data();
-      a.seq_ids = seq.data();
-      a.n_heads = s.n_heads;
-      a.out = out.data();
-      a.out_bf16 = true;
+      const cpu::AttnArgs a = bf16_args(q, out, pos, seq, s.n_heads);
       double best = 1e30;
       for (int rep = 0; rep < 3; ++rep) {
         const double t0 = now_s();

@@ -40,6 +40,16 @@ Expected<std::unique_ptr<KvDiskFile>> KvDiskFile::create(const std::string& dir,
   f->fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC | O_DIRECT, 0600);
   f->direct_ = f->fd_ >= 0;
   if (f->fd_ < 0 && errno == EINVAL) f->fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);  // no O_DIRECT here
+  if (f->fd_ < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) {
+    // No O_TMPFILE on this filesystem: a named file, unlinked at once (gone as soon as it closes).
+    std::string name = dir + "/.ferry-kv-XXXXXX";
+    f->fd_ = ::mkostemp(name.data(), O_CLOEXEC);
+    if (f->fd_ >= 0) {
+      ::unlink(name.c_str());
+      const int flags = ::fcntl(f->fd_, F_GETFL);
+      f->direct_ = flags >= 0 && ::fcntl(f->fd_, F_SETFL, flags | O_DIRECT) == 0;
+    }
+  }
   if (f->fd_ < 0) {
     const int e = errno;
     if (e == ENOENT || e == ENOTDIR) return Status(ErrorCode::kNotFound, strprintf("--kv-disk %s: no such directory", dir.c_str()));

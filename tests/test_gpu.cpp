@@ -796,29 +796,13 @@ TEST_SUITE("gpu_model") {
       GpuModel h = load_gpu(dir, blocks * 16, true, -1, "", "", true, 2);
       test::TempDir tmp;
       REQUIRE(h.kv->enable_disk(tmp.path.string(), 2 * blocks).ok());
-      const int64_t V = h.model.config.n_vocab;
-      const int32_t a = h.kv->add_sequence(), other = h.kv->add_sequence();
-      std::vector<float> all(static_cast<size_t>(n * V)), logits;
-      StepBatch b;
-      for (int64_t j0 = 0; j0 < n; j0 += 7) {
-        b.clear();
-        for (int64_t j = j0; j < std::min(n, j0 + 7); ++j) b.add(ids[j], static_cast<int32_t>(j), a, true);
-        REQUIRE(h.runner->step(b, logits).ok());
-        std::copy(logits.begin(), logits.end(), all.begin() + j0 * V);
-        b.clear();
-        for (int64_t j = 0; j < n; ++j) b.add(ids[(j * 5) % n], static_cast<int32_t>(j), other, false);
-        if (h.kv->length(other) == 0) {
-          REQUIRE(h.runner->step(b, logits).ok());
-        } else {
-          h.kv->begin_step();
-          auto ok = h.kv->make_resident(other, n);
-          REQUIRE(ok.ok());
-          CHECK(*ok);
-        }
-      }
+      bool spilled = false;
+      auto all = test::logits_with_spills(*h.runner, ids, 7, &spilled);
+      REQUIRE_MESSAGE(all.ok(), all.status().message());
+      CHECK(spilled);
       CHECK(h.kv->blocks_spilled() >= blocks);
       CHECK(h.kv->blocks_restored() >= blocks);
-      const double err = rel(all, ref_logits), vs_host = rel(all, *want);
+      const double err = rel(*all, ref_logits), vs_host = rel(*all, *want);
       MESSAGE(std::string(name) << " K/V through disk: max|d|/max|ref| = " << err << " vs golden, " << vs_host << " vs host K/V without disk");
       CHECK(err <= 2e-2);
       CHECK(vs_host <= 1e-6);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "models/safetensors.h"
+#include "runtime/runner.h"
 
 namespace ferry::test {
 
@@ -53,6 +54,45 @@ struct TempDir {
   }
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
+
+// Prefills `ids` as a new sequence in chunks of `chunk` tokens; between chunks a second sequence
+// takes the cache's whole host pool (its prefill, then make_resident), so with a disk tier sized to
+// one sequence every block of the first goes to disk and comes back each time. Returns the logits of
+// every position. `spilled_each_time`: whether the first sequence was out of host memory after
+// every chunk.
+inline Expected<std::vector<float>> logits_with_spills(Runner& r, const std::vector<int32_t>& ids, int64_t chunk,
+                                                      bool* spilled_each_time = nullptr) {
+  KvCache& kv = r.kv();
+  const int64_t n = static_cast<int64_t>(ids.size()), V = r.config().n_vocab;
+  const int32_t a = kv.add_sequence(), other = kv.add_sequence();
+  std::vector<float> all(static_cast<size_t>(n * V)), logits;
+  StepBatch b;
+  Status st = Status::Ok();
+  bool spilled = true;
+  for (int64_t j0 = 0; j0 < n && st.ok(); j0 += chunk) {
+    b.clear();
+    for (int64_t j = j0; j < std::min(n, j0 + chunk); ++j) b.add(ids[j], static_cast<int32_t>(j), a, true);
+    st = r.step(b, logits);
+    if (!st.ok()) break;
+    std::copy(logits.begin(), logits.end(), all.begin() + j0 * V);
+    if (kv.length(other) == 0) {
+      b.clear();
+      for (int64_t j = 0; j < n; ++j) b.add(ids[(j * 7) % n], static_cast<int32_t>(j), other, false);
+      st = r.step(b, logits);
+    } else {
+      kv.begin_step();
+      auto ok = kv.make_resident(other, n);  // the other sequence back in: the first one out
+      if (!ok.ok()) st = ok.status();
+      else if (!*ok) st = Status(ErrorCode::kInternal, "the second sequence did not fit");
+    }
+    spilled = spilled && !kv.resident(a, std::min(n, j0 + chunk));
+  }
+  kv.free_sequence(a);
+  kv.free_sequence(other);
+  if (!st.ok()) return st;
+  if (spilled_each_time) *spilled_each_time = spilled;
+  return all;
+}
 
 struct CmdResult {
   int exit_code = -1;  // the process's exit status; 128 + signal when killed by a signal

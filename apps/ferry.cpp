@@ -168,6 +168,11 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     if (fit < 1)
       return out_of_memory(strprintf("--kv-mem %s is below one K/V block (%s: %lld tokens of every layer)", flags.kv_mem.c_str(),
                                      format_bytes(static_cast<double>(one.bytes())).c_str(), (long long)shape.block_size));
+    const int64_t longest = lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
+    const int64_t one_seq = (longest + shape.block_size - 1) / shape.block_size;
+    if (fit < one_seq)
+      return out_of_memory(strprintf("--kv-mem %s holds %lld K/V blocks of %lld tokens; a sequence of %lld tokens needs %lld in memory at once: raise --kv-mem",
+                                     flags.kv_mem.c_str(), (long long)fit, (long long)shape.block_size, (long long)longest, (long long)one_seq));
     if (fit < shape.n_blocks) {
       if (flags.kv_disk.empty())
         return out_of_memory(strprintf("--kv-mem %s holds %lld of the %lld K/V blocks the batch needs (%s): raise it, lower --batch, or give --kv-disk DIR",

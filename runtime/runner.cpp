@@ -30,7 +30,7 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_lo
     for (const auto& [s, n] : next_pos) {
       FERRY_ASSIGN_OR_RETURN(const bool fits, kv_.make_resident(s, n));
       if (!fits)
-        return out_of_memory(strprintf("step: the K/V blocks of the step's %zu sequences do not fit in host memory together (%lld blocks of %lld tokens)",
+        return out_of_memory(strprintf("step: the K/V blocks of the step's %zu sequence(s) do not fit in host memory together (%lld blocks of %lld tokens: --kv-mem)",
                                        next_pos.size(), (long long)kv_.shape().n_blocks, (long long)kv_.shape().block_size));
     }
   }

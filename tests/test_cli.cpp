@@ -272,6 +272,7 @@ TEST_SUITE("cli") {
       expect_error(base + q(d) + " --kv-mem 120K", {"--kv-mem", "--kv-disk"});
       expect_error(base + q(d) + " --kv-disk " + q(tmp.path.string()), {"--kv-disk needs --kv-mem"});
       expect_error(base + q(d) + " --kv-mem 1K --kv-disk " + q(tmp.path.string()), {"--kv-mem", "below one K/V block"});
+      expect_error(base + q(d) + " --kv-mem 25K --kv-disk " + q(tmp.path.string()), {"--kv-mem", "a sequence of 17 tokens needs 2"});
       expect_error(base + q(d) + " --kv-mem 120K --kv-disk /nonexistent/kvdir", {"--kv-disk", "/nonexistent/kvdir"});
     }
 

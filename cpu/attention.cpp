@@ -20,26 +20,28 @@ namespace ferry::cpu {
 
 namespace {
 
-// Online-softmax update for one block of scores (sc: G rows of bs; valid keys [a, e)): rescales the
-// running sums when the maximum grows and leaves the block's weights in sc (0 outside [a, e)).
-void softmax_block(int64_t G, int64_t bs, int64_t a, int64_t e, float* sc, float* m, float* l, float* acc, int64_t hd) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = sc + g * bs;
-    float bmax = m[g];
-    for (int64_t j = a; j < e; ++j) bmax = std::max(bmax, s[j]);
-    if (bmax > m[g]) {
-      const float corr = std::exp(m[g] - bmax);  // 0 on the first block (m = -inf, acc = 0)
-      l[g] *= corr;
-      float* ag = acc + g * hd;
-      for (int64_t i = 0; i < hd; ++i) ag[i] *= corr;
-      m[g] = bmax;
-    }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < a; ++j) s[j] = 0.0f;
-    for (int64_t j = a; j < e; ++j) sum += (s[j] = std::exp(s[j] - bmax));
-    for (int64_t j = e; j < bs; ++j) s[j] = 0.0f;
-    l[g] += sum;
+// Online-softmax update of one query row for one block of scores s[bs] (valid keys [a, e), a < e):
+// rescales the running sum l and acc[hd] when the maximum m grows and leaves the block's weights in
+// s (0 outside [a, e)).
+void softmax_row(int64_t bs, int64_t a, int64_t e, float* s, float& m, float& l, float* acc, int64_t hd) {
+  float bmax = m;
+  for (int64_t j = a; j < e; ++j) bmax = std::max(bmax, s[j]);
+  if (bmax > m) {
+    const float corr = std::exp(m - bmax);  // 0 on the first block (m = -inf, acc = 0)
+    l *= corr;
+    for (int64_t i = 0; i < hd; ++i) acc[i] *= corr;
+    m = bmax;
   }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < a; ++j) s[j] = 0.0f;
+  for (int64_t j = a; j < e; ++j) sum += (s[j] = std::exp(s[j] - bmax));
+  for (int64_t j = e; j < bs; ++j) s[j] = 0.0f;
+  l += sum;
+}
+
+// The same for G rows (sc: G x bs) sharing one key range.
+void softmax_block(int64_t G, int64_t bs, int64_t a, int64_t e, float* sc, float* m, float* l, float* acc, int64_t hd) {
+  for (int64_t g = 0; g < G; ++g) softmax_row(bs, a, e, sc + g * bs, m[g], l[g], acc + g * hd, hd);
 }
 
 inline float as_f32(float x) { return x; }
@@ -82,26 +84,14 @@ void attend_rows_emulated(const uint16_t* qb, int M, int64_t hd, const uint16_t*
     for (int r = 0; r < M; ++r) {
       float* s = sc + r * bs;
       const int64_t a = std::max<int64_t>(std::max(j0, lo[r]) - base, 0), e = std::min<int64_t>(std::min(j1, hi[r]) - base, bs);
-      for (int64_t j = 0; j < bs; ++j) s[j] = 0.0f;
       if (a >= e) continue;
-      float bmax = m[r];
       for (int64_t j = a; j < e; ++j) {
         float x = 0.0f;
         for (int64_t i = 0; i < hd; ++i) x += bf16_to_f32(qb[r * hd + i]) * bf16_to_f32(kt[KvCache::k_index(j, i, bs)]);
         s[j] = x;
-        bmax = std::max(bmax, x);
       }
-      if (bmax > m[r]) {
-        const float corr = std::exp(m[r] - bmax);
-        l[r] *= corr;
-        for (int64_t i = 0; i < hd; ++i) acc[r * hd + i] *= corr;
-        m[r] = bmax;
-      }
-      for (int64_t j = a; j < e; ++j) {
-        s[j] = std::exp(s[j] - bmax);
-        l[r] += s[j];
-        s[j] = bf16_to_f32(f32_to_bf16(s[j]));
-      }
+      softmax_row(bs, a, e, s, m[r], l[r], acc + r * hd, hd);
+      for (int64_t j = a; j < e; ++j) s[j] = bf16_to_f32(f32_to_bf16(s[j]));  // P enters the tiles as BF16
       for (int64_t j = a; j < e; ++j)
         for (int64_t i = 0; i < hd; ++i) acc[r * hd + i] += s[j] * bf16_to_f32(vt[KvCache::v_index(j, i, hd)]);
     }
@@ -238,7 +228,6 @@ inline __m256i to_bf16(V x) {
 void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks,
                  int64_t bs, int64_t j0, int64_t j1, const int64_t* lo, const int64_t* hi, float* m, float* l, float* acc, float* sc,
                  uint16_t* pb) {
-  const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t b = j0 / bs; b * bs < j1; ++b) {
     const int64_t base = b * bs;
     const uint16_t* kt = k + static_cast<int64_t>(blocks[b]) * block_elems;
@@ -258,27 +247,7 @@ void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const
       if (a >= e) {
         for (int64_t j = 0; j < bs; j += W) vstore(s + j, vzero());
       } else {
-        for (int64_t j = 0; j < a; ++j) s[j] = ninf;
-        for (int64_t j = e; j < bs; ++j) s[j] = ninf;
-        V mx = vset1(m[r]);
-        for (int64_t j = 0; j < bs; j += W) mx = vmax(mx, vload(s + j));
-        const float bmax = hmax(mx);
-        if (bmax > m[r]) {
-          const float corr = std::exp(m[r] - bmax);
-          l[r] *= corr;
-          const V cv = vset1(corr);
-          float* ar = acc + r * hd;
-          for (int64_t i = 0; i < hd; i += W) vstore(ar + i, vmul(vload(ar + i), cv));
-          m[r] = bmax;
-        }
-        const V mb = vset1(bmax);
-        V sum = vzero();
-        for (int64_t j = 0; j < bs; j += W) {
-          const V p = vexp(vsub(vload(s + j), mb));
-          vstore(s + j, p);
-          sum = vadd(sum, p);
-        }
-        l[r] += hsum(sum);
+        softmax_row_vec(bs, a, e, s, m[r], l[r], acc + r * hd, hd);
       }
       for (int64_t j = 0; j < bs; j += W) _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * bs + j), to_bf16(vload(s + j)));
     }

@@ -188,8 +188,8 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   // attention makes every layer take milliseconds, and with the resident layers first the copy
   // stream stalled for that whole run every step, its ring full (notes/kv.md: 50 ms of a 225 ms
   // decode step, llama-3-8b at 8G, batch 64). Otherwise resident layers come first (batch 1 was
-  // measured at 96% of its floor that way, 92% spread). Among the others, CPU layers are spread evenly between
-  // the streamed ones; streamed layers from host memory first, then from disk.
+  // measured at 96% of its floor that way, 92% spread). Among the others, CPU layers are spread
+  // evenly between the streamed ones; streamed layers from host memory first, then from disk.
   p.place.assign(L, Place::kResident);
   p.source.assign(L, Tier::kDevice);
   int64_t host_streamed_left = host_held - n_cpu;

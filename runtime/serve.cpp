@@ -58,6 +58,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
     live.clear();
   };
 
+  const int64_t spilled_before = kv.blocks_spilled(), restored_before = kv.blocks_restored();
   StepBatch b;
   std::vector<float> logits;
   std::vector<int64_t> out_live;  // live index of each output row
@@ -97,13 +98,15 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
       std::vector<size_t> order;
       for (size_t i = 0; i < live.size(); ++i)
         if (live[i].prefilled >= static_cast<int64_t>(requests[live[i].req].prompt.size())) order.push_back(i);
-      // Resident sequences first (no I/O: a disk tier does not thrash), then the longest-waiting;
-      // spilled ones come back as blocks free up.
-      std::vector<bool> in_host(live.size());
-      for (size_t i : order) in_host[i] = kv.resident(live[i].seq, kv.length(live[i].seq));
-      std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
-        return in_host[x] != in_host[y] ? static_cast<bool>(in_host[x]) : live[x].last_run < live[y].last_run;
-      });
+      if (kv.has_disk()) {
+        // Resident sequences first (no I/O: a disk tier does not thrash), then the longest-waiting;
+        // spilled ones come back as blocks free up.
+        std::vector<bool> in_host(live.size());
+        for (size_t i : order) in_host[i] = kv.resident(live[i].seq, kv.length(live[i].seq));
+        std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+          return in_host[x] != in_host[y] ? static_cast<bool>(in_host[x]) : live[x].last_run < live[y].last_run;
+        });
+      }
       for (size_t i : order) {
         auto ok = kv.make_resident(live[i].seq, kv.length(live[i].seq) + 1);
         if (!ok.ok()) {
@@ -171,8 +174,8 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
         if (run[i]) kv_read += kv.length(live[i].seq), live[i].last_run = step_no;
       stats.step_shapes.push_back({b.n_tokens(), kv_read});
     }
-    stats.blocks_spilled = kv.blocks_spilled();
-    stats.blocks_restored = kv.blocks_restored();
+    stats.blocks_spilled = kv.blocks_spilled() - spilled_before;
+    stats.blocks_restored = kv.blocks_restored() - restored_before;
     for (size_t i = 0; i < live.size(); ++i) live[i].prefilled += took[i];
     const double t_ms = now_ms();
     std::vector<bool> finished(live.size(), false);

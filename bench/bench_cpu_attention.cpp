@@ -2,12 +2,17 @@
 // real models' head layouts, for each kernel this CPU runs, and prints the K/V bandwidth reached
 // next to a plain all-core read of the same number of bytes (the floor); then prefill chunks
 // (compute-bound) in GFLOP/s. No timing is asserted.
-// Usage: bench_cpu_attention [BATCH CONTEXT]   (default 64 sequences x 1024 tokens)
+// Usage: bench_cpu_attention [BATCH CONTEXT [LAYERS HEADS KV_HEADS [PARTS]]]
+//   (default 64 sequences x 1024 tokens). With LAYERS, only this table instead: decode attention the way the
+//   GPU pipeline calls it: a pool of LAYERS layers, every layer in turn, the batch in PARTS (default
+//   2) calls per layer, the best kernel. FERRY_KV_HUGEPAGES=0 / FERRY_ATTN_PREFETCH=0 turn off the
+//   pools' huge pages / the kernels' software prefetch, to measure each.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu/attention.h"
@@ -32,6 +37,101 @@ cpu::AttnArgs bf16_args(const std::vector<uint16_t>& q, std::vector<uint16_t>& o
   a.out_bf16 = true;
   return a;
 }
+
+// Decode attention over a pool of n_layers layers, layer after layer and `parts` calls per layer, as
+// the GPU pipeline runs it (each sequence's blocks reserved for 64 more tokens, as admission does).
+void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_heads, int64_t n_kv, int64_t parts) {
+  const int64_t hd = 128, bs = 16, blocks_per_seq = (ctx + 64 + bs - 1) / bs;
+  KvCacheShape ks{n_layers, n_kv, hd, bs, batch * blocks_per_seq, DType::kBF16};
+  auto kv = KvCache::create(ks);
+  if (!kv.ok()) {
+    std::fprintf(stderr, "%s\n", kv.status().message().c_str());
+    return;
+  }
+  std::vector<int32_t> seq(batch), pos(batch);
+  std::vector<uint16_t> row(2 * n_kv * hd);
+  for (size_t i = 0; i < row.size(); ++i) row[i] = f32_to_bf16(static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f);
+  for (int64_t b = 0; b < batch; ++b) {
+    seq[b] = kv->add_sequence();
+    if (!kv->reserve(seq[b], ctx + 64).ok()) return;
+    for (int64_t il = 0; il < n_layers; ++il)
+      for (int64_t p = 0; p < ctx; ++p) kv->append_bf16(il, seq[b], p, row.data(), row.data() + n_kv * hd);
+    kv->set_length(seq[b], ctx);
+    pos[b] = static_cast<int32_t>(ctx - 1);
+  }
+  std::vector<uint16_t> q(batch * n_heads * hd, f32_to_bf16(0.01f)), out(batch * n_heads * hd);
+  const double bytes = static_cast<double>(n_layers) * batch * ctx * 2 * n_kv * hd * 2;
+  const cpu::AttnIsa isa = cpu::attn_isa_best();
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    const double t0 = now_s();
+    for (int64_t il = 0; il < n_layers; ++il)
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t b0 = batch * p / parts, b1 = batch * (p + 1) / parts;
+        cpu::AttnArgs a;
+        a.q = q.data() + b0 * n_heads * hd;
+        a.q_bf16 = true;
+        a.n_tokens = b1 - b0;
+        a.positions = pos.data() + b0;
+        a.seq_ids = seq.data() + b0;
+        a.n_heads = n_heads;
+        a.out = out.data() + b0 * n_heads * hd;
+        a.out_bf16 = true;
+        cpu::paged_attention(a, il, *kv, isa);
+      }
+    best = std::min(best, now_s() - t0);
+  }
+  // Two reads of the same bytes, to tell the kernel's cost from the memory's: every thread summing the
+  // pools front to back ("plain"), and the K and V tiles the kernel reads, in its order ("tiles").
+  const int64_t tile_words = bs * hd * 2 / 8;
+  double best_plain = 1e30, best_tiles = 1e30;
+  std::vector<uint64_t> sums(1024 * 8, 0);
+  for (int rep = 0; rep < 3; ++rep) {
+    double t0 = now_s();
+    for (int64_t il = 0; il < n_layers; ++il) {
+      const KvLayerView L = kv->layer_view(il);
+      const int64_t words = batch * blocks_per_seq * L.block_elems() * 2 / 8;
+      run_parallel(1024, [&](int64_t i0, int64_t i1) {
+        for (int64_t c = i0; c < i1; ++c) {
+          uint64_t acc[4] = {};
+          for (const void* base : {L.k, L.v}) {
+            const uint64_t* p = static_cast<const uint64_t*>(base);
+            for (int64_t w = words * c / 1024 / 4 * 4; w < words * (c + 1) / 1024 / 4 * 4; w += 4)
+              for (int u = 0; u < 4; ++u) acc[u] += p[w + u];
+          }
+          sums[c * 8] += acc[0] + acc[1] + acc[2] + acc[3];
+        }
+      });
+    }
+    best_plain = std::min(best_plain, now_s() - t0);
+    t0 = now_s();
+    for (int64_t il = 0; il < n_layers; ++il) {
+      const KvLayerView L = kv->layer_view(il);
+      run_parallel(batch * n_kv, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const auto& blocks = kv->block_table(seq[i / n_kv]);
+          uint64_t acc[4] = {};
+          for (int64_t b = 0; b * bs < ctx; ++b)
+            for (const void* base : {L.k, L.v}) {
+              const uint64_t* p = static_cast<const uint64_t*>(base) + (blocks[b] * L.block_elems() + (i % n_kv) * L.tile()) * 2 / 8;
+              for (int64_t w = 0; w < tile_words; w += 4)
+                for (int u = 0; u < 4; ++u) acc[u] += p[w + u];
+            }
+          sums[(i % 1024) * 8] += acc[0] + acc[1] + acc[2] + acc[3];
+        }
+      });
+    }
+    best_tiles = std::min(best_tiles, now_s() - t0);
+  }
+  if (sums[8] == 42) std::printf(" ");
+  const double pool_bytes = static_cast<double>(n_layers) * batch * blocks_per_seq * bs * 2 * n_kv * hd * 2;
+  const char* hp = std::getenv("FERRY_ATTN_PREFETCH");
+  std::printf("\n| pipeline: heads (q/kv) | layers x batch x context | calls | kernel | pages | prefetch | ms per layer | K/V GB/s | tiles read GB/s | plain read GB/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| %lld / %lld | %lld x %lld x %lld | %lld per layer | %s | %s | %s | %.2f | %.1f | %.1f | %.1f |\n", (long long)n_heads, (long long)n_kv,
+              (long long)n_layers, (long long)batch, (long long)ctx, (long long)parts, cpu::attn_isa_name(isa),
+              kv->huge_pages() ? "huge advised" : "4 KiB", hp && std::string(hp) == "0" ? "off" : "on", best * 1e3 / n_layers, bytes / best / 1e9,
+              bytes / best_tiles / 1e9, pool_bytes / best_plain / 1e9);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -40,6 +140,10 @@ int main(int argc, char** argv) {
     const char* name;
     int64_t n_heads, n_kv, hd;
   };
+  if (argc > 5) {
+    pipeline_table(batch, ctx, std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5]), argc > 6 ? std::atoll(argv[6]) : 2);
+    return 0;
+  }
   const Shape shapes[] = {{"llama-2 (MHA 32/32)", 32, 32, 128}, {"llama-3-8b (GQA 32/8)", 32, 8, 128}, {"llama-3-70b (GQA 64/8)", 64, 8, 128}};
   std::printf("%s; AMX usable: %s\n", topology_summary().c_str(), cpu::amx_usable() ? "yes" : "no");
   std::printf("| heads (q/kv) | batch x context | kernel | ms | K/V GB/s | plain read GB/s | ratio |\n|---|---|---|---|---|---|---|\n");

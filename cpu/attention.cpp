@@ -44,6 +44,28 @@ void softmax_block(int64_t G, int64_t bs, int64_t a, int64_t e, float* sc, float
   for (int64_t g = 0; g < G; ++g) softmax_row(bs, a, e, sc + g * bs, m[g], l[g], acc + g * hd, hd);
 }
 
+// Software prefetch of block b + 1's K and V tiles of one head (bs x hd BF16 each) while block b is
+// computed. A sequence's tiles lie a block apart (every KV head's tile in between), and the hardware
+// prefetcher stops at page edges, so without this each block starts with a memory round trip.
+// FERRY_ATTN_PREFETCH=0 turns it off (to measure it).
+bool prefetch_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FERRY_ATTN_PREFETCH");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+inline void prefetch_next_block(const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks, int64_t b, int64_t bs,
+                                int64_t j1, int64_t tile_bytes, bool on) {
+  if (!on || (b + 1) * bs >= j1) return;
+  const char* kn = reinterpret_cast<const char*>(k + static_cast<int64_t>(blocks[b + 1]) * block_elems);
+  const char* vn = reinterpret_cast<const char*>(v + static_cast<int64_t>(blocks[b + 1]) * block_elems);
+  for (int64_t o = 0; o < tile_bytes; o += 64) {
+    __builtin_prefetch(kn + o, 0, 3);
+    __builtin_prefetch(vn + o, 0, 3);
+  }
+}
+
 inline float as_f32(float x) { return x; }
 inline float as_f32(uint16_t x) { return bf16_to_f32(x); }
 
@@ -228,10 +250,12 @@ inline __m256i to_bf16(V x) {
 void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks,
                  int64_t bs, int64_t j0, int64_t j1, const int64_t* lo, const int64_t* hi, float* m, float* l, float* acc, float* sc,
                  uint16_t* pb) {
+  const bool pf = prefetch_enabled();
   for (int64_t b = j0 / bs; b * bs < j1; ++b) {
     const int64_t base = b * bs;
     const uint16_t* kt = k + static_cast<int64_t>(blocks[b]) * block_elems;
     const uint16_t* vt = v + static_cast<int64_t>(blocks[b]) * block_elems;
+    prefetch_next_block(k, v, block_elems, blocks, b, bs, j1, bs * hd * 2, pf);
     for (int64_t n = 0; n < bs; n += 16) {
       FERRY_TILE_ZERO(0);
       for (int64_t c = 0; c < hd; c += 32) {

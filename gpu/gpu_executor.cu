@@ -105,6 +105,17 @@ struct GpuExecutor::Impl {
   int64_t scratch_blocks = 0;
   cudaEvent_t ev_fresh = nullptr;
   std::deque<AttnJob> jobs;           // this step's host functions (stable addresses)
+  // A host-K/V layer's output projections and MLPs, per micro-batch, wait to be issued until the
+  // next layer's QKV of the micro-batch before (NEO's order): the GPU then prepares layer l + 1's
+  // first micro-batch while the CPU still attends layer l's last, and the CPU goes from one
+  // attention to the next without waiting for the GPU. Its ring slot is ended once all are issued.
+  struct PendingPosts {
+    int64_t il = -1;    // -1: none
+    LayerWeights w;     // the layer's weights (a ring slot's views when streamed)
+    bool streamed = false;
+    int n_mb = 0, next = 0;
+    int64_t edge[kMaxMb + 1] = {};
+  } pending;
   std::vector<int32_t> step_pos, step_seq;
   std::mutex attn_mu;
   std::string attn_error;             // the first failure of a host function this step
@@ -640,9 +651,13 @@ void CUDART_CB run_attn_job(void* p) {
   const int64_t t_start = tracing ? Tracer::get().now_ns() : 0;
   try {
     const int64_t Q = m.cfg.q_dim(), KV = m.cfg.kv_dim(), W = Q + 2 * KV;
-    for (int64_t t = j.t0; t < j.t0 + j.n; ++t)
-      j.kv->append_bf16(j.il, m.step_seq[t], m.step_pos[t], j.qkv + t * W + Q, j.qkv + t * W + Q + KV);
-    if (j.append_only) return;
+    j.kv->append_rows_bf16(j.il, j.n, m.step_seq.data() + j.t0, m.step_pos.data() + j.t0, j.qkv + j.t0 * W + Q, j.qkv + j.t0 * W + Q + KV, W);
+    if (j.append_only) {
+      if (tracing)
+        Tracer::get().complete("cpu.attention", strprintf("layer %lld append %lld-%lld", (long long)j.il, (long long)j.t0, (long long)(j.t0 + j.n)),
+                               t_start, Tracer::get().now_ns() - t_start);
+      return;
+    }
     cpu::AttnArgs a;
     a.q = j.qkv + j.t0 * W;
     a.q_bf16 = true;
@@ -666,14 +681,53 @@ void CUDART_CB run_attn_job(void* p) {
 
 }  // namespace
 
+namespace {
+
+// Output projection and MLP of tokens [t0, t0 + n) of layer il (attention output in m.att).
+void post_part(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, int64_t t0, int64_t n, const char* what) {
+  const ModelConfig& c = m.cfg;
+  const int64_t E = c.n_embd, Q = c.q_dim(), F = c.n_ff;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  cudaEvent_t span = m.dev->span_begin(m.stream);
+  gemm_f32(m.blas, m.att + t0 * Q, w[kWo].as<bf16>(), m.tmp + t0 * E, n, E, Q, m.stream);
+  add_rmsnorm(m.x + t0 * E, m.tmp + t0 * E, w[kFfnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream);
+  gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, n, 2 * F, E, m.stream);
+  swiglu(m.gu, n, F, m.hbuf, m.stream);
+  gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp + t0 * E, n, E, F, m.stream);
+  if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld out+mlp %s", (long long)il, what));
+}
+
+// Issues the pending layer's next micro-batch: the CPU's output comes up, then its post.
+void issue_pending_part(GpuExecutor::Impl& m) {
+  auto& p = m.pending;
+  const int mb = p.next++;
+  const int64_t t0 = p.edge[mb], n = p.edge[mb + 1] - t0, Q = m.cfg.q_dim();
+  TraceRange r("gpu.out_mlp", p.il);
+  CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
+  copy_by_kernel(m.att_host + t0 * Q, m.att + t0 * Q, n * Q * 2, m.stream);  // the CPU's output, read over PCIe by a kernel
+  post_part(m, p.il, p.w, t0, n, mb == 0 ? "part 0" : "part 1");
+}
+
+}  // namespace
+
+// Issues what is left of the pending host-K/V layer and ends its ring slot.
+void finish_pending_posts(GpuExecutor::Impl& m) {
+  auto& p = m.pending;
+  if (p.il < 0) return;
+  while (p.next < p.n_mb) issue_pending_part(m);
+  if (p.streamed) m.ring->end();
+  p.il = -1;
+}
+
 // A layer whose K/V live in host memory: per micro-batch the GPU runs norm, QKV and RoPE and sends
 // q/k/v down; the CPU appends K/V and computes attention; the output comes back and the GPU runs the
-// output projection and the MLP. All micro-batches' QKV are issued before any output projection, so
-// the CPU's attention of one overlaps the GPU's work on the other. The GPU work stays on one stream
-// (its scratch is reused micro-batch after micro-batch); only the rows that cross PCIe are per part.
-void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCache& kv) {
+// output projection and the MLP. The GPU work stays on one stream (its scratch is reused micro-batch
+// after micro-batch); only the rows that cross PCIe are per part. The order on the GPU, for layers
+// l - 1 and l both host-K/V with micro-batches A and B: post(l-1, A), QKV(l, A), post(l-1, B),
+// QKV(l, B), fresh prompts of l; layer l's posts wait for layer l + 1 (finish_pending_posts).
+void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, bool streamed, KvCache& kv) {
   const ModelConfig& c = m.cfg;
-  const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff, W = Q + 2 * KV;
+  const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), W = Q + 2 * KV;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t* pos = m.in_d + T;
   const int32_t* row = m.in_d + 2 * T;
@@ -682,20 +736,14 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
   const int n_mb = Tc == 0 ? 0 : Tc >= 2 ? m.n_mb : 1;
   int64_t edge[GpuExecutor::Impl::kMaxMb + 1];
   for (int i = 0; i <= n_mb; ++i) edge[i] = Tc * i / n_mb;
-  // Output projection and MLP of tokens [t0, t0 + n).
-  auto post = [&](int64_t t0, int64_t n, const char* what) {
-    cudaEvent_t span = m.dev->span_begin(m.stream);
-    gemm_f32(m.blas, m.att + t0 * Q, w[kWo].as<bf16>(), m.tmp + t0 * E, n, E, Q, m.stream);
-    add_rmsnorm(m.x + t0 * E, m.tmp + t0 * E, w[kFfnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream);
-    gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, n, 2 * F, E, m.stream);
-    swiglu(m.gu, n, F, m.hbuf, m.stream);
-    gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp + t0 * E, n, E, F, m.stream);
-    if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld out+mlp %s", (long long)il, what));
-  };
+  // The previous layer's parts interleave with this one's only when they cut the tokens alike
+  // (always within a step; checked, not assumed).
+  if (m.pending.il >= 0 && (m.pending.n_mb != n_mb || !std::equal(edge, edge + n_mb + 1, m.pending.edge))) finish_pending_posts(m);
   PagedKv none;  // no pool: q, k and v go straight to the pinned qkv_host
   none.n_kv_heads = static_cast<int32_t>(c.n_kv_heads);
   none.head_dim = static_cast<int32_t>(c.head_dim);
   for (int mb = 0; mb < n_mb; ++mb) {
+    if (m.pending.il >= 0) issue_pending_part(m);  // the previous layer's post of this micro-batch
     TraceRange r("gpu.qkv", il);
     const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
     cudaEvent_t span = m.dev->span_begin(m.stream);
@@ -710,6 +758,7 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     CUDA_CHECK(cudaLaunchHostFunc(m.attn_stream, run_attn_job, &m.jobs.back()));
     CUDA_CHECK(cudaEventRecord(m.ev_att[mb], m.attn_stream));
   }
+  finish_pending_posts(m);  // (none left when the parts matched)
   if (Tc < T) {
     TraceRange r("gpu.fresh_prompts", il);
     const int64_t n = T - Tc;
@@ -736,20 +785,27 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, KvCa
     attention(m.q + Tc * Q, pos + Tc, row + Tc, m.in_d + 5 * T + m.n_out + m.n_rows * m.max_blocks, m.n_gpu_tiles, n, c.n_heads, c.sliding_window, sk,
               m.n_splits, m.scratch, m.att + Tc * Q, m.stream);
     if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld fresh prompts qkv+attention", (long long)il));
-    post(Tc, n, "fresh prompts");
+    post_part(m, il, w, Tc, n, "fresh prompts");
   }
-  for (int mb = 0; mb < n_mb; ++mb) {
-    TraceRange r("gpu.out_mlp", il);
-    const int64_t t0 = edge[mb], n = edge[mb + 1] - t0;
-    CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
-    copy_by_kernel(m.att_host + t0 * Q, m.att + t0 * Q, n * Q * 2, m.stream);  // the CPU's output, read over PCIe by a kernel
-    post(t0, n, mb == 0 ? "part 0" : "part 1");
-  }
+  // This layer's posts wait for the next layer (or finish_pending_posts before anything else).
+  auto& p = m.pending;
+  p.il = n_mb > 0 ? il : -1;
+  p.w = w;
+  p.streamed = streamed;
+  p.n_mb = n_mb;
+  p.next = 0;
+  std::copy(edge, edge + n_mb + 1, p.edge);
+  if (n_mb == 0 && streamed) m.ring->end();
 }
 
 void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   Impl& m = *impl_;
   if (m.mode == Impl::Mode::kReplay) return;
+  // The previous host-K/V layer's posts go first unless this layer interleaves with them (a host-K/V
+  // layer, and a second ring slot when both are streamed).
+  const bool streamed = m.place[il] == Place::kStreamed;
+  if (m.pending.il >= 0 && (m.place[il] == Place::kCpu || !m.kv_host[il] || (streamed && m.pending.streamed && m.ring->n_slots() < 2)))
+    finish_pending_posts(m);
   if (m.place[il] == Place::kCpu) {
     // The residual goes down, the CPU runs the layer from pinned host memory (its KV in host memory),
     // the residual comes back. The copy stream keeps streaming the next layers meanwhile.
@@ -768,7 +824,6 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   }
   const LayerWeights* wp = &wl;
   LayerWeights slot_views;
-  const bool streamed = m.place[il] == Place::kStreamed;
   if (streamed) {
     // This layer's copy (issued layers ago) and the next ones' (wrapping into the next step); the
     // compute stream waits for this layer's bytes only.
@@ -777,15 +832,17 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   }
   const LayerWeights& w = *wp;
   FERRY_CHECK(w[kWq].tier == Tier::kDevice);
-  cudaEvent_t span = m.kv_host[il] ? nullptr : m.dev->span_begin(m.stream);  // host-KV layers trace their parts
+  if (m.kv_host[il]) {
+    host_kv_layer(m, il, w, streamed, kv);  // traces its parts; ends its ring slot itself, possibly a layer later
+    m.pending_delta = true;
+    return;
+  }
+  cudaEvent_t span = m.dev->span_begin(m.stream);
   const ModelConfig& c = m.cfg;
   const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t* pos = m.in_d + T;
   const int32_t* row = m.in_d + 2 * T;
-  if (m.kv_host[il]) {
-    host_kv_layer(m, il, w, kv);
-  } else {
   {
     TraceRange r("gpu.attention_block", il);
     // The attention scores are the most sensitive to the rounding of this GEMM's input, so it runs
@@ -804,7 +861,6 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
     swiglu(m.gu, T, F, m.hbuf, m.stream);
     gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream);
   }
-  }
   if (span) m.dev->span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
   if (streamed) m.ring->end();  // the slot may be refilled once this layer's kernels are done
   m.pending_delta = true;
@@ -813,6 +869,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
 void GpuExecutor::head(const GlobalWeights& w, float* logits) {
   Impl& m = *impl_;
   const ModelConfig& c = m.cfg;
+  if (m.mode != Impl::Mode::kReplay) finish_pending_posts(m);
   if (m.mode != Impl::Mode::kReplay && m.n_out > 0) {
     TraceRange r("gpu.head");
     cudaEvent_t span = m.dev->span_begin(m.stream);

@@ -1,7 +1,9 @@
 #include "offload/kv_cache.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "runtime/topology.h"
 
@@ -24,14 +26,19 @@ Expected<KvCache> KvCache::create(const KvCacheShape& shape, const std::vector<b
   const size_t layer_bytes = static_cast<size_t>(shape.n_blocks * shape.block_size * shape.bytes_per_token_layer() / 2);
   kv.k_.resize(shape.n_layers);
   kv.v_.resize(shape.n_layers);
+  // Huge pages for pools of 2 MiB and more (FERRY_KV_HUGEPAGES=0 turns them off, to measure them):
+  // attention reads each head's 4 KiB tile of every block, a page apart with 4 KiB pages.
+  const char* huge_env = std::getenv("FERRY_KV_HUGEPAGES");
+  const bool huge = layer_bytes >= HostBuffer::kHugePage && !(huge_env && std::string(huge_env) == "0");
   for (int64_t il = 0; il < shape.n_layers; ++il) {
     if (!host_layers.at(il)) continue;
-    HostBuffer k(layer_bytes, 4096), v(layer_bytes, 4096);
+    HostBuffer k(layer_bytes, huge ? HostBuffer::kHugePage : 4096), v(layer_bytes, huge ? HostBuffer::kHugePage : 4096);
     if (k.data() == nullptr || v.data() == nullptr)
       return out_of_memory(strprintf("KV cache: cannot allocate %.2f GiB of host memory (%lld blocks of %lld tokens, %lld layers)",
                                      static_cast<double>(shape.bytes()) / (1u << 30), (long long)shape.n_blocks,
                                      (long long)shape.block_size, (long long)shape.n_layers));
     for (HostBuffer* b : {&k, &v}) {
+      if (huge) kv.huge_pages_ = b->advise_huge_pages();
       kv.numa_node_ = bind_near_pci(b->data(), b->size(), near_pci);
       b->zero();  // places the pages; an unwritten slot never holds a NaN that 0 * NaN would spread
     }
@@ -273,6 +280,26 @@ void KvCache::store(int64_t il, int32_t seq, int64_t pos, const Src* k, const Sr
 
 void KvCache::append(int64_t il, int32_t seq, int64_t pos, const float* k, const float* v) { store(il, seq, pos, k, v); }
 void KvCache::append_bf16(int64_t il, int32_t seq, int64_t pos, const uint16_t* k, const uint16_t* v) { store(il, seq, pos, k, v); }
+
+void KvCache::append_rows_bf16(int64_t il, int64_t n, const int32_t* seq_ids, const int32_t* positions, const uint16_t* k, const uint16_t* v,
+                               int64_t stride) {
+  if (n <= 0) return;
+  // Tasks: runs of consecutive tokens of one sequence within one block, so no two threads write
+  // the same tile.
+  const int64_t bs = shape_.block_size;
+  std::vector<int64_t> starts;
+  for (int64_t t = 0; t < n; ++t)
+    if (t == 0 || seq_ids[t] != seq_ids[t - 1] || positions[t] != positions[t - 1] + 1 || positions[t] / bs != positions[t - 1] / bs)
+      starts.push_back(t);
+  starts.push_back(n);
+  const int64_t n_tasks = static_cast<int64_t>(starts.size()) - 1;
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t t = starts[i0]; t < starts[i1]; ++t) store(il, seq_ids[t], positions[t], k + t * stride, v + t * stride);
+  };
+  // Fewer than a few hundred tokens cost less than waking the threads.
+  if (n < 256) run(0, n_tasks);
+  else run_parallel(n_tasks, [&](int64_t i0, int64_t i1) { run(i0, i1); });
+}
 
 void KvCache::read(int64_t il, int32_t seq, int64_t pos, float* k, float* v) const {
   const int64_t bs = shape_.block_size, hd = shape_.head_dim, tile = bs * hd;

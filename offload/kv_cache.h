@@ -62,6 +62,8 @@ class KvCache {
   // `near_pci` (the GPU) when hwloc knows it, and zeroed (so every page is placed now).
   static Expected<KvCache> create(const KvCacheShape& shape, const std::vector<bool>& host_layers, const std::string& near_pci = "");
   int numa_node() const { return numa_node_; }
+  // Whether the host pools were given transparent huge pages (see create()).
+  bool huge_pages() const { return huge_pages_; }
   bool has_host_storage(int64_t il) const { return il < static_cast<int64_t>(k_.size()) && k_[il].data() != nullptr; }
   int64_t host_bytes() const;
 
@@ -102,6 +104,11 @@ class KvCache {
   // float32 or BF16 bits, converted to the pool's dtype (round to nearest even).
   void append(int64_t il, int32_t seq, int64_t pos, const float* k, const float* v);
   void append_bf16(int64_t il, int32_t seq, int64_t pos, const uint16_t* k, const uint16_t* v);
+  // The same for n tokens at once (token t: seq_ids[t], positions[t], K at k + t * stride, V at
+  // v + t * stride, BF16 bits), spread over the compute threads: a prompt's K/V is thousands of
+  // tokens per layer, each scattered over every head's tiles.
+  void append_rows_bf16(int64_t il, int64_t n, const int32_t* seq_ids, const int32_t* positions, const uint16_t* k, const uint16_t* v,
+                        int64_t stride);
   // Reads them back as float32 [n_kv_heads, head_dim] (tests, spills).
   void read(int64_t il, int32_t seq, int64_t pos, float* k, float* v) const;
   KvLayerView layer_view(int64_t il) const;
@@ -129,6 +136,7 @@ class KvCache {
   void store(int64_t il, int32_t seq, int64_t pos, const Src* k, const Src* v);
   KvCacheShape shape_;
   int numa_node_ = -1;
+  bool huge_pages_ = false;
   std::vector<HostBuffer> k_, v_;  // per layer
   std::vector<int32_t> free_;
   std::vector<Seq> seqs_;

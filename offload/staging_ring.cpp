@@ -93,19 +93,23 @@ void StagingRing::issue_until(int64_t upto) {
 }
 
 void* StagingRing::begin(int64_t il) {
-  const int64_t n = static_cast<int64_t>(order_.size());
-  FERRY_CHECK_MSG(order_[use_ % n].layer == il, "streamed layers must be used in order");
+  const int64_t n = static_cast<int64_t>(order_.size()), S = static_cast<int64_t>(slots_.size());
+  FERRY_CHECK_MSG(order_[begun_ % n].layer == il, "streamed layers must be used in order");
+  FERRY_CHECK_MSG(begun_ - ended_ < S, "staging ring: every slot is in use (end() the oldest first)");
   TraceRange r("stream_weights", il);
-  issue_until(use_ + static_cast<int64_t>(slots_.size()));
-  const int s = static_cast<int>(use_ % static_cast<int64_t>(slots_.size()));
+  issue_until(ended_ + S);
+  const int s = static_cast<int>(begun_ % S);
   dev_.wait(StreamDevice::kCompute, copied_[s]);
+  ++begun_;
   return slots_[s];
 }
 
 void StagingRing::end() {
-  const int s = static_cast<int>(use_ % static_cast<int64_t>(slots_.size()));
-  dev_.record(freed_[s], StreamDevice::kCompute);
-  ++use_;
+  const int64_t S = static_cast<int64_t>(slots_.size());
+  FERRY_CHECK_MSG(ended_ < begun_, "staging ring: end() without begin()");
+  dev_.record(freed_[ended_ % S], StreamDevice::kCompute);
+  ++ended_;
+  issue_until(ended_ + S);  // the freed slot's next copy, now rather than at the next begin()
 }
 
 Status StagingRing::status() const {

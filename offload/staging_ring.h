@@ -47,6 +47,8 @@ class StagingRing {
   // uses first) and returns the device slot that holds it. `il` must be the next streamed layer.
   void* begin(int64_t il);
   // After the work that reads the slot is enqueued on the compute stream: the slot may be refilled.
+  // Ends the oldest begun layer: begin() may run ahead of end() by up to n_slots() - 1 layers (the
+  // GPU executor ends a host-K/V layer after the next layer's first part is issued).
   void end();
   // The first disk-read error so far (a read that failed left garbage in its slot: the step that
   // used it must fail). Reads complete in order, so after the step's compute has finished this
@@ -73,7 +75,7 @@ class StagingRing {
   std::vector<void*> host_slots_;
   std::vector<StreamDevice::Event> read_done_, host_free_;
   std::unique_ptr<DiskReader> reader_;
-  int64_t use_ = 0, issued_ = 0, disk_uses_ = 0;
+  int64_t begun_ = 0, ended_ = 0, issued_ = 0, disk_uses_ = 0;
   int64_t bytes_copied_ = 0;
   mutable std::mutex mu_;
   Status error_;

@@ -200,6 +200,7 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     gpu::GpuOptions opts;
     opts.plan = b.plan;
     opts.cap_bytes = in.budget_bytes > 0 ? in.budget_bytes - b.plan.reserve_bytes : 0;
+    opts.max_outputs = in.max_batch;
     b.driver_before = gpu::driver_used_bytes();
     FERRY_ASSIGN_OR_RETURN(auto ex, gpu::GpuExecutor::create(*model.weights, shape, opts));
     b.gpu = ex.get();

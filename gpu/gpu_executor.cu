@@ -197,13 +197,23 @@ struct GpuExecutor::Impl {
 
   void ensure_capacity(int64_t t, int64_t o, int64_t rows) {
     const int64_t need_in = 7 * t + o + 2 * rows * max_blocks;
-    if (t > cap_tokens || o > cap_out) {
+    // Every reallocation frees device and pinned memory, which waits for the whole device: a
+    // throughput run whose output rows grew by a few each prompt step paid 45-54 ms a step for it.
+    // Output rows are sized once for the planned batch.
+    if (o > cap_out) {
       for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
       graphs.clear();
-      for (void* p : {(void*)x, (void*)xn, (void*)qkv, (void*)q, (void*)att, (void*)tmp, (void*)gu, (void*)hbuf, (void*)logits})
-        release(p);
-      cap_tokens = std::max(t, cap_tokens);
-      cap_out = std::max(o, cap_out);
+      for (void* p : {(void*)logits, (void*)tokens_out, (void*)seeds_d}) release(p);
+      cap_out = std::max(o, opts.max_outputs);
+      logits = alloc<float>(cap_out * cfg.n_vocab);
+      tokens_out = alloc<int32_t>(cap_out);
+      seeds_d = alloc<uint64_t>(cap_out);
+    }
+    if (t > cap_tokens) {
+      for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
+      graphs.clear();
+      for (void* p : {(void*)x, (void*)xn, (void*)qkv, (void*)q, (void*)att, (void*)tmp, (void*)gu, (void*)hbuf}) release(p);
+      cap_tokens = t;
       const int64_t E = cfg.n_embd, Q = cfg.q_dim(), KV = cfg.kv_dim(), F = cfg.n_ff;
       x = alloc<float>(cap_tokens * E);
       xn = alloc<bf16>(2 * cap_tokens * E);
@@ -213,9 +223,6 @@ struct GpuExecutor::Impl {
       tmp = alloc<float>(cap_tokens * E);
       gu = alloc<float>(cap_tokens * 2 * F);
       hbuf = alloc<bf16>(cap_tokens * F);
-      logits = alloc<float>(cap_out * cfg.n_vocab);
-      release(tokens_out);
-      release(seeds_d);
       if (cpu) {
         if (x_host) CUDA_CHECK(cudaFreeHost(x_host));
         x_host = nullptr;
@@ -238,8 +245,6 @@ struct GpuExecutor::Impl {
         CUDA_CHECK(cudaMallocHost(&qkv_host, cap_tokens * (Q + 2 * KV) * 2));
         CUDA_CHECK(cudaMallocHost(&att_host, cap_tokens * Q * 2));
       }
-      tokens_out = alloc<int32_t>(cap_out);
-      seeds_d = alloc<uint64_t>(cap_out);
     }
     if (need_in > in_cap) {
       for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
@@ -506,6 +511,7 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
 
 Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
   Impl& m = *impl_;
+  TraceRange r("gpu.begin_step");
   const int64_t T = b.n_tokens();
   if (T == 0) return invalid_argument("empty step: no tokens");
   for (int64_t t = 0; t < T; ++t)
@@ -557,7 +563,10 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       std::copy(bt.begin(), bt.end(), tables + r * m.max_blocks);
     }
     if (m.n_kv_host > 0) {
-      CUDA_CHECK(cudaStreamSynchronize(m.attn_stream));  // the last step's host functions are done
+      {
+        TraceRange w("gpu.wait_host_fns");
+        CUDA_CHECK(cudaStreamSynchronize(m.attn_stream));  // the last step's host functions are done
+      }
       for (int64_t il = 0; il < m.cfg.n_layers; ++il)
         if (m.kv_host[il] && !kv.has_host_storage(il))
           return invalid_argument(strprintf("gpu executor: layer %lld keeps its K/V in host memory, but the KV cache has no host storage for it", (long long)il));

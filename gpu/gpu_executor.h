@@ -23,6 +23,8 @@ struct GpuOptions {
   int n_slots = 3;                  // staging ring for streamed layers (prefetch depth n_slots - 1)
   int64_t cap_bytes = 0;            // ferry's GPU allocations never pass this (--gpu-mem less the runtime reserve); 0: no cap
   bool kv_on_host = false;          // without a plan: every layer's K/V in host memory, attention on the CPU
+  int64_t max_outputs = 0;          // output rows per step the plan's workspace holds (its max_batch): the
+                                    // logits are sized for them once rather than grown step by step
   int micro_batches = 2;            // host-KV layers: the step's tokens split so CPU attention of one part
                                     // overlaps the GPU GEMMs of the other (1: no split)
 };

@@ -1,6 +1,7 @@
 #include "runtime/runner.h"
 
 #include <map>
+#include <optional>
 
 #include "runtime/trace.h"
 
@@ -8,6 +9,7 @@ namespace ferry {
 
 Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_logits) {
   const ModelConfig& cfg = ws_.config();
+  std::optional<TraceRange> prep(std::in_place, "step.prepare");
   // Check that every sequence continues where its KV ends, and find its new length.
   std::map<int32_t, int64_t> next_pos;
   for (int64_t t = 0; t < b.n_tokens(); ++t) {
@@ -35,6 +37,7 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_lo
     }
   }
   FERRY_RETURN_IF_ERROR(ex_.begin_step(b, kv_));
+  prep.reset();
   if (copy_logits) logits.resize(static_cast<size_t>(b.n_outputs() * cfg.n_vocab));
   {
     TraceRange r("embed");

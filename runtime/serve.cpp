@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <optional>
+
+#include "runtime/trace.h"
 
 namespace ferry {
 
@@ -64,6 +67,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
   std::vector<int64_t> out_live;  // live index of each output row
   uint64_t step_no = 0;
   while (done < n) {
+    std::optional<TraceRange> sched(std::in_place, "serve.schedule");
     // Admission: a batch slot and blocks for the whole request.
     while (!queue.empty() && static_cast<int64_t>(live.size()) < opts.batch) {
       const ServeRequest& r = requests[queue.front()];
@@ -151,6 +155,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
     }
     // Output rows: decode tokens first, then prompt-final tokens, each in live order: the order
     // they were pushed, which is the ascending order of b.output_rows.
+    sched.reset();
     Status st = runner.step(b, logits, !on_device);
     std::vector<int32_t> drawn(out_live.size());
     if (st.ok() && !out_live.empty()) {
@@ -168,6 +173,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
       return st;
     }
     ++stats.steps;
+    TraceRange outputs("serve.outputs");
     {
       int64_t kv_read = 0;
       for (size_t i = 0; i < live.size(); ++i)

@@ -509,11 +509,18 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
   return std::unique_ptr<GpuExecutor>(new GpuExecutor(std::move(impl)));
 }
 
+void finish_pending_posts(GpuExecutor::Impl& m);  // below, with the host-K/V layer
+
 Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
   Impl& m = *impl_;
   TraceRange r("gpu.begin_step");
   const int64_t T = b.n_tokens();
   if (T == 0) return invalid_argument("empty step: no tokens");
+  try {
+    finish_pending_posts(m);  // only after a step that failed between its layers: keeps the ring's count
+  } catch (const CudaError& e) {
+    return Status(ErrorCode::kInternal, e.what());
+  }
   for (int64_t t = 0; t < T; ++t)
     if (b.tokens[t] < 0 || b.tokens[t] >= m.cfg.n_vocab)
       return invalid_argument(strprintf("token id %d at index %lld is outside the vocabulary [0, %lld)", b.tokens[t], (long long)t,

@@ -14,8 +14,10 @@
 #include "models/checkpoint.h"
 #include "models/synthetic.h"
 #include "offload/disk_reader.h"
+#include "offload/emulated_device.h"
 #include "offload/kv_cache.h"
 #include "offload/packed_store.h"
+#include "offload/staging_ring.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "test_util.h"
@@ -699,6 +701,40 @@ TEST_SUITE("offload") {
     Status refused = part->enable_disk(dir, 8);
     CHECK(!refused.ok());
     CHECK(refused.message().find("--kv host") != std::string::npos);
+  }
+
+  TEST_CASE("staging ring: a layer may end after the next one begins; no slot is refilled before its layer ends") {
+    // The GPU executor ends a host-K/V layer's slot only once the next layer's first part is issued.
+    for (int n_slots : {2, 3}) {
+      EmulatedDevice dev(0);
+      const int64_t bytes = 4096;
+      std::vector<std::vector<uint8_t>> host(4, std::vector<uint8_t>(bytes));
+      std::vector<RingLayer> order;
+      for (int l = 0; l < 4; ++l) {
+        std::fill(host[l].begin(), host[l].end(), static_cast<uint8_t>(l + 1));
+        order.push_back(RingLayer{l, host[l].data(), -1});
+      }
+      RingOptions opts;
+      opts.n_slots = n_slots;
+      auto ring = StagingRing::create(dev, order, bytes, nullptr, opts);
+      REQUIRE_MESSAGE(ring.ok(), ring.status().message());
+      auto holds = [&](const void* slot, int l) {
+        const uint8_t* p = static_cast<const uint8_t*>(slot);
+        return std::all_of(p, p + bytes, [&](uint8_t x) { return x == l + 1; });
+      };
+      const void* prev = (*ring)->begin(0);
+      CHECK(holds(prev, 0));
+      for (int u = 1; u < 10; ++u) {  // wraps twice
+        const void* cur = (*ring)->begin(u % 4);
+        CHECK(holds(cur, u % 4));
+        CHECK(holds(prev, (u - 1) % 4));  // the earlier layer, still not ended, is intact
+        (*ring)->end();
+        prev = cur;
+      }
+      (*ring)->end();
+      dev.synchronize();
+      CHECK((*ring)->bytes_copied() >= 10 * bytes);
+    }
   }
 
   TEST_CASE("K/V bulk append: a prompt's rows spread over threads land exactly where one-at-a-time appends put them") {

@@ -818,10 +818,9 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   Impl& m = *impl_;
   if (m.mode == Impl::Mode::kReplay) return;
   // The previous host-K/V layer's posts go first unless this layer interleaves with them (a host-K/V
-  // layer, and a second ring slot when both are streamed).
+  // layer; the ring has at least two slots, so both may be streamed).
   const bool streamed = m.place[il] == Place::kStreamed;
-  if (m.pending.il >= 0 && (m.place[il] == Place::kCpu || !m.kv_host[il] || (streamed && m.pending.streamed && m.ring->n_slots() < 2)))
-    finish_pending_posts(m);
+  if (m.pending.il >= 0 && (m.place[il] == Place::kCpu || !m.kv_host[il])) finish_pending_posts(m);
   if (m.place[il] == Place::kCpu) {
     // The residual goes down, the CPU runs the layer from pinned host memory (its KV in host memory),
     // the residual comes back. The copy stream keeps streaming the next layers meanwhile.

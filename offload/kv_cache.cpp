@@ -30,9 +30,10 @@ Expected<KvCache> KvCache::create(const KvCacheShape& shape, const std::vector<b
   // attention reads each head's 4 KiB tile of every block, a page apart with 4 KiB pages.
   const char* huge_env = std::getenv("FERRY_KV_HUGEPAGES");
   const bool huge = layer_bytes >= HostBuffer::kHugePage && !(huge_env && std::string(huge_env) == "0");
+  const size_t align = huge ? HostBuffer::kHugePage : 4096;
   for (int64_t il = 0; il < shape.n_layers; ++il) {
     if (!host_layers.at(il)) continue;
-    HostBuffer k(layer_bytes, huge ? HostBuffer::kHugePage : 4096), v(layer_bytes, huge ? HostBuffer::kHugePage : 4096);
+    HostBuffer k(layer_bytes, align), v(layer_bytes, align);
     if (k.data() == nullptr || v.data() == nullptr)
       return out_of_memory(strprintf("KV cache: cannot allocate %.2f GiB of host memory (%lld blocks of %lld tokens, %lld layers)",
                                      static_cast<double>(shape.bytes()) / (1u << 30), (long long)shape.n_blocks,

@@ -62,6 +62,7 @@ struct ModelFlags {
   std::string gpu_mem;
   std::string host_mem;
   int64_t cpu_layers = -1;
+  int64_t kv_host_layers = -1;
   std::string trace;
   std::string kv_mem, kv_disk;
 
@@ -80,8 +81,11 @@ struct ModelFlags {
     app->add_option("--trace", trace, "Write a Chrome trace (open in Perfetto): tracks for CPU, GPU compute, GPU copies, disk reads");
     app->add_option("--disk", disk, "Packed store (from 'ferry pack') holding the weights; layers beyond --gpu-mem and --host-mem are read from it, checksummed");
     app->add_option("--kv", kv, "Where K/V live with --device gpu: gpu, host (the CPU computes attention over them, overlapped with the GPU's GEMMs), "
-                                "auto (the GPU when it fits beside the weights' working set) or split (per layer, by the cost model; experimental)")
+                                "split (how many layers' K/V go to the host, by the cost model: each frees GPU memory for weights) or "
+                                "auto (split's choice, but K/V that fit on the GPU stay there unless the host is predicted 10% faster)")
         ->check(CLI::IsMember({"auto", "gpu", "host", "split"}));
+    app->add_option("--kv-host-layers", kv_host_layers, "With --kv split: keep exactly N layers' K/V on the host (default: the planner's choice)")
+        ->check(CLI::Range(int64_t{0}, int64_t{4096}));
     app->add_option("--kv-mem", kv_mem, "Host memory for K/V blocks (e.g. 16G; default: what the batch needs); blocks beyond it need --kv-disk");
     app->add_option("--kv-disk", kv_disk,
                     "Directory for K/V blocks that do not fit in --kv-mem (an anonymous file, io_uring, checksummed): the coldest blocks "
@@ -147,6 +151,8 @@ Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, i
   in.have_disk = model.weights->packed() != nullptr;
   in.cpu_layers = flags.cpu_layers;
   FERRY_ASSIGN_OR_RETURN(in.kv, parse_kv_place(flags.kv));
+  if (flags.kv_host_layers >= 0 && in.kv != KvPlace::kSplit) return invalid_argument("--kv-host-layers needs --kv split");
+  in.kv_host_layers = flags.kv_host_layers;
   in.max_batch = batch;
   in.hw = load_profile();
   return in;
@@ -442,13 +448,13 @@ int cmd_serve(const RunFlags& f) {
     for (const auto& [tokens, kv_tokens] : s.step_shapes) {
       const PlanFloor fl = plan_floor(cfg, be->plan, tokens, be->hw, static_cast<double>(kv_tokens) / static_cast<double>(tokens));
       floor_ms += fl.step_ms;
-      shared_ms += std::max(fl.step_ms, (stream_bytes + kv_token * static_cast<double>(kv_tokens)) / (be->hw.host_dram_gbs * 1e9) * 1e3);
+      shared_ms += std::max(fl.step_ms, (stream_bytes + kv_token * static_cast<double>(kv_tokens)) / (be->hw.dram_shared_gbs * 1e9) * 1e3);
     }
     std::fprintf(stderr,
                  "ferry: floor of these %lld steps %.2f s (PCIe %.1f GB/s, host DRAM %.1f GB/s, GPU %.0f TFLOP/s): %.0f%% of it reached; "
-                 "with weights and K/V sharing host DRAM %.2f s: %.0f%%\n",
+                 "with weights and K/V sharing host DRAM (%.1f GB/s together) %.2f s: %.0f%%\n",
                  (long long)s.steps, floor_ms / 1e3, be->hw.h2d_gbs, be->hw.host_dram_gbs, be->hw.gemm_tflops, 100 * floor_ms / s.total_ms,
-                 shared_ms / 1e3, 100 * shared_ms / s.total_ms);
+                 be->hw.dram_shared_gbs, shared_ms / 1e3, 100 * shared_ms / s.total_ms);
   }
   const int64_t peak = be->gpu ? be->gpu->peak_device_bytes() : be->emulated ? be->emulated->device().peak_bytes() : -1;
   std::fprintf(stderr,
@@ -988,7 +994,7 @@ int cmd_calibrate(const CalibrateFlags& f) {
       for (size_t i = r.begin(); i < r.end(); ++i) p[i] = 1.0f;
     });
     volatile double sink = 0;
-    const double s = best_seconds(4, [&] {
+    auto read_all = [&] {
       sink = tbb::parallel_reduce(tbb::blocked_range<size_t>(0, n, 1 << 20), 0.0, [&](const auto& r, double acc) {
         float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
         size_t i = r.begin();
@@ -1001,9 +1007,24 @@ int cmd_calibrate(const CalibrateFlags& f) {
         for (; i < r.end(); ++i) a0 += p[i];
         return acc + a0 + a1 + a2 + a3;
       }, std::plus<double>());
-    });
+    };
+    const double s = best_seconds(4, read_all);
     hw.host_dram_gbs = static_cast<double>(n * sizeof(float)) / s / 1e9;
     std::printf("host DRAM:  read %.1f GB/s (2 GiB, all threads)\n", hw.host_dram_gbs);
+    // The same reads while the copy engine pulls pinned memory to the GPU: what the CPU's K/V reads
+    // and the weights' DMA get together (the split planner's shared term).
+    constexpr int kPasses = 8;
+    const gpu::SharedCopyRate sh = gpu::h2d_during([&] {
+      for (int i = 0; i < kPasses; ++i) read_all();
+    });
+    if (sh.error.empty()) {
+      const double cpu_gbs = kPasses * static_cast<double>(n * sizeof(float)) / sh.host_seconds / 1e9;
+      hw.dram_shared_gbs = cpu_gbs + sh.h2d_gbs;
+      std::printf("shared:     %.1f GB/s (CPU read %.1f GB/s while H2D copies ran at %.1f GB/s)\n", hw.dram_shared_gbs, cpu_gbs, sh.h2d_gbs);
+    } else {
+      hw.dram_shared_gbs = hw.host_dram_gbs;  // no copy engine to share it with
+      std::printf("shared:     not measured (%s): the CPU's read rate is used\n", sh.error.c_str());
+    }
   }
   // ferry's CPU layer GEMMs on BF16 weights larger than the caches: batch 1 (bytes/s) and 64 (FLOP/s).
   {

@@ -3,6 +3,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <thread>
 
 #include "gpu/common.cuh"
 #include "gpu/kernels.h"
@@ -104,6 +107,72 @@ GpuRates measure_gpu_rates() {
   if (s) cudaStreamDestroy(s);
   cudaFree(a);
   cudaFree(b);
+  if (host) cudaFreeHost(host);
+  return r;
+}
+
+SharedCopyRate h2d_during(const std::function<void()>& host_work) {
+  SharedCopyRate r;
+  if (probe().n_devices == 0) {
+    r.error = "no usable GPU";
+    return r;
+  }
+  constexpr size_t kPiece = size_t{64} << 20, kPieces = 16;
+  void* host = nullptr;
+  void* dev = nullptr;
+  cudaStream_t s = nullptr;
+  cudaEvent_t done[2] = {nullptr, nullptr};
+  try {
+    CUDA_CHECK(cudaMallocHost(&host, kPiece * kPieces));
+    std::fill_n(static_cast<char*>(host), kPiece * kPieces, 1);
+    CUDA_CHECK(cudaMalloc(&dev, kPiece * kPieces));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    for (auto& e : done) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync));
+    using Clock = std::chrono::steady_clock;
+    std::atomic<bool> stop{false}, running{false};
+    std::atomic<int64_t> bytes_in_window{0};
+    std::atomic<bool> in_window{false};
+    std::string copier_error;
+    // The copier: piece i is issued once piece i - 2 is done, so two are always queued. Bytes
+    // count toward the window when their copy completes inside it.
+    std::thread copier([&] {
+      try {
+        CUDA_CHECK(cudaSetDevice(0));
+        for (size_t i = 0; !stop.load(std::memory_order_relaxed); ++i) {
+          cudaEvent_t e = done[i % 2];
+          if (i >= 2) {
+            CUDA_CHECK(cudaEventSynchronize(e));
+            if (in_window.load(std::memory_order_relaxed)) bytes_in_window.fetch_add(static_cast<int64_t>(kPiece));
+            running.store(true);
+          }
+          const size_t off = (i % kPieces) * kPiece;
+          CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dev) + off, static_cast<char*>(host) + off, kPiece, cudaMemcpyHostToDevice, s));
+          CUDA_CHECK(cudaEventRecord(e, s));
+        }
+        CUDA_CHECK(cudaStreamSynchronize(s));
+      } catch (const CudaError& e) {
+        copier_error = e.what();
+        running.store(true);
+      }
+    });
+    while (!running.load()) std::this_thread::yield();
+    in_window.store(true);
+    const auto t0 = Clock::now();
+    if (copier_error.empty()) host_work();
+    const auto t1 = Clock::now();
+    in_window.store(false);
+    stop.store(true);
+    copier.join();
+    if (!copier_error.empty()) throw CudaError(copier_error);
+    r.host_seconds = std::chrono::duration<double>(t1 - t0).count();
+    r.h2d_gbs = static_cast<double>(bytes_in_window.load()) / r.host_seconds / 1e9;
+  } catch (const CudaError& e) {
+    r.error = e.what();
+  }
+  for (auto& e : done)
+    if (e) cudaEventDestroy(e);
+  if (s) cudaStreamDestroy(s);
+  cudaFree(dev);
   if (host) cudaFreeHost(host);
   return r;
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace ferry::gpu {
@@ -27,6 +28,16 @@ struct GpuRates {
   std::string error;  // non-empty: nothing was measured, and why
 };
 GpuRates measure_gpu_rates();
+// Runs `host_work` on this thread while a thread of its own copies 1 GiB of pinned host memory to
+// device 0 back to back (two 64 MiB copies in flight), and returns the copy rate over the time
+// `host_work` took (GB/s). The weights' DMA and the CPU's reads share host DRAM; `ferry calibrate`
+// measures both sides at once with it. On error (no GPU), host_work is not run and the error is set.
+struct SharedCopyRate {
+  double h2d_gbs = 0;
+  double host_seconds = 0;  // how long host_work took
+  std::string error;
+};
+SharedCopyRate h2d_during(const std::function<void()>& host_work);
 // Returns true when ferry was built with the CUDA backend.
 bool built_with_cuda();
 

@@ -10,6 +10,12 @@ GpuRates measure_gpu_rates() {
   return r;
 }
 
+SharedCopyRate h2d_during(const std::function<void()>&) {
+  SharedCopyRate r;
+  r.error = "built without CUDA";
+  return r;
+}
+
 GpuInfo probe() {
   GpuInfo info;
   info.why_none = "ferry was built without CUDA (-DFERRY_CUDA=OFF or no nvcc)";

@@ -83,9 +83,15 @@ std::string GpuPlan::describe() const {
 
 std::string GpuPlan::placement() const {
   std::string out;
+  // Marked only when the GPU-computed layers differ (CPU-computed ones always keep K/V on the host).
+  bool kv_on_host = false, kv_on_gpu = false;
+  for (size_t i = 0; i < place.size() && i < kv_host.size(); ++i)
+    if (place[i] != Place::kCpu) (kv_host[i] ? kv_on_host : kv_on_gpu) = true;
+  const bool mixed_kv = kv_on_host && kv_on_gpu;
   auto label = [&](size_t i) {
     std::string l = place_name(place[i]);
     if (place[i] == Place::kStreamed) l += source[i] == Tier::kDisk ? " from disk" : " from host";
+    if (mixed_kv && place[i] != Place::kCpu) l += kv_host[i] ? " (host K/V)" : " (GPU K/V)";
     return l;
   };
   for (size_t i = 0; i < place.size();) {
@@ -134,7 +140,9 @@ Expected<KvPlace> parse_kv_place(const std::string& s) {
 
 namespace {
 
-Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, bool spread_resident) {
+// `gpu_kv_tail`: with host K/V, this many layers keep their K/V on the GPU; when that many are
+// resident they are the last layers, and the others are spread among the first (plan_gpu).
+Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, bool spread_resident, int64_t gpu_kv_tail = 0) {
   GpuPlan p;
   const int64_t L = c.n_layers;
   p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
@@ -192,10 +200,16 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   // evenly between the streamed ones; streamed layers from host memory first, then from disk.
   p.place.assign(L, Place::kResident);
   p.source.assign(L, Tier::kDevice);
+  // With K/V split between host and GPU, the GPU-K/V layers (resident) come last, together: the
+  // micro-batch pipeline of host-K/V layers (gpu/gpu_executor.h) drains before a GPU-K/V layer, and
+  // each host / GPU alternation left the CPU idle for about 1.5 ms (notes/kv.md, "Split placements").
+  const int64_t tail = gpu_kv_tail > 0 && gpu_kv_tail <= n_res ? gpu_kv_tail : 0;
+  const int64_t spread_over = L - tail;
   int64_t host_streamed_left = host_held - n_cpu;
   for (int64_t il = 0, j = 0; il < L; ++il) {
-    // R of the L layers are not resident: evenly spaced (the last is one of them), or the last R.
-    const bool other = spread_resident ? R > 0 && (il + 1) * R / L > il * R / L : il >= n_res;
+    // R of the L layers are not resident: evenly spaced among the first L - tail (the last of those
+    // is one of them), or the last R.
+    const bool other = spread_resident ? R > 0 && il < spread_over && (il + 1) * R / spread_over > il * R / spread_over : il >= n_res;
     if (!other) continue;
     const bool cpu = n_cpu > 0 && (j + 1) * n_cpu / R > j * n_cpu / R;
     ++j;
@@ -224,12 +238,13 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
 Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   const int64_t L = c.n_layers;
   // Marks `k` layers' K/V as host-resident: streamed layers first (their steps wait on copies, which
-  // hides the CPU's attention), then resident layers from the last; CPU-computed layers always.
+  // hides the CPU's attention), then resident layers from the first, so the GPU-K/V layers are the
+  // last ones (plan_weights puts that many resident layers there); CPU-computed layers always.
   auto finish = [&](GpuPlan p, int64_t k) {
     p.kv_host.assign(L, false);
     for (int64_t il = 0; il < L && k > 0; ++il)
       if (p.place[il] == Place::kStreamed) p.kv_host[il] = true, --k;
-    for (int64_t il = L - 1; il >= 0 && k > 0; --il)
+    for (int64_t il = 0; il < L && k > 0; ++il)
       if (p.place[il] == Place::kResident) p.kv_host[il] = true, --k;
     for (int64_t il = 0; il < L; ++il) p.kv_host[il] = p.kv_host[il] || p.place[il] == Place::kCpu;
     p.n_kv_host = std::count(p.kv_host.begin(), p.kv_host.end(), true);
@@ -241,54 +256,80 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   auto with_kv = [&](int64_t k) {
     GpuPlanInput t = in;
     t.kv_bytes = in.kv_bytes * (L - k) / L;
-    return plan_weights(c, t, /*spread_resident=*/k > 0);
+    return plan_weights(c, t, /*spread_resident=*/k > 0, /*gpu_kv_tail=*/k > 0 ? L - k : 0);
   };
-  if (in.kv == KvPlace::kGpu) {
-    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(0));
-    return finish(std::move(p), 0);
-  }
-  if (in.kv == KvPlace::kHost) {
-    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(L));
-    return finish(std::move(p), L);
-  }
-  if (in.kv == KvPlace::kAuto) {
-    // The GPU when the weights' minimum working set still fits beside all of them, else the host.
-    auto on_gpu = with_kv(0);
-    if (on_gpu.ok()) return finish(std::move(*on_gpu), 0);
-    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(L));
-    return finish(std::move(p), L);
-  }
-  // split: the number of layers whose K/V live on the host that minimises the predicted step. Each
-  // such layer frees its share of the GPU pool for weights; the host pays a read of its K/V per step
-  // (the whole pool: the longest context) over host DRAM, overlapped with the rest, plus a round
-  // trip of about 0.25 ms per layer (GPU -> host function -> GPU, from the traces in notes/kv.md).
-  // Ties go to fewer host layers.
+  // The predicted decode step of a plan with k host-K/V layers: the largest of
+  //  - the weights' step (copies, disk, GPU and CPU layers: plan_weights),
+  //  - the K/V over host DRAM (the CPU's attention reads them once per step: the whole pool, the
+  //    longest context),
+  //  - every host byte the step reads, the weights' DMA and CPU layers as well as the K/V, over the
+  //    DRAM rate the copy engine and the cores get together (dram_shared_gbs, `ferry calibrate`):
+  //    both come out of the same memory, and trading a layer's K/V for its weights moves about as
+  //    many bytes,
+  // plus a round trip of about 0.25 ms per host layer (GPU -> host function -> GPU, from the traces
+  // in notes/kv.md).
   constexpr double kRoundTripMs = 0.25;
-  std::optional<GpuPlan> best;
-  int64_t best_k = 0;
-  double best_ms = std::numeric_limits<double>::infinity();
+  auto step_ms = [&](const GpuPlan& p, int64_t k) {
+    const double kv_b = static_cast<double>(in.kv_bytes) * static_cast<double>(k) / static_cast<double>(L);
+    const double host_read = static_cast<double>((p.n_streamed + p.n_cpu) * p.layer_bytes) + kv_b;
+    const double kv_ms = kv_b / (in.hw.host_dram_gbs * 1e9) * 1e3;
+    const double shared_ms = host_read / (in.hw.dram_shared_gbs * 1e9) * 1e3;
+    return std::max({p.predicted_ms, kv_ms, shared_ms}) + kRoundTripMs * static_cast<double>(k);
+  };
+  auto fixed = [&](int64_t k) -> Expected<GpuPlan> {
+    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(k));
+    const double ms = step_ms(p, k);
+    p = finish(std::move(p), k);
+    p.predicted_ms = ms;
+    return p;
+  };
+  if (in.kv == KvPlace::kGpu) return fixed(0);
+  if (in.kv == KvPlace::kHost) return fixed(L);
+  // split (and auto): the number of host-K/V layers k by the cost model. Each such layer frees its
+  // share of the GPU pool for weights, so fewer layers stream. Among plans predicted within
+  // kNearBest of the best, the one streaming the fewest layers wins, then the fewest host layers: a
+  // prompt step copies the same streamed weights as a decode step and adds the GPU's compute for
+  // thousands of tokens, so streamed bytes cost most there (llama-3-8b at 16G, batch 256: the
+  // 22-streamed plan's prompt steps took 220-330 ms, the 4-streamed one's about 100).
+  constexpr double kNearBest = 0.03;
+  struct Candidate {
+    int64_t k;
+    double ms;
+    GpuPlan plan;
+  };
+  std::vector<Candidate> cands;
   Status first_error = Status::Ok();
-  for (int64_t k = 0; k <= L; ++k) {
+  if (in.kv == KvPlace::kSplit && in.kv_host_layers > L)
+    return invalid_argument(strprintf("--kv-host-layers %lld: the model has %lld layers", (long long)in.kv_host_layers, (long long)L));
+  const bool forced = in.kv == KvPlace::kSplit && in.kv_host_layers >= 0;
+  const int64_t k_lo = forced ? in.kv_host_layers : 0, k_hi = forced ? in.kv_host_layers : L;
+  for (int64_t k = k_lo; k <= k_hi; ++k) {
     auto p = with_kv(k);
     if (!p.ok()) {
       if (first_error.ok()) first_error = p.status();
       continue;
     }
-    const double kv_ms = static_cast<double>(in.kv_bytes) * static_cast<double>(k) / static_cast<double>(L) / (in.hw.host_dram_gbs * 1e9) * 1e3;
-    const double ms = std::max(p->predicted_ms, kv_ms) + kRoundTripMs * static_cast<double>(k);
-    if (ms < best_ms - 1e-9) {
-      best_ms = ms;
-      best = std::move(*p);
-      best_k = k;
-    }
+    const double ms = step_ms(*p, k);
+    cands.push_back({k, ms, std::move(*p)});
   }
-  if (!best) {
+  if (cands.empty()) {
+    if (forced) return first_error.with_context(strprintf("--kv-host-layers %lld", (long long)in.kv_host_layers));
     // Not even with every layer's K/V on the host: the host plan's error names the minimum.
     auto p = with_kv(L);
     return p.ok() ? Status(ErrorCode::kInternal, "plan: no K/V placement") : p.status();
   }
-  GpuPlan p = finish(std::move(*best), best_k);
-  p.predicted_ms = best_ms;
+  double best_ms = std::numeric_limits<double>::infinity();
+  for (const auto& c : cands) best_ms = std::min(best_ms, c.ms);
+  const Candidate* pick = nullptr;
+  for (const auto& c : cands)
+    if (c.ms <= best_ms * (1 + kNearBest) + 1e-9 && (!pick || c.plan.n_streamed < pick->plan.n_streamed)) pick = &c;
+  // auto keeps every K/V on the GPU when they fit and the host would gain less than kAutoGain: the
+  // GPU-K/V path is the one measured at batch 1 (96% of its floor), and small predicted gains are
+  // within the model's error.
+  constexpr double kAutoGain = 0.10;
+  if (in.kv == KvPlace::kAuto && cands.front().k == 0 && pick->k != 0 && pick->ms > cands.front().ms * (1 - kAutoGain)) pick = &cands.front();
+  GpuPlan p = finish(pick->plan, pick->k);
+  p.predicted_ms = pick->ms;
   return p;
 }
 
@@ -336,6 +377,7 @@ HardwareProfile load_profile() {
   get("hbm_gbs", hw.hbm_gbs);
   get("gemm_tflops", hw.gemm_tflops);
   get("host_dram_gbs", hw.host_dram_gbs);
+  get("dram_shared_gbs", hw.dram_shared_gbs);
   get("cpu_layer_gbs", hw.cpu_layer_gbs);
   get("cpu_tflops", hw.cpu_tflops);
   get("disk_gbs", hw.disk_gbs);
@@ -345,7 +387,7 @@ HardwareProfile load_profile() {
 
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
-                      {"host_dram_gbs", hw.host_dram_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_tflops", hw.cpu_tflops},
                       {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);

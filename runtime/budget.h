@@ -30,9 +30,10 @@ const char* place_name(Place p);
 
 // Where a layer's K/V blocks live. On the host, the CPU computes that layer's attention
 // (cpu/attention.h) while the GPU runs the GEMMs (the heterogeneous pipeline, gpu/gpu_executor.h).
-// kAuto: the GPU when all K/V fit beside the weights' minimum working set, else the host for every
-// layer. kSplit: plan_gpu picks per layer by the cost model how many layers' K/V go to the host
-// (mixed placements have not been run on the GPU host yet: notes/kv.md).
+// kSplit: plan_gpu picks by the cost model how many layers' K/V go to the host; each such layer
+// frees GPU memory for resident weights, and the GPU-K/V layers are the last ones (notes/kv.md,
+// "Split placements"). kAuto: the same choice, except that K/V which fit on the GPU stay there
+// unless the host is predicted to shorten the step by 10% or more.
 enum class KvPlace : uint8_t { kAuto, kGpu, kHost, kSplit };
 Expected<KvPlace> parse_kv_place(const std::string& s);
 
@@ -43,6 +44,9 @@ struct HardwareProfile {
   double hbm_gbs = 2976;        // device memory, bytes read + written per second
   double gemm_tflops = 751;     // GPU BF16 dense
   double host_dram_gbs = 73.8;  // host memory read, all cores (the floor of a CPU-computed layer)
+  // Host DRAM read by all cores and the copy engine's H2D at once, the two rates summed: the
+  // weights' DMA and the CPU's K/V reads share it (CPU 59.4 + H2D 44.3 GB/s, notes/kv.md).
+  double dram_shared_gbs = 103.7;
   double cpu_layer_gbs = 70.2;  // weight bytes per second through ferry's CPU layer at batch 1
   double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
   double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
@@ -63,6 +67,7 @@ struct GpuPlanInput {
   int64_t max_step_tokens = 512;
   int64_t max_batch = 1;         // the decode batch the plan is optimised for
   int64_t cpu_layers = -1;       // --cpu-layers: exactly this many CPU-computed layers (-1: the cost model chooses)
+  int64_t kv_host_layers = -1;   // --kv-host-layers with kSplit: exactly this many host-K/V layers (-1: the cost model chooses)
   bool emulated = false;         // the emulated device: no CUDA runtime, workspace or cuBLAS on it
   int n_slots = 3;               // staging ring when any layer is streamed
   int64_t layer_bytes = 0;       // one layer on the device (0: BF16, gpu_layer_bytes)

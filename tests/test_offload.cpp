@@ -334,11 +334,16 @@ TEST_SUITE("offload") {
     CHECK(h->n_kv_host == L);
     CHECK(h->kv_gpu_bytes == 0);
     CHECK(h->n_resident > g->n_resident);  // the K/V's share of the budget went to weights
-    // auto: 2 GiB fit beside the working set, so the GPU.
+    // auto: 2 GiB fit beside the working set; they move to the host only where the cost model
+    // predicts a step at least 10% shorter than with all of them on the GPU.
     in.kv = KvPlace::kAuto;
     auto fits = plan_gpu(*c, in);
     REQUIRE(fits.ok());
-    CHECK(fits->n_kv_host == 0);
+    CHECK((fits->n_kv_host == 0 || fits->predicted_ms <= 0.9 * g->predicted_ms));
+    in.kv = KvPlace::kSplit;
+    auto fits_split = plan_gpu(*c, in);
+    REQUIRE(fits_split.ok());
+    CHECK((fits->n_kv_host == 0 || fits->n_kv_host == fits_split->n_kv_host));
     // split: some number of layers in between, streamed layers first, the GPU pool sized to the rest.
     in.kv = KvPlace::kSplit;
     auto a = plan_gpu(*c, in);
@@ -377,6 +382,60 @@ TEST_SUITE("offload") {
     auto cpu = plan_gpu(*c, in);
     REQUIRE(cpu.ok());
     CHECK(cpu->n_kv_host == 2);
+    // Split at a large batch (llama-3-8b, 16 GiB, 256 sequences x 640 tokens: 20 GiB of K/V).
+    {
+      GpuPlanInput b;
+      b.budget_bytes = int64_t{16} << 30;
+      b.cpu_layers = 0;
+      b.max_batch = 256;
+      b.max_step_tokens = 2048;
+      b.kv_bytes = int64_t{20} << 30;
+      b.kv = KvPlace::kSplit;
+      auto pick = plan_gpu(*c, b);
+      REQUIRE(pick.ok());
+      const int64_t k = pick->n_kv_host;
+      CHECK(k > 0);
+      CHECK(k < L);
+      // The GPU-K/V layers are resident and come last, together.
+      for (int64_t il = 0; il < L; ++il) {
+        CHECK(pick->kv_host[il] == (il < k));
+        if (!pick->kv_host[il]) CHECK(pick->place[il] == Place::kResident);
+      }
+      // Forced counts: exactly k host layers, or an error naming the flag.
+      double best = std::numeric_limits<double>::infinity();
+      std::vector<std::pair<int64_t, GpuPlan>> all;
+      for (int64_t n = 0; n <= L; ++n) {
+        b.kv_host_layers = n;
+        auto f = plan_gpu(*c, b);
+        if (!f.ok()) {
+          CHECK(f.status().message().find("--kv-host-layers") != std::string::npos);
+          continue;
+        }
+        CHECK(f->n_kv_host == n);
+        CHECK(f->total_bytes <= b.budget_bytes);
+        // Every host byte a step reads, over the shared DRAM rate, bounds the prediction.
+        const double host_read = static_cast<double>(f->n_streamed * f->layer_bytes) + static_cast<double>(b.kv_bytes) * n / L;
+        CHECK(f->predicted_ms >= host_read / (b.hw.dram_shared_gbs * 1e9) * 1e3);
+        best = std::min(best, f->predicted_ms);
+        all.emplace_back(n, std::move(*f));
+      }
+      REQUIRE(!all.empty());
+      // The choice: within 3% of the best prediction, the fewest streamed layers.
+      CHECK(pick->predicted_ms <= best * 1.03 + 1e-9);
+      for (const auto& [n, f] : all)
+        if (f.predicted_ms <= best * 1.03 + 1e-9) CHECK(pick->n_streamed <= f.n_streamed);
+      b.kv_host_layers = L + 1;
+      auto over = plan_gpu(*c, b);
+      REQUIRE(!over.ok());
+      CHECK(over.status().message().find("--kv-host-layers") != std::string::npos);
+      // When the shared DRAM rate bounds every plan, trading a layer's K/V for its weights moves
+      // about as many host bytes: nothing is gained by streaming more.
+      b.kv_host_layers = -1;
+      b.hw.dram_shared_gbs /= 4;
+      auto slow = plan_gpu(*c, b);
+      REQUIRE(slow.ok());
+      CHECK(slow->n_streamed <= pick->n_streamed);
+    }
     // The floor's host-K/V term: bytes read per step over host DRAM, and none when K/V are on the GPU.
     const PlanFloor fh = plan_floor(*c, *h, 64, in.hw, 1000), fg = plan_floor(*c, *g, 64, in.hw, 1000);
     CHECK(fg.kv_ms == 0);
@@ -440,6 +499,18 @@ TEST_SUITE("offload") {
     REQUIRE_MESSAGE(mixed.exit_code == 0, mixed.output);
     CHECK(mixed.output.find("0-14 resident, 15 streamed from host, 16 cpu") != std::string::npos);
     CHECK(mixed.output.find("predicted:") != std::string::npos);
+    // A forced count of host-K/V layers: printed per layer, and refused without --kv split or
+    // beyond the model.
+    test::CmdResult forced = test::run_ferry("plan -m synthetic:llama-3-8b --gpu-mem 16G --batch 64 --context 640 --cpu-layers 0 --kv split --kv-host-layers 20");
+    REQUIRE_MESSAGE(forced.exit_code == 0, forced.output);
+    CHECK(forced.output.find("kv:         20 of 32 layers in host memory") != std::string::npos);
+    CHECK(forced.output.find("resident (GPU K/V)") != std::string::npos);
+    test::CmdResult no_split = test::run_ferry("plan -m synthetic:llama-3-8b --gpu-mem 16G --kv-host-layers 20");
+    CHECK(no_split.exit_code != 0);
+    CHECK(no_split.output.find("--kv-host-layers needs --kv split") != std::string::npos);
+    test::CmdResult too_many = test::run_ferry("plan -m synthetic:llama-3-8b --gpu-mem 16G --kv split --kv-host-layers 33");
+    CHECK(too_many.exit_code != 0);
+    CHECK(too_many.output.find("--kv-host-layers 33: the model has 32 layers") != std::string::npos);
     test::CmdResult disk = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --host-mem 2G --cpu-layers 0");
     CHECK(disk.exit_code == 1);
     CHECK(disk.output.find("--host-mem") != std::string::npos);
@@ -591,8 +662,10 @@ TEST_SUITE("offload") {
     test::CmdResult r = test::run_ferry("calibrate --dir " + std::string(tmp.path) + " --threads 2");
     REQUIRE_MESSAGE(r.exit_code == 0, r.output);
     CHECK(r.output.find("host DRAM:") != std::string::npos);
+    CHECK(r.output.find("shared:") != std::string::npos);
     auto j = nlohmann::json::parse(std::ifstream(prof));
     CHECK(j["host_dram_gbs"].get<double>() > 0);
+    CHECK(j["dram_shared_gbs"].get<double>() > 0);
     CHECK(j["disk_gbs"].get<double>() > 0);
     test::CmdResult p = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G");
     CHECK(p.output.find(prof) != std::string::npos);  // the profile named as the source of the rates

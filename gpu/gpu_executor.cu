@@ -668,6 +668,9 @@ void CUDART_CB run_attn_job(void* p) {
   try {
     const int64_t Q = m.cfg.q_dim(), KV = m.cfg.kv_dim(), W = Q + 2 * KV;
     j.kv->append_rows_bf16(j.il, j.n, m.step_seq.data() + j.t0, m.step_pos.data() + j.t0, j.qkv + j.t0 * W + Q, j.qkv + j.t0 * W + Q + KV, W);
+    if (tracing && !j.append_only)
+      Tracer::get().complete("cpu.kv_append", strprintf("layer %lld append %lld-%lld", (long long)j.il, (long long)j.t0, (long long)(j.t0 + j.n)),
+                             t_start, Tracer::get().now_ns() - t_start);
     if (j.append_only) {
       if (tracing)
         Tracer::get().complete("cpu.attention", strprintf("layer %lld append %lld-%lld", (long long)j.il, (long long)j.t0, (long long)(j.t0 + j.n)),

@@ -812,7 +812,8 @@ TEST_SUITE("offload") {
 
   TEST_CASE("K/V bulk append: a prompt's rows spread over threads land exactly where one-at-a-time appends put them") {
     // Two prompts (300 and 37 tokens, the first starting mid-block) and three decode tokens, in one
-    // call: over the 256-token threshold, so the parallel path runs.
+    // call (over the 16-token threshold: the parallel path), then three decode tokens alone (the
+    // calling thread).
     KvCacheShape shape{2, 4, 32, 16, 128, DType::kBF16};
     auto a = KvCache::create(shape), b = KvCache::create(shape);
     REQUIRE(a.ok());
@@ -836,6 +837,11 @@ TEST_SUITE("offload") {
       b->append_rows_bf16(il, n, seqs.data(), pos.data(), rows.data() + k_off, rows.data() + v_off, W);
       const KvLayerView x = a->layer_view(il), y = b->layer_view(il);
       const size_t bytes = static_cast<size_t>(shape.n_blocks * x.block_elems() * 2);
+      CHECK(std::memcmp(x.k, y.k, bytes) == 0);
+      CHECK(std::memcmp(x.v, y.v, bytes) == 0);
+      const int32_t dseq[3] = {2, 3, 4}, dpos[3] = {43, 44, 45};
+      for (int t = 0; t < 3; ++t) a->append_bf16(il, dseq[t], dpos[t], rows.data() + t * W + v_off, rows.data() + t * W + k_off);
+      b->append_rows_bf16(il, 3, dseq, dpos, rows.data() + v_off, rows.data() + k_off, W);
       CHECK(std::memcmp(x.k, y.k, bytes) == 0);
       CHECK(std::memcmp(x.v, y.v, bytes) == 0);
     }

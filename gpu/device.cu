@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <exception>
+#include <mutex>
 #include <thread>
 
 #include "gpu/common.cuh"
@@ -113,6 +115,7 @@ GpuRates measure_gpu_rates() {
 
 SharedCopyRate h2d_during(const std::function<void()>& host_work) {
   SharedCopyRate r;
+  std::exception_ptr work_error;
   if (probe().n_devices == 0) {
     r.error = "no usable GPU";
     return r;
@@ -132,6 +135,7 @@ SharedCopyRate h2d_during(const std::function<void()>& host_work) {
     std::atomic<bool> stop{false}, running{false};
     std::atomic<int64_t> bytes_in_window{0};
     std::atomic<bool> in_window{false};
+    std::mutex error_mu;  // copier_error: written by the copier, read here before the join
     std::string copier_error;
     // The copier: piece i is issued once piece i - 2 is done, so two are always queued. Bytes
     // count toward the window when their copy completes inside it.
@@ -151,21 +155,32 @@ SharedCopyRate h2d_during(const std::function<void()>& host_work) {
         }
         CUDA_CHECK(cudaStreamSynchronize(s));
       } catch (const CudaError& e) {
+        std::lock_guard<std::mutex> lock(error_mu);
         copier_error = e.what();
         running.store(true);
       }
     });
     while (!running.load()) std::this_thread::yield();
+    bool failed = false;
+    {
+      std::lock_guard<std::mutex> lock(error_mu);
+      failed = !copier_error.empty();
+    }
     in_window.store(true);
     const auto t0 = Clock::now();
-    if (copier_error.empty()) host_work();
+    try {
+      if (!failed) host_work();
+    } catch (...) {
+      work_error = std::current_exception();  // rethrown once the copier stopped and all is freed
+    }
     const auto t1 = Clock::now();
     in_window.store(false);
     stop.store(true);
     copier.join();
     if (!copier_error.empty()) throw CudaError(copier_error);
     r.host_seconds = std::chrono::duration<double>(t1 - t0).count();
-    r.h2d_gbs = static_cast<double>(bytes_in_window.load()) / r.host_seconds / 1e9;
+    if (r.host_seconds > 0) r.h2d_gbs = static_cast<double>(bytes_in_window.load()) / r.host_seconds / 1e9;
+    else r.error = "the host work took no measurable time";
   } catch (const CudaError& e) {
     r.error = e.what();
   }
@@ -174,6 +189,7 @@ SharedCopyRate h2d_during(const std::function<void()>& host_work) {
   if (s) cudaStreamDestroy(s);
   cudaFree(dev);
   if (host) cudaFreeHost(host);
+  if (work_error) std::rethrow_exception(work_error);
   return r;
 }
 

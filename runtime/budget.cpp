@@ -276,16 +276,8 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
     const double shared_ms = host_read / (in.hw.dram_shared_gbs * 1e9) * 1e3;
     return std::max({p.predicted_ms, kv_ms, shared_ms}) + kRoundTripMs * static_cast<double>(k);
   };
-  auto fixed = [&](int64_t k) -> Expected<GpuPlan> {
-    FERRY_ASSIGN_OR_RETURN(GpuPlan p, with_kv(k));
-    const double ms = step_ms(p, k);
-    p = finish(std::move(p), k);
-    p.predicted_ms = ms;
-    return p;
-  };
-  if (in.kv == KvPlace::kGpu) return fixed(0);
-  if (in.kv == KvPlace::kHost) return fixed(L);
-  // split (and auto): the number of host-K/V layers k by the cost model. Each such layer frees its
+  // The number of host-K/V layers k: 0 for --kv gpu, L for host, the given count for
+  // --kv-host-layers; otherwise (split, auto) by the cost model. Each such layer frees its
   // share of the GPU pool for weights, so fewer layers stream. Among plans predicted within
   // kNearBest of the best, the one streaming the fewest layers wins, then the fewest host layers: a
   // prompt step copies the same streamed weights as a decode step and adds the GPU's compute for
@@ -302,7 +294,10 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   if (in.kv == KvPlace::kSplit && in.kv_host_layers > L)
     return invalid_argument(strprintf("--kv-host-layers %lld: the model has %lld layers", (long long)in.kv_host_layers, (long long)L));
   const bool forced = in.kv == KvPlace::kSplit && in.kv_host_layers >= 0;
-  const int64_t k_lo = forced ? in.kv_host_layers : 0, k_hi = forced ? in.kv_host_layers : L;
+  int64_t k_lo = 0, k_hi = L;
+  if (in.kv == KvPlace::kGpu) k_lo = k_hi = 0;
+  if (in.kv == KvPlace::kHost) k_lo = k_hi = L;
+  if (forced) k_lo = k_hi = in.kv_host_layers;
   for (int64_t k = k_lo; k <= k_hi; ++k) {
     auto p = with_kv(k);
     if (!p.ok()) {
@@ -313,7 +308,8 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
     cands.push_back({k, ms, std::move(*p)});
   }
   if (cands.empty()) {
-    if (forced) return first_error.with_context(strprintf("--kv-host-layers %lld", (long long)in.kv_host_layers));
+    // One count asked for (--kv gpu, host or --kv-host-layers): its error names the budget.
+    if (k_lo == k_hi) return forced ? first_error.with_context(strprintf("--kv-host-layers %lld", (long long)in.kv_host_layers)) : first_error;
     // Not even with every layer's K/V on the host: the host plan's error names the minimum.
     auto p = with_kv(L);
     return p.ok() ? Status(ErrorCode::kInternal, "plan: no K/V placement") : p.status();

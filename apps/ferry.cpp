@@ -250,9 +250,9 @@ void print_backend(const Backend& be) {
                  format_bytes(static_cast<double>(driver_now - be.driver_before)).c_str(), format_bytes(static_cast<double>(be.gpu->streamed_bytes())).c_str());
   }
   if (be.gpu && be.gpu->n_kv_host_layers() > 0)
-    std::fprintf(stderr, "ferry: kv: %lld of %lld layers keep K/V in host memory (%s, NUMA node %d, %s); their attention runs on the CPU (%s kernel, %s)\n",
+    std::fprintf(stderr, "ferry: kv: %lld of %lld layers keep K/V in host memory (%s, NUMA node %d, %s in huge pages); their attention runs on the CPU (%s kernel, %s)\n",
                  (long long)be.gpu->n_kv_host_layers(), (long long)be.plan.place.size(), format_bytes(static_cast<double>(be.kv->host_bytes())).c_str(),
-                 be.kv->numa_node(), be.kv->huge_pages() ? "huge pages advised" : "4 KiB pages", cpu::attn_isa_name(cpu::attn_isa_best()), topology_summary().c_str());
+                 be.kv->numa_node(), format_bytes(static_cast<double>(be.kv->huge_page_bytes())).c_str(), cpu::attn_isa_name(cpu::attn_isa_best()), topology_summary().c_str());
   if (const KvDiskFile* d = be.kv->disk())
     std::fprintf(stderr, "ferry: kv: %lld blocks in host memory, %lld more on disk (%s, %s, %s)\n", (long long)be.kv->shape().n_blocks,
                  (long long)d->n_records(), d->where().c_str(), format_bytes(static_cast<double>(d->n_records() * d->record_bytes())).c_str(),

@@ -129,7 +129,7 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
   std::printf("\n| pipeline: heads (q/kv) | layers x batch x context | calls | kernel | pages | prefetch | ms per layer | K/V GB/s | tiles read GB/s | plain read GB/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
   std::printf("| %lld / %lld | %lld x %lld x %lld | %lld per layer | %s | %s | %s | %.2f | %.1f | %.1f | %.1f |\n", (long long)n_heads, (long long)n_kv,
               (long long)n_layers, (long long)batch, (long long)ctx, (long long)parts, cpu::attn_isa_name(isa),
-              kv->huge_pages() ? "huge advised" : "4 KiB", hp && std::string(hp) == "0" ? "off" : "on", best * 1e3 / n_layers, bytes / best / 1e9,
+              strprintf("%.0f%% huge", 100.0 * static_cast<double>(kv->huge_page_bytes()) / static_cast<double>(std::max<int64_t>(1, kv->host_bytes()))).c_str(), hp && std::string(hp) == "0" ? "off" : "on", best * 1e3 / n_layers, bytes / best / 1e9,
               bytes / best_tiles / 1e9, pool_bytes / best_plain / 1e9);
 }
 }  // namespace

@@ -48,20 +48,23 @@ void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* ds
 }
 
 namespace {
-__global__ void copy16_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, int64_t n) {
+// Words of 16 bytes, then the last bytes % 16 one byte at a time (by the first block).
+__global__ void copy16_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, int64_t n, int tail) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) dst[i] = src[i];
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < tail)
+    reinterpret_cast<uint8_t*>(dst + n)[threadIdx.x] = reinterpret_cast<const uint8_t*>(src + n)[threadIdx.x];
 }
 }  // namespace
 
 void copy_by_kernel(const void* src, void* dst, int64_t bytes, cudaStream_t s) {
   if (bytes <= 0) return;
-  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, s));
     return;
   }
   const int64_t n = bytes / 16;
-  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 264));
-  copy16_kernel<<<blocks, 256, 0, s>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), n);
+  const int blocks = static_cast<int>(std::clamp<int64_t>((n + 255) / 256, 1, 264));
+  copy16_kernel<<<blocks, 256, 0, s>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), n, static_cast<int>(bytes % 16));
   CUDA_CHECK_LAUNCH();
 }
 

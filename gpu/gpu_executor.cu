@@ -52,6 +52,7 @@ struct GpuExecutor::Impl {
   float* scratch = nullptr; // attention split partials
   int32_t* tokens_out = nullptr;  // [n_out] sampled tokens
   uint64_t* seeds_d = nullptr;    // [n_out]
+  uint64_t* seeds_h = nullptr;    // pinned [n_out]
   int64_t scratch_floats = 0;
   // Step inputs: pinned host staging and its device copy: tokens, pos, row [T each], out rows [n_out],
   // query tiles [2T] (first token, count), block tables [n_rows, max_blocks].
@@ -109,12 +110,16 @@ struct GpuExecutor::Impl {
   // next layer's QKV of the micro-batch before (NEO's order): the GPU then prepares layer l + 1's
   // first micro-batch while the CPU still attends layer l's last, and the CPU goes from one
   // attention to the next without waiting for the GPU. Its ring slot is ended once all are issued.
+  // Resident GPU-K/V layers that follow it join the chain: their rows run per micro-batch right
+  // after the post of that micro-batch, so the GPU works through them for one micro-batch while the
+  // CPU attends the other, and the pipeline no longer drains at a GPU-K/V layer (chain_gpu_layer).
   struct PendingPosts {
     int64_t il = -1;    // -1: none
     LayerWeights w;     // the layer's weights (a ring slot's views when streamed)
     bool streamed = false;
     int n_mb = 0, next = 0;
     int64_t edge[kMaxMb + 1] = {};
+    std::vector<std::pair<int64_t, LayerWeights>> gpu_layers;  // chained GPU-K/V layers, in order
   } pending;
   std::vector<int32_t> step_pos, step_seq;
   std::mutex attn_mu;
@@ -141,6 +146,7 @@ struct GpuExecutor::Impl {
     for (auto& [t, g] : graphs) cudaGraphExecDestroy(g);
     if (blas) cublasDestroy(blas);
     if (in_h) cudaFreeHost(in_h);
+    if (seeds_h) cudaFreeHost(seeds_h);
     if (in_free) cudaEventDestroy(in_free);
     if (x_down) cudaEventDestroy(x_down);
     if (x_host) cudaFreeHost(x_host);
@@ -208,6 +214,8 @@ struct GpuExecutor::Impl {
       logits = alloc<float>(cap_out * cfg.n_vocab);
       tokens_out = alloc<int32_t>(cap_out);
       seeds_d = alloc<uint64_t>(cap_out);
+      if (seeds_h) CUDA_CHECK(cudaFreeHost(seeds_h));
+      CUDA_CHECK(cudaMallocHost(&seeds_h, cap_out * sizeof(uint64_t)));
     }
     if (t > cap_tokens) {
       for (auto& [k, g] : graphs) cudaGraphExecDestroy(g);
@@ -641,7 +649,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       m.n_splits = m.choose_splits(T, max_pos + 1);
       m.ensure_scratch(m.n_splits > 1 ? T * m.cfg.n_heads * m.n_splits * (m.cfg.head_dim + 2) : 0);
     }
-    CUDA_CHECK(cudaMemcpyAsync(m.in_d, m.in_h, in_n * 4, cudaMemcpyHostToDevice, m.stream));
+    copy_by_kernel(m.in_h, m.in_d, in_n * 4, m.stream);  // not behind the ring's copies (kernels.h)
     if (m.mode == Impl::Mode::kEager) CUDA_CHECK(cudaEventRecord(m.in_free, m.stream));
   } catch (const CudaError& e) {
     return out_of_memory(e.what());
@@ -716,7 +724,27 @@ void post_part(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, int64_t 
   if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld out+mlp %s", (long long)il, what));
 }
 
-// Issues the pending layer's next micro-batch: the CPU's output comes up, then its post.
+// A GPU-K/V layer over tokens [t0, t0 + n) only (its K/V pool on the GPU): the rows of one
+// micro-batch, or the fresh prompts' rows with their query tiles (`tiles`, relative to t0).
+void gpu_rows(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, int64_t t0, int64_t n, const int32_t* tiles, int64_t n_tiles, const char* what) {
+  const ModelConfig& c = m.cfg;
+  const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), W = Q + 2 * c.kv_dim();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int32_t* pos = m.in_d + T + t0;
+  const int32_t* row = m.in_d + 2 * T + t0;
+  TraceRange r("gpu.chained_layer", il);
+  cudaEvent_t span = m.dev->span_begin(m.stream);
+  add_rmsnorm(m.x + t0 * E, m.pending_delta ? m.tmp + t0 * E : nullptr, w[kAttnNorm].as<bf16>(), nullptr, n, E, eps, m.xn, m.stream, m.xn + n * E);
+  gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * n, W, E, m.stream);
+  rope_kv_append(m.qkv, m.qkv + n * W, c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, n, c.n_heads, m.paged(il), m.q + t0 * Q,
+                 m.stream);
+  attention(m.q + t0 * Q, pos, row, tiles, n_tiles, n, c.n_heads, c.sliding_window, m.paged(il), m.n_splits, m.scratch, m.att + t0 * Q, m.stream);
+  if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld attention %s", (long long)il, what));
+  post_part(m, il, w, t0, n, what);
+}
+
+// Issues the pending layer's next micro-batch: the CPU's output comes up, then its post, then the
+// chained GPU-K/V layers over the same rows.
 void issue_pending_part(GpuExecutor::Impl& m) {
   auto& p = m.pending;
   const int mb = p.next++;
@@ -725,16 +753,23 @@ void issue_pending_part(GpuExecutor::Impl& m) {
   CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
   copy_by_kernel(m.att_host + t0 * Q, m.att + t0 * Q, n * Q * 2, m.stream);  // the CPU's output, read over PCIe by a kernel
   post_part(m, p.il, p.w, t0, n, mb == 0 ? "part 0" : "part 1");
+  for (const auto& [il, w] : p.gpu_layers) gpu_rows(m, il, w, t0, n, nullptr, 0, mb == 0 ? "part 0" : "part 1");
 }
 
 }  // namespace
 
-// Issues what is left of the pending host-K/V layer and ends its ring slot.
+// Issues what is left of the pending host-K/V layer and ends its ring slot, then the chained
+// GPU-K/V layers' fresh-prompt rows (the tokens after the micro-batches), layer by layer.
 void finish_pending_posts(GpuExecutor::Impl& m) {
   auto& p = m.pending;
   if (p.il < 0) return;
   while (p.next < p.n_mb) issue_pending_part(m);
   if (p.streamed) m.ring->end();
+  const int64_t Tc = p.edge[p.n_mb], n = m.T - Tc;
+  if (n > 0)
+    for (const auto& [il, w] : p.gpu_layers)
+      gpu_rows(m, il, w, Tc, n, m.n_gpu_tiles > 0 ? m.in_d + 5 * m.T + m.n_out + m.n_rows * m.max_blocks : nullptr, m.n_gpu_tiles, "fresh prompts");
+  p.gpu_layers.clear();
   p.il = -1;
 }
 
@@ -823,6 +858,14 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   // The previous host-K/V layer's posts go first unless this layer interleaves with them (a host-K/V
   // layer; the ring has at least two slots, so both may be streamed).
   const bool streamed = m.place[il] == Place::kStreamed;
+  // A resident GPU-K/V layer after a host-K/V one joins its chain: its rows are issued per
+  // micro-batch with that layer's posts. (A streamed one does not: the chain would hold ring slots
+  // past the next layer's begin.)
+  if (m.pending.il >= 0 && m.place[il] == Place::kResident && !m.kv_host[il]) {
+    m.pending.gpu_layers.emplace_back(il, wl);
+    m.pending_delta = true;
+    return;
+  }
   if (m.pending.il >= 0 && (m.place[il] == Place::kCpu || !m.kv_host[il])) finish_pending_posts(m);
   if (m.place[il] == Place::kCpu) {
     // The residual goes down, the CPU runs the layer from pinned host memory (its KV in host memory),
@@ -836,7 +879,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
     const int64_t t0 = m.dev->tracing() ? Tracer::get().now_ns() : 0;
     m.cpu->layer(il, wl, kv);
     if (m.dev->tracing()) Tracer::get().complete("cpu.compute", "layer " + std::to_string(il), t0, Tracer::get().now_ns() - t0);
-    CUDA_CHECK(cudaMemcpyAsync(m.x, m.x_host, n * sizeof(float), cudaMemcpyHostToDevice, m.stream));
+    copy_by_kernel(m.x_host, m.x, n * static_cast<int64_t>(sizeof(float)), m.stream);
     m.pending_delta = false;
     return;
   }
@@ -950,7 +993,8 @@ Status GpuExecutor::sample(const SamplingParams& p, const std::vector<uint64_t>&
     if (p.temperature == 0.0f) {
       argmax_rows(m.logits, m.n_out, m.cfg.n_vocab, m.tokens_out, m.stream);
     } else {
-      CUDA_CHECK(cudaMemcpyAsync(m.seeds_d, seeds.data(), seeds.size() * 8, cudaMemcpyHostToDevice, m.stream));
+      std::memcpy(m.seeds_h, seeds.data(), seeds.size() * 8);  // free: the last sample() synchronised
+      copy_by_kernel(m.seeds_h, m.seeds_d, static_cast<int64_t>(seeds.size()) * 8, m.stream);
       topk_sample(m.logits, m.n_out, m.cfg.n_vocab, static_cast<int>(std::min<int64_t>(p.top_k, m.cfg.n_vocab)), p.temperature, p.top_p,
                   m.seeds_d, step, m.tokens_out, m.stream);
     }

@@ -87,9 +87,10 @@ void topk_sample(const float* logits, int64_t n_rows, int64_t n_vocab, int k, fl
 
 // convert.cu: dst bf16[n] from f32, f16 or bf16 source bits (dtype: 0 f32, 1 f16, 2 bf16).
 void to_bf16(const void* src, int dtype, int64_t n, bf16* dst, cudaStream_t s);
-// dst <- src by a kernel (16-byte words; cudaMemcpyAsync when not 16-byte aligned): for pinned host
-// memory read or written through its mapped address, which keeps small transfers off the copy
-// engines that the streamed weights occupy.
+// dst <- src by a kernel (16-byte words and a byte tail; cudaMemcpyAsync when a pointer is not
+// 16-byte aligned): for pinned host memory read or written through its mapped address, which keeps
+// small transfers off the copy engine. A cudaMemcpyAsync from host memory queues behind the streamed
+// weights' copies whatever its stream: a step's inputs waited 7 ms for the next step's prefetch.
 void copy_by_kernel(const void* src, void* dst, int64_t bytes, cudaStream_t s);
 // Synthetic weights on the device: the same values as models/synthetic.cpp's synthetic_fill_bf16.
 void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* dst, cudaStream_t s);

@@ -62,8 +62,8 @@ class KvCache {
   // `near_pci` (the GPU) when hwloc knows it, and zeroed (so every page is placed now).
   static Expected<KvCache> create(const KvCacheShape& shape, const std::vector<bool>& host_layers, const std::string& near_pci = "");
   int numa_node() const { return numa_node_; }
-  // Whether the host pools were given transparent huge pages (see create()).
-  bool huge_pages() const { return huge_pages_; }
+  // Bytes of the host pools backed by transparent huge pages after create() (0: 4 KiB pages).
+  int64_t huge_page_bytes() const { return huge_bytes_; }
   bool has_host_storage(int64_t il) const { return il < static_cast<int64_t>(k_.size()) && k_[il].data() != nullptr; }
   int64_t host_bytes() const;
 
@@ -136,7 +136,7 @@ class KvCache {
   void store(int64_t il, int32_t seq, int64_t pos, const Src* k, const Src* v);
   KvCacheShape shape_;
   int numa_node_ = -1;
-  bool huge_pages_ = false;
+  int64_t huge_bytes_ = 0;
   std::vector<HostBuffer> k_, v_;  // per layer
   std::vector<int32_t> free_;
   std::vector<Seq> seqs_;

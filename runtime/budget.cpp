@@ -140,9 +140,10 @@ Expected<KvPlace> parse_kv_place(const std::string& s) {
 
 namespace {
 
-// `gpu_kv_tail`: with host K/V, this many layers keep their K/V on the GPU; when that many are
-// resident they are the last layers, and the others are spread among the first (plan_gpu).
-Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, bool spread_resident, int64_t gpu_kv_tail = 0) {
+// `gpu_kv`: with host K/V, this many layers keep their K/V on the GPU; when that many are resident
+// they are spread evenly among the others (one in the middle of each stretch of L / gpu_kv layers),
+// and marked in p.kv_host (plan_gpu).
+Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, bool spread_resident, int64_t gpu_kv = 0) {
   GpuPlan p;
   const int64_t L = c.n_layers;
   p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
@@ -200,16 +201,22 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   // evenly between the streamed ones; streamed layers from host memory first, then from disk.
   p.place.assign(L, Place::kResident);
   p.source.assign(L, Tier::kDevice);
-  // With K/V split between host and GPU, the GPU-K/V layers (resident) come last, together: the
-  // micro-batch pipeline of host-K/V layers (gpu/gpu_executor.h) drains before a GPU-K/V layer, and
-  // each host / GPU alternation left the CPU idle for about 1.5 ms (notes/kv.md, "Split placements").
-  const int64_t tail = gpu_kv_tail > 0 && gpu_kv_tail <= n_res ? gpu_kv_tail : 0;
-  const int64_t spread_over = L - tail;
+  // With K/V split between host and GPU, the GPU-K/V layers (resident) are spread evenly among the
+  // host-K/V ones: the executor chains each to the host-K/V layer before it per micro-batch, so the
+  // GPU runs them for one micro-batch while the CPU attends the other. Placed last, together (the
+  // sixth session's layout, when each one drained the pipeline), they left the copy engine idle
+  // for their whole run every step (notes/kv.md, "Seventh session": 1.04-1.09x).
+  const int64_t g = gpu_kv > 0 && gpu_kv <= n_res ? gpu_kv : 0;
+  std::vector<bool> gpu_kv_at(L, false);
+  for (int64_t j = 0; j < g; ++j) gpu_kv_at[static_cast<size_t>((2 * j + 1) * L / (2 * g))] = true;  // floor((j + 1/2) L / g)
+  const int64_t spread_over = L - g;
   int64_t host_streamed_left = host_held - n_cpu;
-  for (int64_t il = 0, j = 0; il < L; ++il) {
-    // R of the L layers are not resident: evenly spaced among the first L - tail (the last of those
-    // is one of them), or the last R.
-    const bool other = spread_resident ? R > 0 && il < spread_over && (il + 1) * R / spread_over > il * R / spread_over : il >= n_res;
+  for (int64_t il = 0, j = 0, i = 0; il < L; ++il) {
+    // R of the L layers are not resident: evenly spaced among the L - g host-K/V positions (the
+    // last of those is one of them), or the last R.
+    if (gpu_kv_at[il]) continue;
+    const int64_t at = i++;
+    const bool other = spread_resident ? R > 0 && (at + 1) * R / spread_over > at * R / spread_over : il >= n_res;
     if (!other) continue;
     const bool cpu = n_cpu > 0 && (j + 1) * n_cpu / R > j * n_cpu / R;
     ++j;
@@ -221,6 +228,10 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
       p.source[il] = host_streamed_left > 0 ? Tier::kPinnedHost : Tier::kDisk;
       if (host_streamed_left > 0) --host_streamed_left;
     }
+  }
+  if (g > 0) {
+    p.kv_host.assign(L, true);
+    for (int64_t il = 0; il < L; ++il) p.kv_host[il] = !gpu_kv_at[il];
   }
   p.n_resident = n_res;
   p.n_cpu = n_cpu;
@@ -237,15 +248,17 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
 
 Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   const int64_t L = c.n_layers;
-  // Marks `k` layers' K/V as host-resident: streamed layers first (their steps wait on copies, which
-  // hides the CPU's attention), then resident layers from the first, so the GPU-K/V layers are the
-  // last ones (plan_weights puts that many resident layers there); CPU-computed layers always.
+  // Marks `k` layers' K/V as host-resident: as plan_weights spread them when L - k layers are
+  // resident; otherwise streamed layers first (their steps wait on copies, which hides the CPU's
+  // attention), then resident layers from the first; CPU-computed layers always.
   auto finish = [&](GpuPlan p, int64_t k) {
-    p.kv_host.assign(L, false);
-    for (int64_t il = 0; il < L && k > 0; ++il)
-      if (p.place[il] == Place::kStreamed) p.kv_host[il] = true, --k;
-    for (int64_t il = 0; il < L && k > 0; ++il)
-      if (p.place[il] == Place::kResident) p.kv_host[il] = true, --k;
+    if (k == 0 || k == L || static_cast<int64_t>(p.kv_host.size()) != L) {
+      p.kv_host.assign(L, false);
+      for (int64_t il = 0; il < L && k > 0; ++il)
+        if (p.place[il] == Place::kStreamed) p.kv_host[il] = true, --k;
+      for (int64_t il = 0; il < L && k > 0; ++il)
+        if (p.place[il] == Place::kResident) p.kv_host[il] = true, --k;
+    }
     for (int64_t il = 0; il < L; ++il) p.kv_host[il] = p.kv_host[il] || p.place[il] == Place::kCpu;
     p.n_kv_host = std::count(p.kv_host.begin(), p.kv_host.end(), true);
     const int64_t on_gpu = std::count_if(p.place.begin(), p.place.end(), [](Place x) { return x != Place::kCpu; });
@@ -256,7 +269,7 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
   auto with_kv = [&](int64_t k) {
     GpuPlanInput t = in;
     t.kv_bytes = in.kv_bytes * (L - k) / L;
-    return plan_weights(c, t, /*spread_resident=*/k > 0, /*gpu_kv_tail=*/k > 0 ? L - k : 0);
+    return plan_weights(c, t, /*spread_resident=*/k > 0, /*gpu_kv=*/k > 0 ? L - k : 0);
   };
   // The predicted decode step of a plan with k host-K/V layers: the largest of
   //  - the weights' step (copies, disk, GPU and CPU layers: plan_weights),

@@ -1,8 +1,12 @@
 #include "runtime/topology.h"
 
 #include <hwloc.h>
+#include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -117,6 +121,47 @@ int bind_near_pci(void* p, size_t bytes, const std::string& pci_bus) {
   if (anc == nullptr || anc->nodeset == nullptr) return -1;
   if (hwloc_set_area_membind(t.topo, p, bytes, anc->nodeset, HWLOC_MEMBIND_BIND, HWLOC_MEMBIND_BYNODESET) != 0) return -1;
   return hwloc_bitmap_first(anc->nodeset);
+}
+
+int64_t huge_page_bytes(const std::vector<std::pair<const void*, size_t>>& ranges) {
+  std::FILE* f = std::fopen("/proc/self/smaps", "r");
+  if (f == nullptr) return 0;
+  char line[512];
+  uintptr_t lo = 0, hi = 0;
+  int64_t total = 0;
+  bool inside = false;
+  while (std::fgets(line, sizeof line, f)) {
+    unsigned long a = 0, b = 0;
+    long kb = 0;
+    if (std::sscanf(line, "%lx-%lx ", &a, &b) == 2 && std::strchr(line, ':') != nullptr && line[0] != ' ') {
+      lo = a;
+      hi = b;
+      inside = false;
+      for (const auto& [p, n] : ranges) {
+        const auto s = reinterpret_cast<uintptr_t>(p);
+        if (s < hi && s + n > lo) inside = true;
+      }
+    } else if (inside && std::sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) {
+      // A mapping can hold more than one range (or more than the range): count what overlaps them.
+      int64_t overlap = 0;
+      for (const auto& [p, n] : ranges) {
+        const auto s = reinterpret_cast<uintptr_t>(p);
+        overlap += static_cast<int64_t>(std::min<uintptr_t>(s + n, hi) - std::max<uintptr_t>(s, lo)) * (s < hi && s + n > lo);
+      }
+      total += std::min<int64_t>(static_cast<int64_t>(kb) * 1024, overlap);
+    }
+  }
+  std::fclose(f);
+  return total;
+}
+
+bool collapse_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__)
+  constexpr int kMadvCollapse = 25;  // MADV_COLLAPSE, Linux 6.1; older headers lack the name
+  return p != nullptr && madvise(p, bytes, kMadvCollapse) == 0;
+#else
+  return false;
+#endif
 }
 
 std::string topology_summary() {

@@ -273,6 +273,20 @@ TEST_SUITE("gpu_ops") {
       synthetic_fill_bf16("model.norm.weight", 4096, true, 0, 4096, host.data());
       gpu::synthetic_fill(synthetic_key("model.norm.weight"), synthetic_scale(4096, true), true, 4096, reinterpret_cast<bf16*>(dev.p), nullptr);
       CHECK(dev.get() == host);
+      // copy_by_kernel: pinned host memory read through its mapped address, any length (16-byte
+      // words and a byte tail); the bytes around the copy are left alone.
+      uint8_t* pinned = nullptr;
+      CUDA_CHECK(cudaMallocHost(&pinned, 8192));
+      for (int i = 0; i < 8192; ++i) pinned[i] = static_cast<uint8_t>(i * 7 + 3);
+      for (int64_t bytes : {1, 4, 15, 16, 17, 100, 4099, 8192}) {
+        Dev<uint8_t> d(std::vector<uint8_t>(8192 + 16, 0xEE));
+        gpu::copy_by_kernel(pinned, d.p, bytes, nullptr);
+        const auto got = d.get();
+        CAPTURE(bytes);
+        CHECK(std::equal(got.begin(), got.begin() + bytes, pinned));
+        CHECK(std::all_of(got.begin() + bytes, got.end(), [](uint8_t v) { return v == 0xEE; }));
+      }
+      cudaFreeHost(pinned);
     }
   }
 
@@ -752,17 +766,69 @@ TEST_SUITE("gpu_model") {
           }
         }
       }
-      // Mixed placements (--kv split): some layers' K/V on the host, the others' on the GPU.
-      for (const char* pattern : {"HG", "GH"}) {
+      // Mixed placements (--kv split): some layers' K/V on the host, the others' on the GPU. A
+      // resident GPU-K/V layer after a host-K/V one runs per micro-batch in its chain ("HGG": two
+      // chained; "RS" places: a streamed GPU-K/V layer ends the chain and runs whole).
+      struct Mixed {
+        const char* pattern;
+        const char* places;
+      };
+      for (const Mixed& mx : {Mixed{"HG", ""}, Mixed{"GH", ""}, Mixed{"HGG", ""}, Mixed{"HGGH", ""}, Mixed{"HGG", "RS"}}) {
         const auto ids = test::read_i32(**gs, "seq1.input_ids");
         const auto ref_logits = test::read_f32(**gs, "seq1.logits");
-        GpuModel mixed = load_gpu(dir, 4096, true, -1, "", "", false, 2, pattern);
+        GpuModel mixed = load_gpu(dir, 4096, true, -1, mx.places, "", false, 2, mx.pattern);
         CHECK(mixed.ex->n_kv_host_layers() > 0);
         CHECK(mixed.ex->n_kv_host_layers() < mixed.model.config.n_layers);
-        auto l = prompt_logits(*mixed.runner, ids, 7);
-        REQUIRE_MESSAGE(l.ok(), l.status().message());
-        MESSAGE(std::string(name) << " mixed K/V '" << std::string(pattern) << "': max|d|/max|ref| = " << rel(*l, ref_logits));
-        CHECK(rel(*l, ref_logits) <= 2e-2);
+        // Chunks of 7 (later chunks split into micro-batches of one sequence), then one fresh step.
+        for (int64_t chunk : {7, 512}) {
+          auto l = prompt_logits(*mixed.runner, ids, chunk);
+          REQUIRE_MESSAGE(l.ok(), l.status().message());
+          MESSAGE(std::string(name) << " mixed K/V '" << std::string(mx.pattern) << "' places '" << std::string(mx.places) << "', chunks of " << chunk
+                                    << ": max|d|/max|ref| = " << rel(*l, ref_logits));
+          CHECK(rel(*l, ref_logits) <= 2e-2);
+        }
+        // A step with both kinds of rows: seq0's next 5 tokens over its cached K/V (two
+        // micro-batches through the chain) and seq1's whole prompt (fresh: the chained layers'
+        // fresh rows after the micro-batches). Each sequence's logits as the golden ones.
+        {
+          const auto a = test::read_i32(**gs, "seq0.input_ids"), b = test::read_i32(**gs, "seq1.input_ids");
+          const auto ref_a = test::read_f32(**gs, "seq0.logits"), ref_b = test::read_f32(**gs, "seq1.logits");
+          const int64_t V = mixed.model.config.n_vocab, n0 = static_cast<int64_t>(a.size()) / 2, n1 = static_cast<int64_t>(a.size()) - n0;
+          REQUIRE(n1 >= 2);
+          KvCache& kv = *mixed.kv;
+          const int32_t sa = kv.add_sequence(), sb = kv.add_sequence();
+          StepBatch st;
+          std::vector<float> out;
+          for (int64_t j = 0; j < n0; ++j) st.add(a[j], static_cast<int32_t>(j), sa, false);
+          REQUIRE(mixed.runner->step(st, out).ok());
+          st.clear();
+          for (int64_t j = n0; j < n0 + n1; ++j) st.add(a[j], static_cast<int32_t>(j), sa, true);
+          for (size_t j = 0; j < b.size(); ++j) st.add(b[j], static_cast<int32_t>(j), sb, true);
+          auto r = mixed.runner->step(st, out);
+          REQUIRE_MESSAGE(r.ok(), r.message());
+          const std::vector<float> got_a(out.begin(), out.begin() + n1 * V), got_b(out.begin() + n1 * V, out.end());
+          const std::vector<float> want_a(ref_a.begin() + n0 * V, ref_a.begin() + (n0 + n1) * V);
+          MESSAGE(std::string(name) << " mixed K/V '" << std::string(mx.pattern) << "', cached + fresh rows in one step: " << rel(got_a, want_a) << ", "
+                                    << rel(got_b, ref_b));
+          CHECK(rel(got_a, want_a) <= 2e-2);
+          CHECK(rel(got_b, ref_b) <= 2e-2);
+          kv.free_sequence(sa);
+          kv.free_sequence(sb);
+        }
+        // A decode batch: each micro-batch's rows go through the chained layers; each sequence's
+        // tokens as when it runs alone.
+        const auto a = test::read_i32(**gs, "seq0.input_ids"), b = test::read_i32(**gs, "seq1.input_ids");
+        GenerateOptions go;
+        go.n_predict = 6;
+        go.sampling.temperature = 0;
+        go.stop_at_eos = false;
+        auto together = generate(*mixed.runner, {a, b, a}, go);
+        REQUIRE(together.ok());
+        auto alone = generate(*mixed.runner, {b}, go);
+        REQUIRE(alone.ok());
+        CHECK(together->tokens[0] == together->tokens[2]);
+        CHECK(together->tokens[1] == alone->tokens[0]);
+        CHECK(mixed.kv->n_free_blocks() == mixed.kv->shape().n_blocks);
       }
       // A decode batch of sequences of different lengths: each token's logits as when alone.
       GpuModel h = load_gpu(dir, 4096, true, -1, "", "", true, 2);

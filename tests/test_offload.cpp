@@ -20,6 +20,7 @@
 #include "offload/staging_ring.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
+#include "runtime/topology.h"
 #include "test_util.h"
 
 using namespace ferry;
@@ -396,11 +397,17 @@ TEST_SUITE("offload") {
       const int64_t k = pick->n_kv_host;
       CHECK(k > 0);
       CHECK(k < L);
-      // The GPU-K/V layers are resident and come last, together.
-      for (int64_t il = 0; il < L; ++il) {
-        CHECK(pick->kv_host[il] == (il < k));
+      // The GPU-K/V layers are resident and spread evenly: one in the middle of each stretch of
+      // L / (L - k) layers, so the first layer and no two of them in a row when k >= L / 2.
+      const int64_t g = L - k;
+      for (int64_t il = 0, j = 0; il < L; ++il) {
+        const bool gpu_kv = j < g && il == (2 * j + 1) * L / (2 * g);
+        if (gpu_kv) ++j;
+        CHECK(pick->kv_host[il] == !gpu_kv);
         if (!pick->kv_host[il]) CHECK(pick->place[il] == Place::kResident);
+        if (k >= L / 2 && il > 0 && !pick->kv_host[il]) CHECK(pick->kv_host[il - 1]);
       }
+      CHECK(pick->kv_host[0]);
       // Forced counts: exactly k host layers, or an error naming the flag.
       double best = std::numeric_limits<double>::infinity();
       std::vector<std::pair<int64_t, GpuPlan>> all;
@@ -851,5 +858,31 @@ TEST_SUITE("offload") {
     const int64_t t = 3 + 195;
     CHECK(k[37] == bf16_to_f32(rows[t * W + k_off + 37]));
     CHECK(v[100] == bf16_to_f32(rows[t * W + v_off + 100]));
+  }
+
+  TEST_CASE("K/V huge pages: the pools are zeroed and counted; a collapse the kernel grants is seen in smaps") {
+    // 2 layers of 4 MiB pools (K and V each): huge pages advised, zeroed, counted from /proc/self/smaps.
+    KvCacheShape shape{2, 4, 64, 16, 256, DType::kBF16};
+    auto kv = KvCache::create(shape);
+    REQUIRE(kv.ok());
+    CHECK(kv->host_bytes() == shape.bytes());
+    CHECK(kv->huge_page_bytes() >= 0);
+    CHECK(kv->huge_page_bytes() <= kv->host_bytes());
+    const KvLayerView x = kv->layer_view(1);
+    const size_t pool = static_cast<size_t>(shape.n_blocks * x.block_elems() * 2);
+    const auto* k16 = static_cast<const uint16_t*>(x.k);
+    CHECK(std::all_of(k16, k16 + pool / 2, [](uint16_t h) { return h == 0; }));
+    // The parser against the kernel: where MADV_COLLAPSE succeeds on a touched 4 MiB range, smaps must
+    // show huge pages over it; a range outside every mapping counts nothing.
+    HostBuffer b(size_t{4} << 20, HostBuffer::kHugePage);
+    REQUIRE(b.data() != nullptr);
+    b.advise_huge_pages();
+    b.zero();
+    if (collapse_huge_pages(b.data(), b.size()))
+      CHECK(huge_page_bytes({{b.data(), b.size()}}) == static_cast<int64_t>(b.size()));
+    else
+      MESSAGE("MADV_COLLAPSE refused here (", std::strerror(errno), "): only the bounds are checked");
+    CHECK(huge_page_bytes({{b.data(), b.size()}}) <= static_cast<int64_t>(b.size()));
+    CHECK(huge_page_bytes({{reinterpret_cast<const void*>(uintptr_t{4096}), 4096}}) == 0);
   }
 }

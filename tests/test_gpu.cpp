@@ -739,6 +739,22 @@ TEST_SUITE("gpu_model") {
       const std::string dir = test::shared_dir() + "/golden/" + name;
       auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
       REQUIRE(gs.ok());
+      // A decode batch of three sequences (two of them the same prompt): each sequence's tokens as
+      // when it runs alone, and every block back afterwards.
+      auto batch_as_alone = [&](GpuModel& g) {
+        const auto a = test::read_i32(**gs, "seq0.input_ids"), b = test::read_i32(**gs, "seq1.input_ids");
+        GenerateOptions go;
+        go.n_predict = 6;
+        go.sampling.temperature = 0;
+        go.stop_at_eos = false;
+        auto together = generate(*g.runner, {a, b, a}, go);
+        REQUIRE(together.ok());
+        auto alone = generate(*g.runner, {b}, go);
+        REQUIRE(alone.ok());
+        CHECK(together->tokens[0] == together->tokens[2]);
+        CHECK(together->tokens[1] == alone->tokens[0]);
+        CHECK(g.kv->n_free_blocks() == g.kv->shape().n_blocks);
+      };
       GpuModel ref = load_gpu(dir);
       for (const char* seq : {"seq0", "seq1"}) {
         const auto ids = test::read_i32(**gs, std::string(seq) + ".input_ids");
@@ -815,35 +831,12 @@ TEST_SUITE("gpu_model") {
           kv.free_sequence(sa);
           kv.free_sequence(sb);
         }
-        // A decode batch: each micro-batch's rows go through the chained layers; each sequence's
-        // tokens as when it runs alone.
-        const auto a = test::read_i32(**gs, "seq0.input_ids"), b = test::read_i32(**gs, "seq1.input_ids");
-        GenerateOptions go;
-        go.n_predict = 6;
-        go.sampling.temperature = 0;
-        go.stop_at_eos = false;
-        auto together = generate(*mixed.runner, {a, b, a}, go);
-        REQUIRE(together.ok());
-        auto alone = generate(*mixed.runner, {b}, go);
-        REQUIRE(alone.ok());
-        CHECK(together->tokens[0] == together->tokens[2]);
-        CHECK(together->tokens[1] == alone->tokens[0]);
-        CHECK(mixed.kv->n_free_blocks() == mixed.kv->shape().n_blocks);
+        // A decode batch: each micro-batch's rows go through the chained layers.
+        batch_as_alone(mixed);
       }
       // A decode batch of sequences of different lengths: each token's logits as when alone.
       GpuModel h = load_gpu(dir, 4096, true, -1, "", "", true, 2);
-      const auto a = test::read_i32(**gs, "seq0.input_ids"), b = test::read_i32(**gs, "seq1.input_ids");
-      GenerateOptions go;
-      go.n_predict = 6;
-      go.sampling.temperature = 0;
-      go.stop_at_eos = false;
-      auto together = generate(*h.runner, {a, b, a}, go);
-      REQUIRE(together.ok());
-      auto alone = generate(*h.runner, {b}, go);
-      REQUIRE(alone.ok());
-      CHECK(together->tokens[0] == together->tokens[2]);
-      CHECK(together->tokens[1] == alone->tokens[0]);
-      CHECK(h.kv->n_free_blocks() == h.kv->shape().n_blocks);  // every block back
+      batch_as_alone(h);
     }
   }
 

@@ -112,7 +112,7 @@ struct GpuExecutor::Impl {
   // attention to the next without waiting for the GPU. Its ring slot is ended once all are issued.
   // Resident GPU-K/V layers that follow it join the chain: their rows run per micro-batch right
   // after the post of that micro-batch, so the GPU works through them for one micro-batch while the
-  // CPU attends the other, and the pipeline no longer drains at a GPU-K/V layer (chain_gpu_layer).
+  // CPU attends the other, and the pipeline no longer drains at a GPU-K/V layer (gpu_rows).
   struct PendingPosts {
     int64_t il = -1;    // -1: none
     LayerWeights w;     // the layer's weights (a ring slot's views when streamed)

@@ -47,8 +47,8 @@ Expected<KvCache> KvCache::create(const KvCacheShape& shape, const std::vector<b
   }
   // Zeroing places the pages (on the bound node, whichever thread touches them); an unwritten slot
   // never holds a NaN that 0 * NaN would spread. Then the pages that came as 4 KiB ones (a
-  // fragmented host, THP defrag off) are collapsed into huge pages: measured on the GPU host, CPU
-  // attention over a pool faulted with partly small pages ran ~25% slower (notes/kv.md).
+  // fragmented host, THP defrag off) are collapsed into huge pages: on the GPU host the attention
+  // bench read a pool of 4 KiB pages at 76.2 GB/s against 86.5 in huge pages (notes/kv.md).
   std::vector<HostBuffer*> pools;
   std::vector<std::pair<const void*, size_t>> ranges;
   for (auto* side : {&kv.k_, &kv.v_})

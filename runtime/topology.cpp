@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -126,28 +125,18 @@ int bind_near_pci(void* p, size_t bytes, const std::string& pci_bus) {
 int64_t huge_page_bytes(const std::vector<std::pair<const void*, size_t>>& ranges) {
   std::FILE* f = std::fopen("/proc/self/smaps", "r");
   if (f == nullptr) return 0;
-  char line[512];
-  uintptr_t lo = 0, hi = 0;
-  int64_t total = 0;
-  bool inside = false;
+  char line[4096];
+  int64_t total = 0, overlap = 0;  // overlap: bytes of the ranges inside the current mapping
   while (std::fgets(line, sizeof line, f)) {
-    unsigned long a = 0, b = 0;
+    unsigned long lo = 0, hi = 0;
     long kb = 0;
-    if (std::sscanf(line, "%lx-%lx ", &a, &b) == 2 && std::strchr(line, ':') != nullptr && line[0] != ' ') {
-      lo = a;
-      hi = b;
-      inside = false;
+    if (std::sscanf(line, "%lx-%lx ", &lo, &hi) == 2) {  // a mapping's header line
+      overlap = 0;
       for (const auto& [p, n] : ranges) {
         const auto s = reinterpret_cast<uintptr_t>(p);
-        if (s < hi && s + n > lo) inside = true;
+        if (s < hi && s + n > lo) overlap += static_cast<int64_t>(std::min<uintptr_t>(s + n, hi) - std::max<uintptr_t>(s, lo));
       }
-    } else if (inside && std::sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) {
-      // A mapping can hold more than one range (or more than the range): count what overlaps them.
-      int64_t overlap = 0;
-      for (const auto& [p, n] : ranges) {
-        const auto s = reinterpret_cast<uintptr_t>(p);
-        overlap += static_cast<int64_t>(std::min<uintptr_t>(s + n, hi) - std::max<uintptr_t>(s, lo)) * (s < hi && s + n > lo);
-      }
+    } else if (overlap > 0 && std::sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) {
       total += std::min<int64_t>(static_cast<int64_t>(kb) * 1024, overlap);
     }
   }

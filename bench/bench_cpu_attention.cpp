@@ -5,8 +5,11 @@
 // Usage: bench_cpu_attention [BATCH CONTEXT [LAYERS HEADS KV_HEADS [PARTS]]]
 //   (default 64 sequences x 1024 tokens). With LAYERS, only this table instead: decode attention the way the
 //   GPU pipeline calls it: a pool of LAYERS layers, every layer in turn, the batch in PARTS (default
-//   2) calls per layer, the best kernel. FERRY_KV_HUGEPAGES=0 / FERRY_ATTN_PREFETCH=0 turn off the
-//   pools' huge pages / the kernels' software prefetch, to measure each.
+//   2) calls per layer, the best kernel; with a GPU, also while its copy engine reads pinned host
+//   memory, back to back and paced. FERRY_KV_HUGEPAGES=0 / FERRY_ATTN_PREFETCH=0 turn off the pools'
+//   huge pages / the kernels' software prefetch, to measure each (FERRY_ATTN_PREFETCH=N: N blocks
+//   ahead, FERRY_ATTN_PREFETCH_SPREAD=0: all at each block's start in the tile kernel too); the
+//   pipeline table also times the other prefetch variants on the same pool, interleaved.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,6 +19,7 @@
 #include <vector>
 
 #include "cpu/attention.h"
+#include "gpu/device.h"
 #include "offload/kv_cache.h"
 #include "runtime/topology.h"
 
@@ -62,9 +66,7 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
   std::vector<uint16_t> q(batch * n_heads * hd, f32_to_bf16(0.01f)), out(batch * n_heads * hd);
   const double bytes = static_cast<double>(n_layers) * batch * ctx * 2 * n_kv * hd * 2;
   const cpu::AttnIsa isa = cpu::attn_isa_best();
-  double best = 1e30;
-  for (int rep = 0; rep < 3; ++rep) {
-    const double t0 = now_s();
+  auto attend_all = [&] {
     for (int64_t il = 0; il < n_layers; ++il)
       for (int64_t p = 0; p < parts; ++p) {
         const int64_t b0 = batch * p / parts, b1 = batch * (p + 1) / parts;
@@ -79,7 +81,35 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
         a.out_bf16 = true;
         cpu::paged_attention(a, il, *kv, isa);
       }
-    best = std::min(best, now_s() - t0);
+  };
+  // Prefetch variants, interleaved over the same pool in this process (processes differ by more than
+  // the variants do): the default (the environment's) first.
+  std::vector<cpu::AttnPrefetch> variants = {cpu::attn_prefetch()};
+  for (cpu::AttnPrefetch v : {cpu::AttnPrefetch{0, false}, cpu::AttnPrefetch{1, false}, cpu::AttnPrefetch{1, true}, cpu::AttnPrefetch{2, false},
+                              cpu::AttnPrefetch{2, true}})
+    if (v.blocks != variants[0].blocks || v.spread != variants[0].spread) variants.push_back(v);
+  std::vector<double> best_of(variants.size(), 1e30);
+  for (int rep = 0; rep < 4; ++rep)
+    for (size_t vi = 0; vi < variants.size(); ++vi) {
+      cpu::set_attn_prefetch(variants[vi]);
+      const double t0 = now_s();
+      attend_all();
+      best_of[vi] = std::min(best_of[vi], now_s() - t0);
+    }
+  cpu::set_attn_prefetch(variants[0]);
+  const double best = best_of[0];
+  // The same attention while the GPU's copy engine reads pinned host memory (the streamed weights'
+  // copies in the pipeline): back to back, then paced at a few average rates.
+  struct Beside {
+    double pace, copy_gbs, kv_gbs;
+  };
+  std::vector<Beside> beside;
+  for (double pace : {0.0, 40.0, 30.0, 20.0, 10.0}) {
+    const gpu::SharedCopyRate r = gpu::h2d_during([&] {
+      for (int rep = 0; rep < 2; ++rep) attend_all();
+    }, pace);
+    if (!r.error.empty()) break;  // no GPU: the table is left out
+    beside.push_back({pace, r.h2d_gbs, 2 * bytes / r.host_seconds / 1e9});
   }
   // Two reads of the same bytes, to tell the kernel's cost from the memory's: every thread summing the
   // pools front to back ("plain"), and the K and V tiles the kernel reads, in its order ("tiles").
@@ -125,12 +155,21 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
   }
   if (sums[8] == 42) std::printf(" ");
   const double pool_bytes = static_cast<double>(n_layers) * batch * blocks_per_seq * bs * 2 * n_kv * hd * 2;
-  const char* hp = std::getenv("FERRY_ATTN_PREFETCH");
+  auto pf_name = [](const cpu::AttnPrefetch& p) {
+    return p.blocks == 0 ? std::string("off") : strprintf("%d block%s ahead%s", p.blocks, p.blocks > 1 ? "s" : "", p.spread ? ", spread" : "");
+  };
   std::printf("\n| pipeline: heads (q/kv) | layers x batch x context | calls | kernel | pages | prefetch | ms per layer | K/V GB/s | tiles read GB/s | plain read GB/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
-  std::printf("| %lld / %lld | %lld x %lld x %lld | %lld per layer | %s | %s | %s | %.2f | %.1f | %.1f | %.1f |\n", (long long)n_heads, (long long)n_kv,
-              (long long)n_layers, (long long)batch, (long long)ctx, (long long)parts, cpu::attn_isa_name(isa),
-              strprintf("%.0f%% huge", 100.0 * static_cast<double>(kv->huge_page_bytes()) / static_cast<double>(std::max<int64_t>(1, kv->host_bytes()))).c_str(), hp && std::string(hp) == "0" ? "off" : "on", best * 1e3 / n_layers, bytes / best / 1e9,
-              bytes / best_tiles / 1e9, pool_bytes / best_plain / 1e9);
+  for (size_t vi = 0; vi < variants.size(); ++vi)
+    std::printf("| %lld / %lld | %lld x %lld x %lld | %lld per layer | %s | %s | %s | %.2f | %.1f | %.1f | %.1f |\n", (long long)n_heads, (long long)n_kv,
+                (long long)n_layers, (long long)batch, (long long)ctx, (long long)parts, cpu::attn_isa_name(isa),
+                strprintf("%.0f%% huge", 100.0 * static_cast<double>(kv->huge_page_bytes()) / static_cast<double>(std::max<int64_t>(1, kv->host_bytes()))).c_str(),
+                pf_name(variants[vi]).c_str(), best_of[vi] * 1e3 / n_layers, bytes / best_of[vi] / 1e9, bytes / best_tiles / 1e9, pool_bytes / best_plain / 1e9);
+  if (!beside.empty()) {
+    std::printf("\n| beside H2D copies (prefetch %s): copies | copy GB/s | K/V GB/s | together GB/s |\n|---|---|---|---|\n", pf_name(variants[0]).c_str());
+    for (const Beside& b : beside)
+      std::printf("| %s | %.1f | %.1f | %.1f |\n", b.pace > 0 ? strprintf("paced at %.0f GB/s", b.pace).c_str() : "back to back", b.copy_gbs, b.kv_gbs,
+                  b.copy_gbs + b.kv_gbs);
+  }
 }
 }  // namespace
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -44,25 +45,31 @@ void softmax_block(int64_t G, int64_t bs, int64_t a, int64_t e, float* sc, float
   for (int64_t g = 0; g < G; ++g) softmax_row(bs, a, e, sc + g * bs, m[g], l[g], acc + g * hd, hd);
 }
 
-// Software prefetch of block b + 1's K and V tiles of one head (bs x hd BF16 each) while block b is
-// computed. A sequence's tiles lie a block apart (every KV head's tile in between), and the hardware
-// prefetcher stops at page edges, so without this each block starts with a memory round trip.
-// FERRY_ATTN_PREFETCH=0 turns it off (to measure it).
-bool prefetch_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("FERRY_ATTN_PREFETCH");
-    return !(e && std::string(e) == "0");
-  }();
-  return on;
+// Software prefetch of K and V tiles of one head (bs x hd BF16 each) ahead of the block being
+// computed. A sequence's tiles lie a block apart (every KV head's tile in between), and the
+// hardware prefetcher stops at page edges, so without this each block starts with a memory round
+// trip. attn_prefetch() (attention.h) says how far ahead, and whether the tile kernel spreads them.
+std::atomic<int> g_prefetch_blocks{-1}, g_prefetch_spread{1};
+inline void load_prefetch_env() {
+  if (g_prefetch_blocks.load(std::memory_order_relaxed) >= 0) return;
+  const char* e = std::getenv("FERRY_ATTN_PREFETCH");
+  const char* sp = std::getenv("FERRY_ATTN_PREFETCH_SPREAD");
+  g_prefetch_spread.store(sp && std::string(sp) == "0" ? 0 : 1);
+  g_prefetch_blocks.store(e ? std::clamp(std::atoi(e), 0, 8) : 1);
 }
-inline void prefetch_next_block(const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks, int64_t b, int64_t bs,
-                                int64_t j1, int64_t tile_bytes, bool on) {
-  if (!on || (b + 1) * bs >= j1) return;
-  const char* kn = reinterpret_cast<const char*>(k + static_cast<int64_t>(blocks[b + 1]) * block_elems);
-  const char* vn = reinterpret_cast<const char*>(v + static_cast<int64_t>(blocks[b + 1]) * block_elems);
-  for (int64_t o = 0; o < tile_bytes; o += 64) {
-    __builtin_prefetch(kn + o, 0, 3);
-    __builtin_prefetch(vn + o, 0, 3);
+inline void prefetch_tile(const char* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+// Called at block b of a chunk whose first block is b_first (d = blocks ahead): the first call
+// prefetches blocks b + 1 .. b + d, later ones block b + d (the others were asked for already);
+// `spread`: leave block b + d to the caller (the tile kernel spreads it over its tile steps).
+inline void prefetch_ahead(const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks, int64_t b, int64_t b_first,
+                           int64_t bs, int64_t j1, int64_t tile_bytes, int d, bool spread = false) {
+  if (d <= 0) return;
+  const int64_t last = spread ? b + d - 1 : b + d;
+  for (int64_t nb = b == b_first ? b + 1 : b + d; nb <= last && nb * bs < j1; ++nb) {
+    prefetch_tile(reinterpret_cast<const char*>(k + static_cast<int64_t>(blocks[nb]) * block_elems), tile_bytes);
+    prefetch_tile(reinterpret_cast<const char*>(v + static_cast<int64_t>(blocks[nb]) * block_elems), tile_bytes);
   }
 }
 
@@ -250,15 +257,24 @@ inline __m256i to_bf16(V x) {
 void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks,
                  int64_t bs, int64_t j0, int64_t j1, const int64_t* lo, const int64_t* hi, float* m, float* l, float* acc, float* sc,
                  uint16_t* pb) {
-  const bool pf = prefetch_enabled();
+  load_prefetch_env();
+  const int d = g_prefetch_blocks.load(std::memory_order_relaxed);
+  const bool spread = d > 0 && g_prefetch_spread.load(std::memory_order_relaxed) != 0;
+  const int64_t tile_bytes = bs * hd * 2;
   for (int64_t b = j0 / bs; b * bs < j1; ++b) {
     const int64_t base = b * bs;
     const uint16_t* kt = k + static_cast<int64_t>(blocks[b]) * block_elems;
     const uint16_t* vt = v + static_cast<int64_t>(blocks[b]) * block_elems;
-    prefetch_next_block(k, v, block_elems, blocks, b, bs, j1, bs * hd * 2, pf);
+    prefetch_ahead(k, v, block_elems, blocks, b, j0 / bs, bs, j1, tile_bytes, d, spread);
+    // Spread: block b + d's K lines go out a share per QK tile step, its V lines per PV step.
+    const bool ahead = spread && (b + d) * bs < j1;
+    const char* kn = ahead ? reinterpret_cast<const char*>(k + static_cast<int64_t>(blocks[b + d]) * block_elems) : nullptr;
+    const char* vn = ahead ? reinterpret_cast<const char*>(v + static_cast<int64_t>(blocks[b + d]) * block_elems) : nullptr;
+    const int64_t k_share = tile_bytes / ((bs / 16) * (hd / 32)), v_share = tile_bytes / (hd / 16);
     for (int64_t n = 0; n < bs; n += 16) {
       FERRY_TILE_ZERO(0);
       for (int64_t c = 0; c < hd; c += 32) {
+        if (ahead) prefetch_tile(kn + ((n / 16) * (hd / 32) + c / 32) * k_share, k_share);
         FERRY_TILE_LOAD(3, qb + c, hd * 2);
         FERRY_TILE_LOAD(1, kt + (c / 2) * bs * 2 + n * 2, bs * 4);
         FERRY_TILE_DPBF16(0, 3, 1);
@@ -277,6 +293,7 @@ void attend_rows(const uint16_t* qb, int M, int64_t hd, const uint16_t* k, const
     }
     FERRY_TILE_LOAD(4, pb, bs * 2);
     for (int64_t c = 0; c < hd; c += 16) {
+      if (ahead) prefetch_tile(vn + (c / 16) * v_share, v_share);
       FERRY_TILE_LOAD(2, acc + c, hd * 4);
       FERRY_TILE_LOAD(5, vt + c * 2, hd * 4);
       FERRY_TILE_DPBF16(2, 4, 5);
@@ -345,6 +362,16 @@ bool amx_usable() {
 #endif
   }();
   return usable;
+}
+
+AttnPrefetch attn_prefetch() {
+  load_prefetch_env();
+  return {g_prefetch_blocks.load(), g_prefetch_spread.load() != 0};
+}
+
+void set_attn_prefetch(const AttnPrefetch& p) {
+  g_prefetch_spread.store(p.spread ? 1 : 0);
+  g_prefetch_blocks.store(std::clamp(p.blocks, 0, 8));
 }
 
 void paged_attention(const AttnArgs& a, int64_t il, const KvCache& kv, AttnIsa isa) {

@@ -113,14 +113,14 @@ GpuRates measure_gpu_rates() {
   return r;
 }
 
-SharedCopyRate h2d_during(const std::function<void()>& host_work) {
+SharedCopyRate h2d_during(const std::function<void()>& host_work, double pace_gbs) {
   SharedCopyRate r;
   std::exception_ptr work_error;
   if (probe().n_devices == 0) {
     r.error = "no usable GPU";
     return r;
   }
-  constexpr size_t kPiece = size_t{64} << 20, kPieces = 16;
+  const size_t kPiece = pace_gbs > 0 ? size_t{8} << 20 : size_t{64} << 20, kPieces = (size_t{1} << 30) / kPiece;
   void* host = nullptr;
   void* dev = nullptr;
   cudaStream_t s = nullptr;
@@ -142,7 +142,11 @@ SharedCopyRate h2d_during(const std::function<void()>& host_work) {
     std::thread copier([&] {
       try {
         CUDA_CHECK(cudaSetDevice(0));
+        const auto start = Clock::now();
         for (size_t i = 0; !stop.load(std::memory_order_relaxed); ++i) {
+          if (pace_gbs > 0)
+            std::this_thread::sleep_until(start + std::chrono::duration_cast<Clock::duration>(
+                                                      std::chrono::duration<double>(static_cast<double>(i * kPiece) / (pace_gbs * 1e9))));
           cudaEvent_t e = done[i % 2];
           if (i >= 2) {
             CUDA_CHECK(cudaEventSynchronize(e));

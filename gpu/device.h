@@ -31,13 +31,15 @@ GpuRates measure_gpu_rates();
 // Runs `host_work` on this thread while a thread of its own copies 1 GiB of pinned host memory to
 // device 0 back to back (two 64 MiB copies in flight), and returns the copy rate over the time
 // `host_work` took (GB/s). The weights' DMA and the CPU's reads share host DRAM; `ferry calibrate`
-// measures both sides at once with it. On error (no GPU), host_work is not run and the error is set.
+// measures both sides at once with it. With `pace_gbs` > 0 the copies are 8 MiB pieces issued at that
+// average rate instead (bench_cpu_attention: how the CPU's reads fare beside a steady trickle rather
+// than bursts). On error (no GPU), host_work is not run and the error is set.
 struct SharedCopyRate {
   double h2d_gbs = 0;
   double host_seconds = 0;  // how long host_work took
   std::string error;
 };
-SharedCopyRate h2d_during(const std::function<void()>& host_work);
+SharedCopyRate h2d_during(const std::function<void()>& host_work, double pace_gbs = 0);
 // Returns true when ferry was built with the CUDA backend.
 bool built_with_cuda();
 

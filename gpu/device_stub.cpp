@@ -10,7 +10,7 @@ GpuRates measure_gpu_rates() {
   return r;
 }
 
-SharedCopyRate h2d_during(const std::function<void()>&) {
+SharedCopyRate h2d_during(const std::function<void()>&, double) {
   SharedCopyRate r;
   r.error = "built without CUDA";
   return r;

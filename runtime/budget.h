@@ -43,14 +43,14 @@ struct HardwareProfile {
   double h2d_gbs = 54.9;        // pinned host -> device copies
   double hbm_gbs = 2976;        // device memory, bytes read + written per second
   double gemm_tflops = 751;     // GPU BF16 dense
-  double host_dram_gbs = 73.8;  // host memory read, all cores (the floor of a CPU-computed layer)
+  double host_dram_gbs = 95.3;  // host memory read, all cores (the floor of a CPU-computed layer; integer sums, 2026-11-24)
   // Host DRAM read by all cores and the copy engine's H2D at once, the two rates summed: the
-  // weights' DMA and the CPU's K/V reads share it (CPU 59.4 + H2D 44.3 GB/s, notes/kv.md).
-  double dram_shared_gbs = 103.7;
+  // weights' DMA and the CPU's K/V reads share it (CPU 76.1 + H2D 38.3 GB/s, 2026-11-24, notes/kv.md).
+  double dram_shared_gbs = 114.5;
   double cpu_layer_gbs = 70.2;  // weight bytes per second through ferry's CPU layer at batch 1
   double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
   double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
-  std::string source = "built-in (ferry calibrate on the H100 host, 2026-11-23)";
+  std::string source = "built-in (ferry calibrate on the H100 host, 2026-11-23; host DRAM 2026-11-24)";
 };
 // Returns the profile cached by `ferry calibrate` (FERRY_PROFILE, else $XDG_CACHE_HOME/ferry/
 // profile.json, else ~/.cache/ferry/profile.json), or the built-in one when there is none.

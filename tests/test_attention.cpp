@@ -198,6 +198,26 @@ TEST_SUITE("attention") {
     CHECK(cases == 64);
   }
 
+  TEST_CASE("every prefetch variant leaves the results as they were") {
+    const cpu::AttnPrefetch saved = cpu::attn_prefetch();
+    const cpu::AttnIsa vec = cpu::attn_isa_supported(cpu::AttnIsa::kAvx512) ? cpu::AttnIsa::kAvx512
+                             : cpu::attn_isa_supported(cpu::AttnIsa::kAvx2)  ? cpu::AttnIsa::kAvx2
+                                                                             : cpu::AttnIsa::kScalar;
+    for (cpu::AttnPrefetch p : {cpu::AttnPrefetch{0, false}, cpu::AttnPrefetch{1, false}, cpu::AttnPrefetch{1, true}, cpu::AttnPrefetch{3, false},
+                                cpu::AttnPrefetch{3, true}}) {
+      cpu::set_attn_prefetch(p);
+      CHECK(cpu::attn_prefetch().blocks == p.blocks);
+      CAPTURE(p.blocks);
+      CAPTURE(p.spread);
+      for (int64_t bs : {16, 32}) {
+        CAPTURE(bs);
+        CHECK(run_case(Case{4, 128, bs, DType::kBF16, {1, 17, 300}, 0, false}, cpu::AttnIsa::kAmx, false) < 2e-2);
+        CHECK(run_case(Case{4, 128, bs, DType::kBF16, {1, 17, 300}, 0, false}, vec, false) < 2e-5);
+      }
+    }
+    cpu::set_attn_prefetch(saved);
+  }
+
   TEST_CASE("KV cache round trip in both dtypes and layouts") {
     for (DType dt : {DType::kF32, DType::kBF16}) {
       KvCacheShape s{2, 3, 8, 4, 5, dt};

@@ -27,11 +27,12 @@ AttnIsa attn_isa_best();
 bool amx_usable();
 
 // Software prefetch of the K/V tiles ahead of the block being computed: `blocks` ahead (0: none),
-// into L1. The tile kernel spreads a block's prefetches over its tile steps (K's during QK, V's
-// during PV); all at the block's start instead, the requests queue behind each other and stall the
-// tile work (74-78 against 106-108 GB/s on the H100 host, notes/kv.md). The vector kernels prefetch at the
-// block's start. From FERRY_ATTN_PREFETCH=N (default 1) and FERRY_ATTN_PREFETCH_SPREAD=0|1 (default
-// 1) at the first call; set_attn_prefetch overrides them (bench_cpu_attention compares them).
+// into L1. Every kernel spreads a block's prefetches over its steps (K's during QK, V's during PV;
+// the vector kernels one row of the next tile per row step, over whole blocks); all at the block's
+// start instead, the requests queue behind each other and stall the work (H100 host, notes/kv.md:
+// tile kernel 72-83 against 103-114 GB/s, AVX-512 kernel on MHA heads 82 against 95). From
+// FERRY_ATTN_PREFETCH=N (default 1) and FERRY_ATTN_PREFETCH_SPREAD=0|1 (default 1) at the first
+// call; set_attn_prefetch overrides them (bench_cpu_attention compares them).
 struct AttnPrefetch {
   int blocks = 1;
   bool spread = true;

@@ -213,7 +213,12 @@ TEST_SUITE("attention") {
         CAPTURE(bs);
         CHECK(run_case(Case{4, 128, bs, DType::kBF16, {1, 17, 300}, 0, false}, cpu::AttnIsa::kAmx, false) < 2e-2);
         CHECK(run_case(Case{4, 128, bs, DType::kBF16, {1, 17, 300}, 0, false}, vec, false) < 2e-5);
+        // The vector kernels spread only over whole blocks: MHA and a group of 2, a window (a
+        // partly used first block) and blocks of 64 keys (wider than two vectors).
+        CHECK(run_case(Case{1, 128, bs, DType::kBF16, {1, 33, 300}, 0, false}, vec, false) < 2e-5);
+        CHECK(run_case(Case{2, 64, bs, DType::kBF16, {5, 200}, 37, false}, vec, false) < 2e-5);
       }
+      CHECK(run_case(Case{1, 128, 64, DType::kBF16, {70, 300}, 0, false}, vec, false) < 2e-5);
     }
     cpu::set_attn_prefetch(saved);
   }

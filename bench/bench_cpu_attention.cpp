@@ -8,7 +8,7 @@
 //   2) calls per layer, the best kernel; with a GPU, also while its copy engine reads pinned host
 //   memory, back to back and paced. FERRY_KV_HUGEPAGES=0 / FERRY_ATTN_PREFETCH=0 turn off the pools'
 //   huge pages / the kernels' software prefetch, to measure each (FERRY_ATTN_PREFETCH=N: N blocks
-//   ahead, FERRY_ATTN_PREFETCH_SPREAD=0: all at each block's start in the tile kernel too); the
+//   ahead, FERRY_ATTN_PREFETCH_SPREAD=0: all at each block's start in every kernel); the
 //   pipeline table also times the other prefetch variants on the same pool, interleaved.
 #include <algorithm>
 #include <chrono>

@@ -48,7 +48,7 @@ void softmax_block(int64_t G, int64_t bs, int64_t a, int64_t e, float* sc, float
 // Software prefetch of K and V tiles of one head (bs x hd BF16 each) ahead of the block being
 // computed. A sequence's tiles lie a block apart (every KV head's tile in between), and the
 // hardware prefetcher stops at page edges, so without this each block starts with a memory round
-// trip. attn_prefetch() (attention.h) says how far ahead, and whether the tile kernel spreads them.
+// trip. attn_prefetch() (attention.h) says how far ahead, and whether the kernels spread them.
 std::atomic<int> g_prefetch_blocks{-1}, g_prefetch_spread{1};
 inline void load_prefetch_env() {
   if (g_prefetch_blocks.load(std::memory_order_relaxed) >= 0) return;
@@ -62,7 +62,7 @@ inline void prefetch_tile(const char* p, int64_t bytes) {
 }
 // Called at block b of a chunk whose first block is b_first (d = blocks ahead): the first call
 // prefetches blocks b + 1 .. b + d, later ones block b + d (the others were asked for already);
-// `spread`: leave block b + d to the caller (the tile kernel spreads it over its tile steps).
+// `spread`: leave block b + d to the caller (the kernel spreads it over its steps).
 inline void prefetch_ahead(const uint16_t* k, const uint16_t* v, int64_t block_elems, const int32_t* blocks, int64_t b, int64_t b_first,
                            int64_t bs, int64_t j1, int64_t tile_bytes, int d, bool spread = false) {
   if (d <= 0) return;

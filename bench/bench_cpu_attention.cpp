@@ -9,13 +9,16 @@
 //   memory, back to back and paced. FERRY_KV_HUGEPAGES=0 / FERRY_ATTN_PREFETCH=0 turn off the pools'
 //   huge pages / the kernels' software prefetch, to measure each (FERRY_ATTN_PREFETCH=N: N blocks
 //   ahead, FERRY_ATTN_PREFETCH_SPREAD=0: all at each block's start in every kernel); the
-//   pipeline table also times the other prefetch variants on the same pool, interleaved.
+//   pipeline table also times the other prefetch variants on the same pool, interleaved, and the
+//   calls as the pipeline makes them (from another thread, with gaps); FERRY_BENCH_BLOCKS=churn
+//   hands out the blocks as a pool that has served other sequences does.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu/attention.h"
@@ -55,6 +58,18 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
   std::vector<int32_t> seq(batch), pos(batch);
   std::vector<uint16_t> row(2 * n_kv * hd);
   for (size_t i = 0; i < row.size(); ++i) row[i] = f32_to_bf16(static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f);
+  // FERRY_BENCH_BLOCKS=churn: every sequence's blocks as a served pool hands them out once others
+  // have finished (freed in order, then taken from the free stack: a finished sequence's blocks in
+  // descending order).
+  const char* layout = std::getenv("FERRY_BENCH_BLOCKS");
+  const bool churn = layout && std::string(layout) == "churn";
+  if (churn) {
+    for (int64_t b = 0; b < batch; ++b) {
+      seq[b] = kv->add_sequence();
+      if (!kv->reserve(seq[b], ctx + 64).ok()) return;
+    }
+    for (int64_t b = 0; b < batch; ++b) kv->free_sequence(seq[b]);
+  }
   for (int64_t b = 0; b < batch; ++b) {
     seq[b] = kv->add_sequence();
     if (!kv->reserve(seq[b], ctx + 64).ok()) return;
@@ -66,9 +81,14 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
   std::vector<uint16_t> q(batch * n_heads * hd, f32_to_bf16(0.01f)), out(batch * n_heads * hd);
   const double bytes = static_cast<double>(n_layers) * batch * ctx * 2 * n_kv * hd * 2;
   const cpu::AttnIsa isa = cpu::attn_isa_best();
-  auto attend_all = [&] {
+  // Returns the seconds spent in the calls; gap_us > 0 sleeps that long before each call (the
+  // pipeline's calls wait for the GPU's QKV, and the workers may leave the arena meanwhile).
+  auto attend_all = [&](int gap_us = 0) {
+    double in_calls = 0;
     for (int64_t il = 0; il < n_layers; ++il)
       for (int64_t p = 0; p < parts; ++p) {
+        if (gap_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
+        const double c0 = now_s();
         const int64_t b0 = batch * p / parts, b1 = batch * (p + 1) / parts;
         cpu::AttnArgs a;
         a.q = q.data() + b0 * n_heads * hd;
@@ -80,7 +100,9 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
         a.out = out.data() + b0 * n_heads * hd;
         a.out_bf16 = true;
         cpu::paged_attention(a, il, *kv, isa);
+        in_calls += now_s() - c0;
       }
+    return in_calls;
   };
   // Prefetch variants, interleaved over the same pool in this process (processes differ by more than
   // the variants do): the default (the environment's) first.
@@ -97,6 +119,25 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
       best_of[vi] = std::min(best_of[vi], now_s() - t0);
     }
   cpu::set_attn_prefetch(variants[0]);
+  // How the pipeline calls it: from another thread (the CUDA host-function thread), and with gaps
+  // between the calls; interleaved, best of three each.
+  struct Pattern {
+    const char* name;
+    bool other_thread;
+    int gap_us;
+  };
+  const Pattern patterns[] = {{"main thread, back to back", false, 0},
+                              {"another thread, back to back", true, 0},
+                              {"main thread, 1 ms before each call", false, 1000},
+                              {"another thread, 1 ms before each call", true, 1000}};
+  double best_pattern[4] = {1e30, 1e30, 1e30, 1e30};
+  for (int rep = 0; rep < 3; ++rep)
+    for (int pi = 0; pi < 4; ++pi) {
+      double t = 0;
+      if (patterns[pi].other_thread) std::thread([&] { t = attend_all(patterns[pi].gap_us); }).join();
+      else t = attend_all(patterns[pi].gap_us);
+      best_pattern[pi] = std::min(best_pattern[pi], t);
+    }
   const double best = best_of[0];
   // The same attention while the GPU's copy engine reads pinned host memory (the streamed weights'
   // copies in the pipeline): back to back, then paced at a few average rates.
@@ -164,6 +205,10 @@ void pipeline_table(int64_t batch, int64_t ctx, int64_t n_layers, int64_t n_head
                 (long long)n_layers, (long long)batch, (long long)ctx, (long long)parts, cpu::attn_isa_name(isa),
                 strprintf("%.0f%% huge", 100.0 * static_cast<double>(kv->huge_page_bytes()) / static_cast<double>(std::max<int64_t>(1, kv->host_bytes()))).c_str(),
                 pf_name(variants[vi]).c_str(), best_of[vi] * 1e3 / n_layers, bytes / best_of[vi] / 1e9, bytes / best_tiles / 1e9, pool_bytes / best_plain / 1e9);
+  std::printf("\n| calls (prefetch %s, blocks %s) | ms per layer | K/V GB/s |\n|---|---|---|\n", pf_name(variants[0]).c_str(),
+              churn ? "churned" : "in order");
+  for (int pi = 0; pi < 4; ++pi)
+    std::printf("| %s | %.2f | %.1f |\n", patterns[pi].name, best_pattern[pi] * 1e3 / n_layers, bytes / best_pattern[pi] / 1e9);
   if (!beside.empty()) {
     std::printf("\n| beside H2D copies (prefetch %s): copies | copy GB/s | K/V GB/s | together GB/s |\n|---|---|---|---|\n", pf_name(variants[0]).c_str());
     for (const Beside& b : beside)

@@ -100,7 +100,8 @@ struct GpuExecutor::Impl {
   };
   // Fresh prompts (sequences that start in this step, tokens [t_gpu, T)) attend on the GPU over a
   // scratch pool holding only this step's K/V; their K/V still go to the host cache for later steps.
-  int64_t t_gpu = 0, n_gpu_tiles = 0;
+  int64_t t_gpu = 0;
+  QueryTiles gpu_tiles;  // the fresh prompts' query tiles (relative to t_gpu), on the device
   bf16* scratch_k = nullptr;
   bf16* scratch_v = nullptr;
   int64_t scratch_blocks = 0;
@@ -126,7 +127,8 @@ struct GpuExecutor::Impl {
   std::string attn_error;             // the first failure of a host function this step
 
   // The current step.
-  int64_t T = 0, n_out = 0, n_rows = 0, n_tiles = 0;  // n_tiles 0: one token per tile (decode)
+  int64_t T = 0, n_out = 0, n_rows = 0;
+  QueryTiles tiles;  // none (d null) for decode: one token a tile
   int n_splits = 1;
   bool pending_delta = false;
   enum class Mode { kEager, kCapture, kReplay } mode = Mode::kEager;
@@ -557,17 +559,10 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
     std::memcpy(in + 3 * T, b.output_rows.data(), n_out * 4);
     // Query tiles for prefill: runs of consecutive tokens of one sequence share their K/V reads.
     int32_t* tiles = in + 3 * T + n_out;
-    m.n_tiles = 0;
+    m.tiles = {};
     if (!decode) {
-      const int qt = query_tile_tokens(m.cfg.n_heads, m.cfg.n_kv_heads);
-      for (int64_t t = 0; t < T;) {
-        int64_t e = t + 1;
-        while (e < T && e - t < qt && b.seq_ids[e] == b.seq_ids[t]) ++e;
-        tiles[2 * m.n_tiles] = static_cast<int32_t>(t);
-        tiles[2 * m.n_tiles + 1] = static_cast<int32_t>(e - t);
-        ++m.n_tiles;
-        t = e;
-      }
+      m.tiles = build_query_tiles(b.seq_ids.data(), T, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim, tiles);
+      m.tiles.d = m.in_d + 3 * T + n_out;
     }
     int32_t* tables = in + 5 * T + n_out;
     int32_t max_pos = 0;
@@ -592,7 +587,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       m.n_mb = T >= 2 ? std::clamp(m.opts.micro_batches, 1, Impl::kMaxMb) : 1;
     }
     m.t_gpu = T;
-    m.n_gpu_tiles = 0;
+    m.gpu_tiles = {};
     if (m.n_kv_host > 0) {
       // The fresh-prompt tail: the longest suffix of tokens whose sequences have nothing cached and
       // no token before it, and whose blocks fit the scratch pool.
@@ -614,16 +609,13 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
         }
         for (int64_t k = 0; k < need; ++k) stables[static_cast<int64_t>(row[t]) * m.max_blocks + k] = static_cast<int32_t>(next_block + k);
         next_block += need;
-        const int qt = query_tile_tokens(m.cfg.n_heads, m.cfg.n_kv_heads);
-        for (int64_t u = t; u < e; u += qt) {
-          gtiles[2 * m.n_gpu_tiles] = static_cast<int32_t>(u - tc);
-          gtiles[2 * m.n_gpu_tiles + 1] = static_cast<int32_t>(std::min<int64_t>(qt, e - u));
-          ++m.n_gpu_tiles;
-        }
         t = e;
       }
-      if (ok) m.t_gpu = tc;
-      else m.n_gpu_tiles = 0;
+      if (ok) {
+        m.t_gpu = tc;
+        m.gpu_tiles = build_query_tiles(b.seq_ids.data() + tc, T - tc, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim, gtiles);
+        m.gpu_tiles.d = m.in_d + 5 * T + n_out + m.n_rows * m.max_blocks;
+      }
     }
     if (m.cpu) {
       for (int64_t il = 0; il < m.cfg.n_layers; ++il)
@@ -726,7 +718,7 @@ void post_part(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, int64_t 
 
 // A GPU-K/V layer over tokens [t0, t0 + n) only (its K/V pool on the GPU): the rows of one
 // micro-batch, or the fresh prompts' rows with their query tiles (`tiles`, relative to t0).
-void gpu_rows(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, int64_t t0, int64_t n, const int32_t* tiles, int64_t n_tiles, const char* what) {
+void gpu_rows(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, int64_t t0, int64_t n, const QueryTiles& tiles, const char* what) {
   const ModelConfig& c = m.cfg;
   const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), W = Q + 2 * c.kv_dim();
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -738,7 +730,7 @@ void gpu_rows(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, int64_t t
   gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * n, W, E, m.stream);
   rope_kv_append(m.qkv, m.qkv + n * W, c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, n, c.n_heads, m.paged(il), m.q + t0 * Q,
                  m.stream);
-  attention(m.q + t0 * Q, pos, row, tiles, n_tiles, n, c.n_heads, c.sliding_window, m.paged(il), m.n_splits, m.scratch, m.att + t0 * Q, m.stream);
+  attention(m.q + t0 * Q, pos, row, tiles, n, c.n_heads, c.sliding_window, m.paged(il), m.n_splits, m.scratch, m.att + t0 * Q, m.stream);
   if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld attention %s", (long long)il, what));
   post_part(m, il, w, t0, n, what);
 }
@@ -753,7 +745,7 @@ void issue_pending_part(GpuExecutor::Impl& m) {
   CUDA_CHECK(cudaStreamWaitEvent(m.stream, m.ev_att[mb], 0));
   copy_by_kernel(m.att_host + t0 * Q, m.att + t0 * Q, n * Q * 2, m.stream);  // the CPU's output, read over PCIe by a kernel
   post_part(m, p.il, p.w, t0, n, mb == 0 ? "part 0" : "part 1");
-  for (const auto& [il, w] : p.gpu_layers) gpu_rows(m, il, w, t0, n, nullptr, 0, mb == 0 ? "part 0" : "part 1");
+  for (const auto& [il, w] : p.gpu_layers) gpu_rows(m, il, w, t0, n, QueryTiles{}, mb == 0 ? "part 0" : "part 1");
 }
 
 }  // namespace
@@ -768,7 +760,7 @@ void finish_pending_posts(GpuExecutor::Impl& m) {
   const int64_t Tc = p.edge[p.n_mb], n = m.T - Tc;
   if (n > 0)
     for (const auto& [il, w] : p.gpu_layers)
-      gpu_rows(m, il, w, Tc, n, m.n_gpu_tiles > 0 ? m.in_d + 5 * m.T + m.n_out + m.n_rows * m.max_blocks : nullptr, m.n_gpu_tiles, "fresh prompts");
+      gpu_rows(m, il, w, Tc, n, m.gpu_tiles, "fresh prompts");
   p.gpu_layers.clear();
   p.il = -1;
 }
@@ -836,7 +828,7 @@ void host_kv_layer(GpuExecutor::Impl& m, int64_t il, const LayerWeights& w, bool
     sk.v = m.scratch_v;
     sk.block_tables = m.in_d + 7 * T + m.n_out + m.n_rows * m.max_blocks;
     rope_kv_append(m.qkv, m.qkv + n * W, bias, pos + Tc, row + Tc, m.inv_freq, n, c.n_heads, sk, m.q + Tc * Q, m.stream);
-    attention(m.q + Tc * Q, pos + Tc, row + Tc, m.in_d + 5 * T + m.n_out + m.n_rows * m.max_blocks, m.n_gpu_tiles, n, c.n_heads, c.sliding_window, sk,
+    attention(m.q + Tc * Q, pos + Tc, row + Tc, m.gpu_tiles, n, c.n_heads, c.sliding_window, sk,
               m.n_splits, m.scratch, m.att + Tc * Q, m.stream);
     if (span) m.dev->span_end(span, m.stream, "gpu.compute", strprintf("layer %lld fresh prompts qkv+attention", (long long)il));
     post_part(m, il, w, Tc, n, "fresh prompts");
@@ -911,7 +903,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
     add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kAttnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream, m.xn + T * E);
     gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * T, Q + 2 * KV, E, m.stream);
     rope_kv_append(m.qkv, m.qkv + T * (Q + 2 * KV), c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, T, c.n_heads, m.paged(il), m.q, m.stream);
-    attention(m.q, pos, row, m.n_tiles ? m.in_d + 3 * T + m.n_out : nullptr, m.n_tiles, T, c.n_heads, c.sliding_window, m.paged(il),
+    attention(m.q, pos, row, m.tiles, T, c.n_heads, c.sliding_window, m.paged(il),
               m.n_splits, m.scratch, m.att, m.stream);
     gemm_f32(m.blas, m.att, w[kWo].as<bf16>(), m.tmp, T, E, Q, m.stream);
   }

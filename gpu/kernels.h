@@ -63,14 +63,26 @@ void rope_kv_append(const float* qkv, const float* qkv_lo, const bf16* bias, con
 // swiglu.cu: gate_up f32 [n, 2 n_ff] (gate then up) -> out bf16 [n, n_ff] = silu(gate) * up.
 void swiglu(const float* gate_up, int64_t n, int64_t n_ff, bf16* out, cudaStream_t s);
 
+// Query tiles of a step: `d` (device) holds n (first token, token count) pairs of consecutive tokens
+// of one sequence; the first n_mma run on tensor cores (up to 64 query rows each), the rest on CUDA
+// cores (up to query_tile_tokens() tokens each). d null: one token a tile (decode), CUDA cores.
+struct QueryTiles {
+  const int32_t* d = nullptr;
+  int64_t n = 0, n_mma = 0;
+};
+// Writes the query tiles of tokens [0, n) into tiles_h (room for 2n ints; seq[t]: token t's
+// sequence, a run of equal ids being consecutive positions): runs of at least 16 query rows as
+// tensor-core tiles first (head_dim 32, 64 or 128; FERRY_GPU_ATTN_MMA=0 turns them off), the rest as
+// CUDA-core tiles. Returns the counts with d null (the caller points it at the device copy).
+QueryTiles build_query_tiles(const int32_t* seq, int64_t n, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int32_t* tiles_h);
+
 // attention.cu: causal attention of q [n, n_heads, head_dim] over the paged cache; token t (batch row
-// row[t], position pos[t]) sees positions [max(0, pos - window + 1), pos]. `tiles` (or null: one token
-// each) holds n_tiles (first token, token count) pairs of consecutive tokens of one sequence, at most
-// query_tile_tokens() each: a tile's query rows share every K/V read. Work is split over the key range
-// in `n_splits` parts (partials in `scratch`, n * n_heads * n_splits * (head_dim + 2) floats) and combined.
-void attention(const bf16* q, const int32_t* pos, const int32_t* row, const int32_t* tiles, int64_t n_tiles, int64_t n,
-               int64_t n_heads, int64_t window, const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s);
-// Returns the most tokens a query tile may hold for this head layout (8 query rows per tile).
+// row[t], position pos[t]) sees positions [max(0, pos - window + 1), pos]. A tile's query rows share
+// every K/V read. The CUDA-core tiles' work is split over the key range in `n_splits` parts (partials
+// in `scratch`, n * n_heads * n_splits * (head_dim + 2) floats) and combined.
+void attention(const bf16* q, const int32_t* pos, const int32_t* row, const QueryTiles& tiles, int64_t n, int64_t n_heads,
+               int64_t window, const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s);
+// Returns the most tokens a CUDA-core query tile may hold for this head layout (8 query rows per tile).
 int query_tile_tokens(int64_t n_heads, int64_t n_kv_heads);
 // Returns the head dims and GQA group sizes attention() supports (head_dim in {8..256} powers of 2, group <= 8).
 bool attention_supports(int64_t head_dim, int64_t group);

@@ -290,9 +290,9 @@ TEST_SUITE("gpu_ops") {
     }
   }
 
-  TEST_CASE("rope + KV append + paged attention against the CPU ops: GQA 1/2/4/8, head_dim 32..128, windows, splits") {
+  TEST_CASE("rope + KV append + paged attention against the CPU ops: GQA 1/2/3/4/8, head_dim 32..128, windows, splits, both kernels") {
     for (int64_t hd : {32, 64, 128}) {
-      for (int64_t group : {1, 2, 4, 8}) {
+      for (int64_t group : {1, 2, 3, 4, 8}) {
         for (int64_t window : {0, 9}) {
           const int64_t n_kv = 2, H = n_kv * group, bs = 16;
           const std::vector<int64_t> lens = {1, 37, 300};
@@ -382,7 +382,8 @@ TEST_SUITE("gpu_ops") {
           Dev<uint16_t> dq(qbits), dout(T * H * hd);
           Dev<int32_t> dpos(all_pos), drow(all_row);
           Dev<float> scratch(T * H * 8 * (hd + 2));
-          // Query tiles as the executor builds them for prefill: runs within one sequence.
+          // Query tiles: CUDA-core tiles only (runs within one sequence), and as the executor builds
+          // them for prefill (the runs of 37 and 300 tokens on tensor cores, the 1-token run not).
           std::vector<int32_t> tiles;
           const int qt = gpu::query_tile_tokens(H, n_kv);
           for (int64_t t = 0; t < T;) {
@@ -393,10 +394,18 @@ TEST_SUITE("gpu_ops") {
             t = e;
           }
           Dev<int32_t> dtiles(tiles);
-          for (int tiled = 0; tiled < 2; ++tiled) {
+          std::vector<int32_t> mtiles(2 * T);
+          gpu::QueryTiles mq = gpu::build_query_tiles(all_row.data(), T, H, n_kv, hd, mtiles.data());
+          const int64_t mt = 64 / group;  // tokens per tensor-core tile
+          CHECK(mq.n_mma == (lens[1] + mt - 1) / mt + (lens[2] + mt - 1) / mt);
+          CHECK(mq.n == mq.n_mma + 1);
+          Dev<int32_t> dmtiles(mtiles);
+          mq.d = dmtiles.p;
+          for (int tiled = 0; tiled < 3; ++tiled) {
             for (int splits : {1, 3, 8}) {
-              gpu::attention(reinterpret_cast<bf16*>(dq.p), dpos.p, drow.p, tiled ? dtiles.p : nullptr, static_cast<int64_t>(tiles.size() / 2), T, H,
-                             window, pk, splits, scratch.p, reinterpret_cast<bf16*>(dout.p), nullptr);
+              const gpu::QueryTiles qts = tiled == 0 ? gpu::QueryTiles{} : tiled == 1 ? gpu::QueryTiles{dtiles.p, static_cast<int64_t>(tiles.size() / 2), 0} : mq;
+              gpu::attention(reinterpret_cast<bf16*>(dq.p), dpos.p, drow.p, qts, T, H, window, pk, splits, scratch.p, reinterpret_cast<bf16*>(dout.p),
+                             nullptr);
               CAPTURE(hd);
               CAPTURE(group);
               CAPTURE(window);

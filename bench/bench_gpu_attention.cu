@@ -88,19 +88,7 @@ int main(int argc, char** argv) {
     for (int64_t t = 0; t < T; ++t) flops += 4.0 * cs.hd * cs.n_heads * (pos[t] + 1);
     for (int mma = 1; mma >= 0; --mma) {
       std::vector<int32_t> tiles(2 * T);
-      QueryTiles qt;
-      if (mma) {
-        qt = build_query_tiles(seq.data(), T, cs.n_heads, cs.n_kv, cs.hd, tiles.data());
-      } else {  // CUDA-core tiles only, as before the tensor-core kernel
-        const int64_t step = query_tile_tokens(cs.n_heads, cs.n_kv);
-        for (int64_t t = 0; t < T;) {
-          const int64_t e = std::min<int64_t>({t + step, T, (t / cs.len + 1) * cs.len});
-          tiles[2 * qt.n] = static_cast<int32_t>(t);
-          tiles[2 * qt.n + 1] = static_cast<int32_t>(e - t);
-          ++qt.n;
-          t = e;
-        }
-      }
+      QueryTiles qt = build_query_tiles(seq.data(), T, cs.n_heads, cs.n_kv, cs.hd, mma != 0, tiles.data());
       CUDA_CHECK(cudaMemcpy(dtiles, tiles.data(), 2 * qt.n * 4, cudaMemcpyHostToDevice));
       qt.d = dtiles;
       auto run = [&] { attention(q, dpos, drow, qt, T, cs.n_heads, 0, kv, 1, nullptr, out, nullptr); };

@@ -197,6 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
 constexpr int kMmaWarps = 4;
 constexpr int kMmaRows = 16 * kMmaWarps;  // query rows per tile
 constexpr int kKeyTile = 32;              // keys per shared-memory stage
+constexpr bool mma_head_dim(int64_t hd) { return hd == 32 || hd == 64 || hd == 128; }
 
 __device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -250,7 +251,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_attention_kernel(const bf1
                                                                         const int32_t* __restrict__ row, const int32_t* __restrict__ tiles,
                                                                         int n_heads, int window, PagedKv kv, int n_splits, float scale_log2,
                                                                         float* __restrict__ scratch, bf16* __restrict__ out) {
-  static_assert(HD % 32 == 0 && HD <= 128, "head_dim 32, 64 or 128");
+  static_assert(mma_head_dim(HD), "head_dim 32, 64 or 128");
   constexpr int LD = HD + 8;  // padded rows: the 8 rows an ldmatrix reads fall in distinct banks
   __shared__ __align__(16) bf16 ks[2][kKeyTile][LD];
   __shared__ __align__(16) bf16 vs[2][kKeyTile][LD];
@@ -423,17 +424,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_attention_kernel(const bf1
   }
 }
 
-bool mma_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("FERRY_GPU_ATTN_MMA");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  return on;
-}
-
-bool mma_supports(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
-
-
 // Grid (token * head), block head_dim threads: merges the splits' partial softmax results.
 __global__ void combine_kernel(const float* __restrict__ scratch, int n_splits, int hd, bf16* __restrict__ out) {
   const int64_t th = blockIdx.x;
@@ -456,8 +446,8 @@ template <int HD>
 void launch(const bf16* q, const int32_t* pos, const int32_t* row, const QueryTiles& tiles, int64_t n, int64_t n_heads, int64_t window,
             const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s) {
   const float scale = 1.0f / sqrtf(static_cast<float>(HD));
-  int64_t n_mma = tiles.d ? tiles.n_mma : 0;
-  if constexpr (HD % 32 == 0 && HD <= 128) {
+  const int64_t n_mma = tiles.d ? tiles.n_mma : 0;
+  if constexpr (mma_head_dim(HD)) {
     if (n_mma > 0) {
       dim3 grid(static_cast<unsigned>(n_mma), static_cast<unsigned>(kv.n_kv_heads));
       mma_attention_kernel<HD><<<grid, kMmaWarps * 32, 0, s>>>(q, pos, row, tiles.d, static_cast<int>(n_heads), static_cast<int>(window), kv,
@@ -489,9 +479,18 @@ bool attention_supports(int64_t head_dim, int64_t group) {
 
 int query_tile_tokens(int64_t n_heads, int64_t n_kv_heads) { return static_cast<int>(std::max<int64_t>(1, kMaxGroup / (n_heads / n_kv_heads))); }
 
-QueryTiles build_query_tiles(const int32_t* seq, int64_t n, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int32_t* tiles_h) {
+bool tensor_core_attention() {
+  static const bool on = [] {
+    const char* e = std::getenv("FERRY_GPU_ATTN_MMA");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+QueryTiles build_query_tiles(const int32_t* seq, int64_t n, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool tensor_cores,
+                             int32_t* tiles_h) {
   const int64_t group = n_heads / n_kv_heads;
-  const bool mma = mma_enabled() && mma_supports(head_dim) && group <= kMmaRows;
+  const bool mma = tensor_cores && mma_head_dim(head_dim) && group <= kMmaRows;
   const int64_t mma_tok = kMmaRows / group, small_tok = query_tile_tokens(n_heads, n_kv_heads);
   QueryTiles qt;
   // Pass 0: runs of at least 16 query rows (one warp's MMA rows) in tensor-core tiles; pass 1: the rest.

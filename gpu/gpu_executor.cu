@@ -561,7 +561,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
     int32_t* tiles = in + 3 * T + n_out;
     m.tiles = {};
     if (!decode) {
-      m.tiles = build_query_tiles(b.seq_ids.data(), T, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim, tiles);
+      m.tiles = build_query_tiles(b.seq_ids.data(), T, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim, tensor_core_attention(), tiles);
       m.tiles.d = m.in_d + 3 * T + n_out;
     }
     int32_t* tables = in + 5 * T + n_out;
@@ -613,7 +613,7 @@ Status GpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
       }
       if (ok) {
         m.t_gpu = tc;
-        m.gpu_tiles = build_query_tiles(b.seq_ids.data() + tc, T - tc, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim, gtiles);
+        m.gpu_tiles = build_query_tiles(b.seq_ids.data() + tc, T - tc, m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim, tensor_core_attention(), gtiles);
         m.gpu_tiles.d = m.in_d + 5 * T + n_out + m.n_rows * m.max_blocks;
       }
     }

@@ -71,10 +71,13 @@ struct QueryTiles {
   int64_t n = 0, n_mma = 0;
 };
 // Writes the query tiles of tokens [0, n) into tiles_h (room for 2n ints; seq[t]: token t's
-// sequence, a run of equal ids being consecutive positions): runs of at least 16 query rows as
-// tensor-core tiles first (head_dim 32, 64 or 128; FERRY_GPU_ATTN_MMA=0 turns them off), the rest as
-// CUDA-core tiles. Returns the counts with d null (the caller points it at the device copy).
-QueryTiles build_query_tiles(const int32_t* seq, int64_t n, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int32_t* tiles_h);
+// sequence, a run of equal ids being consecutive positions): with `tensor_cores`, runs of at least
+// 16 query rows as tensor-core tiles first (head_dim 32, 64 or 128), then the rest as CUDA-core
+// tiles. Returns the counts with d null (the caller points it at the device copy).
+QueryTiles build_query_tiles(const int32_t* seq, int64_t n, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, bool tensor_cores,
+                             int32_t* tiles_h);
+// Whether the executor uses tensor-core tiles: yes unless FERRY_GPU_ATTN_MMA=0 (for comparison).
+bool tensor_core_attention();
 
 // attention.cu: causal attention of q [n, n_heads, head_dim] over the paged cache; token t (batch row
 // row[t], position pos[t]) sees positions [max(0, pos - window + 1), pos]. A tile's query rows share

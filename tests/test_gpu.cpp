@@ -384,26 +384,21 @@ TEST_SUITE("gpu_ops") {
           Dev<float> scratch(T * H * 8 * (hd + 2));
           // Query tiles: CUDA-core tiles only (runs within one sequence), and as the executor builds
           // them for prefill (the runs of 37 and 300 tokens on tensor cores, the 1-token run not).
-          std::vector<int32_t> tiles;
-          const int qt = gpu::query_tile_tokens(H, n_kv);
-          for (int64_t t = 0; t < T;) {
-            int64_t e = t + 1;
-            while (e < T && e - t < qt && all_row[e] == all_row[t]) ++e;
-            tiles.push_back(static_cast<int32_t>(t));
-            tiles.push_back(static_cast<int32_t>(e - t));
-            t = e;
-          }
-          Dev<int32_t> dtiles(tiles);
-          std::vector<int32_t> mtiles(2 * T);
-          gpu::QueryTiles mq = gpu::build_query_tiles(all_row.data(), T, H, n_kv, hd, mtiles.data());
+          std::vector<int32_t> tiles(2 * T), mtiles(2 * T);
+          gpu::QueryTiles cq = gpu::build_query_tiles(all_row.data(), T, H, n_kv, hd, false, tiles.data());
+          const int64_t qt = gpu::query_tile_tokens(H, n_kv);
+          CHECK(cq.n_mma == 0);
+          CHECK(cq.n == 1 + (lens[1] + qt - 1) / qt + (lens[2] + qt - 1) / qt);
+          gpu::QueryTiles mq = gpu::build_query_tiles(all_row.data(), T, H, n_kv, hd, true, mtiles.data());
           const int64_t mt = 64 / group;  // tokens per tensor-core tile
           CHECK(mq.n_mma == (lens[1] + mt - 1) / mt + (lens[2] + mt - 1) / mt);
           CHECK(mq.n == mq.n_mma + 1);
-          Dev<int32_t> dmtiles(mtiles);
+          Dev<int32_t> dtiles(tiles), dmtiles(mtiles);
+          cq.d = dtiles.p;
           mq.d = dmtiles.p;
           for (int tiled = 0; tiled < 3; ++tiled) {
             for (int splits : {1, 3, 8}) {
-              const gpu::QueryTiles qts = tiled == 0 ? gpu::QueryTiles{} : tiled == 1 ? gpu::QueryTiles{dtiles.p, static_cast<int64_t>(tiles.size() / 2), 0} : mq;
+              const gpu::QueryTiles qts = tiled == 0 ? gpu::QueryTiles{} : tiled == 1 ? cq : mq;
               gpu::attention(reinterpret_cast<bf16*>(dq.p), dpos.p, drow.p, qts, T, H, window, pk, splits, scratch.p, reinterpret_cast<bf16*>(dout.p),
                              nullptr);
               CAPTURE(hd);

@@ -2,12 +2,16 @@
 // the library, and turns every failure into one line on stderr naming the file, tensor or flag,
 // with a non-zero exit (1 for run-time failures, 2 for bad usage).
 #include <omp.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -139,11 +143,19 @@ struct Backend {
   int64_t driver_before = -1;
 };
 
+// --gpu-mem: one rule in every command. No flag: no cap. A size: the cap, which must be positive
+// (0 is refused, not read as "no cap") and at least the minimum working set (plan_gpu names it).
+Expected<int64_t> parse_gpu_mem(const std::string& text) {
+  FERRY_ASSIGN_OR_RETURN(const int64_t b, parse_size(text, "--gpu-mem"));
+  if (b <= 0) return invalid_argument("--gpu-mem " + text + ": a budget must be a positive size (leave --gpu-mem out for no cap)");
+  return b;
+}
+
 // The planner's input from the flags.
 Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, int64_t batch) {
   GpuPlanInput in;
   if (!flags.gpu_mem.empty()) {
-    FERRY_ASSIGN_OR_RETURN(in.budget_bytes, parse_size(flags.gpu_mem, "--gpu-mem"));
+    FERRY_ASSIGN_OR_RETURN(in.budget_bytes, parse_gpu_mem(flags.gpu_mem));
   }
   if (!flags.host_mem.empty()) {
     FERRY_ASSIGN_OR_RETURN(in.host_budget_bytes, parse_size(flags.host_mem, "--host-mem"));
@@ -305,6 +317,22 @@ struct RunFlags {
 };
 
 // Writes the trace when --trace was given; returns the exit code `rc` (or 1 if writing failed).
+// Throughput mode's interruption: set by SIGINT / SIGTERM, read by serve() before every step.
+std::atomic<bool> g_stop{false};
+std::atomic<int> g_signal{0};
+void on_stop_signal(int sig) {
+  g_signal.store(sig);
+  g_stop.store(true);
+}
+
+// Checks every output path a command will write before its work starts (a missing folder, a
+// read-only place, a device node): a long run is not lost at the end. Empty paths are skipped.
+Status check_outputs(std::initializer_list<std::pair<const char*, std::string>> outputs) {
+  for (const auto& [flag, path] : outputs)
+    if (!path.empty()) FERRY_RETURN_IF_ERROR(check_output_path(path).with_context(flag));
+  return Status::Ok();
+}
+
 int finish_trace(const ModelFlags& f, int rc) {
   if (f.trace.empty()) return rc;
   if (Status st = Tracer::get().write(f.trace); !st.ok()) return fail(st);
@@ -333,6 +361,8 @@ Expected<std::vector<nlohmann::json>> read_jsonl(const std::string& path) {
 }
 
 int cmd_serve(const RunFlags& f) {
+  if (f.out_file.empty()) return fail(invalid_argument("--prompts needs --out OUT.jsonl for the completions"));
+  if (Status st = check_outputs({{"--out", f.out_file}, {"--trace", f.m.trace}}); !st.ok()) return fail(st);
   if (!f.m.trace.empty()) Tracer::get().enable();
   auto threads = apply_threads(f.m.threads);
   SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
@@ -417,11 +447,25 @@ int cmd_serve(const RunFlags& f) {
                  done > 0 ? strprintf("%.0f s", eta).c_str() : "-", tty ? "" : "\n");
   };
   std::vector<ServeResult> results;
+  // SIGINT / SIGTERM stop the run after the step in flight; the finished requests are written. A
+  // second signal ends the process at once (SA_RESETHAND).
+  so.stop = &g_stop;
+  struct sigaction sa = {}, old_int = {}, old_term = {};
+  sa.sa_handler = on_stop_signal;
+  sa.sa_flags = SA_RESETHAND;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, &old_int);
+  sigaction(SIGTERM, &sa, &old_term);
   auto stats = serve(runner, reqs, so, results, {}, progress);
+  sigaction(SIGINT, &old_int, nullptr);
+  sigaction(SIGTERM, &old_term, nullptr);
   if (bar && tty) std::fputc('\n', stderr);
   if (!stats.ok()) return fail(stats.status());
   std::string out;
+  int64_t n_finished = 0;
   for (size_t i = 0; i < reqs.size(); ++i) {
+    if (!results[i].finished) continue;  // only after an interruption
+    ++n_finished;
     const nlohmann::json& in = (*rows)[i];
     nlohmann::json o;
     if (in.contains("id")) o["id"] = in["id"];
@@ -436,25 +480,22 @@ int cmd_serve(const RunFlags& f) {
     out += o.dump() + "\n";
   }
   if (Status st = write_file_atomic(f.out_file, out.data(), out.size()); !st.ok()) return fail(st.with_context("--out"));
+  if (stats->interrupted) {
+    const int sig = g_signal.load();
+    std::fprintf(stderr, "ferry: interrupted by %s: the %lld finished of %zu requests written to %s (each line keeps its \"index\"); the rest were not\n",
+                 sig == SIGTERM ? "SIGTERM" : "SIGINT", (long long)n_finished, reqs.size(), f.out_file.c_str());
+    return 128 + (sig ? sig : SIGINT);
+  }
   const ServeStats& s = *stats;
-  // The run's floor: per step the largest of streamed weights over PCIe, GEMM FLOPs over the GPU
-  // rate, and host-resident K/V over host DRAM bandwidth (plan_floor), summed over the steps.
+  // The run's floor: per step the plan's floor (plan_floor: streamed weights over PCIe, GEMM FLOPs
+  // over the GPU rate, host-resident K/V over host DRAM, every host byte over the shared DRAM rate),
+  // summed over the steps run.
   if (be->planned) {
-    // Streamed weights and host K/V both come out of host DRAM: their sum over its bandwidth is a
-    // second, stricter bound when both are large (printed beside the floor, not folded into it).
-    double floor_ms = 0, shared_ms = 0;
-    const double stream_bytes = static_cast<double>(be->plan.n_streamed) * static_cast<double>(be->plan.layer_bytes);
-    const double kv_token = 2.0 * static_cast<double>(cfg.kv_dim()) * 2 * static_cast<double>(be->plan.n_kv_host);
-    for (const auto& [tokens, kv_tokens] : s.step_shapes) {
-      const PlanFloor fl = plan_floor(cfg, be->plan, tokens, be->hw, static_cast<double>(kv_tokens) / static_cast<double>(tokens));
-      floor_ms += fl.step_ms;
-      shared_ms += std::max(fl.step_ms, (stream_bytes + kv_token * static_cast<double>(kv_tokens)) / (be->hw.dram_shared_gbs * 1e9) * 1e3);
-    }
-    std::fprintf(stderr,
-                 "ferry: floor of these %lld steps %.2f s (PCIe %.1f GB/s, host DRAM %.1f GB/s, GPU %.0f TFLOP/s): %.0f%% of it reached; "
-                 "with weights and K/V sharing host DRAM (%.1f GB/s together) %.2f s: %.0f%%\n",
-                 (long long)s.steps, floor_ms / 1e3, be->hw.h2d_gbs, be->hw.host_dram_gbs, be->hw.gemm_tflops, 100 * floor_ms / s.total_ms,
-                 be->hw.dram_shared_gbs, shared_ms / 1e3, 100 * shared_ms / s.total_ms);
+    double floor_ms = 0;
+    for (const auto& [tokens, kv_tokens] : s.step_shapes)
+      floor_ms += plan_floor(cfg, be->plan, tokens, be->hw, static_cast<double>(kv_tokens) / static_cast<double>(tokens)).step_ms;
+    std::fprintf(stderr, "ferry: floor of these %lld steps %.2f s (PCIe %.1f GB/s, host DRAM %.1f GB/s alone, %.1f GB/s shared, GPU %.0f TFLOP/s): %.0f%% of it reached\n",
+                 (long long)s.steps, floor_ms / 1e3, be->hw.h2d_gbs, be->hw.host_dram_gbs, be->hw.dram_shared_gbs, be->hw.gemm_tflops, 100 * floor_ms / s.total_ms);
   }
   const int64_t peak = be->gpu ? be->gpu->peak_device_bytes() : be->emulated ? be->emulated->device().peak_bytes() : -1;
   std::fprintf(stderr,
@@ -483,6 +524,7 @@ int cmd_serve(const RunFlags& f) {
 
 int cmd_run(const RunFlags& f) {
   if (!f.prompts_file.empty()) return cmd_serve(f);
+  if (Status st = check_outputs({{"--trace", f.m.trace}}); !st.ok()) return fail(st);
   if (!f.m.trace.empty()) Tracer::get().enable();
   auto threads = apply_threads(f.m.threads);
   SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
@@ -571,6 +613,7 @@ struct LogitsFlags {
 };
 
 int cmd_logits(const LogitsFlags& f) {
+  if (Status st = check_outputs({{"--out", f.out}, {"--trace", f.m.trace}}); !st.ok()) return fail(st);
   if (!f.m.trace.empty()) Tracer::get().enable();
   auto threads = apply_threads(f.m.threads);
   auto ids = parse_ids(f.ids, "--ids");
@@ -651,27 +694,37 @@ struct PlanFlags {
 };
 
 int cmd_plan(const PlanFlags& f) {
-  auto model = load_model(f.m.model, f.m.load(false, "gpu"));
+  // The plan `run` would make with the same flags: for the GPU, or with --device cpu (or auto
+  // without a GPU) for the emulated device, whose K/V stay in host memory.
+  const std::string device = resolve_device(f.m.device);
+  auto model = load_model(f.m.model, f.m.load(false, device));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& c = model->config;
   auto inp = plan_input(f.m, *model, f.batch);
   if (!inp.ok()) return fail(inp.status());
   GpuPlanInput in = *inp;
   const int64_t ctx = std::min(f.context, c.n_ctx_max);
-  in.kv_bytes = 2 * c.n_layers * f.batch * ctx * c.kv_dim() * 2;  // BF16 K and V
+  if (device == "cpu") {
+    in.emulated = true;
+    in.layer_bytes = cpu::stored_layer_bytes(*model->weights);
+    in.globals_bytes = cpu::stored_globals_bytes(*model->weights);
+  } else {
+    in.kv_bytes = 2 * c.n_layers * f.batch * ctx * c.kv_dim() * 2;  // BF16 K and V
+  }
   auto plan = plan_gpu(c, in);
   if (!plan.ok()) return fail(plan.status());
   const HardwareProfile& hw = in.hw;
   const PlanFloor fl = plan_floor(c, *plan, f.batch, hw, static_cast<double>(ctx));
   const double b = static_cast<double>(f.batch);
   std::printf("model:      %s (%s, %lld layers, %.2f B parameters)\n", f.m.model.c_str(), c.architecture.c_str(), (long long)c.n_layers, c.n_params() / 1e9);
+  std::printf("device:     %s\n", device == "cpu" ? "cpu (the emulated device of --gpu-mem; K/V in host memory)" : "gpu");
   std::printf("budget:     --gpu-mem %s, --host-mem %s%s, batch %lld, context %lld (KV %s, BF16)\n", f.m.gpu_mem.empty() ? "(none)" : f.m.gpu_mem.c_str(),
               f.m.host_mem.empty() ? (in.have_disk ? "0 (--disk)" : "(unlimited)") : f.m.host_mem.c_str(), in.have_disk ? ", --disk" : "",
               (long long)f.batch, (long long)ctx, format_bytes(static_cast<double>(in.kv_bytes)).c_str());
   std::printf("placement:  %s\n", plan->placement().c_str());
   std::printf("layers:     %lld resident, %lld streamed (%lld from disk), %lld computed on the CPU\n", (long long)plan->n_resident,
               (long long)plan->n_streamed, (long long)plan->n_disk, (long long)plan->n_cpu);
-  std::printf("kv:         %s\n", plan->n_kv_host == 0 ? "on the GPU, attention on the GPU"
+  std::printf("kv:         %s\n", device == "cpu" ? "in host memory, attention on the CPU" : plan->n_kv_host == 0 ? "on the GPU, attention on the GPU"
                                    : strprintf("%lld of %lld layers in host memory, attention on the CPU (%s kernel); --kv %s", (long long)plan->n_kv_host,
                                                (long long)c.n_layers, cpu::attn_isa_name(cpu::attn_isa_best()), f.m.kv.c_str()).c_str());
   std::printf("bytes:      GPU %s (weights %s, globals %s, KV %s, staging %s, workspace %s, runtime reserve %s); pinned host %s; disk %s per step\n",
@@ -682,8 +735,8 @@ int cmd_plan(const PlanFlags& f) {
               format_bytes(static_cast<double>(plan->disk_bytes)).c_str());
   std::printf("predicted:  %.2f ms per decode step = %.1f tok/s (cost model with the profile's measured rates)\n", plan->predicted_ms,
               1e3 * b / plan->predicted_ms);
-  std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms, host K/V %.2f ms\n",
-              fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms, fl.kv_ms);
+  std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms, host K/V %.2f ms, host DRAM shared %.2f ms\n",
+              fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms, fl.kv_ms, fl.host_ms);
   std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
               hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs, hw.cpu_tflops, hw.disk_gbs);
   return 0;
@@ -783,11 +836,25 @@ BenchPoint bench_point(const BenchFlags& f, const std::string& gpu_mem, int64_t 
   return pt;
 }
 
-// The untraced run's speed, and (with streamed layers, unless --no-overlap) a traced run's overlap.
-BenchPoint measure_point(const BenchFlags& f, const std::string& gpu_mem, int64_t batch) {
+// Where the traced run of a point writes its trace: --trace itself for a single point, else with
+// ".GPU_MEM.bBATCH" before the extension.
+std::string point_trace_path(const std::string& trace, const std::string& gpu_mem, int64_t batch, bool several) {
+  if (trace.empty() || !several) return trace;
+  const std::filesystem::path p(trace);
+  const std::string tag = "." + (gpu_mem.empty() ? std::string("all") : gpu_mem) + ".b" + std::to_string(batch);
+  return (p.parent_path() / (p.stem().string() + tag + p.extension().string())).string();
+}
+
+// The untraced run's speed, and (with streamed layers, unless --no-overlap; always with --trace) a
+// traced run's overlap, its trace written to `trace_path`.
+BenchPoint measure_point(const BenchFlags& f, const std::string& gpu_mem, int64_t batch, const std::string& trace_path = "") {
   BenchPoint p = bench_point(f, gpu_mem, batch, false);
-  if (p.error.empty() && f.overlap && p.plan.n_streamed > 0) {
+  if (p.error.empty() && ((f.overlap && p.plan.n_streamed > 0) || !trace_path.empty())) {
     const BenchPoint t = bench_point(f, gpu_mem, batch, true);
+    if (!trace_path.empty()) {
+      if (Status st = Tracer::get().write(trace_path); !st.ok()) p.error = st.message();
+      else std::fprintf(stderr, "ferry: trace with %zu spans written to %s\n", Tracer::get().size(), trace_path.c_str());
+    }
     p.overlap = t.overlap;
     p.copy_ms = t.copy_ms;
     p.compute_ms = t.compute_ms;
@@ -835,11 +902,14 @@ void print_point(const BenchPoint& p) {
 }
 
 int cmd_bench(const BenchFlags& f) {
+  const bool several = f.batches.size() > 1;
+  for (int64_t batch : f.batches)
+    if (Status st = check_outputs({{"--json", f.json}, {"--trace", point_trace_path(f.m.trace, f.m.gpu_mem, batch, several)}}); !st.ok()) return fail(st);
   auto threads = apply_threads(f.m.threads);
   nlohmann::json all = nlohmann::json::array();
   int rc = 0;
   for (int64_t batch : f.batches) {
-    BenchPoint p = measure_point(f, f.m.gpu_mem, batch);
+    BenchPoint p = measure_point(f, f.m.gpu_mem, batch, point_trace_path(f.m.trace, f.m.gpu_mem, batch, several));
     print_point(p);
     if (!p.error.empty()) rc = kExitError;
     all.push_back(point_json(p));
@@ -900,12 +970,18 @@ std::string sweep_svg(const std::string& title, const std::vector<BenchPoint>& p
 }
 
 int cmd_sweep(const BenchFlags& f) {
+  for (const auto& mem : f.budgets) {
+    if (Expected<int64_t> b = parse_gpu_mem(mem); !b.ok()) return fail(b.status());
+    for (int64_t batch : f.batches)
+      if (Status st = check_outputs({{"--trace", point_trace_path(f.m.trace, mem, batch, true)}}); !st.ok()) return fail(st);
+  }
+  for (const char* ext : {".csv", ".json", ".svg"})
+    if (Status st = check_outputs({{"--out", f.out + ext}}); !st.ok()) return fail(st);
   auto threads = apply_threads(f.m.threads);
   std::vector<BenchPoint> pts;
   for (const auto& mem : f.budgets) {
-    if (Expected<int64_t> b = parse_size(mem, "--gpu-mem"); !b.ok()) return fail(b.status());
     for (int64_t batch : f.batches) {
-      BenchPoint p = measure_point(f, mem, batch);
+      BenchPoint p = measure_point(f, mem, batch, point_trace_path(f.m.trace, mem, batch, true));
       print_point(p);
       pts.push_back(p);
     }
@@ -968,6 +1044,11 @@ Expected<double> disk_read_rate(const PackedManifest& m) {
 }
 
 int cmd_calibrate(const CalibrateFlags& f) {
+  if (f.out.empty()) {  // the default profile's folder is ferry's own: created
+    std::error_code ec;
+    std::filesystem::create_directories(std::filesystem::path(profile_path()).parent_path(), ec);
+  }
+  if (Status st = check_outputs({{"--out", f.out.empty() ? profile_path() : f.out}}); !st.ok()) return fail(st);
   auto threads = apply_threads(f.threads);
   HardwareProfile hw;
   std::string measured = "ferry calibrate " + std::string(cpu::simd_level());
@@ -1021,9 +1102,11 @@ int cmd_calibrate(const CalibrateFlags& f) {
     if (sh.error.empty()) {
       const double cpu_gbs = kPasses * static_cast<double>(n * sizeof(uint64_t)) / sh.host_seconds / 1e9;
       hw.dram_shared_gbs = cpu_gbs + sh.h2d_gbs;
+      hw.h2d_shared_gbs = sh.h2d_gbs;
       std::printf("shared:     %.1f GB/s (CPU read %.1f GB/s while H2D copies ran at %.1f GB/s)\n", hw.dram_shared_gbs, cpu_gbs, sh.h2d_gbs);
     } else {
       hw.dram_shared_gbs = hw.host_dram_gbs;  // no copy engine to share it with
+      hw.h2d_shared_gbs = hw.h2d_gbs;
       std::printf("shared:     not measured (%s): the CPU's read rate is used\n", sh.error.c_str());
     }
   }
@@ -1252,22 +1335,28 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "Run with --help for usage.\n");
     return kExitUsage;
   }
+  int rc = kExitUsage;
   try {
-    if (run->parsed()) return cmd_run(rf);
-    if (logits->parsed()) return cmd_logits(lf);
-    if (inspect->parsed()) return cmd_inspect(inf);
-    if (tokenize->parsed()) return cmd_tokenize(tf);
-    if (pack->parsed()) return cmd_pack(pf);
-    if (plan->parsed()) return cmd_plan(plf);
-    if (calibrate->parsed()) return cmd_calibrate(cf);
-    if (bench->parsed()) return cmd_bench(bf);
-    if (sweep->parsed()) return cmd_sweep(sf);
+    if (run->parsed()) rc = cmd_run(rf);
+    else if (logits->parsed()) rc = cmd_logits(lf);
+    else if (inspect->parsed()) rc = cmd_inspect(inf);
+    else if (tokenize->parsed()) rc = cmd_tokenize(tf);
+    else if (pack->parsed()) rc = cmd_pack(pf);
+    else if (plan->parsed()) rc = cmd_plan(plf);
+    else if (calibrate->parsed()) rc = cmd_calibrate(cf);
+    else if (bench->parsed()) rc = cmd_bench(bf);
+    else if (sweep->parsed()) rc = cmd_sweep(sf);
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "ferry: error: out of host memory\n");
-    return kExitError;
+    rc = kExitError;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ferry: error: %s\n", e.what());
-    return kExitError;
+    rc = kExitError;
   }
-  return kExitUsage;
+  // What went to standard output must have arrived (a full disk, a closed pipe): else exit 1.
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    std::fprintf(stderr, "ferry: error: writing to standard output failed: %s\n", std::strerror(errno != 0 ? errno : EIO));
+    return rc == 0 ? kExitError : rc;
+  }
+  return rc;
 }

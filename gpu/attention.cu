@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
   __shared__ float p_sh[kWarps][kMaxGroup][32];
   __shared__ float m_sh[kWarps][kMaxGroup], l_sh[kWarps][kMaxGroup];
   __shared__ float acc_sh[kWarps][kMaxGroup][HD];
+  pdl_launch_dependents();
 
   const int kh = blockIdx.y, split = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -255,6 +256,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_attention_kernel(const bf1
   constexpr int LD = HD + 8;  // padded rows: the 8 rows an ldmatrix reads fall in distinct banks
   __shared__ __align__(16) bf16 ks[2][kKeyTile][LD];
   __shared__ __align__(16) bf16 vs[2][kKeyTile][LD];
+  pdl_launch_dependents();
 
   const int kh = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
@@ -426,6 +428,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_attention_kernel(const bf1
 
 // Grid (token * head), block head_dim threads: merges the splits' partial softmax results.
 __global__ void combine_kernel(const float* __restrict__ scratch, int n_splits, int hd, bf16* __restrict__ out) {
+  pdl_launch_dependents();
   const int64_t th = blockIdx.x;
   const float* parts = scratch + th * n_splits * (hd + 2);
   float M = -FLT_MAX;

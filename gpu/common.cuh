@@ -66,6 +66,22 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// Programmatic dependent launch (sm_90+; no-ops elsewhere). A kernel launched with the programmatic
+// serialization attribute may start while the kernel before it in the stream still runs: it may read
+// only data nobody writes (resident weights) before pdl_wait(), which returns once that kernel has
+// finished and its writes are visible. pdl_launch_dependents() lets such a successor start now rather
+// than when this kernel's last block exits: every kernel that can precede a GEMV calls it first.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #endif  // __CUDACC__
 
 }  // namespace ferry::gpu

@@ -894,25 +894,30 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   const ModelConfig& c = m.cfg;
   const int64_t T = m.T, E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   const float eps = static_cast<float>(c.rms_norm_eps);
+  const bool fixed = !streamed;  // resident weights: the GEMVs may start streaming them early
   const int32_t* pos = m.in_d + T;
   const int32_t* row = m.in_d + 2 * T;
   {
     TraceRange r("gpu.attention_block", il);
     // The attention scores are the most sensitive to the rounding of this GEMM's input, so it runs
     // on hi and lo BF16 parts of the normed activations (notes/gpu.md): M = 2T, q, k, v adjacent.
+    // At decode sizes the GEMV sums hi + lo itself: T rows of weight products, not 2T.
     add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kAttnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream, m.xn + T * E);
-    gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * T, Q + 2 * KV, E, m.stream);
-    rope_kv_append(m.qkv, m.qkv + T * (Q + 2 * KV), c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, T, c.n_heads, m.paged(il), m.q, m.stream);
+    const bool fused_lo = T <= kGemvPreferRows && E % 8 == 0;
+    if (fused_lo) gemv(m.xn, w[kWq].as<bf16>(), m.qkv, T, Q + 2 * KV, E, m.stream, fixed, m.xn + T * E);
+    else gemm_f32(m.blas, m.xn, w[kWq].as<bf16>(), m.qkv, 2 * T, Q + 2 * KV, E, m.stream, fixed);
+    rope_kv_append(m.qkv, fused_lo ? nullptr : m.qkv + T * (Q + 2 * KV), c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, T, c.n_heads,
+                   m.paged(il), m.q, m.stream);
     attention(m.q, pos, row, m.tiles, T, c.n_heads, c.sliding_window, m.paged(il),
               m.n_splits, m.scratch, m.att, m.stream);
-    gemm_f32(m.blas, m.att, w[kWo].as<bf16>(), m.tmp, T, E, Q, m.stream);
+    gemm_f32(m.blas, m.att, w[kWo].as<bf16>(), m.tmp, T, E, Q, m.stream, fixed);
   }
   {
     TraceRange r("gpu.mlp_block", il);
     add_rmsnorm(m.x, m.tmp, w[kFfnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream);
-    gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, T, 2 * F, E, m.stream);  // gate and up are adjacent
+    gemm_f32(m.blas, m.xn, w[kWGate].as<bf16>(), m.gu, T, 2 * F, E, m.stream, fixed);  // gate and up are adjacent
     swiglu(m.gu, T, F, m.hbuf, m.stream);
-    gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream);
+    gemm_f32(m.blas, m.hbuf, w[kWDown].as<bf16>(), m.tmp, T, E, F, m.stream, fixed);
   }
   if (span) m.dev->span_end(span, m.stream, "gpu.compute", "layer " + std::to_string(il));
   if (streamed) m.ring->end();  // the slot may be refilled once this layer's kernels are done
@@ -928,7 +933,7 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
     cudaEvent_t span = m.dev->span_begin(m.stream);
     add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kOutNorm].as<bf16>(), m.in_d + 3 * m.T, m.n_out, c.n_embd,
                 static_cast<float>(c.rms_norm_eps), m.xn, m.stream);
-    gemm_f32(m.blas, m.xn, w[kLmHead].as<bf16>(), m.logits, m.n_out, c.n_vocab, c.n_embd, m.stream);
+    gemm_f32(m.blas, m.xn, w[kLmHead].as<bf16>(), m.logits, m.n_out, c.n_vocab, c.n_embd, m.stream, true);
     m.dev->span_end(span, m.stream, "gpu.compute", "head");
   }
   if (m.mode == Impl::Mode::kCapture) {
@@ -996,6 +1001,8 @@ Status GpuExecutor::sample(const SamplingParams& p, const std::vector<uint64_t>&
   } catch (const CudaError& e) {
     return Status(ErrorCode::kInternal, e.what());
   }
+  for (int64_t r = 0; r < m.n_out; ++r)
+    if (out[r] == kNonFiniteToken) return non_finite_logits_error(r);
   return Status::Ok();
 }
 

@@ -20,8 +20,17 @@ void gemm(cublasHandle_t h, const bf16* x, const bf16* w, void* y, int64_t M, in
 // it beats cuBLAS on the H100 (notes/gpu.md), and cuBLAS above.
 inline constexpr int64_t kGemvMaxRows = 8;
 inline constexpr int64_t kGemvPreferRows = 2;
-void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
-void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s);
+// `weights_fixed`: W is written by nobody while the GEMV may run (resident weights, not a ring slot
+// behind an event): the GEMV is then launched with programmatic stream serialization and starts
+// streaming W while the kernel before it finishes (sm_90+, unless FERRY_GPU_PDL=0).
+// `x_lo` (optional, [M, K]): the lo BF16 parts of x (add_rmsnorm's out_lo); each row's x is then
+// hi + lo, summed in float before the product: the precision of the hi + lo split at M rows, not 2M.
+void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed = false,
+          const bf16* x_lo = nullptr);
+void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s,
+              bool weights_fixed = false);
+// Whether programmatic launches are on: an sm_90+ device and FERRY_GPU_PDL not 0.
+bool programmatic_launch();
 
 #define CUBLAS_CHECK(x)                                                                                         \
   do {                                                                                                          \
@@ -90,7 +99,9 @@ int query_tile_tokens(int64_t n_heads, int64_t n_kv_heads);
 // Returns the head dims and GQA group sizes attention() supports (head_dim in {8..256} powers of 2, group <= 8).
 bool attention_supports(int64_t head_dim, int64_t group);
 
-// sampling.cu: out[r] = argmax(logits[r, :]) (lowest index on ties), logits f32 [n_rows, n_vocab].
+// sampling.cu: out[r] = argmax(logits[r, :]) (lowest index on ties), logits f32 [n_rows, n_vocab];
+// kNonFiniteToken for a row holding a NaN or an infinity (topk_sample likewise).
+inline constexpr int32_t kNonFiniteToken = -1;
 void argmax_rows(const float* logits, int64_t n_rows, int64_t n_vocab, int32_t* out, cudaStream_t s);
 
 // sampling.cu: per row, keeps the top k logits (k <= kMaxTopK; descending, ties to the lower index),

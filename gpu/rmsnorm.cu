@@ -14,6 +14,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
                                                                int64_t n_embd, float eps, bf16* __restrict__ out, bf16* __restrict__ out_lo) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
+  pdl_launch_dependents();
   const int64_t src = rows ? rows[r] : r;
   float* xr = x + src * n_embd;
   const float* dr = delta ? delta + src * n_embd : nullptr;

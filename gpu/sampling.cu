@@ -19,19 +19,26 @@ __device__ __forceinline__ void warp_argmax(float& best, int32_t& bi) {
 }
 
 // One block per row; ties go to the lowest index (as the CPU argmax).
+// A row holding a NaN or an infinity gets -1 (kNonFiniteToken): the caller reports it.
 __global__ void argmax_kernel(const float* __restrict__ logits, int64_t n_vocab, int32_t* __restrict__ out) {
   __shared__ float sv[32];
   __shared__ int32_t si[32];
+  __shared__ int bad;
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
   const float* row = logits + blockIdx.x * n_vocab;
   float best = -FLT_MAX;
   int32_t bi = INT32_MAX;
+  bool nonfinite = false;
   for (int64_t i = threadIdx.x; i < n_vocab; i += blockDim.x) {
     const float v = row[i];
+    nonfinite |= !isfinite(v);
     if (v > best) {
       best = v;
       bi = static_cast<int32_t>(i);
     }
   }
+  if (nonfinite) bad = 1;
   warp_argmax(best, bi);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
@@ -44,7 +51,7 @@ __global__ void argmax_kernel(const float* __restrict__ logits, int64_t n_vocab,
     best = lane < n_warps ? sv[lane] : -FLT_MAX;
     bi = lane < n_warps ? si[lane] : INT32_MAX;
     warp_argmax(best, bi);
-    if (lane == 0) out[blockIdx.x] = bi;
+    if (lane == 0) out[blockIdx.x] = bad ? kNonFiniteToken : bi;
   }
 }
 }  // namespace
@@ -76,7 +83,17 @@ __global__ void topk_sample_kernel(const float* __restrict__ logits, int64_t n_v
   __shared__ int32_t cand_i[kMaxTopK];
   __shared__ float rv[32];
   __shared__ int32_t ri[32];
+  __shared__ int bad;
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
   const float* row = logits + blockIdx.x * n_vocab;
+  for (int64_t i = threadIdx.x; i < n_vocab; i += blockDim.x)
+    if (!isfinite(row[i])) bad = 1;
+  __syncthreads();
+  if (bad) {
+    if (threadIdx.x == 0) out[blockIdx.x] = kNonFiniteToken;
+    return;
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   float last_v = FLT_MAX;
   int32_t last_i = -1;

@@ -4,6 +4,7 @@ namespace ferry::gpu {
 
 namespace {
 __global__ void swiglu_kernel(const float* __restrict__ gu, int64_t n_ff, bf16* __restrict__ out) {
+  pdl_launch_dependents();
   const int64_t t = blockIdx.y;
   const float* g = gu + t * 2 * n_ff;
   const float* u = g + n_ff;

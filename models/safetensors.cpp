@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 
 #include <nlohmann/json.hpp>
 
@@ -141,7 +142,30 @@ Expected<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::stri
   return f;
 }
 
+namespace {
+// An existing `path` must be a regular file (or a link to one): renaming over a device node, a
+// directory or a FIFO would replace it, not write to it.
+Status refuse_non_regular(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    return invalid_argument(strprintf("%s: not a regular file (ferry writes a temporary file beside it and renames it over the path)", path.c_str()));
+  return Status::Ok();
+}
+}  // namespace
+
+Status check_output_path(const std::string& path) {
+  if (path.empty()) return invalid_argument("empty output path");
+  FERRY_RETURN_IF_ERROR(refuse_non_regular(path));
+  const std::string tmp = path + ".tmp." + std::to_string(getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return io_error(strprintf("%s: cannot write there: %s", path.c_str(), errno_str().c_str()));
+  ::close(fd);
+  ::unlink(tmp.c_str());
+  return Status::Ok();
+}
+
 Status write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {
+  FERRY_RETURN_IF_ERROR(refuse_non_regular(path));
   const std::string tmp = path + ".tmp." + std::to_string(getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return io_error(strprintf("%s: cannot create: %s", tmp.c_str(), errno_str().c_str()));
@@ -164,10 +188,20 @@ Status write_file_atomic(const std::string& path, const void* data, size_t n_byt
     ::unlink(tmp.c_str());
     return io_error(strprintf("%s: flush failed: %s", path.c_str(), why.c_str()));
   }
+  if (Status st = refuse_non_regular(path); !st.ok()) {  // it may have appeared meanwhile
+    ::unlink(tmp.c_str());
+    return st;
+  }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     const std::string why = errno_str();
     ::unlink(tmp.c_str());
     return io_error(strprintf("%s: rename failed: %s", path.c_str(), why.c_str()));
+  }
+  // The rename itself is durable once the directory is flushed.
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  if (int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
   }
   return Status::Ok();
 }

@@ -64,7 +64,11 @@ struct TensorToWrite {
 Status write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                          const std::map<std::string, std::string>& metadata = {});
 
-// Writes bytes to `path` atomically (temporary name, fsync, rename).
+// Checks, before any work, that an output file can be written at `path`: an existing `path` must be
+// a regular file, and a file can be created beside it (created and removed). The error names the path.
+Status check_output_path(const std::string& path);
+// Writes bytes to `path` atomically (temporary name, fsync, rename, directory fsync). An existing
+// `path` that is not a regular file (a device, a directory) is refused, never renamed over.
 Status write_file_atomic(const std::string& path, const void* data, size_t n_bytes);
 
 }  // namespace ferry

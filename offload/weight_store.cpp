@@ -34,6 +34,32 @@ Expected<TensorView> bind(const CheckpointReader& ckpt, const TensorSpec& spec) 
 
 }  // namespace
 
+namespace {
+// Returns the index of the first NaN or infinity in `v` (BF16, F16 or F32), or -1.
+int64_t first_non_finite(const TensorView& v) {
+  const int64_t n = v.numel();
+  auto scan = [n](const auto* p, auto exp_mask) -> int64_t {
+    // All-ones exponent: infinity or NaN. Checked in runs so the loop vectorises.
+    constexpr int64_t kRun = 4096;
+    for (int64_t i0 = 0; i0 < n; i0 += kRun) {
+      const int64_t i1 = std::min(n, i0 + kRun);
+      bool any = false;
+      for (int64_t i = i0; i < i1; ++i) any |= (p[i] & exp_mask) == exp_mask;
+      if (any)
+        for (int64_t i = i0; i < i1; ++i)
+          if ((p[i] & exp_mask) == exp_mask) return i;
+    }
+    return -1;
+  };
+  switch (v.dtype) {
+    case DType::kBF16: return scan(static_cast<const uint16_t*>(v.data), uint16_t{0x7f80});
+    case DType::kF16: return scan(static_cast<const uint16_t*>(v.data), uint16_t{0x7c00});
+    case DType::kF32: return scan(static_cast<const uint32_t*>(v.data), uint32_t{0x7f800000u});
+    default: return -1;
+  }
+}
+}  // namespace
+
 Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelConfig& cfg, std::unique_ptr<CheckpointReader> ckpt) {
   std::unique_ptr<WeightStore> ws(new WeightStore());
   ws->cfg_ = cfg;
@@ -64,6 +90,30 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
                              ckpt->source_description().c_str(), name.c_str(), cfg.architecture.c_str(),
                              static_cast<long long>(cfg.n_layers)));
   }
+  // Every weight must be finite: a NaN or an infinity would reach the logits as garbage. One pass
+  // over the checkpoint, split over the cores (the pages are then cached for the upload).
+  struct Named {
+    std::string name;
+    int64_t layer;
+    TensorView v;
+  };
+  std::vector<Named> all;
+  for (int g = 0; g < kGlobalTensorCount; ++g)
+    if (!gspecs[g].name.empty() && !ws->globals_.t[g].empty()) all.push_back({gspecs[g].name, -1, ws->globals_.t[g]});
+  for (int64_t il = 0; il < cfg.n_layers; ++il) {
+    const auto specs = layer_tensor_specs(cfg, il);
+    for (int t = 0; t < kLayerTensorCount; ++t)
+      if (!specs[t].name.empty() && !ws->layers_[il].t[t].empty()) all.push_back({specs[t].name, il, ws->layers_[il].t[t]});
+  }
+  std::vector<int64_t> first_bad(all.size(), -1);
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, all.size(), 1), [&](const tbb::blocked_range<size_t>& r) {
+    for (size_t i = r.begin(); i != r.end(); ++i) first_bad[i] = first_non_finite(all[i].v);
+  });
+  for (size_t i = 0; i < all.size(); ++i)
+    if (first_bad[i] >= 0)
+      return corrupt(strprintf("%s: tensor '%s'%s holds a NaN or an infinity (element %lld): the checkpoint is damaged", ckpt->source_description().c_str(),
+                               all[i].name.c_str(), all[i].layer >= 0 ? strprintf(" (layer %lld)", (long long)all[i].layer).c_str() : "",
+                               (long long)first_bad[i]));
   ws->ckpt_ = std::move(ckpt);
   ws->layer_tier_.assign(cfg.n_layers, Tier::kHost);
   return ws;

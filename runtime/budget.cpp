@@ -114,6 +114,8 @@ namespace {
 
 struct LayerCosts {
   double gpu_ms, cpu_ms, copy_ms, disk_ms;
+  double copy_shared_ms;  // a copy while CPU layers read host memory (h2d_shared_gbs)
+  double cpu_shared_ms;   // a CPU layer while copies run: its rate scaled as the CPU's read was beside them
 };
 
 LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch, const HardwareProfile& hw) {
@@ -121,9 +123,14 @@ LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch,
   LayerCosts k;
   k.gpu_ms = std::max(lb / (hw.hbm_gbs * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
   // A CPU layer also moves its activations down and back, and costs two host-side hand-offs.
-  k.cpu_ms = std::max(lb / (hw.cpu_layer_gbs * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3 +
+  // (The CPU reads a layer no faster than host memory delivers: the floor's rate caps the measured one.)
+  k.cpu_ms = std::max(lb / (std::min(hw.cpu_layer_gbs, hw.host_dram_gbs) * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3 +
              2.0 * b * static_cast<double>(c.n_embd) * 4 / (hw.h2d_gbs * 1e9) * 1e3 + 0.05;
+  const double cpu_share = std::clamp((hw.dram_shared_gbs - hw.h2d_shared_gbs) / hw.host_dram_gbs, 0.1, 1.0);
+  k.cpu_shared_ms = std::max(lb / (std::min(hw.cpu_layer_gbs, hw.host_dram_gbs) * cpu_share * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3 +
+                    (k.cpu_ms - std::max(lb / (std::min(hw.cpu_layer_gbs, hw.host_dram_gbs) * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3);
   k.copy_ms = lb / (hw.h2d_gbs * 1e9) * 1e3;
+  k.copy_shared_ms = lb / (std::min(hw.h2d_shared_gbs, hw.h2d_gbs) * 1e9) * 1e3;
   k.disk_ms = lb / (hw.disk_gbs * 1e9) * 1e3;
   return k;
 }
@@ -182,16 +189,28 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   const int64_t n_disk = R - host_held;
   // CPU-computed layers: the count that minimises the predicted step.
   const LayerCosts k = layer_costs(c, p.layer_bytes, in.max_batch, in.hw);
-  auto predict = [&](int64_t n_cpu) {
+  // The head (final norm and lm_head) runs on the GPU every step, after the layers.
+  const double head_ms = std::max(static_cast<double>(head_bytes(c)) / (in.hw.hbm_gbs * 1e9),
+                                  2.0 * static_cast<double>(c.n_vocab * c.n_embd * in.max_batch) / (in.hw.gemm_tflops * 1e12)) * 1e3;
+  // The engines' own times; host DRAM serves the copies and the CPU layers together, whatever the
+  // split between them (the same R layers), so that bound does not depend on n_cpu.
+  auto engines = [&](int64_t n_cpu) {
     const int64_t s = R - n_cpu;
-    const double copy = static_cast<double>(s) * k.copy_ms, disk = static_cast<double>(n_disk) * k.disk_ms;
-    const double serial = static_cast<double>(L - n_cpu) * k.gpu_ms + static_cast<double>(n_cpu) * k.cpu_ms;
+    // With CPU layers and copies both running, each gets the rate `ferry calibrate` measured with
+    // the other beside it (H2D and CPU read at once).
+    const double copy = static_cast<double>(s) * (n_cpu > 0 ? k.copy_shared_ms : k.copy_ms), disk = static_cast<double>(n_disk) * k.disk_ms;
+    const double serial = static_cast<double>(L - n_cpu) * k.gpu_ms + static_cast<double>(n_cpu) * (s > 0 ? k.cpu_shared_ms : k.cpu_ms) + head_ms;
     return std::max({copy, disk, serial});
   };
+  const double shared = static_cast<double>(R * p.layer_bytes) / (in.hw.dram_shared_gbs * 1e9) * 1e3;
+  auto predict = [&](int64_t n_cpu) { return std::max(engines(n_cpu), shared); };
+  // The count with the fastest engines: when shared DRAM bounds several counts alike, the one whose
+  // copies (at the shared H2D rate) and CPU layers are balanced best (llama-2-7b at 8G on the H200:
+  // 8 streamed / 9 CPU ran at 13.5 tok/s, 7 / 10 at 15.9, under the same DRAM bound).
   int64_t n_cpu = forced_cpu;
   if (in.cpu_layers < 0)
     for (int64_t x = 1; x <= host_held; ++x)
-      if (predict(x) < predict(n_cpu) - 1e-9) n_cpu = x;
+      if (engines(x) < engines(n_cpu) - 1e-9) n_cpu = x;
   p.predicted_ms = predict(n_cpu);
   // Layout. With K/V on the host, resident layers are spread evenly among the others: the CPU's
   // attention makes every layer take milliseconds, and with the resident layers first the copy
@@ -203,9 +222,8 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   p.source.assign(L, Tier::kDevice);
   // With K/V split between host and GPU, the GPU-K/V layers (resident) are spread evenly among the
   // host-K/V ones: the executor chains each to the host-K/V layer before it per micro-batch, so the
-  // GPU runs them for one micro-batch while the CPU attends the other. Placed last, together (the
-  // sixth session's layout, when each one drained the pipeline), they left the copy engine idle
-  // for their whole run every step (notes/kv.md, "Seventh session": 1.04-1.09x).
+  // GPU runs them for one micro-batch while the CPU attends the other. Placed last, together, they
+  // left the copy engine idle for their whole run every step (1.04-1.09x slower, notes/kv.md).
   const int64_t g = gpu_kv > 0 && gpu_kv <= n_res ? gpu_kv : 0;
   std::vector<bool> gpu_kv_at(L, false);
   for (int64_t j = 0; j < g; ++j) gpu_kv_at[static_cast<size_t>((2 * j + 1) * L / (2 * g))] = true;  // floor((j + 1/2) L / g)
@@ -352,12 +370,17 @@ PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch,
   f.stream_ms = static_cast<double>(plan.n_streamed) * lb / (hw.h2d_gbs * 1e9) * 1e3;
   f.disk_ms = static_cast<double>(plan.n_disk) * lb / (hw.disk_gbs * 1e9) * 1e3;
   f.cpu_ms = n_cpu * std::max(lb / (hw.host_dram_gbs * 1e9), lb * b / (hw.cpu_tflops * 1e12)) * 1e3;
-  f.hbm_ms = (n_gpu * lb + static_cast<double>(plan.globals_bytes)) / (hw.hbm_gbs * 1e9) * 1e3;
+  f.hbm_ms = (n_gpu * lb + static_cast<double>(head_bytes(cfg))) / (hw.hbm_gbs * 1e9) * 1e3;  // the embedding: T rows only
   f.compute_ms = 2.0 * (n_gpu * lb / 2 + static_cast<double>(cfg.n_vocab * cfg.n_embd)) * b / (hw.gemm_tflops * 1e12) * 1e3;
+  // Host DRAM serves the copy engine (streamed layers), the CPU layers and the CPU's K/V reads at
+  // once: together no faster than the rate measured with both running (dram_shared_gbs).
+  const double kv_bytes = f.kv_ms * 1e-3 * hw.host_dram_gbs * 1e9;
+  f.host_ms = ((static_cast<double>(plan.n_streamed) + n_cpu) * lb + kv_bytes) / (hw.dram_shared_gbs * 1e9) * 1e3;
   const double serial = f.cpu_ms + std::max(f.hbm_ms, f.compute_ms);
-  f.step_ms = std::max({f.stream_ms, f.disk_ms, serial, f.kv_ms});
+  f.step_ms = std::max({f.stream_ms, f.disk_ms, serial, f.kv_ms, f.host_ms});
   f.bound = f.step_ms == f.stream_ms   ? "PCIe (streamed weights)"
             : f.step_ms == f.kv_ms     ? "host DRAM (K/V read by CPU attention)"
+            : f.step_ms == f.host_ms   ? "host DRAM shared by copies, CPU layers and K/V"
             : f.step_ms == f.disk_ms   ? "disk reads"
             : f.cpu_ms > 0             ? "CPU layers (host DRAM) + GPU layers"
             : f.hbm_ms >= f.compute_ms ? "GPU memory bandwidth"
@@ -387,6 +410,7 @@ HardwareProfile load_profile() {
   get("gemm_tflops", hw.gemm_tflops);
   get("host_dram_gbs", hw.host_dram_gbs);
   get("dram_shared_gbs", hw.dram_shared_gbs);
+  get("h2d_shared_gbs", hw.h2d_shared_gbs);
   get("cpu_layer_gbs", hw.cpu_layer_gbs);
   get("cpu_tflops", hw.cpu_tflops);
   get("disk_gbs", hw.disk_gbs);
@@ -396,7 +420,7 @@ HardwareProfile load_profile() {
 
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
-                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_tflops", hw.cpu_tflops},
                       {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);

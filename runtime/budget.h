@@ -47,6 +47,7 @@ struct HardwareProfile {
   // Host DRAM read by all cores and the copy engine's H2D at once, the two rates summed: the
   // weights' DMA and the CPU's K/V reads share it (CPU 76.1 + H2D 38.3 GB/s, 2026-11-24, notes/kv.md).
   double dram_shared_gbs = 114.5;
+  double h2d_shared_gbs = 38.3;  // the H2D part of that: copies while every core reads host memory
   double cpu_layer_gbs = 70.2;  // weight bytes per second through ferry's CPU layer at batch 1
   double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
   double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
@@ -118,9 +119,13 @@ struct PlanFloor {
   double hbm_ms = 0;      // every GPU-computed weight byte read once from device memory
   double compute_ms = 0;  // 2 x GPU-computed parameters x batch over the GEMM rate
   double kv_ms = 0;       // host-resident K/V (batch x context tokens) over host DRAM bandwidth
+  double host_ms = 0;     // every host byte a step reads (copies, CPU layers, K/V) over the shared DRAM rate
   double step_ms = 0;     // the largest of these (they overlap)
   const char* bound = "";
 };
+// Returns the bytes of the weights the head reads every step: the final norm and the lm_head (the
+// embedding table when tied).
+inline int64_t head_bytes(const ModelConfig& c) { return 2 * (c.n_vocab * c.n_embd + c.n_embd); }
 // Returns the decode-step floor of `plan` at batch `batch`: every engine at its peak rate, all
 // running at once.
 PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch, const HardwareProfile& hw, double avg_context = 0);

@@ -38,6 +38,10 @@ struct StepBatch {
   }
 };
 
+// The error for an output row whose logits hold a NaN or an infinity (runner.cpp): the step is
+// refused, never sampled from garbage.
+Status non_finite_logits_error(int64_t row);
+
 class Executor {
  public:
   virtual ~Executor() = default;

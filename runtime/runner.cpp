@@ -1,5 +1,6 @@
 #include "runtime/runner.h"
 
+#include <cmath>
 #include <map>
 #include <optional>
 
@@ -53,8 +54,25 @@ Status Runner::step(const StepBatch& b, std::vector<float>& logits, bool copy_lo
     ex_.head(ws_.globals(), copy_logits ? logits.data() : nullptr);
   }
   FERRY_RETURN_IF_ERROR(ex_.end_step());
+  if (copy_logits) {
+    // A NaN or an infinity anywhere in a row makes its sum non-finite (logits are far from FLT_MAX).
+    const int64_t V = cfg.n_vocab;
+    for (int64_t r = 0; r < b.n_outputs(); ++r) {
+      const float* row = logits.data() + r * V;
+      float sum = 0;
+      for (int64_t i = 0; i < V; ++i) sum += row[i];
+      if (!std::isfinite(sum)) return non_finite_logits_error(r);
+    }
+  }
   for (const auto& [s, n] : next_pos) kv_.set_length(s, n);
   return Status::Ok();
+}
+
+Status non_finite_logits_error(int64_t row) {
+  return Status(ErrorCode::kInternal,
+                strprintf("the logits of output row %lld hold a NaN or an infinity: the activations overflowed (the weights were checked finite "
+                          "when loaded); an F16 checkpoint read with too little range, or a corrupt packed store, can do this",
+                          static_cast<long long>(row)));
 }
 
 }  // namespace ferry

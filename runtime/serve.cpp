@@ -67,6 +67,12 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
   std::vector<int64_t> out_live;  // live index of each output row
   uint64_t step_no = 0;
   while (done < n) {
+    if (opts.stop && opts.stop->load(std::memory_order_relaxed)) {  // interrupted: the finished ones stand
+      stats.interrupted = true;
+      for (const Live& l : live) kv.free_sequence(l.seq);
+      live.clear();
+      break;
+    }
     std::optional<TraceRange> sched(std::in_place, "serve.schedule");
     // Admission: a batch slot and blocks for the whole request.
     while (!queue.empty() && static_cast<int64_t>(live.size()) < opts.batch) {
@@ -206,6 +212,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
         continue;
       }
       kv.free_sequence(live[i].seq);
+      results[live[i].req].finished = true;
       ++done;
       if (on_done) on_done(live[i].req, results[live[i].req]);
     }
@@ -214,7 +221,8 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
   }
   stats.total_ms = now_ms();
   std::vector<double> ttft;
-  for (const ServeResult& r : results) ttft.push_back(r.ttft_ms);
+  for (const ServeResult& r : results)
+    if (r.finished) ttft.push_back(r.ttft_ms);
   std::sort(ttft.begin(), ttft.end());
   if (!ttft.empty()) {
     double sum = 0;

@@ -10,6 +10,7 @@
 // blocks of sequences left out spill to disk, coldest first, when others need the room.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -36,11 +37,15 @@ struct ServeOptions {
   // one step attends on the GPU; the trace in notes/kv.md shows the split chunks doubling those
   // steps. Prompts longer than a step are split regardless.
   bool whole_prompts = false;
+  // Checked before every step: once true, serve() stops (the requests finished so far keep their
+  // results, marked `finished`) and returns with stats.interrupted. The CLI sets it on SIGINT/SIGTERM.
+  const std::atomic<bool>* stop = nullptr;
 };
 
 struct ServeResult {
   std::vector<int32_t> tokens;    // generated ids
   bool hit_eos = false;
+  bool finished = false;          // ran to EOS or max_tokens (false: interrupted before)
   double ttft_ms = 0;             // from the start of serve() to the first generated token
   double latency_ms = 0;          // from the start of serve() to the last
   double admitted_ms = 0;         // when it entered the batch
@@ -51,6 +56,7 @@ struct ServeStats {
   int64_t peak_live = 0;
   int64_t split_prompts = 0;      // prompts whose prefill spanned more than one step
   int64_t blocks_spilled = 0, blocks_restored = 0;  // K/V blocks written to and read from the disk tier
+  bool interrupted = false;       // ServeOptions::stop ended the run early
   double total_ms = 0;
   double ttft_mean_ms = 0, ttft_p50_ms = 0, ttft_p90_ms = 0;
   // Per step: tokens, and K/V tokens its attention reads (each sequence's length after the step,

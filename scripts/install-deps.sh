@@ -3,7 +3,7 @@
 # are left alone, and nothing is downloaded when everything is present.
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build ccache pkg-config
-      libdnnl-dev libtbb-dev libhwloc-dev liburing-dev libxxhash-dev doctest-dev
+      libdnnl-dev ocl-icd-opencl-dev libtbb-dev libhwloc-dev liburing-dev libxxhash-dev doctest-dev
       nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -37,6 +37,17 @@ struct ModelCopy {
         fs::copy_file(e.path(), tmp.path / e.path().filename());
   }
   std::string dir() const { return tmp.path.string(); }
+  // Overwrites element `i` of BF16 tensor `name` in model.safetensors with the bits `v`.
+  void set_bf16(const std::string& name, int64_t i, uint16_t v) {
+    std::string bytes = read_file(file("model.safetensors"));
+    uint64_t hl;
+    std::memcpy(&hl, bytes.data(), 8);
+    const json h = json::parse(bytes.substr(8, hl));
+    REQUIRE(h[name]["dtype"] == "BF16");
+    const uint64_t off = 8 + hl + h[name]["data_offsets"][0].get<uint64_t>() + 2 * static_cast<uint64_t>(i);
+    std::memcpy(bytes.data() + off, &v, 2);
+    write_file(file("model.safetensors"), bytes);
+  }
   std::string file(const std::string& n) const { return (tmp.path / n).string(); }
   // Rewrites model.safetensors' header with `edit` applied, keeping the data section.
   template <typename F>
@@ -199,6 +210,24 @@ TEST_SUITE("cli") {
     expect_error("logits -m " + q(m2.dir()) + " --ids 1 --out /tmp/x.st", {"mlp", "shape", "[704, 256]"});
   }
 
+  TEST_CASE("a NaN or an infinity in the weights is refused naming the tensor and layer; non-finite logits stop the run") {
+    ModelCopy nan(test::shared_dir() + kGqa);
+    nan.set_bf16("model.layers.2.mlp.down_proj.weight", 1234, 0x7fc0);  // NaN
+    expect_error("run -m " + q(nan.dir()) + " -p hi -n 2 --device cpu", {"model.layers.2.mlp.down_proj.weight", "(layer 2)", "NaN or an infinity", "element 1234"});
+    ModelCopy inf(test::shared_dir() + kGqa);
+    inf.set_bf16("model.embed_tokens.weight", 7, 0xff80);  // -inf
+    expect_error("logits -m " + q(inf.dir()) + " --ids 1 --out /tmp/x.st --device cpu", {"model.embed_tokens.weight", "NaN or an infinity"});
+    // Finite weights whose activations overflow: the final norm's weight at BF16's largest value
+    // makes the logits infinite. The step is refused, not sampled from.
+    ModelCopy big(test::shared_dir() + kGqa);
+    for (int64_t i = 0; i < 256; ++i) big.set_bf16("model.norm.weight", i, 0x7f7f);
+    write_file(big.file("req.jsonl"), "{\"ids\": [1, 2, 3]}\n");
+    expect_error("run -m " + q(big.dir()) + " --prompts " + q(big.file("req.jsonl")) + " --out " + q(big.file("out.jsonl")) + " -n 2 --temp 0 --device cpu",
+                 {"logits of output row", "NaN or an infinity"});
+    CHECK(!fs::exists(big.file("out.jsonl")));
+    expect_error("logits -m " + q(big.dir()) + " --ids 1,2 --out /tmp/x.st --device cpu", {"logits of output row"});
+  }
+
   TEST_CASE("missing tensor and unexpected tensor") {
     ModelCopy m(test::shared_dir() + kGqa);
     m.edit_header([](json& h) { h.erase("model.layers.3.post_attention_layernorm.weight"); });
@@ -287,6 +316,59 @@ TEST_SUITE("cli") {
     expect_error("run -m " + q(dir) + " --prompts /nonexistent/req.jsonl --out " + q(out) + " --device cpu", {"/nonexistent/req.jsonl"});
     expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --device cpu", {"--out"});
     expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(out) + " -p hi --device cpu", {"-p"});
+  }
+
+  TEST_CASE("output paths are checked before the work; never renamed over a non-regular file; SIGINT keeps the finished requests; a failed stdout write exits 1") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    test::TempDir tmp;
+    const std::string in = tmp / "req.jsonl";
+    write_file(in, "{\"ids\": [1, 200]}\n");
+    // A missing folder, for every output flag: refused at once, naming the flag and the path.
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out /nonexistent/dir/out.jsonl --device cpu", {"--out", "/nonexistent/dir/out.jsonl"});
+    expect_error("run -m " + q(dir) + " -p hi -n 2 --trace /nonexistent/dir/t.json --device cpu", {"--trace", "/nonexistent/dir/t.json"});
+    expect_error("logits -m " + q(dir) + " --ids 1,2 --out /nonexistent/dir/l.safetensors --device cpu", {"--out", "/nonexistent/dir/l.safetensors"});
+    expect_error("bench -m " + q(dir) + " -n 2 --json /nonexistent/dir/b.json --device cpu", {"--json", "/nonexistent/dir/b.json"});
+    expect_error("bench -m " + q(dir) + " -n 2 --trace /nonexistent/dir/b.trace.json --device cpu", {"--trace", "/nonexistent/dir/b.trace.json"});
+    expect_error("sweep -m synthetic:llama-2-7b --layers 2 --gpu-mem 4G -n 2 --device cpu --out /nonexistent/dir/sw", {"--out", "/nonexistent/dir/sw.csv"});
+    expect_error("calibrate --out /nonexistent/dir/profile.json", {"--out", "/nonexistent/dir/profile.json"});
+    // A device node or a folder at the path: refused, and left as it was.
+    expect_error("logits -m " + q(dir) + " --ids 1,2 --out /dev/null --device cpu", {"/dev/null", "not a regular file"});
+    CHECK(fs::is_character_file("/dev/null"));
+    fs::create_directory(tmp / "adir");
+    expect_error("run -m " + q(dir) + " --prompts " + q(in) + " --out " + q(tmp / "adir") + " --device cpu", {"adir", "not a regular file"});
+    CHECK(fs::is_directory(tmp / "adir"));
+    // bench --trace writes the traced run's trace.
+    test::CmdResult b = test::run_ferry("bench -m " + q(dir) + " -n 2 --device cpu --trace " + q(tmp / "b.json"));
+    CHECK_MESSAGE(b.exit_code == 0, b.output);
+    CHECK(fs::file_size(tmp / "b.json") > 100);
+    // A failed write to standard output is an error, not a silent success.
+    CHECK(test::run_ferry("tokenize -m " + q(dir) + " hello >/dev/full", true).exit_code == 1);
+    CHECK(test::run_ferry("run -m " + q(dir) + " -p hi -n 4 --device cpu >/dev/full", true).exit_code == 1);
+    // SIGINT in throughput mode: the requests finished before it are written (atomically, in input
+    // order, with their index), the rest are not, and the exit code says so.
+    std::string reqs;
+    for (int i = 0; i < 8; ++i) reqs += "{\"ids\": [1, " + std::to_string(300 + i) + "], \"max_tokens\": 1, \"id\": \"short" + std::to_string(i) + "\"}\n";
+    for (int i = 0; i < 64; ++i) reqs += "{\"ids\": [1, " + std::to_string(400 + i) + "], \"max_tokens\": 2000}\n";
+    write_file(in, reqs);
+    const std::string out = tmp / "out.jsonl", log = tmp / "log";
+    // The progress line for a tenth of the requests (the 8 short ones) appears once they are done;
+    // then SIGINT. The long ones (2000 tokens each) are far from done.
+    test::CmdResult r = test::run_shell("bash -c " + q(std::string(FERRY_BIN) + " run -m synthetic:llama-2-7b --layers 1 --prompts " + in + " --out " + out +
+                                                       " --batch 4 --ignore-eos --device cpu --threads 1 2>" + log + " & pid=$!; " +
+                                                       "for i in $(seq 1200); do grep -q requests " + log + " && break; sleep 0.1; done; " +
+                                                       "kill -INT $pid; wait $pid; echo exit=$?; cat " + log));
+    CAPTURE(r.output);
+    CHECK(r.output.find("exit=130") != std::string::npos);
+    CHECK(r.output.find("interrupted by SIGINT: the 8 finished of 72 requests") != std::string::npos);
+    std::istringstream ss(read_file(out));
+    int n = 0;
+    for (std::string l; std::getline(ss, l); ++n) {
+      const json j = json::parse(l);
+      CHECK(j["id"] == "short" + std::to_string(n));
+      CHECK(j["index"] == n);
+      CHECK(j["finish_reason"] == "length");
+    }
+    CHECK(n == 8);
   }
 
   TEST_CASE("nonsense flag values") {

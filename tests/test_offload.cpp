@@ -315,6 +315,40 @@ TEST_SUITE("offload") {
 #include "runtime/trace.h"
 
 TEST_SUITE("offload") {
+  TEST_CASE("the plan's predicted step is never faster than its own floor: every preset, budget, batch and K/V placement, two profiles") {
+    HardwareProfile fast_cpu;  // a profile whose CPU-layer rate exceeds its DRAM read, and a slow disk
+    fast_cpu.cpu_layer_gbs = 2 * fast_cpu.host_dram_gbs;
+    fast_cpu.disk_gbs = 0.5;
+    int64_t checked = 0;
+    for (const std::string& name : synthetic_preset_names()) {
+      auto c = synthetic_config(name);
+      REQUIRE(c.ok());
+      for (const HardwareProfile& hw : {HardwareProfile{}, fast_cpu})
+        for (int64_t budget_g : {0, 4, 8, 16, 24, 40, 80})
+          for (int64_t batch : {1, 8, 64})
+            for (KvPlace kv : {KvPlace::kAuto, KvPlace::kGpu, KvPlace::kHost}) {
+              const int64_t ctx = 1024;
+              GpuPlanInput in;
+              in.hw = hw;
+              in.budget_bytes = budget_g << 30;
+              in.max_batch = batch;
+              in.kv = kv;
+              in.kv_bytes = 2 * c->n_layers * batch * ctx * c->kv_dim() * 2;
+              auto p = plan_gpu(*c, in);
+              if (!p.ok()) continue;  // below the minimum working set
+              const PlanFloor f = plan_floor(*c, *p, batch, hw, static_cast<double>(ctx));
+              CAPTURE(name);
+              CAPTURE(budget_g);
+              CAPTURE(batch);
+              CAPTURE(static_cast<int>(kv));
+              CHECK(p->predicted_ms >= f.step_ms * (1 - 1e-9));
+              ++checked;
+            }
+    }
+    MESSAGE(checked << " plans checked");
+    CHECK(checked > 200);
+  }
+
   TEST_CASE("K/V placement: --kv gpu keeps K/V on the GPU or names the budget; host moves them all; auto when needed; split per layer by cost") {
     auto c = synthetic_config("llama-3-8b");
     REQUIRE(c.ok());
@@ -498,40 +532,61 @@ TEST_SUITE("offload") {
 TEST_SUITE("offload") {
   TEST_CASE("ferry plan: placement, bytes per tier and the floor; a budget below the minimum is refused with the minimum") {
     ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);  // the built-in profile, whatever this machine cached
-    test::CmdResult r = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64 --cpu-layers 0");
+    test::CmdResult r = test::run_ferry("plan --device gpu -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64 --cpu-layers 0");
     REQUIRE_MESSAGE(r.exit_code == 0, r.output);
     CHECK(r.output.find("placement:  0-14 resident, 15-31 streamed from host") != std::string::npos);
     CHECK(r.output.find("bound by PCIe") != std::string::npos);
-    test::CmdResult mixed = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64");
+    test::CmdResult mixed = test::run_ferry("plan --device gpu -m synthetic:llama-2-7b --gpu-mem 8G --batch 1 --context 64");
     REQUIRE_MESSAGE(mixed.exit_code == 0, mixed.output);
     CHECK(mixed.output.find("0-14 resident, 15 streamed from host, 16 cpu") != std::string::npos);
     CHECK(mixed.output.find("predicted:") != std::string::npos);
     // A forced count of host-K/V layers: printed per layer, and refused without --kv split or
     // beyond the model.
-    test::CmdResult forced = test::run_ferry("plan -m synthetic:llama-3-8b --gpu-mem 16G --batch 64 --context 640 --cpu-layers 0 --kv split --kv-host-layers 20");
+    test::CmdResult forced = test::run_ferry("plan --device gpu -m synthetic:llama-3-8b --gpu-mem 16G --batch 64 --context 640 --cpu-layers 0 --kv split --kv-host-layers 20");
     REQUIRE_MESSAGE(forced.exit_code == 0, forced.output);
     CHECK(forced.output.find("kv:         20 of 32 layers in host memory") != std::string::npos);
     CHECK(forced.output.find("resident (GPU K/V)") != std::string::npos);
-    test::CmdResult no_split = test::run_ferry("plan -m synthetic:llama-3-8b --gpu-mem 16G --kv-host-layers 20");
+    test::CmdResult no_split = test::run_ferry("plan --device gpu -m synthetic:llama-3-8b --gpu-mem 16G --kv-host-layers 20");
     CHECK(no_split.exit_code != 0);
     CHECK(no_split.output.find("--kv-host-layers needs --kv split") != std::string::npos);
-    test::CmdResult too_many = test::run_ferry("plan -m synthetic:llama-3-8b --gpu-mem 16G --kv split --kv-host-layers 33");
+    test::CmdResult too_many = test::run_ferry("plan --device gpu -m synthetic:llama-3-8b --gpu-mem 16G --kv split --kv-host-layers 33");
     CHECK(too_many.exit_code != 0);
     CHECK(too_many.output.find("--kv-host-layers 33: the model has 32 layers") != std::string::npos);
-    test::CmdResult disk = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G --host-mem 2G --cpu-layers 0");
+    test::CmdResult disk = test::run_ferry("plan --device gpu -m synthetic:llama-2-7b --gpu-mem 8G --host-mem 2G --cpu-layers 0");
     CHECK(disk.exit_code == 1);
     CHECK(disk.output.find("--host-mem") != std::string::npos);
-    test::CmdResult all = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 40G");
+    test::CmdResult all = test::run_ferry("plan --device gpu -m synthetic:llama-2-7b --gpu-mem 40G");
     CHECK(all.exit_code == 0);
     CHECK(all.output.find("placement:  0-31 resident") != std::string::npos);
     CHECK(all.output.find("GPU memory bandwidth") != std::string::npos);
-    test::CmdResult small = test::run_ferry("plan -m synthetic:llama-2-13b --gpu-mem 2G");
+    test::CmdResult small = test::run_ferry("plan --device gpu -m synthetic:llama-2-13b --gpu-mem 2G");
     CHECK(small.exit_code == 1);
     CHECK(small.output.find("--gpu-mem") != std::string::npos);
     CHECK(small.output.find("minimum working set") != std::string::npos);
-    test::CmdResult bad = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8Q");
+    test::CmdResult bad = test::run_ferry("plan --device gpu -m synthetic:llama-2-7b --gpu-mem 8Q");
     CHECK(bad.exit_code == 2);
     CHECK(bad.output.find("--gpu-mem") != std::string::npos);
+    // --gpu-mem, one rule everywhere: 0 is refused (not "no cap"), a budget below the minimum is
+    // refused with the minimum, whatever the command; plan --device cpu plans the emulated device
+    // exactly as run does.
+    for (const char* cmd : {"plan --device cpu", "plan --device gpu", "run --device cpu -p hi -n 1", "bench --device cpu -n 1 --no-overlap",
+                            "logits --device cpu --ids 1,2 --out /tmp/ferry-logits-budget.safetensors"}) {
+      const std::string command = cmd;
+      CAPTURE(command);
+      test::CmdResult zero = test::run_ferry(std::string(cmd) + " -m synthetic:llama-2-7b --layers 2 --gpu-mem 0");
+      CHECK(zero.exit_code != 0);
+      CHECK(zero.output.find("--gpu-mem 0: a budget must be a positive size") != std::string::npos);
+      test::CmdResult tiny = test::run_ferry(std::string(cmd) + " -m synthetic:llama-2-7b --layers 2 --gpu-mem 1M");
+      CHECK(tiny.exit_code == 1);
+      CHECK(tiny.output.find("--gpu-mem 1.00 MiB is below the minimum working set") != std::string::npos);
+    }
+    test::CmdResult sweep0 = test::run_ferry("sweep --device cpu -m synthetic:llama-2-7b --layers 2 --gpu-mem 4G,0 -n 1 --out /tmp/ferry-sweep-zero");
+    CHECK(sweep0.exit_code != 0);
+    CHECK(sweep0.output.find("--gpu-mem 0: a budget must be a positive size") != std::string::npos);
+    test::CmdResult emu = test::run_ferry("plan --device cpu -m synthetic:llama-2-7b --gpu-mem 4G");
+    CHECK(emu.exit_code == 0);
+    CHECK(emu.output.find("device:     cpu (the emulated device") != std::string::npos);
+    CHECK(emu.output.find("runtime reserve 0 B") != std::string::npos);
   }
 }
 

@@ -7,8 +7,11 @@
 namespace ferry::test {
 
 CmdResult run_ferry(const std::string& args, bool stdout_only) {
+  return run_shell(std::string(FERRY_BIN) + " " + args + (stdout_only ? " 2>/dev/null" : " 2>&1"));
+}
+
+CmdResult run_shell(const std::string& cmd) {
   CmdResult r;
-  const std::string cmd = std::string(FERRY_BIN) + " " + args + (stdout_only ? " 2>/dev/null" : " 2>&1");
   FILE* p = popen(cmd.c_str(), "r");
   if (p == nullptr) return r;
   char buf[4096];

@@ -2,10 +2,13 @@
 // reading golden tensors, temporary directories and running the ferry binary.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "models/safetensors.h"
@@ -102,5 +105,84 @@ struct CmdResult {
 // Runs the ferry binary with `args` (a shell-quoted string) and captures stdout, and stderr too
 // unless `stdout_only`.
 CmdResult run_ferry(const std::string& args, bool stdout_only = false);
+// Runs a shell command line as it is; its output as the shell's standard output gives it.
+CmdResult run_shell(const std::string& cmd);
+
+}  // namespace ferry::test
+
+namespace ferry::test {
+
+// A held-out model: shapes no golden checkpoint has (odd vocabulary, GQA group 5 or 3, intermediate
+// not a power of two), seeded normal weights at the golden models' scale (std 0.08; norms 1 + 0.1 N),
+// written as a BF16 Hugging Face checkpoint (config.json + model.safetensors) into `dir`.
+struct HeldOutShape {
+  int64_t hidden, heads, kv_heads, ff, vocab, layers;
+  bool tied;
+};
+inline void write_held_out_model(const std::string& dir, const HeldOutShape& s, uint64_t seed) {
+  uint64_t state = seed;
+  auto next = [&state] {  // splitmix64
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  auto normal = [&next] {
+    const double u1 = (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53, u2 = static_cast<double>(next() >> 11) * 0x1.0p-53;
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  };
+  const int64_t hd = s.hidden / s.heads, kv = s.kv_heads * hd;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {{"model.embed_tokens.weight", {s.vocab, s.hidden}},
+                                                                      {"model.norm.weight", {s.hidden}}};
+  if (!s.tied) shapes.push_back({"lm_head.weight", {s.vocab, s.hidden}});
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    shapes.push_back({p + "input_layernorm.weight", {s.hidden}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {s.hidden}});
+    shapes.push_back({p + "self_attn.q_proj.weight", {s.hidden, s.hidden}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {kv, s.hidden}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {kv, s.hidden}});
+    shapes.push_back({p + "self_attn.o_proj.weight", {s.hidden, s.hidden}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {s.ff, s.hidden}});
+    shapes.push_back({p + "mlp.up_proj.weight", {s.ff, s.hidden}});
+    shapes.push_back({p + "mlp.down_proj.weight", {s.hidden, s.ff}});
+  }
+  std::vector<std::vector<uint16_t>> data;
+  std::vector<TensorToWrite> tensors;
+  for (const auto& [name, shape] : shapes) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const bool norm = name.find("norm") != std::string::npos;
+    std::vector<uint16_t> v(static_cast<size_t>(n));
+    for (auto& x : v) x = f32_to_bf16(static_cast<float>(norm ? 1.0 + 0.1 * normal() : 0.08 * normal()));
+    data.push_back(std::move(v));
+  }
+  for (size_t i = 0; i < shapes.size(); ++i) tensors.push_back({shapes[i].first, DType::kBF16, shapes[i].second, data[i].data()});
+  std::filesystem::create_directories(dir);
+  const std::string config = "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": " + std::to_string(s.hidden) +
+                             ", \"intermediate_size\": " + std::to_string(s.ff) + ", \"num_hidden_layers\": " + std::to_string(s.layers) +
+                             ", \"num_attention_heads\": " + std::to_string(s.heads) + ", \"num_key_value_heads\": " + std::to_string(s.kv_heads) +
+                             ", \"vocab_size\": " + std::to_string(s.vocab) +
+                             ", \"rms_norm_eps\": 1e-05, \"rope_theta\": 10000.0, \"max_position_embeddings\": 2048, \"tie_word_embeddings\": " +
+                             (s.tied ? "true" : "false") + ", \"hidden_act\": \"silu\", \"torch_dtype\": \"bfloat16\", \"bos_token_id\": 1, \"eos_token_id\": 2}";
+  if (!write_file_atomic(dir + "/config.json", config.data(), config.size()).ok() || !write_safetensors(dir + "/model.safetensors", tensors).ok())
+    throw std::runtime_error("write_held_out_model: cannot write " + dir);
+}
+
+// The held-out shapes the GPU accuracy test and the CPU's BF16-K/V check use.
+inline const std::vector<HeldOutShape>& held_out_shapes() {
+  static const std::vector<HeldOutShape> v = {{320, 5, 1, 872, 1001, 3, false}, {192, 6, 2, 520, 777, 3, true}};
+  return v;
+}
+
+// A prompt of n pseudo-random token ids in [3, vocab).
+inline std::vector<int32_t> held_out_prompt(int64_t n, int64_t vocab, uint64_t seed) {
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    ids[i] = static_cast<int32_t>(3 + (seed >> 33) % static_cast<uint64_t>(vocab - 3));
+  }
+  return ids;
+}
 
 }  // namespace ferry::test

@@ -38,6 +38,17 @@ std::vector<float> randn(size_t n, float scale = 1.0f) {
   for (auto& x : v) x = d(g_rng);
   return v;
 }
+// y[M, N] = x[M, K] w[N, K]^T in double, rounded to float.
+std::vector<float> ref_matmul(const std::vector<float>& x, const std::vector<float>& w, int64_t M, int64_t N, int64_t K) {
+  std::vector<float> y(M * N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(x[i * K + k]) * w[j * K + k];
+      y[i * N + j] = static_cast<float>(acc);
+    }
+  return y;
+}
 // Rounds to bf16 in place and returns the bf16 bits.
 std::vector<uint16_t> to_bf16_bits(std::vector<float>& v) {
   std::vector<uint16_t> b(v.size());
@@ -101,13 +112,7 @@ TEST_SUITE("gpu_ops") {
     for (auto [M, N, K] : std::vector<std::array<int64_t, 3>>{{1, 4096, 4096}, {3, 100, 64}, {17, 768, 288}, {128, 512, 1024}}) {
       std::vector<float> x = randn(M * K), w = randn(N * K, 0.05f);
       auto xb = to_bf16_bits(x), wb = to_bf16_bits(w);
-      std::vector<float> ref(M * N);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < N; ++j) {
-          double s = 0;
-          for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[i * K + k]) * w[j * K + k];
-          ref[i * N + j] = static_cast<float>(s);
-        }
+      const std::vector<float> ref = ref_matmul(x, w, M, N, K);
       Dev<uint16_t> dx(xb), dw(wb);
       Dev<float> y32(M * N);
       Dev<uint16_t> y16(M * N);
@@ -129,13 +134,7 @@ TEST_SUITE("gpu_ops") {
       for (auto [N, K] : std::vector<std::array<int64_t, 2>>{{7, 8}, {33, 1032}, {1000, 4096}, {129, 11008}}) {
         std::vector<float> x = randn(M * K), w = randn(N * K, 0.05f);
         auto xb = to_bf16_bits(x), wb = to_bf16_bits(w);
-        std::vector<float> ref(M * N);
-        for (int64_t i = 0; i < M; ++i)
-          for (int64_t j = 0; j < N; ++j) {
-            double acc = 0;
-            for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(x[i * K + k]) * w[j * K + k];
-            ref[i * N + j] = static_cast<float>(acc);
-          }
+        const std::vector<float> ref = ref_matmul(x, w, M, N, K);
         Dev<uint16_t> dx(xb), dw(wb);
         Dev<float> y(M * N), y2(M * N);
         gpu::gemv(reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dw.p), y.p, M, N, K, nullptr);
@@ -158,13 +157,7 @@ TEST_SUITE("gpu_ops") {
       std::vector<float> lo(M * K);
       for (int64_t i = 0; i < M * K; ++i) lo[i] = x_exact[i] - hi[i];
       auto lob = to_bf16_bits(lo);
-      std::vector<float> ref(M * N);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < N; ++j) {
-          double acc = 0;
-          for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(x_exact[i * K + k]) * w[j * K + k];
-          ref[i * N + j] = static_cast<float>(acc);
-        }
+      const std::vector<float> ref = ref_matmul(x_exact, w, M, N, K);
       Dev<uint16_t> dhi(hib), dlo(lob), dw(wb);
       Dev<float> y(M * N), y_hi(M * N), y_pdl(M * N);
       gpu::gemv(reinterpret_cast<bf16*>(dhi.p), reinterpret_cast<bf16*>(dw.p), y.p, M, N, K, nullptr, false, reinterpret_cast<bf16*>(dlo.p));
@@ -500,6 +493,20 @@ GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs 
   return g;
 }
 
+// Logits of every position of `ids` from the float32 CPU backend (the reference the GPU is held to).
+std::vector<float> cpu_logits(const std::string& dir, const std::vector<int32_t>& ids) {
+  auto cm = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
+  REQUIRE(cm.ok());
+  cpu::CpuExecutor cex(cm->config);
+  const int64_t blocks = (static_cast<int64_t>(ids.size()) + 15) / 16;
+  auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, blocks});
+  REQUIRE(ckv.ok());
+  Runner cr(*cm->weights, cex, *ckv);
+  auto l = prompt_logits(cr, ids);
+  REQUIRE(l.ok());
+  return std::move(*l);
+}
+
 // max|logit difference| allowed before a reference margin counts as unclear: twice the measured error.
 double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0;
@@ -569,35 +576,18 @@ TEST_SUITE("gpu_model") {
     // The CPU backend matches transformers to ~2e-6 (the golden test), so it is the reference here.
     // The prompt runs in one step (tensor-core attention), in 128-token chunks, and one token a step
     // (the decode kernel).
-    int shape_no = 0;
-    for (const test::HeldOutShape& hs : test::held_out_shapes()) {
-      test::TempDir tmp;
-      test::write_held_out_model(tmp / "m", hs, 1234 + shape_no);
-      const auto ids = test::held_out_prompt(333, hs.vocab, 99 + shape_no);
-      ++shape_no;
-      auto cm = load_model(tmp / "m", LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
-      REQUIRE(cm.ok());
-      cpu::CpuExecutor cex(cm->config);
-      auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, 32});
-      REQUIRE(ckv.ok());
-      Runner cr(*cm->weights, cex, *ckv);
-      auto ref = prompt_logits(cr, ids);
-      REQUIRE(ref.ok());
-      GpuModel g = load_gpu(tmp / "m", 512);
-      const int64_t V = hs.vocab;
+    test::for_each_held_out([](const std::string& dir, const test::HeldOutShape& hs, const std::vector<int32_t>& ids) {
+      const std::vector<float> ref = cpu_logits(dir, ids);
+      GpuModel g = load_gpu(dir, 512);
       for (int64_t chunk : {512, 128, 1}) {
         auto l = prompt_logits(*g.runner, ids, chunk);
         REQUIRE(l.ok());
-        auto rows = [&](int64_t r0, int64_t r1) {
-          return rel(std::vector<float>(l->begin() + r0 * V, l->begin() + r1 * V), std::vector<float>(ref->begin() + r0 * V, ref->begin() + r1 * V));
-        };
-        const double err = rel(*l, *ref);
-        MESSAGE("held-out " << hs.hidden << "/" << hs.heads << "/" << hs.kv_heads << " chunk " << chunk << ": GPU max|d|/max|ref| = " << err
-                            << " (positions 0-31 " << rows(0, 32) << ", 32-127 " << rows(32, 128) << ", 128-332 " << rows(128, 333) << ")");
+        const double err = rel(*l, ref);
+        MESSAGE("held-out " << hs.hidden << "/" << hs.heads << "/" << hs.kv_heads << " chunk " << chunk << ": GPU " << test::held_out_report(*l, ref, hs.vocab));
         CAPTURE(chunk);
         CHECK(err <= 2e-2);
       }
-    }
+    });
   }
 
   TEST_CASE("non-finite logits on the GPU: greedy and top-k sampling refuse the step") {
@@ -649,19 +639,12 @@ TEST_SUITE("gpu_model") {
     full.insert(full.end(), story.begin(), story.end() - 1);
     auto gl = prompt_logits(*g.runner, full);
     REQUIRE(gl.ok());
-    auto cm = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
-    REQUIRE(cm.ok());
-    cpu::CpuExecutor cex(cm->config);
-    auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, 64});
-    REQUIRE(ckv.ok());
-    Runner cr(*cm->weights, cex, *ckv);
-    auto cl = prompt_logits(cr, full);
-    REQUIRE(cl.ok());
-    const double abs_err = max_abs_diff(*gl, *cl);
-    const int64_t V = cm->config.n_vocab;
+    const std::vector<float> cl = cpu_logits(dir, full);
+    const double abs_err = max_abs_diff(*gl, cl);
+    const int64_t V = g.model.config.n_vocab;
     int clear = 0, agree = 0;
     for (size_t i = 0; i < story.size(); ++i) {
-      std::vector<float> row(cl->begin() + i * V, cl->begin() + (i + 1) * V);
+      std::vector<float> row(cl.begin() + i * V, cl.begin() + (i + 1) * V);
       std::vector<float> sorted = row;
       std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
       if (sorted[0] - sorted[1] < 2 * abs_err) continue;

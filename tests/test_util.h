@@ -2,6 +2,7 @@
 // reading golden tensors, temporary directories and running the ferry binary.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -184,5 +185,37 @@ inline std::vector<int32_t> held_out_prompt(int64_t n, int64_t vocab, uint64_t s
   }
   return ids;
 }
+
+// Calls fn(model_dir, shape, prompt) for each held-out shape, its checkpoint written to a temporary
+// folder and a 333-token prompt drawn for it (the same model and prompt for every test).
+template <typename F>
+void for_each_held_out(F fn) {
+  uint64_t no = 0;
+  for (const HeldOutShape& hs : held_out_shapes()) {
+    TempDir tmp;
+    write_held_out_model(tmp / "m", hs, 1234 + no);
+    fn(tmp / "m", hs, held_out_prompt(333, hs.vocab, 99 + no));
+    ++no;
+  }
+}
+
+// max|a - b| / max|ref| over the rows [r0, r1) of [rows, width] logits.
+inline double rel_rows(const std::vector<float>& a, const std::vector<float>& ref, int64_t width, int64_t r0, int64_t r1) {
+  double d = 0, m = 0;
+  for (int64_t i = r0 * width; i < r1 * width; ++i) {
+    d = std::max(d, static_cast<double>(std::fabs(a[i] - ref[i])));
+    m = std::max(m, static_cast<double>(std::fabs(ref[i])));
+  }
+  return d / m;
+}
+
+// The error of a 333-token prompt's logits overall and by position range, for a test's message.
+inline std::string held_out_report(const std::vector<float>& a, const std::vector<float>& ref, int64_t width) {
+  const int64_t n = static_cast<int64_t>(ref.size()) / width;
+  return "max|d|/max|ref| = " + std::to_string(rel_rows(a, ref, width, 0, n)) + " (positions 0-31 " + std::to_string(rel_rows(a, ref, width, 0, 32)) +
+         ", 32-127 " + std::to_string(rel_rows(a, ref, width, 32, 128)) + ", 128-" + std::to_string(n - 1) + " " +
+         std::to_string(rel_rows(a, ref, width, 128, n)) + ")";
+}
+
 
 }  // namespace ferry::test

@@ -5,9 +5,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 
 #include "cpu/cpu_executor.h"
+#include "models/checkpoint.h"
 #include "models/synthetic.h"
+#include "models/weight_format.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "runtime/serve.h"
@@ -369,6 +372,73 @@ TEST_SUITE("model") {
       MESSAGE("held-out " << hs.hidden << "/" << hs.heads << "/" << hs.kv_heads << ": BF16 K/V vs F32 K/V " << test::held_out_report(*lb, *lf, hs.vocab));
       CHECK(all < 2e-2);  // the BF16 bound the GPU backend is held to
     });
+  }
+
+  TEST_CASE("NF4 (QLoRA's codes, blocks of 64, fp32 absmax): the codec, and the golden NF4 logits") {
+    // The codec: every code round-trips, the packing is bitsandbytes' (high nibble first), a zero
+    // block stays zero, and each element lands on its nearest code.
+    std::vector<float> x(130);
+    for (int i = 0; i < 16; ++i) x[i] = kNf4Codes[i] * 3.0f;  // block 0: absmax 3
+    for (int i = 16; i < 64; ++i) x[i] = 3.0f * std::sin(0.37f * static_cast<float>(i));
+    // block 1 (64-127) all zero; block 2 (128-129) partial
+    x[128] = -0.5f;
+    x[129] = 0.25f;
+    std::vector<uint8_t> packed((x.size() + 1) / 2);
+    std::vector<float> absmax(3), y(x.size());
+    quantize_nf4(x.data(), static_cast<int64_t>(x.size()), packed.data(), absmax.data());
+    dequantize_nf4(packed.data(), absmax.data(), static_cast<int64_t>(x.size()), y.data());
+    CHECK(absmax[0] == 3.0f);
+    CHECK(absmax[1] == 0.0f);
+    CHECK(absmax[2] == 0.5f);
+    CHECK(packed[0] == 0x01);  // codes 0 and 1
+    for (int i = 0; i < 16; ++i) CHECK(y[i] == x[i]);
+    for (int i = 64; i < 128; ++i) CHECK(y[i] == 0.0f);
+    CHECK(y[128] == -0.5f);
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float m = absmax[i / 64];
+      float best = 1e30f;
+      for (float c : kNf4Codes) best = std::min(best, std::fabs(c * m - x[i]));
+      CHECK(std::fabs(y[i] - x[i]) <= best + 1e-6f);
+    }
+    CHECK(weight_format_bytes(WeightFormat::kNF4, 4096 * 4096) == 4096 * 4096 / 64 * 36);
+
+    // The golden: every Linear weight inside the decoder layers rounded through NF4 and back
+    // (transformers / peft), the float32 CPU path on the result.
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto ck = CheckpointReader::open(dir);
+    REQUIRE(ck.ok());
+    test::TempDir tmp;
+    std::vector<std::vector<float>> data;
+    std::vector<TensorToWrite> out;
+    const std::vector<std::string> names = (*ck)->names();
+    data.reserve(names.size());
+    for (const std::string& name : names) {
+      const auto f = (*ck)->find(name);
+      TensorView v = f.file->view(*f.entry);
+      std::vector<float> w(static_cast<size_t>(v.numel()));
+      convert_to_f32(v.data, v.dtype, w.data(), w.size());
+      const bool linear = name.find("model.layers.") == 0 && name.find("_proj.weight") != std::string::npos;
+      if (linear) {
+        std::vector<uint8_t> q((w.size() + 1) / 2);
+        std::vector<float> a((w.size() + 63) / 64);
+        quantize_nf4(w.data(), static_cast<int64_t>(w.size()), q.data(), a.data());
+        dequantize_nf4(q.data(), a.data(), static_cast<int64_t>(w.size()), w.data());
+      }
+      data.push_back(std::move(w));
+      out.push_back({name, DType::kF32, f.entry->shape, data.back().data()});
+    }
+    REQUIRE(write_safetensors(tmp / "model.safetensors", out).ok());
+    std::filesystem::copy_file(dir + "/config.json", tmp / "config.json");
+    Loaded l = load(tmp.path.string());
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    auto logits = prompt_logits(*l.runner, test::read_i32(**gs, "seq0.input_ids"));
+    REQUIRE(logits.ok());
+    const double err = rel_err(*logits, test::read_f32(**gs, "nf4.seq0.logits"));
+    const double vs_bf16 = rel_err(*logits, test::read_f32(**gs, "seq0.logits"));
+    MESSAGE("NF4 golden logits max|d|/max|ref| = " << err << " (against the unquantised logits: " << vs_bf16 << ")");
+    CHECK(err < 1e-3);
+    CHECK(vs_bf16 > 1e-2);  // the rounding is real: the unquantised reference is far
   }
 
   TEST_CASE("a sequence past max_position_embeddings is refused, not computed") {

@@ -9,9 +9,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cerrno>
 #include <cstring>
 #include <ctime>
-#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -316,7 +316,6 @@ struct RunFlags {
   bool no_progress = false;
 };
 
-// Writes the trace when --trace was given; returns the exit code `rc` (or 1 if writing failed).
 // Throughput mode's interruption: set by SIGINT / SIGTERM, read by serve() before every step.
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signal{0};
@@ -333,6 +332,7 @@ Status check_outputs(std::initializer_list<std::pair<const char*, std::string>> 
   return Status::Ok();
 }
 
+// Writes the trace when --trace was given; returns the exit code `rc` (or 1 if writing failed).
 int finish_trace(const ModelFlags& f, int rc) {
   if (f.trace.empty()) return rc;
   if (Status st = Tracer::get().write(f.trace); !st.ok()) return fail(st);
@@ -367,7 +367,6 @@ int cmd_serve(const RunFlags& f) {
   auto threads = apply_threads(f.m.threads);
   SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
   if (Status st = sp.validate(); !st.ok()) return fail(st);
-  if (f.out_file.empty()) return fail(invalid_argument("--prompts needs --out OUT.jsonl for the completions"));
   if (!f.prompts.empty()) return fail(invalid_argument("-p and --prompts do not go together: put every prompt in the JSONL file"));
   auto rows = read_jsonl(f.prompts_file);
   if (!rows.ok()) return fail(rows.status());
@@ -903,8 +902,9 @@ void print_point(const BenchPoint& p) {
 
 int cmd_bench(const BenchFlags& f) {
   const bool several = f.batches.size() > 1;
+  if (Status st = check_outputs({{"--json", f.json}}); !st.ok()) return fail(st);
   for (int64_t batch : f.batches)
-    if (Status st = check_outputs({{"--json", f.json}, {"--trace", point_trace_path(f.m.trace, f.m.gpu_mem, batch, several)}}); !st.ok()) return fail(st);
+    if (Status st = check_outputs({{"--trace", point_trace_path(f.m.trace, f.m.gpu_mem, batch, several)}}); !st.ok()) return fail(st);
   auto threads = apply_threads(f.m.threads);
   nlohmann::json all = nlohmann::json::array();
   int rc = 0;

@@ -143,8 +143,7 @@ void launch_gemv(const bf16* x, const bf16* x_lo, const bf16* w, float* y, int64
   else CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<M, false>, x, x_lo, w, y, N, K));
 }
 
-}  // namespace
-
+// Whether programmatic launches are on: an sm_90+ device and FERRY_GPU_PDL not 0.
 bool programmatic_launch() {
   static const bool on = [] {
     const char* e = std::getenv("FERRY_GPU_PDL");
@@ -155,6 +154,8 @@ bool programmatic_launch() {
   }();
   return on;
 }
+
+}  // namespace
 
 void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed, const bf16* x_lo) {
   if (K % 8 != 0 || M < 1 || M > kGemvMaxRows) throw CudaError("gemv: needs K % 8 == 0 and 1 <= M <= 8");

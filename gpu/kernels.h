@@ -29,8 +29,6 @@ void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t 
           const bf16* x_lo = nullptr);
 void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s,
               bool weights_fixed = false);
-// Whether programmatic launches are on: an sm_90+ device and FERRY_GPU_PDL not 0.
-bool programmatic_launch();
 
 #define CUBLAS_CHECK(x)                                                                                         \
   do {                                                                                                          \

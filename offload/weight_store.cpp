@@ -32,9 +32,6 @@ Expected<TensorView> bind(const CheckpointReader& ckpt, const TensorSpec& spec) 
   return found.file->view(e);
 }
 
-}  // namespace
-
-namespace {
 // Returns the index of the first NaN or infinity in `v` (BF16, F16 or F32), or -1.
 int64_t first_non_finite(const TensorView& v) {
   const int64_t n = v.numel();
@@ -65,11 +62,19 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
   ws->cfg_ = cfg;
   ws->source_ = ckpt->source_description();
   std::set<std::string> used;
+  // Every bound tensor, for the finite check below.
+  struct Named {
+    std::string name;
+    int64_t layer;
+    TensorView v;
+  };
+  std::vector<Named> all;
   const auto gspecs = global_tensor_specs(cfg);
   for (int g = 0; g < kGlobalTensorCount; ++g) {
     if (gspecs[g].name.empty()) continue;
     FERRY_ASSIGN_OR_RETURN(ws->globals_.t[g], bind(*ckpt, gspecs[g]));
     used.insert(gspecs[g].name);
+    all.push_back({gspecs[g].name, -1, ws->globals_.t[g]});
   }
   if (cfg.tie_word_embeddings) {
     ws->globals_.t[kLmHead] = ws->globals_.t[kTokEmbd];
@@ -82,6 +87,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
       if (specs[t].name.empty()) continue;
       FERRY_ASSIGN_OR_RETURN(ws->layers_[il].t[t], bind(*ckpt, specs[t]));
       used.insert(specs[t].name);
+      all.push_back({specs[t].name, il, ws->layers_[il].t[t]});
     }
   }
   for (const auto& name : ckpt->names()) {
@@ -92,19 +98,6 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
   }
   // Every weight must be finite: a NaN or an infinity would reach the logits as garbage. One pass
   // over the checkpoint, split over the cores (the pages are then cached for the upload).
-  struct Named {
-    std::string name;
-    int64_t layer;
-    TensorView v;
-  };
-  std::vector<Named> all;
-  for (int g = 0; g < kGlobalTensorCount; ++g)
-    if (!gspecs[g].name.empty() && !ws->globals_.t[g].empty()) all.push_back({gspecs[g].name, -1, ws->globals_.t[g]});
-  for (int64_t il = 0; il < cfg.n_layers; ++il) {
-    const auto specs = layer_tensor_specs(cfg, il);
-    for (int t = 0; t < kLayerTensorCount; ++t)
-      if (!specs[t].name.empty() && !ws->layers_[il].t[t].empty()) all.push_back({specs[t].name, il, ws->layers_[il].t[t]});
-  }
   std::vector<int64_t> first_bad(all.size(), -1);
   tbb::parallel_for(tbb::blocked_range<size_t>(0, all.size(), 1), [&](const tbb::blocked_range<size_t>& r) {
     for (size_t i = r.begin(); i != r.end(); ++i) first_bad[i] = first_non_finite(all[i].v);

@@ -122,13 +122,15 @@ LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch,
   const double lb = static_cast<double>(layer_bytes), params = lb / 2, b = static_cast<double>(batch);
   LayerCosts k;
   k.gpu_ms = std::max(lb / (hw.hbm_gbs * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
-  // A CPU layer also moves its activations down and back, and costs two host-side hand-offs.
-  // (The CPU reads a layer no faster than host memory delivers: the floor's rate caps the measured one.)
-  k.cpu_ms = std::max(lb / (std::min(hw.cpu_layer_gbs, hw.host_dram_gbs) * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3 +
-             2.0 * b * static_cast<double>(c.n_embd) * 4 / (hw.h2d_gbs * 1e9) * 1e3 + 0.05;
+  // A CPU layer reads its weights no faster than host memory delivers (the floor's rate caps the
+  // measured one); beside copies, at the share of it the CPU's read kept then. It also moves its
+  // activations down and back, and costs two host-side hand-offs.
+  const double cpu_gbs = std::min(hw.cpu_layer_gbs, hw.host_dram_gbs);
   const double cpu_share = std::clamp((hw.dram_shared_gbs - hw.h2d_shared_gbs) / hw.host_dram_gbs, 0.1, 1.0);
-  k.cpu_shared_ms = std::max(lb / (std::min(hw.cpu_layer_gbs, hw.host_dram_gbs) * cpu_share * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3 +
-                    (k.cpu_ms - std::max(lb / (std::min(hw.cpu_layer_gbs, hw.host_dram_gbs) * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3);
+  const double flops_ms = 2 * params * b / (hw.cpu_tflops * 1e12) * 1e3;
+  const double handoff_ms = 2.0 * b * static_cast<double>(c.n_embd) * 4 / (hw.h2d_gbs * 1e9) * 1e3 + 0.05;
+  k.cpu_ms = std::max(lb / (cpu_gbs * 1e9) * 1e3, flops_ms) + handoff_ms;
+  k.cpu_shared_ms = std::max(lb / (cpu_gbs * cpu_share * 1e9) * 1e3, flops_ms) + handoff_ms;
   k.copy_ms = lb / (hw.h2d_gbs * 1e9) * 1e3;
   k.copy_shared_ms = lb / (std::min(hw.h2d_shared_gbs, hw.h2d_gbs) * 1e9) * 1e3;
   k.disk_ms = lb / (hw.disk_gbs * 1e9) * 1e3;
@@ -364,7 +366,8 @@ PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch,
   PlanFloor f;
   // Host-resident K/V (BF16) read once per step by the CPU's attention, beside the other work.
   const double kv_layer_token = 2.0 * static_cast<double>(cfg.kv_dim()) * 2;
-  f.kv_ms = static_cast<double>(plan.n_kv_host - plan.n_cpu) * kv_layer_token * batch * avg_context / (hw.host_dram_gbs * 1e9) * 1e3;
+  const double kv_bytes = static_cast<double>(plan.n_kv_host - plan.n_cpu) * kv_layer_token * batch * avg_context;
+  f.kv_ms = kv_bytes / (hw.host_dram_gbs * 1e9) * 1e3;
   const double lb = static_cast<double>(plan.layer_bytes), b = static_cast<double>(batch);
   const double n_gpu = static_cast<double>(cfg.n_layers - plan.n_cpu), n_cpu = static_cast<double>(plan.n_cpu);
   f.stream_ms = static_cast<double>(plan.n_streamed) * lb / (hw.h2d_gbs * 1e9) * 1e3;
@@ -374,7 +377,6 @@ PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch,
   f.compute_ms = 2.0 * (n_gpu * lb / 2 + static_cast<double>(cfg.n_vocab * cfg.n_embd)) * b / (hw.gemm_tflops * 1e12) * 1e3;
   // Host DRAM serves the copy engine (streamed layers), the CPU layers and the CPU's K/V reads at
   // once: together no faster than the rate measured with both running (dram_shared_gbs).
-  const double kv_bytes = f.kv_ms * 1e-3 * hw.host_dram_gbs * 1e9;
   f.host_ms = ((static_cast<double>(plan.n_streamed) + n_cpu) * lb + kv_bytes) / (hw.dram_shared_gbs * 1e9) * 1e3;
   const double serial = f.cpu_ms + std::max(f.hbm_ms, f.compute_ms);
   f.step_ms = std::max({f.stream_ms, f.disk_ms, serial, f.kv_ms, f.host_ms});

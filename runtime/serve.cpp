@@ -69,8 +69,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
   while (done < n) {
     if (opts.stop && opts.stop->load(std::memory_order_relaxed)) {  // interrupted: the finished ones stand
       stats.interrupted = true;
-      for (const Live& l : live) kv.free_sequence(l.seq);
-      live.clear();
+      release_all();
       break;
     }
     std::optional<TraceRange> sched(std::in_place, "serve.schedule");

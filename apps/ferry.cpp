@@ -34,6 +34,7 @@
 #include "gpu/gpu_executor.h"
 #include "models/safetensors.h"
 #include "models/synthetic.h"
+#include "models/weight_format.h"
 #include "offload/disk_reader.h"
 #include "offload/packed_store.h"
 #include "runtime/budget.h"
@@ -69,6 +70,7 @@ struct ModelFlags {
   int64_t kv_host_layers = -1;
   std::string trace;
   std::string kv_mem, kv_disk;
+  std::string quant = "bf16";
 
   void add(CLI::App* app) {
     app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
@@ -82,6 +84,10 @@ struct ModelFlags {
     app->add_option("--host-mem", host_mem,
                     "Pinned host memory for the layers that do not fit on the GPU (default: unlimited; 0 with --disk); the rest are read from --disk");
     app->add_option("--cpu-layers", cpu_layers, "Compute exactly N layers on the CPU (default: the planner's choice)")->check(CLI::Range(int64_t{0}, int64_t{4096}));
+    app->add_option("--quant", quant,
+                    "Quantise the layers' Linear weights at load: nf4 (QLoRA's NF4, blocks of 64, fp32 absmax: 0.56 bytes a parameter) or "
+                    "int8 (per output channel: 1.0 bytes); bf16 keeps them (default). A --disk store packed with --quant needs none")
+        ->check(CLI::IsMember({"bf16", "nf4", "int8"}));
     app->add_option("--trace", trace, "Write a Chrome trace (open in Perfetto): tracks for CPU, GPU compute, GPU copies, disk reads");
     app->add_option("--disk", disk, "Packed store (from 'ferry pack') holding the weights; layers beyond --gpu-mem and --host-mem are read from it, checksummed");
     app->add_option("--kv", kv, "Where K/V live with --device gpu: gpu, host (the CPU computes attention over them, overlapped with the GPU's GEMMs), "
@@ -101,6 +107,9 @@ struct ModelFlags {
     o.need_tokenizer = need_tokenizer;
     o.host_weights = resolved_device != "gpu";
     o.disk = disk;
+    WeightFormat f = WeightFormat::kBF16;
+    weight_format_from_name(quant, &f);  // checked by CLI11
+    o.quant = weight_format_info(f).dtype;
     return o;
   }
 };
@@ -167,6 +176,11 @@ Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, i
   in.kv_host_layers = flags.kv_host_layers;
   in.max_batch = batch;
   in.hw = load_profile();
+  // Quantised weights: every layer's bytes through the format's layout (the GPU keeps them so).
+  if (is_quantized(linear_dtype(model.weights->layer(0)))) {
+    in.layer_bytes = gpu_layer_bytes(model.config, linear_dtype(model.weights->layer(0)));
+    in.quantized = true;
+  }
   return in;
 }
 
@@ -1169,11 +1183,14 @@ struct PackFlags {
   std::string model;
   std::string out;
   std::string dtype = "stored";
+  std::string quant = "bf16";
   int64_t layers = 0;
 };
 
 int cmd_pack(const PackFlags& f) {
-  auto model = load_model(f.model, LoadOptions{.synthetic_layers = f.layers, .need_tokenizer = false});
+  WeightFormat q = WeightFormat::kBF16;
+  weight_format_from_name(f.quant, &q);  // checked by CLI11
+  auto model = load_model(f.model, LoadOptions{.synthetic_layers = f.layers, .need_tokenizer = false, .quant = weight_format_info(q).dtype});
   if (!model.ok()) return fail(model.status());
   const auto t0 = std::chrono::steady_clock::now();
   PackOptions po;
@@ -1313,7 +1330,10 @@ int main(int argc, char** argv) {
   pack->add_option("--out", pf.out, "Store directory to create (written to a temporary name, renamed when complete)")->required();
   pack->add_option("--dtype", pf.dtype, "stored: keep each tensor's dtype; bf16: convert (what --device gpu streams)")->check(CLI::IsMember({"stored", "bf16"}));
   pack->add_option("--layers", pf.layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
+  pack->add_option("--quant", pf.quant, "Store the layers' Linear weights quantised: nf4 or int8 (as run's --quant; the disk tier then reads 4-bit blocks)")
+      ->check(CLI::IsMember({"bf16", "nf4", "int8"}));
   pack->footer("Example:\n  ferry pack -m ~/models/Llama-2-13b-hf --out /nvme/ferry/llama-2-13b\n"
+               "  ferry pack -m ~/models/Llama-3-70B --quant nf4 --out /nvme/ferry/llama-3-70b-nf4\n"
                "  ferry run -m ~/models/Llama-2-13b-hf --disk /nvme/ferry/llama-2-13b -p \"Hello\"");
 
   TokenizeFlags tf;

@@ -5,7 +5,9 @@
 #include <vector>
 
 #include "gpu/kernels.h"
+#include "models/weight_format.h"
 
+using namespace ferry;
 using namespace ferry::gpu;
 
 int main() {
@@ -71,6 +73,31 @@ int main() {
         std::printf("| %s | %lld | %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), use_blas ? "cublas" : "gemv", us, gbs,
                     100.0 * gbs / floor_gbs);
       }
+    }
+    // Quantised copies (NF4, Q8: quantised on the GPU from the BF16 ones), M = 1 and 2: GB/s of
+    // the quantised bytes (FERRY_GPU_QROWS sets the rows a warp streams at M = 1).
+    for (DType t : {DType::kNF4, DType::kQ8}) {
+      const int64_t qb = quant_layout(t, s.n, s.k).bytes;
+      std::vector<uint8_t*> qs(n_copies);
+      for (int c = 0; c < n_copies; ++c) {
+        CUDA_CHECK(cudaMalloc(&qs[c], qb));
+        quantize_rows(t, ws[c], s.n, s.k, 0, s.n, qs[c], nullptr);
+      }
+      for (int64_t M : {1, 2}) {
+        auto run = [&](int i) { gemv_store(GemvIn{x}, GemvW{qs[i % n_copies], t}, y, M, s.n, s.k, nullptr); };
+        for (int i = 0; i < 8; ++i) run(i);
+        const int reps = 40;
+        CUDA_CHECK(cudaEventRecord(e0));
+        for (int i = 0; i < reps; ++i) run(i);
+        CUDA_CHECK(cudaEventRecord(e1));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        const double us = ms * 1e3 / reps;
+        const double gbs = static_cast<double>(qb) / (us * 1e3);
+        std::printf("| %s | %lld | gemv %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), t == DType::kNF4 ? "nf4" : "q8", us, gbs,
+                    100.0 * gbs / floor_gbs);
+      }
+      for (auto q : qs) CUDA_CHECK(cudaFree(q));
     }
     for (auto w : ws) CUDA_CHECK(cudaFree(w));
     CUDA_CHECK(cudaFree(x));

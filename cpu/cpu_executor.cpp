@@ -37,14 +37,41 @@ Status CpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
 
 void CpuExecutor::embed(const GlobalWeights& w) { embedding(w[kTokEmbd], batch_->tokens.data(), n_tokens_, x()); }
 
+namespace {
+// y[T, N] (row stride ldy) += bias when present.
+void add_bias(float* y, int64_t T, int64_t N, int64_t ldy, const TensorView& bias) {
+  if (bias.empty()) return;
+  std::vector<float> b(static_cast<size_t>(N));
+  convert_to_f32(bias.data, bias.dtype, b.data(), static_cast<size_t>(N));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) y[t * ldy + n] += b[n];
+}
+// Columns [c0, c0 + n) of src [T, ld] into dst [T, n].
+void take_cols(const float* src, int64_t T, int64_t ld, int64_t c0, int64_t n, float* dst) {
+  for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * n, src + t * ld + c0, static_cast<size_t>(n) * sizeof(float));
+}
+}  // namespace
+
 void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   const StepBatch& b = *batch_;
   const int64_t T = n_tokens_, E = cfg_.n_embd, hd = cfg_.head_dim;
   // Attention block.
   rmsnorm(x(), w[kAttnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
-  gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq], precision_);
-  gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk], precision_);
-  gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv], precision_);
+  const int64_t Q = cfg_.q_dim(), KV = cfg_.kv_dim(), F = cfg_.n_ff;
+  if (is_fused_qkv(w)) {  // one quantised qkv weight (architecture.h): one product, split
+    fused_.resize(static_cast<size_t>(T * (Q + 2 * KV)));
+    gemm_xwt(xn_.data(), T, w[kWqkv], fused_.data(), {}, precision_);
+    take_cols(fused_.data(), T, Q + 2 * KV, 0, Q, q_.data());
+    take_cols(fused_.data(), T, Q + 2 * KV, Q, KV, k_.data());
+    take_cols(fused_.data(), T, Q + 2 * KV, Q + KV, KV, v_.data());
+    add_bias(q_.data(), T, Q, Q, w[kBq]);
+    add_bias(k_.data(), T, KV, KV, w[kBk]);
+    add_bias(v_.data(), T, KV, KV, w[kBv]);
+  } else {
+    gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq], precision_);
+    gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk], precision_);
+    gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv], precision_);
+  }
   rope(q_.data(), T, cfg_.n_heads, hd, b.positions.data(), inv_freq_.data());
   rope(k_.data(), T, cfg_.n_kv_heads, hd, b.positions.data(), inv_freq_.data());
   for (int64_t t = 0; t < T; ++t) kv.append(il, b.seq_ids[t], b.positions[t], k_.data() + t * cfg_.kv_dim(), v_.data() + t * cfg_.kv_dim());
@@ -53,8 +80,15 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   add_inplace(x(), xn_.data(), T * E);
   // MLP block.
   rmsnorm(x(), w[kFfnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
-  gemm_xwt(xn_.data(), T, w[kWGate], gate_.data(), {}, precision_);
-  gemm_xwt(xn_.data(), T, w[kWUp], up_.data(), {}, precision_);
+  if (is_fused_gate_up(w)) {
+    fused_.resize(static_cast<size_t>(T * 2 * F));
+    gemm_xwt(xn_.data(), T, w[kWGateUp], fused_.data(), {}, precision_);
+    take_cols(fused_.data(), T, 2 * F, 0, F, gate_.data());
+    take_cols(fused_.data(), T, 2 * F, F, F, up_.data());
+  } else {
+    gemm_xwt(xn_.data(), T, w[kWGate], gate_.data(), {}, precision_);
+    gemm_xwt(xn_.data(), T, w[kWUp], up_.data(), {}, precision_);
+  }
   swiglu(gate_.data(), up_.data(), T * cfg_.n_ff, gate_.data());
   gemm_xwt(gate_.data(), T, w[kWDown], xn_.data(), {}, precision_);
   add_inplace(x(), xn_.data(), T * E);

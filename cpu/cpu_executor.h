@@ -43,6 +43,7 @@ class CpuExecutor final : public Executor {
   std::vector<float> att_;   // [n_tokens, q_dim]
   std::vector<float> gate_;  // [n_tokens, n_ff]
   std::vector<float> up_;    // [n_tokens, n_ff]
+  std::vector<float> fused_; // [n_tokens, q + 2 kv or 2 n_ff]: a fused weight's product (quantised layers)
 };
 
 }  // namespace ferry::cpu

@@ -9,18 +9,31 @@
 #include <tbb/parallel_for.h>
 
 #include "cpu/simd.h"
+#include "models/weight_format.h"
 
 namespace ferry::cpu {
 
 namespace {
 
-// Converts `n` weights of `dtype` starting at `src` to float32.
-void row_to_f32(const void* src, DType dtype, float* dst, int64_t n) {
-  switch (dtype) {
-    case DType::kF32: std::copy_n(static_cast<const float*>(src), n, dst); return;
-    case DType::kBF16: bf16_to_f32_row(static_cast<const uint16_t*>(src), dst, n); return;
-    case DType::kF16: f16_to_f32_row(static_cast<const uint16_t*>(src), dst, n); return;
-    default: FERRY_CHECK_MSG(false, "gemm: weight dtype must be F32, F16 or BF16");
+// Converts row n of W [N, K] (F32, F16, BF16, or a quantised blob: models/weight_format.h) to float32.
+void row_to_f32(const TensorView& W, int64_t n, float* dst) {
+  const int64_t N = W.shape[0], K = W.shape[1];
+  const uint8_t* base = static_cast<const uint8_t*>(W.data);
+  switch (W.dtype) {
+    case DType::kF32: std::copy_n(reinterpret_cast<const float*>(base) + n * K, K, dst); return;
+    case DType::kBF16: bf16_to_f32_row(reinterpret_cast<const uint16_t*>(base) + n * K, dst, K); return;
+    case DType::kF16: f16_to_f32_row(reinterpret_cast<const uint16_t*>(base) + n * K, dst, K); return;
+    case DType::kNF4: {
+      const QuantLayout l = quant_layout(DType::kNF4, N, K);
+      nf4_to_f32_fast(base + n * K / 2, reinterpret_cast<const float*>(base + l.scales) + n * K / 64, dst, K);
+      return;
+    }
+    case DType::kQ8: {
+      const QuantLayout l = quant_layout(DType::kQ8, N, K);
+      q8_to_f32_row(reinterpret_cast<const int8_t*>(base) + n * K, reinterpret_cast<const float*>(base + l.scales)[n], dst, K);
+      return;
+    }
+    default: FERRY_CHECK_MSG(false, "gemm: weight dtype must be F32, F16, BF16, NF4 or Q8");
   }
 }
 
@@ -82,19 +95,45 @@ bool onednn_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_
 
 void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
   const int64_t N = W.shape[0], K = W.shape[1];
-  const size_t row_bytes = static_cast<size_t>(K) * dtype_size(W.dtype);
-  const uint8_t* wbase = static_cast<const uint8_t*>(W.data);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  if (is_quantized(W.dtype)) {
+    // Each weight row is decoded in registers and dotted with every x row (no float copy of it):
+    // NF4 against x's even and odd elements, split once here.
+    FERRY_CHECK(M <= kGemvMaxRows);
+    const uint8_t* base = static_cast<const uint8_t*>(W.data);
+    const float* scales = reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales);
+    std::vector<float> split;
+    if (W.dtype == DType::kNF4) {
+      split.resize(static_cast<size_t>(M * K));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < K / 2; ++j) {
+          split[m * K / 2 + j] = x[m * K + 2 * j];
+          split[M * K / 2 + m * K / 2 + j] = x[m * K + 2 * j + 1];
+        }
+    }
+    const float* xe = split.data();
+    const float* xo = split.data() + M * K / 2;
+    // About 32 KiB of weights a task (a 4 KiB NF4 row of Llama-3-70B is 2 rows of BF16 grain).
+    const int64_t qgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, W.dtype == DType::kNF4 ? K / 2 : K));
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, qgrain), [&](const tbb::blocked_range<int64_t>& r) {
+      float out[kGemvMaxRows];
+      for (int64_t n = r.begin(); n < r.end(); ++n) {
+        if (W.dtype == DType::kNF4) nf4_dot_rows(base + n * K / 2, scales + n * K / 64, x, xe, xo, K, K, M, out);
+        else q8_dot_rows(reinterpret_cast<const int8_t*>(base) + n * K, scales[n], x, K, K, M, out);
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] = out[m];
+      }
+    });
+    return;
+  }
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, grain), [&](const tbb::blocked_range<int64_t>& r) {
     thread_local std::vector<float> row;
     if (static_cast<int64_t>(row.size()) < K) row.resize(K);
     for (int64_t n = r.begin(); n < r.end(); ++n) {
-      const void* src = wbase + n * row_bytes;
       const float* wr;
       if (W.dtype == DType::kF32) {
-        wr = static_cast<const float*>(src);
+        wr = static_cast<const float*>(W.data) + n * K;
       } else {
-        row_to_f32(src, W.dtype, row.data(), K);
+        row_to_f32(W, n, row.data());
         wr = row.data();
       }
       for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_f32(x + m * K, wr, K);
@@ -112,13 +151,11 @@ void gemm_xwt_onednn(const float* x, int64_t M, const TensorView& W, float* y) {
   const int64_t panel = std::clamp<int64_t>(((int64_t{1} << 20) / std::max<int64_t>(K, 1)) / 16 * 16, 16, N);
   thread_local std::vector<float> wf;
   if (static_cast<int64_t>(wf.size()) < panel * K) wf.resize(panel * K);
-  const size_t row_bytes = static_cast<size_t>(K) * dtype_size(W.dtype);
-  const uint8_t* wbase = static_cast<const uint8_t*>(W.data);
   float* wfp = wf.data();
   for (int64_t n0 = 0; n0 < N; n0 += panel) {
     const int64_t nc = std::min(panel, N - n0);
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, nc, 8), [&](const tbb::blocked_range<int64_t>& r) {
-      for (int64_t n = r.begin(); n < r.end(); ++n) row_to_f32(wbase + (n0 + n) * row_bytes, W.dtype, wfp + n * K, K);
+      for (int64_t n = r.begin(); n < r.end(); ++n) row_to_f32(W, n0 + n, wfp + n * K);
     });
     onednn_f32(x, M, K, wfp, nc, y + n0, N);
   }

@@ -25,9 +25,9 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
 }
 
 // Bit-for-bit the host generator: no contraction into FMA (the host rounds each step).
-__global__ void synthetic_kernel(uint64_t key, float a, bool is_norm, int64_t n, bf16* __restrict__ dst) {
+__global__ void synthetic_kernel(uint64_t key, float a, bool is_norm, int64_t n, int64_t first, bf16* __restrict__ dst) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t h = splitmix64(key ^ (static_cast<uint64_t>(i) * 0xd1342543de82ef95ull));
+    const uint64_t h = splitmix64(key ^ (static_cast<uint64_t>(first + i) * 0xd1342543de82ef95ull));
     const float u = __fsub_rn(__fmul_rn(__fmul_rn(static_cast<float>(h >> 40), 1.0f / 16777216.0f), 2.0f), 1.0f);
     const float au = __fmul_rn(a, u);
     dst[i] = __float2bfloat16_rn(is_norm ? __fadd_rn(1.0f, au) : au);
@@ -41,9 +41,9 @@ void to_bf16(const void* src, int dtype, int64_t n, bf16* dst, cudaStream_t s) {
   CUDA_CHECK_LAUNCH();
 }
 
-void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* dst, cudaStream_t s) {
+void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* dst, cudaStream_t s, int64_t first) {
   if (n == 0) return;
-  synthetic_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(key, scale, is_norm, n, dst);
+  synthetic_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(key, scale, is_norm, n, first, dst);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -1,146 +1,375 @@
-// Weight-streaming GEMV for decode: y[M, N] (f32) = x[M, K] W[N, K]^T with M <= kGemvMaxRows.
-// One warp per output row n (a persistent grid striding over rows measured slower on the H100: 170 ->
-// 155 tok/s for Llama-2-7B, notes/gpu.md); each lane walks K in 16-byte chunks (8 bf16) of W, four chunks in flight,
-// and reads the matching x chunks (small and L1/L2 resident). Float32 accumulation, warp reduction.
-// Over resident weights it is launched programmatically (sm_90+), so its weight stream overlaps the
-// small kernel before it (notes/gpu.md).
+// Weight-streaming GEMV for decode: y[M, N] = x[M, K] W[N, K]^T with M <= kGemvMaxRows, and its fused
+// forms for the decode layer (kernels.h): the residual add with the next RMSNorm's sums of squares,
+// SwiGLU over gate and up rows, RoPE + K/V append over the QKV rows, and an input that is the
+// residual stream normalised on the fly.
+// One warp per task (an output row, or the two rows an epilogue pairs: gate i and up i, or a rotary
+// pair's two columns); a persistent grid striding over rows measured slower on the H100 (170 -> 155
+// tok/s for Llama-2-7B, notes/gpu.md). Each lane walks K in 16-byte chunks (8 bf16) of W, four
+// chunks a row in flight, and reads the matching x chunks (small and L1/L2 resident). Float32
+// accumulation, warp reduction. Over resident weights it is launched programmatically (sm_90+), so
+// its weight stream overlaps the kernel before it (notes/gpu.md).
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
-#include "gpu/kernels.h"
+#include "gpu/rope_kv.cuh"
+#include "models/weight_format.h"
 
 namespace ferry::gpu {
 
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
+enum Src { kSrcBf16, kSrcHiLo, kSrcNorm };
+// Weight formats (models/weight_format.h): a lane's 16-byte chunk holds 8 BF16, 32 NF4 (half a block
+// of 64: one absmax) or 16 Q8 elements (the row's scale applied once at the end).
+enum Fmt { kFmtBf16, kFmtNf4, kFmtQ8 };
+template <int kFmt>
+constexpr int kChunkElems = kFmt == kFmtBf16 ? 8 : kFmt == kFmtNf4 ? 32 : 16;
+__constant__ float c_nf4[16] = {kNf4Codes[0], kNf4Codes[1], kNf4Codes[2],  kNf4Codes[3],  kNf4Codes[4],  kNf4Codes[5],
+                                 kNf4Codes[6], kNf4Codes[7], kNf4Codes[8],  kNf4Codes[9],  kNf4Codes[10], kNf4Codes[11],
+                                 kNf4Codes[12], kNf4Codes[13], kNf4Codes[14], kNf4Codes[15]};
 
-__device__ __forceinline__ void fma8(const uint4& w, const uint4& x, float& acc) {
-  const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
-  const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&x);
+__device__ __forceinline__ void bf16x8(const uint4& v, float (&f)[8]) {
+  const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 wf = __bfloat1622float2(w2[i]);
-    const float2 xf = __bfloat1622float2(x2[i]);
-    acc = fmaf(wf.x, xf.x, acc);
-    acc = fmaf(wf.y, xf.y, acc);
+    const float2 p = __bfloat1622float2(v2[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
   }
 }
 
-// x chunk (8 bf16) -> floats; with `lo`, the hi + lo parts' sum (about 16 mantissa bits).
-__device__ __forceinline__ void load_x8(const uint4* xr, const uint4* xl, int64_t c, float (&xf)[8]) {
-  const uint4 h = __ldg(xr + c);
-  const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&h);
+// Row m's x chunk c (8 elements) as floats: the BF16 x, hi + lo, or res * g (normalised later by inv).
+template <int kSrc>
+__device__ __forceinline__ void load_x8(const GemvIn& in, int64_t K, int m, int64_t c, float (&xf)[8]) {
+  if constexpr (kSrc == kSrcNorm) {
+    const float4* r = reinterpret_cast<const float4*>(in.res + m * K) + 2 * c;
+    const float4 a = __ldg(r), b = __ldg(r + 1);
+    float g[8];
+    bf16x8(__ldg(reinterpret_cast<const uint4*>(in.g) + c), g);
+    xf[0] = a.x * g[0], xf[1] = a.y * g[1], xf[2] = a.z * g[2], xf[3] = a.w * g[3];
+    xf[4] = b.x * g[4], xf[5] = b.y * g[5], xf[6] = b.z * g[6], xf[7] = b.w * g[7];
+  } else {
+    bf16x8(__ldg(reinterpret_cast<const uint4*>(in.x + m * K) + c), xf);
+    if constexpr (kSrc == kSrcHiLo) {
+      float lo[8];
+      bf16x8(__ldg(reinterpret_cast<const uint4*>(in.x_lo + m * K) + c), lo);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h2[i]);
-    xf[2 * i] = f.x;
-    xf[2 * i + 1] = f.y;
-  }
-  if (xl) {
-    const uint4 l = __ldg(xl + c);
-    const __nv_bfloat162* l2 = reinterpret_cast<const __nv_bfloat162*>(&l);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(l2[i]);
-      xf[2 * i] += f.x;
-      xf[2 * i + 1] += f.y;
+      for (int i = 0; i < 8; ++i) xf[i] += lo[i];
     }
   }
 }
 
 __device__ __forceinline__ void fma8(const uint4& w, const float (&xf)[8], float& acc) {
-  const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
+  float wf[8];
+  bf16x8(w, wf);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 wf = __bfloat1622float2(w2[i]);
-    acc = fmaf(wf.x, xf[2 * i], acc);
-    acc = fmaf(wf.y, xf[2 * i + 1], acc);
+  for (int i = 0; i < 8; ++i) acc = fmaf(wf[i], xf[i], acc);
+}
+
+// The dot of 8 elements of x with weight word(s) of the chunk: NF4 word `sub` (4 bytes, 8 codes, the
+// first element in each byte's high nibble) through the code table in shared memory; Q8 words 2 sub,
+// 2 sub + 1 (8 int8).
+__device__ __forceinline__ float dot8_nf4(uint32_t w, const float (&xf)[8], const float* lut) {
+  // Byte offsets into the table, four at a time: byte j of hi (lo) is 4 * the high (low) nibble of w's byte j.
+  const uint32_t hi = (w >> 2) & 0x3c3c3c3cu, lo = (w << 2) & 0x3c3c3c3cu;
+  const char* base = reinterpret_cast<const char*>(lut);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    s = fmaf(*reinterpret_cast<const float*>(base + ((hi >> (8 * j)) & 0xffu)), xf[2 * j], s);
+    s = fmaf(*reinterpret_cast<const float*>(base + ((lo >> (8 * j)) & 0xffu)), xf[2 * j + 1], s);
+  }
+  return s;
+}
+__device__ __forceinline__ float dot8_q8(uint32_t lo, uint32_t hi, const float (&xf)[8]) {
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) s = fmaf(static_cast<float>(static_cast<int8_t>((lo >> (8 * j)) & 0xffu)), xf[j], s);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) s = fmaf(static_cast<float>(static_cast<int8_t>((hi >> (8 * j)) & 0xffu)), xf[4 + j], s);
+  return s;
+}
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// acc[r][m] += chunk c (kChunkElems elements) of each of the NR weight rows (cur[r][u]), dotted with
+// row m of x: each 8 elements of x are loaded once for all the rows.
+template <int kFmt, int kSrc, int NR, int U, int M>
+__device__ __forceinline__ void chunk_dots(const GemvIn& in, int64_t K, int m, int64_t c, const uint4 (&cur)[NR][U], int u, const float (&sc)[NR],
+                                           const float* lut, float (&acc)[NR][M]) {
+  if constexpr (kFmt == kFmtNf4) {
+    float part[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) part[r] = 0.0f;
+#pragma unroll
+    for (int sub = 0; sub < 4; ++sub) {
+      float xf[8];
+      load_x8<kSrc>(in, K, m, 4 * c + sub, xf);
+#pragma unroll
+      for (int r = 0; r < NR; ++r) part[r] += dot8_nf4(word(cur[r][u], sub), xf, lut);
+    }
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[r][m] = fmaf(part[r], sc[r], acc[r][m]);
+  } else {
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {
+      float xf[8];
+      load_x8<kSrc>(in, K, m, 2 * c + sub, xf);
+#pragma unroll
+      for (int r = 0; r < NR; ++r) acc[r][m] += dot8_q8(word(cur[r][u], 2 * sub), word(cur[r][u], 2 * sub + 1), xf);
+    }
   }
 }
 
-// kLo: x_lo [M, K] holds the lo BF16 parts of x (add_rmsnorm's out_lo); each row's x is hi + lo.
-template <int M, bool kLo>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const bf16* __restrict__ x, const bf16* __restrict__ x_lo, const bf16* __restrict__ w,
-                                                                    float* __restrict__ y, int64_t N, int64_t K) {
-  const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (n >= N) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + n * K);
-  const int64_t chunks = K / 8;  // K % 8 == 0 (checked by the launcher)
-  float acc[M];
+// Epilogues: which rows a task reads (R of them) and what it does with their M x R products.
+struct EpiStore {  // y[m, n]
+  static constexpr int R = 1;
+  static constexpr bool kResidual = false;
+  float* y;
+  int64_t N;
+  __device__ void rows(int64_t p, int64_t (&r)[R]) const { r[0] = p; }
+  template <int M>
+  __device__ void emit(int64_t p, const float (&v)[R][M]) const {
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  // Software-pipelined: the next four chunks are in flight while this four's products run. The first
-  // four are loaded before pdl_wait(): launched programmatically (resident weights), the weight stream
-  // starts while the kernel before still runs; x and y are touched only after it.
+    for (int m = 0; m < M; ++m) y[m * N + p] = v[0][m];
+  }
+};
+struct EpiResidual {  // res[m, n] += y; ss[m, block] = the block's sum of the new squares (the kernel)
+  static constexpr int R = 1;
+  static constexpr bool kResidual = true;
+  float* res;
+  float* ss;
+  int64_t N;
+  __device__ void rows(int64_t p, int64_t (&r)[R]) const { r[0] = p; }
+};
+struct EpiSwiglu {  // rows i (gate) and F + i (up): h[m, i] = silu(gate) * up
+  static constexpr int R = 2;
+  static constexpr bool kResidual = false;
+  bf16* h;
+  int64_t F;
+  __device__ void rows(int64_t p, int64_t (&r)[R]) const {
+    r[0] = p;
+    r[1] = p + F;
+  }
+  template <int M>
+  __device__ void emit(int64_t p, const float (&v)[R][M]) const {
+#pragma unroll
+    for (int m = 0; m < M; ++m) h[m * F + p] = __float2bfloat16(v[0][m] / (1.0f + __expf(-v[0][m])) * v[1][m]);
+  }
+};
+struct EpiRope {  // rotary pair p: head p / half, columns i and i + half of it
+  static constexpr int R = 2;
+  static constexpr bool kResidual = false;
+  const bf16* bias;
+  const int32_t* pos;
+  const int32_t* row;
+  const float* inv_freq;
+  int64_t n_heads;
+  PagedKv kv;
+  bf16* q;
+  __device__ void rows(int64_t p, int64_t (&r)[R]) const {
+    const int half = kv.head_dim / 2;
+    r[0] = (p / half) * kv.head_dim + p % half;
+    r[1] = r[0] + half;
+  }
+  template <int M>
+  __device__ void emit(int64_t p, const float (&v)[R][M]) const {
+    const int half = kv.head_dim / 2;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      rope_emit(m, static_cast<int>(p / half), static_cast<int>(p % half), v[0][m], v[1][m], bias, pos, row, inv_freq, n_heads, kv, q);
+  }
+};
+
+// Tasks a warp takes: one for BF16; for NF4 / Q8 several, so each x chunk a lane reads (32 or 16
+// elements for 16 bytes of weights) serves four weight rows: at one row a warp, reading x from L1
+// cost more than the 4-bit weights from HBM (154 tok/s for NF4 Llama-2-7B, 14% of its floor).
+// The rows a warp takes for NF4 / Q8 at M = 1 (FERRY_GPU_QROWS: 1, 2 or 4; default 4), at M = 2 two.
+int quant_rows_per_warp(int64_t M) {
+  static const int rows = [] {
+    const char* e = std::getenv("FERRY_GPU_QROWS");
+    const int v = e ? std::atoi(e) : 4;
+    return v == 1 || v == 2 || v == 4 ? v : 4;
+  }();
+  return M == 1 ? rows : 2;
+}
+// Tasks (of R rows) a warp takes.
+int groups_for(DType w, int R, int64_t M) { return w == DType::kBF16 ? 1 : std::max(1, quant_rows_per_warp(M) / R); }
+// Weight chunks in flight per row and lane: four for BF16; for NF4 / Q8 two, one when a warp streams
+// four rows (fewer registers: three blocks an SM; at two, 128 registers, the NF4 GEMV issued on 46%
+// of cycles, ncu on the H200).
+template <int kFmt, int NR>
+constexpr int kInFlight = kFmt == kFmtBf16 ? 4 : NR < 4 ? 2 : 1;
+template <int kFmt, int M>
+constexpr int kMinBlocks = kFmt == kFmtBf16 || M > 1 ? 2 : 3;
+
+// `scales`: NF4's absmax per block of 64, Q8's per row (null for BF16), of a weight with `rows_total` rows.
+template <int M, int kSrc, class Epi, int kFmt, int G>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv_kernel(GemvIn in, const uint8_t* __restrict__ w, const float* __restrict__ scales,
+                                                                    int64_t n_tasks, int64_t K, Epi epi) {
+  constexpr int R = Epi::R, E = kChunkElems<kFmt>, NR = G * R, U = kInFlight<kFmt, NR>;
+  __shared__ float red[32];
+  __shared__ float lut[16];
+  if constexpr (kFmt == kFmtNf4) {
+    if (threadIdx.x < 16) lut[threadIdx.x] = c_nf4[threadIdx.x];
+    __syncthreads();
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t p0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * G;
+  bool active[G];
+  int64_t rows[NR];  // task g's rows at [g * R, g * R + R)
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    active[g] = p0 + g < n_tasks;
+    int64_t r[R];
+    epi.rows(active[g] ? p0 + g : 0, r);
+#pragma unroll
+    for (int i = 0; i < R; ++i) rows[g * R + i] = r[i];
+  }
+  const bool any = active[0];
+  const int64_t chunks = K / E;  // K % E == 0 (checked by the launcher)
+  const uint4* wr[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) wr[r] = reinterpret_cast<const uint4*>(w) + rows[r] * chunks;
+  // NF4: chunk c of row r has absmax scales[rows[r] * chunks / 2 + c / 2].
+  auto scale_of = [&](int r, int64_t c) -> float {
+    if constexpr (kFmt == kFmtNf4) return __ldg(scales + rows[r] * (chunks / 2) + c / 2);
+    else return 1.0f;
+  };
+  float acc[NR][M];
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+  // Software-pipelined: the next U chunks of each row are in flight while this U's products run.
+  // The first are loaded before pdl_wait(): launched programmatically (resident weights), the
+  // weight stream starts while the kernel before still runs; x and the outputs are touched only
+  // after it.
+  constexpr int kAhead = 32 * (U - 1);
   int64_t c = lane;
-  uint4 wv[4];
-  if (c + 96 < chunks) {
+  uint4 wv[NR][U];
+  if (any && c + kAhead < chunks) {
 #pragma unroll
-    for (int u = 0; u < 4; ++u) wv[u] = __ldcs(wr + c + 32 * u);  // streamed once: do not keep in L2
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+      for (int u = 0; u < U; ++u) wv[r][u] = __ldcs(wr[r] + c + 32 * u);  // streamed once: do not keep in L2
   }
   pdl_wait();
-  while (c + 96 < chunks) {
-    uint4 cur[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) cur[u] = wv[u];
-    const int64_t next = c + 128;
-    if (next + 96 < chunks) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) wv[u] = __ldcs(wr + next + 32 * u);
-    }
+  float inv[M];
+  if constexpr (kSrc == kSrcNorm) {  // every thread: rsqrt(mean square + eps) of each row, summed in a fixed order
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const uint4* xr = reinterpret_cast<const uint4*>(x + m * K);
-      if constexpr (kLo) {
-        const uint4* xl = reinterpret_cast<const uint4*>(x_lo + m * K);
+      float s = 0.0f;
+      for (int64_t j = threadIdx.x; j < in.n_ss; j += blockDim.x) s += in.ss[m * in.n_ss + j];
+      inv[m] = rsqrtf(block_sum(s, red) / static_cast<float>(K) + in.eps);
+    }
+  }
+  if (any) {
+    while (c + kAhead < chunks) {
+      uint4 cur[NR][U];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          float xf[8];
-          load_x8(xr, xl, c + 32 * u, xf);
-          fma8(cur[u], xf, acc[m]);
+      for (int r = 0; r < NR; ++r)
+#pragma unroll
+        for (int u = 0; u < U; ++u) cur[r][u] = wv[r][u];
+      const int64_t next = c + 32 * U;
+      if (next + kAhead < chunks) {
+#pragma unroll
+        for (int r = 0; r < NR; ++r)
+#pragma unroll
+          for (int u = 0; u < U; ++u) wv[r][u] = __ldcs(wr[r] + next + 32 * u);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float sc[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) sc[r] = scale_of(r, c + 32 * u);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if constexpr (kFmt == kFmtBf16) {  // x converted once for all rows
+            float xf[8];
+            load_x8<kSrc>(in, K, m, c + 32 * u, xf);
+#pragma unroll
+            for (int r = 0; r < NR; ++r) fma8(cur[r][u], xf, acc[r][m]);
+          } else {
+            chunk_dots<kFmt, kSrc, NR>(in, K, m, c + 32 * u, cur, u, sc, lut, acc);
+          }
         }
-      } else {
+      }
+      c = next;
+    }
+    for (; c < chunks; c += 32) {
+      uint4 wt[NR][U];
+      float sc[NR];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) fma8(cur[u], __ldg(xr + c + 32 * u), acc[m]);
+      for (int r = 0; r < NR; ++r) {
+        wt[r][0] = __ldcs(wr[r] + c);
+        sc[r] = scale_of(r, c);
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if constexpr (kFmt == kFmtBf16) {
+          float xf[8];
+          load_x8<kSrc>(in, K, m, c, xf);
+#pragma unroll
+          for (int r = 0; r < NR; ++r) fma8(wt[r][0], xf, acc[r][m]);
+        } else {
+          chunk_dots<kFmt, kSrc, NR>(in, K, m, c, wt, 0, sc, lut, acc);
+        }
       }
     }
-    c = next;
   }
-  for (; c < chunks; c += 32) {
-    const uint4 wt = __ldcs(wr + c);
+  // Every block has passed its weight loads: the next kernel may launch and start its own.
+  pdl_launch_dependents();
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    float row_scale = 1.0f;
+    if constexpr (kFmt == kFmtQ8) row_scale = any ? __ldg(scales + rows[r]) : 0.0f;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      if constexpr (kLo) {
-        float xf[8];
-        load_x8(reinterpret_cast<const uint4*>(x + m * K), reinterpret_cast<const uint4*>(x_lo + m * K), c, xf);
-        fma8(wt, xf, acc[m]);
-      } else {
-        fma8(wt, __ldg(reinterpret_cast<const uint4*>(x + m * K) + c), acc[m]);
+      acc[r][m] = warp_sum(acc[r][m]);
+      if constexpr (kFmt == kFmtQ8) acc[r][m] *= row_scale;
+      if constexpr (kSrc == kSrcNorm) acc[r][m] *= inv[m];
+    }
+  }
+  if constexpr (Epi::kResidual) {
+    // The new residual, and this block's part of each row's sum of squares (fixed order: deterministic).
+    __shared__ float sq[M][kWarpsPerBlock];
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float s = 0.0f;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          if (!active[g]) continue;
+          const float v = epi.res[m * epi.N + p0 + g] + acc[g][m];
+          epi.res[m * epi.N + p0 + g] = v;
+          s += v * v;
+        }
+        sq[m][warp] = s;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kWarpsPerBlock; ++i) s += sq[threadIdx.x][i];
+      epi.ss[threadIdx.x * gridDim.x + blockIdx.x] = s;
+    }
+  } else {
+    if (lane == 0) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (!active[g]) continue;
+        float v[R][M];
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+          for (int m = 0; m < M; ++m) v[i][m] = acc[g * R + i][m];
+        epi.template emit<M>(p0 + g, v);
       }
     }
   }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (lane == 0) y[m * N + n] = v;
-  }
-}
-
-template <int M>
-void launch_gemv(const bf16* x, const bf16* x_lo, const bf16* w, float* y, int64_t N, int64_t K, bool programmatic, cudaStream_t s) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
-  cfg.blockDim = dim3(kWarpsPerBlock * 32);
-  cfg.stream = s;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = programmatic ? 1 : 0;
-  if (x_lo) CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<M, true>, x, x_lo, w, y, N, K));
-  else CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<M, false>, x, x_lo, w, y, N, K));
 }
 
 // Whether programmatic launches are on: an sm_90+ device and FERRY_GPU_PDL not 0.
@@ -155,22 +384,124 @@ bool programmatic_launch() {
   return on;
 }
 
+template <int M, int kSrc, int kFmt, int G, class Epi>
+void launch_fmt(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
+                cudaStream_t s) {
+  const float* scales = nullptr;
+  if constexpr (kFmt != kFmtBf16)
+    scales = reinterpret_cast<const float*>(static_cast<const uint8_t*>(w.p) + quant_layout(w.dt, rows_total, K).scales);
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>((n_tasks + kWarpsPerBlock * G - 1) / (kWarpsPerBlock * G)));
+  cfg.blockDim = dim3(kWarpsPerBlock * 32);
+  cfg.stream = s;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = weights_fixed && programmatic_launch() ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<M, kSrc, Epi, kFmt, G>, in, static_cast<const uint8_t*>(w.p), scales, n_tasks, K, epi));
+}
+
+// A quantised format's launch with G tasks a warp (M * R * G <= 4 rows of products a warp).
+template <int M, int kSrc, int kFmt, class Epi>
+void launch_groups(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool fixed, cudaStream_t s) {
+  const int g = groups_for(w.dt, Epi::R, M);
+  if constexpr (M * Epi::R <= 1) {
+    if (g >= 4) return launch_fmt<M, kSrc, kFmt, 4>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+  }
+  if constexpr (M * Epi::R <= 2) {
+    if (g >= 2) return launch_fmt<M, kSrc, kFmt, 2>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+  }
+  launch_fmt<M, kSrc, kFmt, 1>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+}
+
+template <int M, int kSrc, class Epi>
+void launch(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed, cudaStream_t s) {
+  if (w.dt == DType::kNF4) launch_groups<M, kSrc, kFmtNf4>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
+  else if (w.dt == DType::kQ8) launch_groups<M, kSrc, kFmtQ8>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
+  else launch_fmt<M, kSrc, kFmtBf16, 1>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
+}
+
+// The source kind of `in` (the launchers check the fields agree with M, K).
+int source_of(const GemvIn& in) { return in.res ? kSrcNorm : in.x_lo ? kSrcHiLo : kSrcBf16; }
+
+void check(const GemvIn& in, const GemvW& w, int64_t M, int64_t K, int64_t max_rows, const char* what) {
+  const int64_t mult = w.dt == DType::kNF4 ? 64 : w.dt == DType::kQ8 ? 16 : 8;
+  if (K % mult != 0 || M < 1 || M > max_rows)
+    throw CudaError(std::string(what) + ": needs K % " + std::to_string(mult) + " == 0 and 1 <= M <= " + std::to_string(max_rows));
+  if (w.dt != DType::kBF16 && !is_quantized(w.dt)) throw CudaError(std::string(what) + ": weights must be BF16, NF4 or Q8");
+  if (in.res ? (in.g == nullptr || in.ss == nullptr || in.n_ss < 1) : in.x == nullptr)
+    throw CudaError(std::string(what) + ": the input needs x, or res with g and ss");
+  if (in.res && reinterpret_cast<uintptr_t>(in.g) % 16 != 0) throw CudaError(std::string(what) + ": g must be 16-byte aligned");
+}
+
+// Dispatch over the fused row counts (1, 2) and the three sources.
+template <class Epi>
+void launch_fused(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t M, int64_t n_tasks, int64_t K, const Epi& epi, bool fixed,
+                  cudaStream_t s, const char* what) {
+  check(in, w, M, K, kGemvFusedMaxRows, what);
+  static_assert(kGemvFusedMaxRows == 2);
+  const int src = source_of(in);
+  if (M == 1) {
+    if (src == kSrcNorm) launch<1, kSrcNorm>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+    else if (src == kSrcHiLo) launch<1, kSrcHiLo>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+    else launch<1, kSrcBf16>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+  } else {
+    if (src == kSrcNorm) launch<2, kSrcNorm>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+    else if (src == kSrcHiLo) launch<2, kSrcHiLo>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+    else launch<2, kSrcBf16>(in, w, rows_total, n_tasks, K, epi, fixed, s);
+  }
+}
+
+template <int M>
+void launch_store(const GemvIn& in, const GemvW& w, float* y, int64_t N, int64_t K, bool fixed, cudaStream_t s) {
+  const EpiStore epi{y, N};
+  if (in.x_lo) launch<M, kSrcHiLo>(in, w, N, N, K, epi, fixed, s);
+  else launch<M, kSrcBf16>(in, w, N, N, K, epi, fixed, s);
+}
+
 }  // namespace
 
 void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed, const bf16* x_lo) {
-  if (K % 8 != 0 || M < 1 || M > kGemvMaxRows) throw CudaError("gemv: needs K % 8 == 0 and 1 <= M <= 8");
-  const bool p = weights_fixed && programmatic_launch();
+  gemv_store(GemvIn{x, x_lo}, GemvW{w, DType::kBF16}, y, M, N, K, s, weights_fixed);
+}
+
+void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed) {
+  if (in.res) throw CudaError("gemv_store: takes x (and x_lo), not a normalised residual");
+  check(in, w, M, K, kGemvMaxRows, "gemv");
   switch (M) {
-    case 1: launch_gemv<1>(x, x_lo, w, y, N, K, p, s); break;
-    case 2: launch_gemv<2>(x, x_lo, w, y, N, K, p, s); break;
-    case 3: launch_gemv<3>(x, x_lo, w, y, N, K, p, s); break;
-    case 4: launch_gemv<4>(x, x_lo, w, y, N, K, p, s); break;
-    case 5: launch_gemv<5>(x, x_lo, w, y, N, K, p, s); break;
-    case 6: launch_gemv<6>(x, x_lo, w, y, N, K, p, s); break;
-    case 7: launch_gemv<7>(x, x_lo, w, y, N, K, p, s); break;
-    case 8: launch_gemv<8>(x, x_lo, w, y, N, K, p, s); break;
+    case 1: launch_store<1>(in, w, y, N, K, weights_fixed, s); break;
+    case 2: launch_store<2>(in, w, y, N, K, weights_fixed, s); break;
+    case 3: launch_store<3>(in, w, y, N, K, weights_fixed, s); break;
+    case 4: launch_store<4>(in, w, y, N, K, weights_fixed, s); break;
+    case 5: launch_store<5>(in, w, y, N, K, weights_fixed, s); break;
+    case 6: launch_store<6>(in, w, y, N, K, weights_fixed, s); break;
+    case 7: launch_store<7>(in, w, y, N, K, weights_fixed, s); break;
+    case 8: launch_store<8>(in, w, y, N, K, weights_fixed, s); break;
     default: throw CudaError("gemv: no kernel for " + std::to_string(M) + " rows");
   }
+}
+
+int64_t gemv_ss_parts(int64_t N, DType w, int64_t M) {
+  // As launch_groups picks for the residual (R = 1) at M rows.
+  const int g = groups_for(w, 1, M);
+  const int64_t per_block = kWarpsPerBlock * (M == 1 ? std::min(g, 4) : std::min(g, 2));
+  return (N + per_block - 1) / per_block;
+}
+
+void gemv_residual(const GemvIn& in, const GemvW& w, float* res, float* ss, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed) {
+  launch_fused(in, w, N, M, N, K, EpiResidual{res, ss, N}, weights_fixed, s, "gemv_residual");
+}
+
+void gemv_swiglu(const GemvIn& in, const GemvW& w, bf16* h, int64_t M, int64_t F, int64_t K, cudaStream_t s, bool weights_fixed) {
+  launch_fused(in, w, 2 * F, M, F, K, EpiSwiglu{h, F}, weights_fixed, s, "gemv_swiglu");
+}
+
+void gemv_rope_kv(const GemvIn& in, const GemvW& w, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq,
+                  int64_t n_heads, const PagedKv& kv, bf16* q, int64_t M, int64_t K, cudaStream_t s, bool weights_fixed) {
+  if (kv.head_dim % 2 != 0) throw CudaError("gemv_rope_kv: needs an even head_dim");
+  const int64_t rows = (n_heads + 2 * kv.n_kv_heads) * kv.head_dim;
+  launch_fused(in, w, rows, M, rows / 2, K, EpiRope{bias, pos, row, inv_freq, n_heads, kv, q}, weights_fixed, s, "gemv_rope_kv");
 }
 
 void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed) {

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "gpu/common.cuh"
+#include "runtime/tensor.h"
 
 namespace ferry::gpu {
 
@@ -67,6 +68,55 @@ struct PagedKv {
 void rope_kv_append(const float* qkv, const float* qkv_lo, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq,
                     int64_t n, int64_t n_heads, const PagedKv& kv, bf16* q, cudaStream_t s);
 
+// The decode layer's fused GEMVs (gemv.cu), for M <= kGemvFusedMaxRows rows: each removes a kernel
+// and its round trip through memory from the layer. Their input is one of
+//  - x [M, K] BF16 (with x_lo, hi + lo summed in float, as gemv());
+//  - the residual stream normalised on the fly (`res` set): the input row m is RMSNorm(res[m]) * g,
+//    computed as (W (res[m] * g)) * rsqrt(mean square + eps) in float, the mean square summed from
+//    `ss` [M, n_ss] (the partial sums of squares gemv_residual wrote with that residual): no
+//    RMSNorm kernel, no BF16 rounding of the normed row. g must be 16-byte aligned.
+inline constexpr int64_t kGemvFusedMaxRows = 2;
+struct GemvIn {
+  const bf16* x = nullptr;
+  const bf16* x_lo = nullptr;
+  const float* res = nullptr;
+  const bf16* g = nullptr;
+  const float* ss = nullptr;
+  int64_t n_ss = 0;
+  float eps = 0.0f;
+};
+// The weight of a decode GEMV: BF16 [N, K], or a quantised blob (models/weight_format.h: NF4 codes
+// with an absmax per 64, Q8 codes with a scale per row), dequantised in registers as it streams.
+struct GemvW {
+  const void* p = nullptr;
+  DType dt = DType::kBF16;
+  GemvW(const bf16* w) : p(w) {}  // NOLINT: a BF16 weight passes as itself
+  GemvW(const void* w, DType t) : p(w), dt(t) {}
+};
+// y[M, N] = x W^T for M <= kGemvMaxRows (gemv() is this with BF16 W).
+void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed = false);
+// res[M, N] += x W^T, and ss [M, gemv_ss_parts(N, w.dt, M)] = partial sums of the squares of each row's
+// new values (in a fixed order: deterministic): the next GemvIn's mean square without another pass.
+void gemv_residual(const GemvIn& in, const GemvW& w, float* res, float* ss, int64_t M, int64_t N, int64_t K, cudaStream_t s,
+                   bool weights_fixed = false);
+int64_t gemv_ss_parts(int64_t N, DType w = DType::kBF16, int64_t M = 1);
+// w [2F, K] (gate rows, then up rows): h[M, F] = bf16(silu(x w_gate^T) * (x w_up^T)).
+void gemv_swiglu(const GemvIn& in, const GemvW& w, bf16* h, int64_t M, int64_t F, int64_t K, cudaStream_t s, bool weights_fixed = false);
+// w [(n_heads + 2 n_kv) head_dim, K] (q, k, v heads): the products go through rope_kv_append's
+// per-element work (bias, rotation, q out, K/V into the paged cache or side by side in q).
+void gemv_rope_kv(const GemvIn& in, const GemvW& w, const bf16* bias, const int32_t* pos, const int32_t* row, const float* inv_freq,
+                  int64_t n_heads, const PagedKv& kv, bf16* q, int64_t M, int64_t K, cudaStream_t s, bool weights_fixed = false);
+
+// quant.cu: rows [r0, r1) of a [rows, cols] weight, given as BF16 x [(r1 - r0), cols], quantised into
+// the blob of `t` (NF4 or Q8) bit for bit as models/weight_format.cpp does on the host.
+void quantize_rows(DType t, const bf16* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, cudaStream_t s);
+// Rows [r0, r1) of a quantised blob as BF16 y [(r1 - r0), cols] (for cuBLAS at many rows); with y_lo,
+// also the BF16 rounding of what y leaves (y + y_lo carries ~16 bits of each weight).
+void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r0, int64_t r1, bf16* y, cudaStream_t s,
+                     bf16* y_lo = nullptr);
+// gemm() into columns of a wider output: y [M, ldy] f32, columns [0, N) written (accumulated into with `accumulate`).
+void gemm_ld(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, int64_t ldy, bool accumulate = false);
+
 // swiglu.cu: gate_up f32 [n, 2 n_ff] (gate then up) -> out bf16 [n, n_ff] = silu(gate) * up.
 void swiglu(const float* gate_up, int64_t n, int64_t n_ff, bf16* out, cudaStream_t s);
 
@@ -117,6 +167,7 @@ void to_bf16(const void* src, int dtype, int64_t n, bf16* dst, cudaStream_t s);
 // weights' copies whatever its stream: a step's inputs waited 7 ms for the next step's prefetch.
 void copy_by_kernel(const void* src, void* dst, int64_t bytes, cudaStream_t s);
 // Synthetic weights on the device: the same values as models/synthetic.cpp's synthetic_fill_bf16.
-void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* dst, cudaStream_t s);
+// `first`: the index of dst[0] in the tensor (a tensor generated a few rows at a time).
+void synthetic_fill(uint64_t key, float scale, bool is_norm, int64_t n, bf16* dst, cudaStream_t s, int64_t first = 0);
 
 }  // namespace ferry::gpu

@@ -1,4 +1,4 @@
-#include "gpu/kernels.h"
+#include "gpu/rope_kv.cuh"
 
 namespace ferry::gpu {
 
@@ -10,46 +10,14 @@ __global__ void rope_kv_kernel(const float* __restrict__ qkv, const float* __res
   const int64_t t = blockIdx.x;
   const int h = blockIdx.y;
   const int hd = kv.head_dim, half = hd / 2, i = threadIdx.x;
-  const int64_t q_dim = n_heads * hd, kv_dim = static_cast<int64_t>(kv.n_kv_heads) * hd;
-  const int64_t width = q_dim + 2 * kv_dim;
-  const int64_t col = h < n_heads ? h * hd : h < n_heads + kv.n_kv_heads ? q_dim + (h - n_heads) * hd : q_dim + kv_dim + (h - n_heads - kv.n_kv_heads) * hd;
-  const float* src = qkv + t * width + col;
-  float a = src[i], b = src[i + half];
+  const int64_t width = (n_heads + 2 * kv.n_kv_heads) * hd;
+  const int64_t at = t * width + static_cast<int64_t>(h) * hd + i;
+  float a = qkv[at], b = qkv[at + half];
   if (qkv_lo) {
-    a += qkv_lo[t * width + col + i];
-    b += qkv_lo[t * width + col + i + half];
+    a += qkv_lo[at];
+    b += qkv_lo[at + half];
   }
-  if (bias) {
-    a += __bfloat162float(bias[col + i]);
-    b += __bfloat162float(bias[col + i + half]);
-  }
-  const bool is_v = h >= n_heads + kv.n_kv_heads;
-  if (!is_v) {
-    float sn, cs;
-    sincosf(static_cast<float>(pos[t]) * inv_freq[i], &sn, &cs);
-    const float ra = a * cs - b * sn, rb = b * cs + a * sn;
-    a = ra;
-    b = rb;
-  }
-  if (kv.k == nullptr) {  // K/V go to the host: q, k, v side by side in `q` [n, q_dim + 2 kv_dim]
-    bf16* dst = q + t * width + col;
-    dst[i] = __float2bfloat16(a);
-    dst[i + half] = __float2bfloat16(b);
-    return;
-  }
-  if (h < n_heads) {
-    bf16* dst = q + t * q_dim + h * hd;
-    dst[i] = __float2bfloat16(a);
-    dst[i + half] = __float2bfloat16(b);
-    return;
-  }
-  const int p = pos[t];
-  const int32_t block = kv.block_tables[static_cast<int64_t>(row[t]) * kv.max_blocks + p / kv.block_size];
-  const int kh = is_v ? h - n_heads - kv.n_kv_heads : h - n_heads;
-  const int64_t off = ((static_cast<int64_t>(block) * kv.block_size + p % kv.block_size) * kv.n_kv_heads + kh) * hd;
-  bf16* dst = (is_v ? kv.v : kv.k) + off;
-  dst[i] = __float2bfloat16(a);
-  dst[i + half] = __float2bfloat16(b);
+  rope_emit(t, h, i, a, b, bias, pos, row, inv_freq, n_heads, kv, q);
 }
 }  // namespace
 

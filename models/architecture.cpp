@@ -2,7 +2,7 @@
 
 namespace ferry {
 
-std::array<TensorSpec, kLayerTensorCount> layer_tensor_specs(const ModelConfig& c, int64_t il) {
+std::array<TensorSpec, kLayerTensorCount> layer_tensor_specs(const ModelConfig& c, int64_t il, bool fused) {
   const std::string p = "model.layers." + std::to_string(il) + ".";
   std::array<TensorSpec, kLayerTensorCount> s;
   s[kAttnNorm] = {p + "input_layernorm.weight", {c.n_embd}};
@@ -19,6 +19,11 @@ std::array<TensorSpec, kLayerTensorCount> layer_tensor_specs(const ModelConfig& 
   s[kWGate] = {p + "mlp.gate_proj.weight", {c.n_ff, c.n_embd}};
   s[kWUp] = {p + "mlp.up_proj.weight", {c.n_ff, c.n_embd}};
   s[kWDown] = {p + "mlp.down_proj.weight", {c.n_embd, c.n_ff}};
+  if (fused) {
+    s[kWqkv] = {p + "self_attn.qkv_proj.weight", {c.q_dim() + 2 * c.kv_dim(), c.n_embd}};
+    s[kWGateUp] = {p + "mlp.gate_up_proj.weight", {2 * c.n_ff, c.n_embd}};
+    s[kWk] = s[kWv] = s[kWUp] = {};
+  }
   return s;
 }
 

@@ -41,8 +41,10 @@ struct TensorSpec {
   std::vector<int64_t> shape;
 };
 
-// Returns the specs of layer `il`, indexed by LayerTensor.
-std::array<TensorSpec, kLayerTensorCount> layer_tensor_specs(const ModelConfig& cfg, int64_t il);
+// Returns the specs of layer `il`, indexed by LayerTensor. `fused`: q/k/v and gate/up as the fused
+// weights of a quantised layer (kWqkv "...self_attn.qkv_proj.weight", kWGateUp
+// "...mlp.gate_up_proj.weight"; kWk, kWv, kWUp without a name).
+std::array<TensorSpec, kLayerTensorCount> layer_tensor_specs(const ModelConfig& cfg, int64_t il, bool fused = false);
 // Returns the specs of the non-layer tensors, indexed by GlobalTensor (kLmHead has no name when tied).
 std::array<TensorSpec, kGlobalTensorCount> global_tensor_specs(const ModelConfig& cfg);
 // Returns true for checkpoint tensors that are known and deliberately unused (rotary caches).
@@ -56,6 +58,17 @@ struct LayerWeights {
   const TensorView& operator[](LayerTensor i) const { return t[i]; }
   size_t nbytes() const;
 };
+
+// Fused weights. In a BF16 layer block q, k, v (and gate, up) are adjacent, so the GPU reads them as
+// one [q_dim + 2 kv_dim, n_embd] (and [2 n_ff, n_embd]) weight through kWq's (kWGate's) pointer. A
+// quantised layer (models/weight_format.h) stores them as one weight each, quantised together: kWqkv
+// holds qkv with that shape, kWGateUp gate_up, and kWk, kWv, kWUp are empty.
+inline constexpr LayerTensor kWqkv = kWq;
+inline constexpr LayerTensor kWGateUp = kWGate;
+inline bool is_fused_qkv(const LayerWeights& w) { return w[kWk].n_dims == 0 && w[kWqkv].n_dims == 2; }
+inline bool is_fused_gate_up(const LayerWeights& w) { return w[kWUp].n_dims == 0 && w[kWGateUp].n_dims == 2; }
+// The quantised format of a layer's Linear weights (kBF16 and the like when not quantised).
+inline DType linear_dtype(const LayerWeights& w) { return w[kWDown].dtype; }
 
 struct GlobalWeights {
   std::array<TensorView, kGlobalTensorCount> t;

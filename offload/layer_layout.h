@@ -25,7 +25,8 @@ struct LayerLayout {
   void gather(const LayerWeights& w, void* dst) const;
 };
 
-// The layout of layer `il` with every tensor in `dtype`.
+// The layout of layer `il` with every tensor in `dtype`; a quantised `dtype` (models/weight_format.h)
+// applies to the Linear weights, stored fused (qkv, gate_up: architecture.h), the rest in BF16.
 LayerLayout layer_layout(const ModelConfig& cfg, int64_t il, DType dtype);
 // The layout of layer `il` with each tensor in the dtype `w` holds it in.
 LayerLayout layer_layout(const ModelConfig& cfg, int64_t il, const LayerWeights& w);

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
 
+#include "models/weight_format.h"
 #include "offload/layer_layout.h"
 #include "offload/weight_store.h"
 
@@ -42,8 +43,9 @@ std::vector<std::pair<int, const TensorView*>> block_tensors(const WeightStore& 
   return out;
 }
 
-std::string hf_name(const ModelConfig& cfg, int64_t b, int slot) {
-  return b == 0 ? global_tensor_specs(cfg)[slot].name : layer_tensor_specs(cfg, b - 1)[slot].name;
+// `fused`: the layer's weights are quantised, q/k/v and gate/up fused (architecture.h).
+std::string hf_name(const ModelConfig& cfg, int64_t b, int slot, bool fused) {
+  return b == 0 ? global_tensor_specs(cfg)[slot].name : layer_tensor_specs(cfg, b - 1, fused)[slot].name;
 }
 
 // Writes all of `data`, honouring the test hook; names the file and offset on failure.
@@ -106,12 +108,13 @@ Status pack_store(const WeightStore& ws, const std::string& out, const PackOptio
         ::close(fd);
         return fail(unsupported("ferry pack: the weights are not in host memory (synthetic stores must be generated on the host)"));
       }
-      const DType dt = opts.bf16 && v->dtype != DType::kBF16 ? DType::kBF16 : v->dtype;
-      const uint64_t nbytes = static_cast<uint64_t>(v->numel()) * dtype_size(dt);
+      const DType dt = opts.bf16 && v->dtype != DType::kBF16 && !is_quantized(v->dtype) ? DType::kBF16 : v->dtype;
+      const uint64_t nbytes = static_cast<uint64_t>(tensor_bytes(dt, v->shape.data(), v->n_dims));
+      const bool fused = b > 0 && is_quantized(linear_dtype(ws.layer(b - 1)));
       if (b == 0) at = round_up(at, kPackTensorAlign);
       placed.push_back({at, v, dt});
       std::vector<int64_t> shape(v->shape.begin(), v->shape.begin() + v->n_dims);
-      tensors.push_back({{"name", hf_name(cfg, b, slot)}, {"slot", slot}, {"dtype", std::string(dtype_name(dt))},
+      tensors.push_back({{"name", hf_name(cfg, b, slot, fused)}, {"slot", slot}, {"dtype", std::string(dtype_name(dt))},
                          {"shape", shape}, {"offset", at}, {"bytes", nbytes}});
       at += nbytes;
     }
@@ -181,7 +184,7 @@ Expected<PackedManifest> open_store_unchecked(const std::string& dir) {
         PackedTensor pt;
         pt.name = t.at("name");
         pt.slot = t.at("slot");
-        if (!dtype_from_name(t.at("dtype").get<std::string>(), &pt.dtype)) return corrupt(strprintf("%s: tensor '%s' has an unknown dtype", mpath.c_str(), pt.name.c_str()));
+        if (!dtype_from_name(t.at("dtype").get<std::string>(), &pt.dtype, true)) return corrupt(strprintf("%s: tensor '%s' has an unknown dtype", mpath.c_str(), pt.name.c_str()));
         pt.shape = t.at("shape").get<std::vector<int64_t>>();
         pt.offset = t.at("offset");
         pt.bytes = t.at("bytes");
@@ -211,13 +214,19 @@ Expected<PackedManifest> open_store(const std::string& dir, const ModelConfig& c
   if (static_cast<int64_t>(m.blocks.size()) != cfg.n_layers + 1)
     return corrupt(strprintf("%s: %zu blocks, but config.json has %lld layers (+ globals)", mpath.c_str(), m.blocks.size(), (long long)cfg.n_layers));
   for (int64_t b = 0; b <= cfg.n_layers; ++b) {
+    // A quantised layer (its down projection in NF4 / Q8) holds the fused weights.
+    bool fused = false;
+    for (const auto& t : m.blocks[b].tensors) fused |= b > 0 && t.slot == kWDown && is_quantized(t.dtype);
     for (const auto& t : m.blocks[b].tensors) {
-      const TensorSpec spec = b == 0 ? global_tensor_specs(cfg)[t.slot] : layer_tensor_specs(cfg, b - 1)[t.slot];
+      if (t.slot < 0 || t.slot >= (b == 0 ? static_cast<int>(kGlobalTensorCount) : static_cast<int>(kLayerTensorCount)))
+        return corrupt(strprintf("%s: tensor '%s' has an unknown slot %d", mpath.c_str(), t.name.c_str(), t.slot));
+      const TensorSpec spec = b == 0 ? global_tensor_specs(cfg)[t.slot] : layer_tensor_specs(cfg, b - 1, fused)[t.slot];
       if (spec.name != t.name || spec.shape != t.shape)
         return corrupt(strprintf("%s: tensor '%s' does not match config.json (expected '%s')", mpath.c_str(), t.name.c_str(), spec.name.c_str()));
-      uint64_t numel = 1;
-      for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
-      if (numel * dtype_size(t.dtype) != t.bytes) return corrupt(strprintf("%s: tensor '%s': dtype and shape disagree with its size", mpath.c_str(), t.name.c_str()));
+      if (is_quantized(t.dtype) && (b == 0 || t.shape.size() != 2 || t.shape[1] % quant_col_multiple(t.dtype) != 0))
+        return corrupt(strprintf("%s: tensor '%s' cannot be %s", mpath.c_str(), t.name.c_str(), std::string(dtype_name(t.dtype)).c_str()));
+      if (static_cast<uint64_t>(tensor_bytes(t.dtype, t.shape.data(), static_cast<int>(t.shape.size()))) != t.bytes)
+        return corrupt(strprintf("%s: tensor '%s': dtype and shape disagree with its size", mpath.c_str(), t.name.c_str()));
     }
     if (b == 0) continue;
     // A layer block is its LayerLayout: executors take the views from the layout.

@@ -1,11 +1,15 @@
 #include "offload/weight_store.h"
 
+#include <atomic>
+#include <cstring>
 #include <set>
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 
 #include "models/synthetic.h"
+#include "models/weight_format.h"
+#include "offload/layer_layout.h"
 
 namespace ferry {
 
@@ -263,6 +267,100 @@ Expected<const LayerWeights*> WeightStore::acquire(int64_t il) {
     v.t[t.slot].tier = Tier::kHost;
   }
   return &v;
+}
+
+}  // namespace ferry
+
+namespace ferry {
+
+Status WeightStore::quantize(DType q) {
+  FERRY_CHECK(is_quantized(q));
+  const ModelConfig& c = cfg_;
+  if (manifest_) {
+    if (linear_dtype(layers_[0]) == q) return Status::Ok();
+    return invalid_argument(strprintf("--quant %s: the packed store %s holds %s weights; pack it with --quant %s (ferry pack)",
+                                      q == DType::kNF4 ? "nf4" : "int8", manifest_->dir.c_str(), std::string(dtype_name(linear_dtype(layers_[0]))).c_str(),
+                                      q == DType::kNF4 ? "nf4" : "int8"));
+  }
+  const int64_t mult = quant_col_multiple(q);
+  const auto specs = layer_tensor_specs(c, 0);
+  for (LayerTensor t : {kWq, kWo, kWDown}) {
+    const int64_t cols = specs[t].shape[1];
+    if (cols % mult != 0)
+      return invalid_argument(strprintf("--quant %s: tensor '%s' has %lld input columns, not a multiple of %lld (the format's block)",
+                                        q == DType::kNF4 ? "nf4" : "int8", specs[t].name.c_str(), static_cast<long long>(cols),
+                                        static_cast<long long>(mult)));
+  }
+  const int64_t L = c.n_layers;
+  std::vector<HostBuffer> blocks(L);
+  std::vector<LayerWeights> out(L);
+  std::atomic<int64_t> failed{-1};
+  std::set<const void*> replaced;
+  for (int64_t il = 0; il < L; ++il)
+    for (const auto& v : layers_[il].t) replaced.insert(v.data);
+  tbb::parallel_for(int64_t{0}, L, [&](int64_t il) {
+    const LayerLayout lay = layer_layout(c, il, q);
+    const LayerWeights& src = layers_[il];
+    if (src[kWq].data == nullptr) {  // shapes only: the executor generates and quantises
+      out[il] = lay.views(nullptr, Tier::kHost);
+      return;
+    }
+    HostBuffer b(lay.bytes);
+    if (b.data() == nullptr) {
+      failed = il;
+      return;
+    }
+    std::memset(b.data(), 0, lay.bytes);
+    uint8_t* base = b.as<uint8_t>();
+    std::vector<float> rows;
+    for (int t = 0; t < kLayerTensorCount; ++t) {
+      if (!lay.present[t]) continue;
+      uint8_t* dst = base + lay.offset[t];
+      const TensorView& shape = lay.shapes.t[t];
+      if (!is_quantized(lay.dtype[t])) {  // norms, biases: BF16
+        const int64_t n = shape.numel();
+        rows.resize(static_cast<size_t>(n));
+        convert_to_f32(src.t[t].data, src.t[t].dtype, rows.data(), static_cast<size_t>(n));
+        uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+        for (int64_t i = 0; i < n; ++i) o[i] = f32_to_bf16(rows[i]);
+        continue;
+      }
+      // The source weights stacked as this (possibly fused) weight's rows.
+      std::vector<const TensorView*> parts;
+      if (t == kWqkv) parts = {&src[kWq], &src[kWk], &src[kWv]};
+      else if (t == kWGateUp) parts = {&src[kWGate], &src[kWUp]};
+      else parts = {&src.t[t]};
+      const int64_t R = shape.shape[0], K = shape.shape[1];
+      constexpr int64_t kChunk = 64;
+      int64_t r = 0;
+      for (const TensorView* p : parts) {
+        for (int64_t pr = 0; pr < p->shape[0]; pr += kChunk) {
+          const int64_t n = std::min(kChunk, p->shape[0] - pr);
+          rows.resize(static_cast<size_t>(n * K));
+          const uint8_t* from = static_cast<const uint8_t*>(p->data) + pr * K * static_cast<int64_t>(dtype_size(p->dtype));
+          convert_to_f32(from, p->dtype, rows.data(), static_cast<size_t>(n * K));
+          quantize_rows(lay.dtype[t], rows.data(), R, K, r + pr, r + pr + n, dst);
+        }
+        r += p->shape[0];
+      }
+      FERRY_CHECK(r == R);
+    }
+    out[il] = lay.views(base, Tier::kHost);
+    blocks[il] = std::move(b);
+  });
+  if (failed >= 0)
+    return out_of_memory(strprintf("--quant: cannot allocate %llu bytes of host memory for layer %lld",
+                                   static_cast<unsigned long long>(layer_layout(c, failed, q).bytes), static_cast<long long>(failed.load())));
+  layers_ = std::move(out);
+  // The sources the store owned are no longer needed (a checkpoint's mapping stays: the globals use it).
+  std::vector<HostBuffer> kept;
+  for (auto& b : owned_)
+    if (!replaced.count(b.data())) kept.push_back(std::move(b));
+  owned_ = std::move(kept);
+  for (auto& b : blocks)
+    if (b.data()) owned_.push_back(std::move(b));
+  source_ += std::string(", quantised to ") + (q == DType::kNF4 ? "nf4" : "int8") + " at load";
+  return Status::Ok();
 }
 
 }  // namespace ferry

@@ -38,6 +38,13 @@ class WeightStore {
                                                             const DiskReaderOptions& opts = {});
   ~WeightStore();
 
+  // Quantises every layer's Linear weights to `q` (kNF4 or kQ8, models/weight_format.h) in host
+  // memory, q/k/v and gate/up fused (architecture.h); norms and biases become BF16. The source
+  // tensors are released where the store owns them. A shape-only synthetic store only takes the
+  // format on (the executor generates and quantises where it keeps the weights). Errors name the
+  // tensor whose shape the format cannot hold.
+  Status quantize(DType q);
+
   const ModelConfig& config() const { return cfg_; }
   // Returns layer `il`'s weights ready to compute with: for disk-tier layers it waits for the read
   // (started when the previous layer was acquired) and starts reading the next layer. The views stay

@@ -11,6 +11,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "offload/layer_layout.h"
+
 #include "models/safetensors.h"
 
 namespace ferry {
@@ -49,9 +51,15 @@ std::string format_bytes(double b) {
   return strprintf(u == 0 ? "%.0f %s" : "%.2f %s", b, units[u]);
 }
 
-int64_t gpu_layer_bytes(const ModelConfig& c) {
+int64_t gpu_layer_bytes(const ModelConfig& c, DType quant) {
+  if (is_quantized(quant)) return static_cast<int64_t>(layer_layout(c, 0, quant).bytes);
   const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
   return 2 * (E + (Q + 2 * KV) * E + (c.attention_bias ? Q + 2 * KV : 0) + E * Q + E + 2 * F * E + E * F);
+}
+
+int64_t layer_params(const ModelConfig& c) {
+  const int64_t E = c.n_embd, Q = c.q_dim(), KV = c.kv_dim(), F = c.n_ff;
+  return (Q + 2 * KV) * E + E * Q + 3 * F * E;
 }
 
 int64_t gpu_workspace_bytes(const ModelConfig& c, int64_t T, int64_t B) {
@@ -119,7 +127,7 @@ struct LayerCosts {
 };
 
 LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch, const HardwareProfile& hw) {
-  const double lb = static_cast<double>(layer_bytes), params = lb / 2, b = static_cast<double>(batch);
+  const double lb = static_cast<double>(layer_bytes), params = static_cast<double>(layer_params(c)), b = static_cast<double>(batch);
   LayerCosts k;
   k.gpu_ms = std::max(lb / (hw.hbm_gbs * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
   // A CPU layer reads its weights no faster than host memory delivers (the floor's rate caps the
@@ -157,7 +165,7 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   const int64_t L = c.n_layers;
   p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
   p.globals_bytes = in.globals_bytes > 0 ? in.globals_bytes : 2 * (c.n_vocab * c.n_embd * (c.tie_word_embeddings ? 1 : 2) + c.n_embd);
-  p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch);
+  p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch) + (in.quantized ? 2 * quant_tile_elems(c) : 0);
   p.reserve_bytes = in.budget_bytes > 0 && !in.emulated ? in.runtime_reserve_bytes : 0;
   if (in.cpu_layers > L)
     return invalid_argument(strprintf("--cpu-layers %lld: the model has %lld layers", (long long)in.cpu_layers, (long long)L));
@@ -372,9 +380,10 @@ PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch,
   const double n_gpu = static_cast<double>(cfg.n_layers - plan.n_cpu), n_cpu = static_cast<double>(plan.n_cpu);
   f.stream_ms = static_cast<double>(plan.n_streamed) * lb / (hw.h2d_gbs * 1e9) * 1e3;
   f.disk_ms = static_cast<double>(plan.n_disk) * lb / (hw.disk_gbs * 1e9) * 1e3;
-  f.cpu_ms = n_cpu * std::max(lb / (hw.host_dram_gbs * 1e9), lb * b / (hw.cpu_tflops * 1e12)) * 1e3;
+  const double params = static_cast<double>(layer_params(cfg));
+  f.cpu_ms = n_cpu * std::max(lb / (hw.host_dram_gbs * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3;
   f.hbm_ms = (n_gpu * lb + static_cast<double>(head_bytes(cfg))) / (hw.hbm_gbs * 1e9) * 1e3;  // the embedding: T rows only
-  f.compute_ms = 2.0 * (n_gpu * lb / 2 + static_cast<double>(cfg.n_vocab * cfg.n_embd)) * b / (hw.gemm_tflops * 1e12) * 1e3;
+  f.compute_ms = 2.0 * (n_gpu * params + static_cast<double>(cfg.n_vocab * cfg.n_embd)) * b / (hw.gemm_tflops * 1e12) * 1e3;
   // Host DRAM serves the copy engine (streamed layers), the CPU layers and the CPU's K/V reads at
   // once: together no faster than the rate measured with both running (dram_shared_gbs).
   f.host_ms = ((static_cast<double>(plan.n_streamed) + n_cpu) * lb + kv_bytes) / (hw.dram_shared_gbs * 1e9) * 1e3;

@@ -4,6 +4,7 @@
 // when even the minimum working set (no resident layer) does not fit, the error states the minimum.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -73,6 +74,7 @@ struct GpuPlanInput {
   int n_slots = 3;               // staging ring when any layer is streamed
   int64_t layer_bytes = 0;       // one layer on the device (0: BF16, gpu_layer_bytes)
   int64_t globals_bytes = 0;     // the globals on the device (0: BF16)
+  bool quantized = false;        // NF4 / Q8 layers: the workspace holds a dequantisation tile
   HardwareProfile hw;
   // What the CUDA runtime itself takes beyond ferry's allocations once kernels and cuBLAS are loaded
   // (measured on the H100: notes/offload.md), kept free so the driver's count stays under the budget.
@@ -100,8 +102,14 @@ struct GpuPlan {
   std::string placement() const;
 };
 
-// Returns the bytes of one layer on the GPU (BF16, all tensors).
-int64_t gpu_layer_bytes(const ModelConfig& cfg);
+// Returns the bytes of one layer on the GPU: BF16, or its Linear weights in `quant` (NF4, Q8) through
+// the format's layout (models/weight_format.h).
+int64_t gpu_layer_bytes(const ModelConfig& cfg, DType quant = DType::kBF16);
+// Returns the elements of the BF16 tile the GPU dequantises quantised weights into for cuBLAS (the
+// GPU executor allocates it; the plan counts it).
+inline int64_t quant_tile_elems(const ModelConfig& c) { return std::max<int64_t>(int64_t{16} << 20, 64 * std::max(c.n_embd, c.n_ff)); }
+// Returns the parameters of one layer's Linear weights (its FLOPs per token are twice this).
+int64_t layer_params(const ModelConfig& cfg);
 // Returns an upper bound of the GPU executor's activation workspace for steps of up to
 // `max_step_tokens` tokens and `max_batch` output rows (including the cuBLAS workspace).
 int64_t gpu_workspace_bytes(const ModelConfig& cfg, int64_t max_step_tokens, int64_t max_batch);

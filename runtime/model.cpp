@@ -7,7 +7,18 @@
 
 namespace ferry {
 
+namespace {
+Expected<Model> load_unquantised(const std::string& spec, const LoadOptions& opts);
+}  // namespace
+
 Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
+  FERRY_ASSIGN_OR_RETURN(Model m, load_unquantised(spec, opts));
+  if (is_quantized(opts.quant)) FERRY_RETURN_IF_ERROR(m.weights->quantize(opts.quant));
+  return m;
+}
+
+namespace {
+Expected<Model> load_unquantised(const std::string& spec, const LoadOptions& opts) {
   namespace fs = std::filesystem;
   Model m;
   m.spec = spec;
@@ -44,5 +55,7 @@ Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
                              static_cast<long long>(m.tokenizer->n_vocab()), static_cast<long long>(m.config.n_vocab)));
   return m;
 }
+
+}  // namespace
 
 }  // namespace ferry

@@ -24,6 +24,7 @@ struct LoadOptions {
   bool need_tokenizer = true;
   bool host_weights = true;      // false: synthetic weights are generated where an executor keeps them
   std::string disk;              // a packed store (ferry pack): every layer is read from it
+  DType quant = DType::kBF16;    // kNF4 / kQ8: the layers' Linear weights quantised at load (--quant)
 };
 
 // Loads `spec`; every failure names the file, tensor or flag.

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "models/weight_format.h"
 #include "runtime/status.h"
 
 namespace ferry {
@@ -46,24 +47,38 @@ constexpr DTypeInfo kDTypes[] = {
 size_t dtype_size(DType t) {
   for (const auto& d : kDTypes)
     if (d.t == t) return d.size;
-  FERRY_CHECK_MSG(false, "unknown dtype");
+  FERRY_CHECK_MSG(false, "unknown or quantised dtype");
   return 0;
 }
 
 std::string_view dtype_name(DType t) {
+  if (t == DType::kNF4) return "NF4";
+  if (t == DType::kQ8) return "Q8";
   for (const auto& d : kDTypes)
     if (d.t == t) return d.name;
   return "?";
 }
 
-bool dtype_from_name(std::string_view name, DType* out) {
+bool dtype_from_name(std::string_view name, DType* out, bool quantized) {
   for (const auto& d : kDTypes) {
     if (d.name == name) {
       *out = d.t;
       return true;
     }
   }
+  if (quantized && (name == "NF4" || name == "Q8")) {
+    *out = name == "NF4" ? DType::kNF4 : DType::kQ8;
+    return true;
+  }
   return false;
+}
+
+int64_t tensor_bytes(DType t, const int64_t* shape, int n_dims) {
+  int64_t n = 1;
+  for (int i = 0; i < n_dims; ++i) n *= shape[i];
+  if (!is_quantized(t)) return n * static_cast<int64_t>(dtype_size(t));
+  const int64_t cols = n_dims > 0 ? shape[n_dims - 1] : 1;
+  return quant_layout(t, cols > 0 ? n / cols : 0, cols).bytes;
 }
 
 std::string_view tier_name(Tier t) {

@@ -4,6 +4,8 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -19,6 +21,7 @@
 #include "gpu/gpu_executor.h"
 #include "gpu/kernels.h"
 #include "models/synthetic.h"
+#include "models/weight_format.h"
 #include "offload/packed_store.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
@@ -168,6 +171,178 @@ TEST_SUITE("gpu_ops") {
       CHECK(rel(y.get(), ref) < 2e-5);
       CHECK(rel(y_hi.get(), ref) > 1e-4);  // hi alone is BF16's 8 bits: the lo part is what brought it down
       CHECK(y_pdl.get() == y_hi.get());
+    }
+    cublasDestroy(h);
+  }
+
+  TEST_CASE("fused decode GEMVs: residual + sums of squares, SwiGLU, RoPE + K/V append, input normalised on the fly") {
+    auto B = [](Dev<uint16_t>& d) { return reinterpret_cast<bf16*>(d.p); };
+    const int64_t K = 4104;  // not a multiple of the unrolled stride: the tail loop runs
+    for (int64_t M = 1; M <= gpu::kGemvFusedMaxRows; ++M) {
+      CAPTURE(M);
+      // Residual: res += x W^T bit for bit as gemv() + add, and the parts sum to each row's squares.
+      {
+        const int64_t N = 1003;  // the last group of rows is partial
+        std::vector<float> x = randn(M * K), w = randn(N * K, 0.05f), res0 = randn(M * N);
+        auto xb = to_bf16_bits(x), wb = to_bf16_bits(w);
+        Dev<uint16_t> dx(xb), dw(wb);
+        Dev<float> y(M * N), res(res0), ss(M * gpu::gemv_ss_parts(N));
+        gpu::gemv(B(dx), B(dw), y.p, M, N, K, nullptr);
+        gpu::gemv_residual(gpu::GemvIn{B(dx)}, B(dw), res.p, ss.p, M, N, K, nullptr, true);
+        const std::vector<float> yh = y.get(), rh = res.get(), sh = ss.get();
+        bool same = true;
+        for (int64_t i = 0; i < M * N; ++i) same = same && rh[i] == res0[i] + yh[i];
+        CHECK(same);
+        for (int64_t m = 0; m < M; ++m) {
+          double want = 0, got = 0;
+          for (int64_t n = 0; n < N; ++n) want += static_cast<double>(rh[m * N + n]) * rh[m * N + n];
+          for (int64_t j = 0; j < gpu::gemv_ss_parts(N); ++j) got += sh[m * gpu::gemv_ss_parts(N) + j];
+          CHECK(std::fabs(got - want) <= 1e-5 * want);
+        }
+      }
+      // The normalised input: res [M, K], RMSNorm weight g, sums of squares in three uneven parts.
+      std::vector<float> res = randn(M * K, 2.0f), g = randn(K, 0.3f);
+      for (auto& v : g) v += 1.0f;
+      auto gb = to_bf16_bits(g);
+      const float eps = 1e-5f;
+      std::vector<float> ssh(M * 3, 0.0f), xn(M * K);
+      for (int64_t m = 0; m < M; ++m) {
+        double t = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          ssh[m * 3 + (k < 100 ? 0 : k < 3000 ? 1 : 2)] += res[m * K + k] * res[m * K + k];
+          t += static_cast<double>(res[m * K + k]) * res[m * K + k];
+        }
+        const double inv = 1.0 / std::sqrt(t / K + eps);
+        for (int64_t k = 0; k < K; ++k) xn[m * K + k] = static_cast<float>(res[m * K + k] * inv * g[k]);
+      }
+      Dev<float> dres(res), dss(ssh);
+      Dev<uint16_t> dg(gb);
+      const gpu::GemvIn norm{nullptr, nullptr, dres.p, B(dg), dss.p, 3, eps};
+      // SwiGLU: gate rows then up rows.
+      {
+        const int64_t F = 515;
+        std::vector<float> w = randn(2 * F * K, 0.05f), x = randn(M * K);
+        auto wb = to_bf16_bits(w), xb = to_bf16_bits(x);
+        Dev<uint16_t> dw(wb), dx(xb), h(M * F), h_ref(M * F), h_norm(M * F);
+        Dev<float> gu(M * 2 * F);
+        gpu::gemv(B(dx), B(dw), gu.p, M, 2 * F, K, nullptr);
+        gpu::swiglu(gu.p, M, F, B(h_ref), nullptr);
+        gpu::gemv_swiglu(gpu::GemvIn{B(dx)}, B(dw), B(h), M, F, K, nullptr);
+        CHECK(h.get() == h_ref.get());  // the same products and the same activation
+        gpu::gemv_swiglu(norm, B(dw), B(h_norm), M, F, K, nullptr, true);
+        const std::vector<float> p = ref_matmul(xn, w, M, 2 * F, K);
+        std::vector<float> want(M * F);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < F; ++i) {
+            const double a = p[m * 2 * F + i], b = p[m * 2 * F + F + i];
+            want[m * F + i] = static_cast<float>(a / (1.0 + std::exp(-a)) * b);
+          }
+        CHECK(rel(bits_to_f32(h_norm.get()), want) < 1e-2);
+      }
+      // RoPE + K/V append (with a bias), against gemv() + rope_kv_append() and the normalised input.
+      {
+        const int64_t H = 6, n_kv = 2, hd = 64, bs = 16, W = (H + 2 * n_kv) * hd, max_blocks = 4;
+        ModelConfig c;
+        c.head_dim = hd;
+        c.rope_theta = 10000;
+        const std::vector<float> inv = rope_inv_freq(c);
+        std::vector<float> w = randn(W * K, 0.05f), bias = randn(W, 0.1f), x = randn(M * K), xlo(M * K);
+        auto wb = to_bf16_bits(w), biasb = to_bf16_bits(bias);
+        std::vector<float> xh = x;
+        auto xhb = to_bf16_bits(xh);
+        for (int64_t i = 0; i < M * K; ++i) xlo[i] = x[i] - xh[i];
+        auto xlb = to_bf16_bits(xlo);
+        const std::vector<int32_t> pos = {37, 5}, row = {1, 0}, tables = {3, 2, 1, 0, 7, 6, 5, 4};
+        Dev<float> dinv(inv), qkv(M * W);
+        Dev<int32_t> dpos(pos), drow(row), dtab(tables);
+        Dev<uint16_t> dw(wb), dbias(biasb), dxh(xhb), dxl(xlb);
+        const int64_t cache = 8 * bs * n_kv * hd;
+        auto run = [&](bool fused, const gpu::GemvIn& in) {
+          Dev<uint16_t> k(std::vector<uint16_t>(cache, 0)), v(std::vector<uint16_t>(cache, 0)), q(M * H * hd);
+          const gpu::PagedKv pk{B(k), B(v), dtab.p, static_cast<int32_t>(max_blocks), static_cast<int32_t>(bs), static_cast<int32_t>(n_kv),
+                                static_cast<int32_t>(hd)};
+          if (fused) {
+            gpu::gemv_rope_kv(in, B(dw), B(dbias), dpos.p, drow.p, dinv.p, H, pk, B(q), M, K, nullptr, true);
+          } else {
+            gpu::gemv(in.x, B(dw), qkv.p, M, W, K, nullptr, false, in.x_lo);
+            gpu::rope_kv_append(qkv.p, nullptr, B(dbias), dpos.p, drow.p, dinv.p, M, H, pk, B(q), nullptr);
+          }
+          return std::array<std::vector<uint16_t>, 3>{q.get(), k.get(), v.get()};
+        };
+        const auto unfused = run(false, gpu::GemvIn{B(dxh), B(dxl)});
+        CHECK(run(true, gpu::GemvIn{B(dxh), B(dxl)}) == unfused);
+        // The normalised input against the same path fed with xn in float (hi + lo carries ~16 bits).
+        std::vector<float> xnh = xn, xnl(M * K);
+        auto xnhb = to_bf16_bits(xnh);
+        for (int64_t i = 0; i < M * K; ++i) xnl[i] = xn[i] - xnh[i];
+        auto xnlb = to_bf16_bits(xnl);
+        Dev<uint16_t> dnh(xnhb), dnl(xnlb);
+        const auto want = run(false, gpu::GemvIn{B(dnh), B(dnl)});
+        const auto got = run(true, norm);
+        for (int i = 0; i < 3; ++i) {
+          CAPTURE(i);
+          const std::vector<float> wf = bits_to_f32(want[i]);
+          CHECK(rel(bits_to_f32(got[i]), wf) < 1e-2);
+          CHECK(*std::max_element(wf.begin(), wf.end()) > 0.5f);  // written, not left zero
+        }
+      }
+    }
+  }
+
+  TEST_CASE("NF4 / Q8 on the GPU: quantisation bit for bit as the host's, GEMVs dequantising in registers, cuBLAS over dequantised tiles") {
+    cublasHandle_t h;
+    CUBLAS_CHECK(cublasCreate(&h));
+    for (DType t : {DType::kNF4, DType::kQ8}) {
+      CAPTURE(dtype_name(t));
+      const int64_t N = 301, K = 1088;  // K: 17 blocks of 64; N odd
+      std::vector<float> w = randn(N * K, 0.05f);
+      w[5] = 0.9f;                                           // an outlier block / row
+      std::fill(w.begin() + 2 * K, w.begin() + 3 * K, 0.0f);  // a zero row
+      auto wb = to_bf16_bits(w);
+      const int64_t bytes = quant_layout(t, N, K).bytes;
+      std::vector<uint8_t> host(bytes);
+      quantize_weight(t, w.data(), N, K, host.data());
+      Dev<uint16_t> dw(wb);
+      Dev<uint8_t> blob(std::vector<uint8_t>(bytes, 0));
+      for (int64_t r0 = 0; r0 < N; r0 += 100)  // a few rows at a time, as the executor generates them
+        gpu::quantize_rows(t, reinterpret_cast<bf16*>(dw.p) + r0 * K, N, K, r0, std::min(N, r0 + 100), blob.p, nullptr);
+      CHECK(blob.get() == host);
+      // The dequantised weights in float: the reference of every product below.
+      std::vector<float> wq(N * K);
+      dequantize_rows(t, host.data(), N, K, 0, N, wq.data());
+      for (int64_t M = 1; M <= gpu::kGemvMaxRows; ++M) {
+        std::vector<float> x = randn(M * K);
+        auto xb = to_bf16_bits(x);
+        const std::vector<float> ref = ref_matmul(x, wq, M, N, K);
+        Dev<uint16_t> dx(xb);
+        Dev<float> y(M * N);
+        gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob.p, t}, y.p, M, N, K, nullptr);
+        CAPTURE(M);
+        CHECK(rel(y.get(), ref) < 1e-5);
+        if (M == 3) {  // cuBLAS over BF16 tiles of the dequantised rows, written into a wider output's columns
+          Dev<uint16_t> tile(N * K);
+          Dev<float> yt(M * N);
+          gpu::dequantize_rows(t, blob.p, N, K, 0, 150, reinterpret_cast<bf16*>(tile.p), nullptr);
+          gpu::dequantize_rows(t, blob.p, N, K, 150, N, reinterpret_cast<bf16*>(tile.p) + 150 * K, nullptr);
+          gpu::gemm_ld(h, reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(tile.p), yt.p, M, 150, K, N);
+          gpu::gemm_ld(h, reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(tile.p) + 150 * K, yt.p + 150, M, N - 150, K, N);
+          CHECK(rel(yt.get(), ref) < 1e-2);  // the tile is BF16
+        }
+      }
+      // The fused SwiGLU epilogue over quantised gate/up rows: the same as the product, then SwiGLU.
+      const int64_t F = 150;
+      std::vector<float> x = randn(2 * K);
+      auto xb = to_bf16_bits(x);
+      Dev<uint16_t> dx(xb), hf(2 * F), hr(2 * F);
+      Dev<float> gu(2 * 2 * F);
+      const int64_t bytes2 = quant_layout(t, 2 * F, K).bytes;
+      std::vector<uint8_t> host2(bytes2);
+      quantize_weight(t, w.data(), 2 * F, K, host2.data());
+      Dev<uint8_t> blob2(host2);
+      gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob2.p, t}, gu.p, 2, 2 * F, K, nullptr);
+      gpu::swiglu(gu.p, 2, F, reinterpret_cast<bf16*>(hr.p), nullptr);
+      gpu::gemv_swiglu(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob2.p, t}, reinterpret_cast<bf16*>(hf.p), 2, F, K, nullptr);
+      CHECK(hf.get() == hr.get());
     }
     cublasDestroy(h);
   }
@@ -453,9 +628,9 @@ struct GpuModel {
 // D streamed from disk, C on the CPU (empty: as n_resident says); `disk`: a packed store to load from.
 GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs = true, int64_t n_resident = -1,
                   const std::string& places = "", const std::string& disk = "", bool kv_host = false, int micro_batches = 2,
-                  const std::string& kv_pattern = "") {
+                  const std::string& kv_pattern = "", DType quant = DType::kBF16) {
   GpuModel g;
-  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk});
+  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk, .quant = quant});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
   g.model = std::move(*m);
   KvCacheShape s{g.model.config.n_layers, g.model.config.n_kv_heads, g.model.config.head_dim, 16, kv_tokens / 16};
@@ -570,6 +745,61 @@ TEST_SUITE("gpu_model") {
       CHECK(g.ex->graphs_captured() >= 1);
       CHECK(g.ex->graph_replays() > 0);
     }
+  }
+
+  TEST_CASE("--quant nf4 / int8 on the GPU: the golden NF4 logits (prompt and token by token), streamed and CPU layers, GPU-made synthetic = host-made") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    const auto ids = test::read_i32(**gs, "seq0.input_ids");
+    const auto ref = test::read_f32(**gs, "nf4.seq0.logits");
+    // Resident, then streamed / CPU-computed layers: prefill through cuBLAS over dequantised tiles,
+    // decode (one token a step) through the dequantising GEMVs and the fused layer.
+    for (const std::string places : {"", "RSCS"}) {
+      GpuModel g = load_gpu(dir, 4096, true, -1, places, "", false, 2, "", DType::kNF4);
+      for (int64_t chunk : {int64_t{512}, int64_t{1}}) {
+        auto logits = prompt_logits(*g.runner, ids, chunk);
+        REQUIRE(logits.ok());
+        const double err = rel(*logits, ref);
+        MESSAGE("NF4 on the GPU, places '" << places << "', " << chunk << "-token steps: golden nf4.seq0.logits max|d|/max|ref| = " << err);
+        CHECK(err <= 2e-2);
+      }
+    }
+    {  // int8: against the CPU backend with the same quantised weights
+      GpuModel g = load_gpu(dir, 4096, true, -1, "", "", false, 2, "", DType::kQ8);
+      auto cm = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = DType::kQ8});
+      REQUIRE(cm.ok());
+      cpu::CpuExecutor cex(cm->config);
+      auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, 64});
+      REQUIRE(ckv.ok());
+      Runner cr(*cm->weights, cex, *ckv);
+      auto want = prompt_logits(cr, ids);
+      REQUIRE(want.ok());
+      for (int64_t chunk : {int64_t{512}, int64_t{1}}) {
+        auto logits = prompt_logits(*g.runner, ids, chunk);
+        REQUIRE(logits.ok());
+        const double err = rel(*logits, *want);
+        MESSAGE("int8 on the GPU, " << chunk << "-token steps, against the CPU backend's int8: " << err);
+        CHECK(err <= 2e-2);
+      }
+    }
+    // A synthetic model quantised on the GPU as it is generated (the shape-only store) gives the
+    // logits of the same model quantised on the host.
+    std::vector<std::vector<float>> out;
+    for (bool host : {false, true}) {
+      auto m = load_model("synthetic:llama-2-7b", LoadOptions{.synthetic_layers = 2, .need_tokenizer = false, .host_weights = host, .quant = DType::kNF4});
+      REQUIRE_MESSAGE(m.ok(), m.status().message());
+      KvCacheShape s{m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 8};
+      auto ex = gpu::GpuExecutor::create(*m->weights, s, gpu::GpuOptions{});
+      REQUIRE_MESSAGE(ex.ok(), ex.status().message());
+      auto kv = KvCache::create(s);
+      REQUIRE(kv.ok());
+      Runner r(*m->weights, **ex, *kv);
+      auto l = prompt_logits(r, {1, 450, 4996, 17354, 1701}, 1);
+      REQUIRE(l.ok());
+      out.push_back(std::move(*l));
+    }
+    CHECK(out[0] == out[1]);
   }
 
   TEST_CASE("held-out shapes (group 5 and 3, odd vocabulary), 333-token prompt: GPU logits within the BF16 bound of the float32 CPU backend") {

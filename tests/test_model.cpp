@@ -8,9 +8,14 @@
 #include <filesystem>
 
 #include "cpu/cpu_executor.h"
+#include "cpu/gemm.h"
+#include "cpu/simd.h"
 #include "models/checkpoint.h"
 #include "models/synthetic.h"
 #include "models/weight_format.h"
+#include "offload/layer_layout.h"
+#include "offload/packed_store.h"
+#include "runtime/budget.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "runtime/serve.h"
@@ -27,9 +32,10 @@ struct Loaded {
   std::unique_ptr<Runner> runner;
 };
 
-Loaded load(const std::string& dir, int64_t kv_tokens = 4096, int64_t block_size = 16, DType kv_dtype = DType::kF32) {
+Loaded load(const std::string& dir, int64_t kv_tokens = 4096, int64_t block_size = 16, DType kv_dtype = DType::kF32,
+            DType quant = DType::kBF16, const std::string& disk = "") {
   Loaded l;
-  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false});
+  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk, .quant = quant});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
   l.model = std::move(*m);
   l.ex = std::make_unique<cpu::CpuExecutor>(l.model.config);
@@ -39,6 +45,29 @@ Loaded load(const std::string& dir, int64_t kv_tokens = 4096, int64_t block_size
   l.kv = std::make_unique<KvCache>(std::move(*kv));
   l.runner = std::make_unique<Runner>(*l.model.weights, *l.ex, *l.kv);
   return l;
+}
+
+// Writes `dir`'s checkpoint to `out` in float32 with every Linear weight inside the decoder layers
+// passed through `round` (its shape given), and copies config.json: a reference for quantised formats.
+template <typename Round>
+void write_rounded(const std::string& dir, const test::TempDir& out, Round round) {
+  auto ck = CheckpointReader::open(dir);
+  REQUIRE(ck.ok());
+  std::vector<std::vector<float>> data;
+  std::vector<TensorToWrite> tensors;
+  const std::vector<std::string> names = (*ck)->names();
+  data.reserve(names.size());
+  for (const std::string& name : names) {
+    const auto f = (*ck)->find(name);
+    TensorView v = f.file->view(*f.entry);
+    std::vector<float> w(static_cast<size_t>(v.numel()));
+    convert_to_f32(v.data, v.dtype, w.data(), w.size());
+    if (name.find("model.layers.") == 0 && name.find("_proj.weight") != std::string::npos) round(w, f.entry->shape);
+    data.push_back(std::move(w));
+    tensors.push_back({name, DType::kF32, f.entry->shape, data.back().data()});
+  }
+  REQUIRE(write_safetensors(out / "model.safetensors", tensors).ok());
+  std::filesystem::copy_file(dir + "/config.json", out / "config.json");
 }
 
 // max|a - b| / max|b|
@@ -400,35 +429,18 @@ TEST_SUITE("model") {
       for (float c : kNf4Codes) best = std::min(best, std::fabs(c * m - x[i]));
       CHECK(std::fabs(y[i] - x[i]) <= best + 1e-6f);
     }
-    CHECK(weight_format_bytes(WeightFormat::kNF4, 4096 * 4096) == 4096 * 4096 / 64 * 36);
+    CHECK(weight_format_bytes(WeightFormat::kNF4, 4096, 4096) == 4096 * 4096 / 64 * 36);
 
     // The golden: every Linear weight inside the decoder layers rounded through NF4 and back
     // (transformers / peft), the float32 CPU path on the result.
     const std::string dir = test::shared_dir() + "/golden/llama-gqa";
-    auto ck = CheckpointReader::open(dir);
-    REQUIRE(ck.ok());
     test::TempDir tmp;
-    std::vector<std::vector<float>> data;
-    std::vector<TensorToWrite> out;
-    const std::vector<std::string> names = (*ck)->names();
-    data.reserve(names.size());
-    for (const std::string& name : names) {
-      const auto f = (*ck)->find(name);
-      TensorView v = f.file->view(*f.entry);
-      std::vector<float> w(static_cast<size_t>(v.numel()));
-      convert_to_f32(v.data, v.dtype, w.data(), w.size());
-      const bool linear = name.find("model.layers.") == 0 && name.find("_proj.weight") != std::string::npos;
-      if (linear) {
-        std::vector<uint8_t> q((w.size() + 1) / 2);
-        std::vector<float> a((w.size() + 63) / 64);
-        quantize_nf4(w.data(), static_cast<int64_t>(w.size()), q.data(), a.data());
-        dequantize_nf4(q.data(), a.data(), static_cast<int64_t>(w.size()), w.data());
-      }
-      data.push_back(std::move(w));
-      out.push_back({name, DType::kF32, f.entry->shape, data.back().data()});
-    }
-    REQUIRE(write_safetensors(tmp / "model.safetensors", out).ok());
-    std::filesystem::copy_file(dir + "/config.json", tmp / "config.json");
+    write_rounded(dir, tmp, [](std::vector<float>& w, const std::vector<int64_t>&) {
+      std::vector<uint8_t> q((w.size() + 1) / 2);
+      std::vector<float> a((w.size() + 63) / 64);
+      quantize_nf4(w.data(), static_cast<int64_t>(w.size()), q.data(), a.data());
+      dequantize_nf4(q.data(), a.data(), static_cast<int64_t>(w.size()), w.data());
+    });
     Loaded l = load(tmp.path.string());
     auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
     REQUIRE(gs.ok());
@@ -439,6 +451,155 @@ TEST_SUITE("model") {
     MESSAGE("NF4 golden logits max|d|/max|ref| = " << err << " (against the unquantised logits: " << vs_bf16 << ")");
     CHECK(err < 1e-3);
     CHECK(vs_bf16 > 1e-2);  // the rounding is real: the unquantised reference is far
+  }
+
+  TEST_CASE("--quant nf4 / int8 at load: fused quantised layers, the golden NF4 logits, a packed quantised store, shapes refused") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    const std::vector<int32_t> ids = test::read_i32(**gs, "seq0.input_ids");
+    // NF4 kept as 4-bit codes + fp32 absmax, dequantised row by row inside the CPU GEMMs.
+    Loaded l = load(dir, 4096, 16, DType::kF32, DType::kNF4);
+    const LayerWeights& w0 = l.model.weights->layer(0);
+    CHECK(is_fused_qkv(w0));
+    CHECK(is_fused_gate_up(w0));
+    CHECK(w0[kWqkv].dtype == DType::kNF4);
+    CHECK(w0[kAttnNorm].dtype == DType::kBF16);
+    const ModelConfig& c = l.model.config;
+    const int64_t bf16_bytes = gpu_layer_bytes(c), nf4_bytes = static_cast<int64_t>(layer_layout(c, 0, DType::kNF4).bytes);
+    MESSAGE("llama-gqa layer: BF16 " << bf16_bytes << " bytes, NF4 " << nf4_bytes << " (" << 2.0 * nf4_bytes / bf16_bytes << " bytes a parameter)");
+    CHECK(nf4_bytes == 2 * 2 * c.n_embd + weight_format_bytes(WeightFormat::kNF4, c.q_dim() + 2 * c.kv_dim(), c.n_embd) +
+                           weight_format_bytes(WeightFormat::kNF4, c.n_embd, c.q_dim()) + weight_format_bytes(WeightFormat::kNF4, 2 * c.n_ff, c.n_embd) +
+                           weight_format_bytes(WeightFormat::kNF4, c.n_embd, c.n_ff));
+    auto nf4 = prompt_logits(*l.runner, ids);
+    REQUIRE(nf4.ok());
+    const double err = rel_err(*nf4, test::read_f32(**gs, "nf4.seq0.logits"));
+    MESSAGE("--quant nf4: golden NF4 logits max|d|/max|ref| = " << err);
+    CHECK(err < 1e-3);
+    CHECK(rel_err(*nf4, test::read_f32(**gs, "seq0.logits")) > 1e-2);
+    // Several rows at once take the oneDNN path over dequantised panels: the same logits.
+    // int8 per output channel: close to the unquantised model, and not equal to it.
+    // Its reference: the float32 model with the same weights rounded through int8 and back.
+    Loaded l8 = load(dir, 4096, 16, DType::kF32, DType::kQ8);
+    auto q8 = prompt_logits(*l8.runner, ids);
+    REQUIRE(q8.ok());
+    test::TempDir ref8;
+    write_rounded(dir, ref8, [](std::vector<float>& w, const std::vector<int64_t>& shape) {
+      std::vector<int8_t> q(w.size());
+      std::vector<float> sc(static_cast<size_t>(shape[0]));
+      quantize_int8_rows(w.data(), shape[0], shape[1], q.data(), sc.data());
+      for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>(q[i]) * sc[i / shape[1]];
+    });
+    Loaded lr = load(ref8.path.string());
+    auto want8 = prompt_logits(*lr.runner, ids);
+    REQUIRE(want8.ok());
+    const double e8 = rel_err(*q8, *want8), e8_bf16 = rel_err(*q8, test::read_f32(**gs, "seq0.logits"));
+    MESSAGE("--quant int8: against int8-rounded float32 weights " << e8 << ", against the unquantised golden " << e8_bf16);
+    CHECK(e8 < 1e-4);
+    CHECK(e8_bf16 > 1e-3);
+    // A store packed with --quant nf4 holds the fused 4-bit blocks; read back, the same logits.
+    test::TempDir tmp;
+    const std::string store = tmp / "nf4";
+    REQUIRE(pack_store(*l.model.weights, store).ok());
+    auto man = open_store(store, c);
+    REQUIRE(man.ok());
+    bool has_fused = false;
+    for (const auto& t : man->blocks[1].tensors) has_fused |= t.name == "model.layers.0.self_attn.qkv_proj.weight" && t.dtype == DType::kNF4;
+    CHECK(has_fused);
+    Loaded ld = load(dir, 4096, 16, DType::kF32, DType::kBF16, store);
+    auto from_disk = prompt_logits(*ld.runner, ids);
+    REQUIRE(from_disk.ok());
+    CHECK(*from_disk == *nf4);
+    // --quant int8 against that NF4 store is refused, naming the fix.
+    auto mixed = load_model(dir, LoadOptions{.need_tokenizer = false, .disk = store, .quant = DType::kQ8});
+    REQUIRE(!mixed.ok());
+    CHECK(mixed.status().message().find("pack it with --quant int8") != std::string::npos);
+    // A model whose Linear inputs are not a multiple of the format's block is refused, naming the tensor.
+    for (DType q : {DType::kNF4, DType::kQ8}) {
+      auto bad = load_model(test::shared_dir() + "/models/stories260K", LoadOptions{.need_tokenizer = false, .quant = q});
+      REQUIRE(!bad.ok());
+      MESSAGE(bad.status().message());
+      CHECK(bad.status().message().find("model.layers.0.mlp.down_proj.weight") != std::string::npos);
+    }
+  }
+
+  TEST_CASE("int8 per output channel and QLoRA's double quantisation of absmax: the codecs") {
+    std::vector<float> x(3 * 32);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.7f * static_cast<float>(i)) * (1 + static_cast<float>(i / 32));
+    std::fill(x.begin() + 32, x.begin() + 64, 0.0f);  // a zero row
+    std::vector<int8_t> q(x.size());
+    std::vector<float> sc(3);
+    quantize_int8_rows(x.data(), 3, 32, q.data(), sc.data());
+    CHECK(sc[1] == 0.0f);
+    for (int r = 0; r < 3; ++r) {
+      float m = 0;
+      for (int c = 0; c < 32; ++c) m = std::max(m, std::fabs(x[r * 32 + c]));
+      CHECK(sc[r] == doctest::Approx(m / 127).epsilon(1e-6));
+      for (int c = 0; c < 32; ++c) CHECK(std::fabs(q[r * 32 + c] * sc[r] - x[r * 32 + c]) <= 0.5f * sc[r] + 1e-6f);
+    }
+    // Double quantisation: the dynamic map is bitsandbytes' (256 ascending values, 0 and 1 exact,
+    // symmetric), each absmax within half a code step of its block's scale.
+    const float* map = dynamic_map_signed();
+    CHECK(map[0] == doctest::Approx(-0.9922).epsilon(1e-3));
+    CHECK(map[255] == 1.0f);
+    CHECK(std::count(map, map + 256, 0.0f) == 1);
+    for (int i = 1; i < 256; ++i) CHECK(map[i] > map[i - 1]);
+    std::vector<float> absmax(700);
+    for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.05f + 0.02f * std::cos(0.3f * static_cast<float>(i));
+    std::vector<uint8_t> codes(absmax.size());
+    std::vector<float> a2(3), back(absmax.size());
+    float off = 0;
+    quantize_absmax_dq(absmax.data(), static_cast<int64_t>(absmax.size()), codes.data(), a2.data(), &off);
+    dequantize_absmax_dq(codes.data(), a2.data(), off, static_cast<int64_t>(absmax.size()), back.data());
+    double mean = 0;
+    for (float a : absmax) mean += a;
+    CHECK(off == doctest::Approx(mean / absmax.size()).epsilon(1e-5));
+    double worst = 0;
+    for (size_t i = 0; i < absmax.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(back[i] - absmax[i]) / a2[i / 256]));
+    MESSAGE("double-quantised absmax: worst error " << worst << " of the block scale");
+    CHECK(worst < 0.02);  // the dynamic map's steps near 1 are 1/64 wide
+    CHECK(worst > 0);
+  }
+
+  TEST_CASE("the CPU's quantised row kernels (AVX-512 where the CPU has it) against the codec: dots and dequantised rows") {
+    MESSAGE("SIMD level: " << std::string(cpu::simd_level()));
+    const int64_t N = 5, K = 320;
+    std::vector<float> w(N * K), x(3 * K);
+    for (size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 97) / 50.0f);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.11f * static_cast<float>(i));
+    for (DType t : {DType::kNF4, DType::kQ8}) {
+      CAPTURE(dtype_name(t));
+      std::vector<uint8_t> blob(quant_layout(t, N, K).bytes);
+      quantize_weight(t, w.data(), N, K, blob.data());
+      std::vector<float> wq(N * K);
+      dequantize_rows(t, blob.data(), N, K, 0, N, wq.data());
+      TensorView W = TensorView::contiguous(blob.data(), t, {N, K});
+      for (int64_t M = 1; M <= 3; ++M) {
+        std::vector<float> y(M * N);
+        cpu::gemm_xwt(x.data(), M, W, y.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double want = 0;
+            for (int64_t k = 0; k < K; ++k) want += static_cast<double>(wq[n * K + k]) * x[m * K + k];
+            CHECK(y[m * N + n] == doctest::Approx(want).epsilon(1e-5).scale(1.0));
+          }
+      }
+      // Many rows: oneDNN over rows dequantised to float, the same values as the codec's.
+      std::vector<float> y8(8 * N), x8(8 * K);
+      for (size_t i = 0; i < x8.size(); ++i) x8[i] = std::cos(0.05f * static_cast<float>(i));
+      cpu::gemm_xwt(x8.data(), 8, W, y8.data());
+      for (int64_t n = 0; n < N; ++n) {
+        double want = 0;
+        for (int64_t k = 0; k < K; ++k) want += static_cast<double>(wq[n * K + k]) * x8[7 * K + k];
+        CHECK(y8[7 * N + n] == doctest::Approx(want).epsilon(1e-4).scale(1.0));
+      }
+    }
+    std::vector<uint8_t> codes(N * K / 2);
+    std::vector<float> absmax(N * K / 64), a(N * K), b(N * K);
+    quantize_nf4(w.data(), N * K, codes.data(), absmax.data());
+    dequantize_nf4(codes.data(), absmax.data(), N * K, a.data());
+    cpu::nf4_to_f32_fast(codes.data(), absmax.data(), b.data(), N * K);
+    CHECK(a == b);
   }
 
   TEST_CASE("a sequence past max_position_embeddings is refused, not computed") {

@@ -1,0 +1,109 @@
+// Quantisation on the GPU (models/weight_format.h): a layer generated or uploaded in BF16 becomes
+// its NF4 / Q8 blob where it will live, bit for bit as the host codec would make it, and the
+// inverse for cuBLAS at many rows.
+#include <cfloat>
+
+#include "gpu/kernels.h"
+#include "models/weight_format.h"
+
+namespace ferry::gpu {
+
+namespace {
+
+#define FERRY_NF4(i) kNf4Codes[i]
+#define FERRY_MID(i) 0.5f * (kNf4Codes[i] + kNf4Codes[i + 1])
+__constant__ float c_codes[16] = {FERRY_NF4(0), FERRY_NF4(1), FERRY_NF4(2),  FERRY_NF4(3),  FERRY_NF4(4),  FERRY_NF4(5),  FERRY_NF4(6),  FERRY_NF4(7),
+                                  FERRY_NF4(8), FERRY_NF4(9), FERRY_NF4(10), FERRY_NF4(11), FERRY_NF4(12), FERRY_NF4(13), FERRY_NF4(14), FERRY_NF4(15)};
+// Midpoints between neighbouring codes, computed as the host codec computes them (float).
+__constant__ float c_mid[15] = {FERRY_MID(0), FERRY_MID(1), FERRY_MID(2),  FERRY_MID(3),  FERRY_MID(4),  FERRY_MID(5),  FERRY_MID(6), FERRY_MID(7),
+                                FERRY_MID(8), FERRY_MID(9), FERRY_MID(10), FERRY_MID(11), FERRY_MID(12), FERRY_MID(13), FERRY_MID(14)};
+#undef FERRY_NF4
+#undef FERRY_MID
+
+// One warp per block of 64 (lane l: elements 2l, 2l + 1). x holds the rows being quantised; e0 is
+// x[0]'s element index in the weight.
+__global__ void nf4_kernel(const bf16* __restrict__ x, int64_t n, int64_t e0, uint8_t* __restrict__ codes, float* __restrict__ absmax) {
+  const int64_t blk = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (blk * 64 >= n) return;  // whole warps leave together (n is a multiple of 64)
+  const float a = __bfloat162float(x[blk * 64 + 2 * lane]), b = __bfloat162float(x[blk * 64 + 2 * lane + 1]);
+  const float m = warp_max(fmaxf(fabsf(a), fabsf(b)));
+  const float inv = m > 0 ? 1.0f / m : 0.0f;
+  auto nearest = [&](float v) {
+    int c = 0;
+    while (c < 15 && v > c_mid[c]) ++c;
+    return c;
+  };
+  const int ca = m > 0 ? nearest(__fmul_rn(a, inv)) : 7, cb = m > 0 ? nearest(__fmul_rn(b, inv)) : 7;
+  const int64_t e = e0 + blk * 64;
+  codes[e / 2 + lane] = static_cast<uint8_t>(ca << 4 | cb);
+  if (lane == 0) absmax[e / 64] = m;
+}
+
+// One block per row: scale = max|row| / 127, q = rint(x * 127 / max), clamped.
+__global__ void q8_kernel(const bf16* __restrict__ x, int64_t cols, int64_t r0, int8_t* __restrict__ q, float* __restrict__ scale) {
+  __shared__ float red[32];
+  const int64_t r = blockIdx.x;
+  const bf16* xr = x + r * cols;
+  float m = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(__bfloat162float(xr[c])));
+  // block max through block_sum's scratch pattern
+  m = warp_max(m);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = (threadIdx.x & 31) < (blockDim.x >> 5) ? red[threadIdx.x & 31] : 0.0f;
+  m = warp_max(m);
+  const float inv = m > 0 ? 127.0f / m : 0.0f;
+  int8_t* qr = q + (r0 + r) * cols;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    qr[c] = static_cast<int8_t>(fminf(fmaxf(rintf(__fmul_rn(__bfloat162float(xr[c]), inv)), -127.0f), 127.0f));
+  if (threadIdx.x == 0) scale[r0 + r] = m / 127.0f;
+}
+
+__global__ void dequant_kernel(int fmt, const uint8_t* __restrict__ blob, const float* __restrict__ scales, int64_t cols, int64_t e0, int64_t n,
+                               bf16* __restrict__ y, bf16* __restrict__ y_lo) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = e0 + i;
+    float v;
+    if (fmt == 0) {
+      const uint8_t b = blob[e / 2];
+      v = c_codes[e % 2 == 0 ? b >> 4 : b & 0x0f] * scales[e / 64];
+    } else {
+      v = static_cast<float>(reinterpret_cast<const int8_t*>(blob)[e]) * scales[e / cols];
+    }
+    const bf16 hi = __float2bfloat16(v);
+    y[i] = hi;
+    if (y_lo) y_lo[i] = __float2bfloat16(v - __bfloat162float(hi));
+  }
+}
+
+}  // namespace
+
+void quantize_rows(DType t, const bf16* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, cudaStream_t s) {
+  if (cols % quant_col_multiple(t) != 0 || r0 > r1 || r1 > rows) throw CudaError("quantize_rows: bad shape");
+  if (r1 == r0) return;
+  const QuantLayout l = quant_layout(t, rows, cols);
+  float* scales = reinterpret_cast<float*>(blob + l.scales);
+  if (t == DType::kNF4) {
+    const int64_t n = (r1 - r0) * cols, warps = n / 64;
+    nf4_kernel<<<ceil_div(warps * 32, 256), 256, 0, s>>>(x, n, r0 * cols, blob, scales);
+  } else if (t == DType::kQ8) {
+    q8_kernel<<<static_cast<unsigned>(r1 - r0), 256, 0, s>>>(x, cols, r0, reinterpret_cast<int8_t*>(blob), scales);
+  } else {
+    throw CudaError("quantize_rows: not a quantised format");
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r0, int64_t r1, bf16* y, cudaStream_t s, bf16* y_lo) {
+  if (!is_quantized(t) || r0 > r1 || r1 > rows) throw CudaError("dequantize_rows: bad arguments");
+  const int64_t n = (r1 - r0) * cols;
+  if (n == 0) return;
+  const QuantLayout l = quant_layout(t, rows, cols);
+  dequant_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(
+      t == DType::kNF4 ? 0 : 1, blob, reinterpret_cast<const float*>(blob + l.scales), cols, r0 * cols, n, y, y_lo);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace ferry::gpu

@@ -42,6 +42,18 @@ int main() {
                           {"down 4096x11008", 4096, 11008}, {"lm_head 32000x4096", 32000, 4096}};
   // Several weight copies rotated so that L2 (50 MB) never holds the one being read.
   const int n_copies = 4;
+  // Microseconds per call of run(i) (i picks the weight copy): 8 warm-up calls, then 40 timed.
+  auto time_us = [&](const auto& run) {
+    for (int i = 0; i < 8; ++i) run(i);
+    const int reps = 40;
+    CUDA_CHECK(cudaEventRecord(e0));
+    for (int i = 0; i < reps; ++i) run(i);
+    CUDA_CHECK(cudaEventRecord(e1));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    float t = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    return t * 1e3 / reps;
+  };
   std::printf("| shape | M | kernel | us | GB/s | of floor |\n|---|---|---|---|---|---|\n");
   for (const auto& s : shapes) {
     std::vector<bf16*> ws(n_copies);
@@ -61,14 +73,7 @@ int main() {
           if (use_blas) gemm(h, x, ws[i % n_copies], y, M, s.n, s.k, true);
           else gemv(x, ws[i % n_copies], y, M, s.n, s.k, nullptr);
         };
-        for (int i = 0; i < 8; ++i) run(i);
-        const int reps = 40;
-        CUDA_CHECK(cudaEventRecord(e0));
-        for (int i = 0; i < reps; ++i) run(i);
-        CUDA_CHECK(cudaEventRecord(e1));
-        CUDA_CHECK(cudaEventSynchronize(e1));
-        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        const double us = ms * 1e3 / reps;
+        const double us = time_us(run);
         const double gbs = static_cast<double>(s.n * s.k * 2) / (us * 1e3);
         std::printf("| %s | %lld | %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), use_blas ? "cublas" : "gemv", us, gbs,
                     100.0 * gbs / floor_gbs);
@@ -85,14 +90,7 @@ int main() {
       }
       for (int64_t M : {1, 2}) {
         auto run = [&](int i) { gemv_store(GemvIn{x}, GemvW{qs[i % n_copies], t}, y, M, s.n, s.k, nullptr); };
-        for (int i = 0; i < 8; ++i) run(i);
-        const int reps = 40;
-        CUDA_CHECK(cudaEventRecord(e0));
-        for (int i = 0; i < reps; ++i) run(i);
-        CUDA_CHECK(cudaEventRecord(e1));
-        CUDA_CHECK(cudaEventSynchronize(e1));
-        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        const double us = ms * 1e3 / reps;
+        const double us = time_us(run);
         const double gbs = static_cast<double>(qb) / (us * 1e3);
         std::printf("| %s | %lld | gemv %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), t == DType::kNF4 ? "nf4" : "q8", us, gbs,
                     100.0 * gbs / floor_gbs);

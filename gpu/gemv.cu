@@ -1,7 +1,8 @@
-// Weight-streaming GEMV for decode: y[M, N] = x[M, K] W[N, K]^T with M <= kGemvMaxRows, and its fused
-// forms for the decode layer (kernels.h): the residual add with the next RMSNorm's sums of squares,
-// SwiGLU over gate and up rows, RoPE + K/V append over the QKV rows, and an input that is the
-// residual stream normalised on the fly.
+// Weight-streaming GEMV for decode: y[M, N] = x[M, K] W[N, K]^T with M <= kGemvMaxRows, W in BF16 or
+// quantised (NF4: a 16-entry code table in shared memory and an absmax per 64; Q8: a scale per row;
+// models/weight_format.h), and its fused forms for the decode layer (kernels.h): the residual add
+// with the next RMSNorm's sums of squares, SwiGLU over gate and up rows, RoPE + K/V append over the
+// QKV rows, and an input that is the residual stream normalised on the fly.
 // One warp per task (an output row, or the two rows an epilogue pairs: gate i and up i, or a rotary
 // pair's two columns); a persistent grid striding over rows measured slower on the H100 (170 -> 155
 // tok/s for Llama-2-7B, notes/gpu.md). Each lane walks K in 16-byte chunks (8 bf16) of W, four

@@ -987,10 +987,10 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
   const bool fused = T <= kGemvFusedMaxRows && fused_decode() && E % 8 == 0 && Q % 8 == 0 && F % 8 == 0 && c.head_dim % 2 == 0 &&
                      reinterpret_cast<uintptr_t>(w[kAttnNorm].data) % 16 == 0 && reinterpret_cast<uintptr_t>(w[kFfnNorm].data) % 16 == 0;
   if (fused) {
-    // Decode: five kernels a layer. The QKV GEMV normalises the residual itself (or reads hi + lo
-    // rows after a layer that did not leave its sums of squares) and applies RoPE and the K/V
-    // append in its epilogue; the output projection and the down projection add into the residual
-    // and leave its sums of squares; the gate/up GEMV normalises and applies SwiGLU.
+    // Decode: five kernels a layer (BF16). The QKV GEMV normalises the residual itself (or reads
+    // hi + lo rows after a layer that did not leave its sums of squares) and applies RoPE and the
+    // K/V append in its epilogue; the output projection and the down projection add into the
+    // residual and leave its sums of squares; the gate/up GEMV normalises and applies SwiGLU.
     // Quantised weights take BF16 rows from RMSNorm kernels instead: reading the float residual and
     // the norm weight for every 32 codes cost more than the kernel (NF4 Llama-2-7B: 218 tok/s fused
     // that way, 271 with the layer unfused, H200).

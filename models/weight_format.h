@@ -5,8 +5,10 @@
 // - NF4 is QLoRA's (bitsandbytes): 16 code values from a normal distribution's quantiles, blocks of
 //   64 consecutive elements of the row-major weight, one fp32 absmax per block, each element the
 //   nearest code (4 bits, two a byte, the first element in the high nibble as bitsandbytes packs
-//   them). Double quantisation (QLoRA's, for storage: quantize_absmax_dq) stores the absmax values
-//   as bitsandbytes' signed 8-bit dynamic codes in blocks of 256 after subtracting their mean.
+//   them). Double quantisation (QLoRA's: quantize_absmax_dq) stores the absmax values as
+//   bitsandbytes' signed 8-bit dynamic codes in blocks of 256 after subtracting their mean; it is a
+//   codec only so far: the NF4 blob keeps fp32 absmax (0.5625 bytes a parameter, the 0.56 the GPU's
+//   floor counts), and neither the store nor an executor uses the double-quantised form yet.
 // - Q8 is int8 per output channel: each row scaled by max|row| / 127, rounded to nearest.
 //
 // A quantised 2-D weight [rows, cols] (cols a multiple of the format's block) is one blob: the codes,

@@ -179,7 +179,7 @@ Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, i
   // Quantised weights: every layer's bytes through the format's layout (the GPU keeps them so).
   if (is_quantized(linear_dtype(model.weights->layer(0)))) {
     in.layer_bytes = gpu_layer_bytes(model.config, linear_dtype(model.weights->layer(0)));
-    in.quantized = true;
+    in.weights = linear_dtype(model.weights->layer(0));
   }
   return in;
 }
@@ -750,8 +750,10 @@ int cmd_plan(const PlanFlags& f) {
               1e3 * b / plan->predicted_ms);
   std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms, host K/V %.2f ms, host DRAM shared %.2f ms\n",
               fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms, fl.kv_ms, fl.host_ms);
-  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
-              hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs, hw.cpu_tflops, hw.disk_gbs);
+  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s%s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
+              hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs,
+              is_quantized(in.weights) ? strprintf(" (%s: %.1f GB/s)", in.weights == DType::kNF4 ? "NF4" : "int8", cpu_layer_rate(hw, in.weights)).c_str() : "",
+              hw.cpu_tflops, hw.disk_gbs);
   return 0;
 }
 
@@ -1146,6 +1148,27 @@ int cmd_calibrate(const CalibrateFlags& f) {
     hw.cpu_tflops = 2.0 * 64 * static_cast<double>(n_mats * N * K) / s64 / 1e12;
     std::printf("cpu layer:  batch 1 %.1f GB/s of BF16 weights (%.0f%% of the DRAM read rate), batch 64 %.2f TFLOP/s\n", hw.cpu_layer_gbs,
                 100 * hw.cpu_layer_gbs / hw.host_dram_gbs, hw.cpu_tflops);
+    // The same matrices quantised (--quant): bytes of the format per second at batch 1.
+    double* rates[] = {&hw.cpu_layer_nf4_gbs, &hw.cpu_layer_q8_gbs};
+    int fi = 0;
+    for (DType t : {DType::kNF4, DType::kQ8}) {
+      std::vector<HostBuffer> q;
+      std::vector<float> rows(static_cast<size_t>(64 * K));
+      for (const HostBuffer& m : mats) {
+        q.emplace_back(static_cast<size_t>(quant_layout(t, N, K).bytes));
+        if (!q.back().data()) return fail(out_of_memory("calibrate: cannot allocate the quantised GEMM weights"));
+        for (int64_t r0 = 0; r0 < N; r0 += 64) {
+          const int64_t n = std::min<int64_t>(64, N - r0);
+          convert_to_f32(m.as<uint16_t>() + r0 * K, DType::kBF16, rows.data(), static_cast<size_t>(n * K));
+          quantize_rows(t, rows.data(), N, K, r0, r0 + n, q.back().as<uint8_t>());
+        }
+      }
+      const double sq = best_seconds(4, [&] {
+        for (auto& m : q) cpu::gemm_xwt(x.data(), 1, TensorView::contiguous(m.data(), t, {N, K}), y.data());
+      });
+      *rates[fi++] = static_cast<double>(n_mats * quant_layout(t, N, K).bytes) / sq / 1e9;
+    }
+    std::printf("cpu layer:  batch 1 NF4 %.1f GB/s, int8 %.1f GB/s of quantised weights\n", hw.cpu_layer_nf4_gbs, hw.cpu_layer_q8_gbs);
   }
   // Disk: the given store, or a 1 GiB scratch store in --dir.
   {

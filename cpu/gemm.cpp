@@ -64,29 +64,55 @@ void onednn_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t nc
   o.stream.wait();
 }
 
-// y[M, N] = bf16(x)[M, K] * W[N, K]^T with BF16 W in place, through oneDNN's BF16 matmul (AMX or
+// y[M, N] (row stride ldy) = xb[M, K] * W[N, K]^T, xb and W BF16, through oneDNN's BF16 matmul (AMX or
 // AVX-512 BF16 where the CPU has them). Returns false when oneDNN has no such primitive here.
-bool onednn_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y) {
+bool onednn_bf16(const uint16_t* xb, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int64_t ldy) {
   using dt = dnnl::memory::data_type;
   using md = dnnl::memory::desc;
   OneDnn& o = onednn();
-  thread_local std::vector<uint16_t> xb;
-  xb.resize(static_cast<size_t>(M * K));
-  for (int64_t i = 0; i < M * K; ++i) xb[i] = f32_to_bf16(x[i]);
   try {
     md a({M, K}, dt::bf16, dnnl::memory::dims{K, 1});
     md b({K, N}, dt::bf16, dnnl::memory::dims{1, K});
-    md c({M, N}, dt::f32, dnnl::memory::dims{N, 1});
+    md c({M, N}, dt::f32, dnnl::memory::dims{ldy, 1});
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), o.engine);
     if (std::string(pd.impl_info_str()).find("ref") != std::string::npos) return false;  // no fast kernel for this ISA
     dnnl::matmul prim(pd);
-    dnnl::memory am(a, o.engine, xb.data());
+    dnnl::memory am(a, o.engine, const_cast<uint16_t*>(xb));
     dnnl::memory bm(b, o.engine, const_cast<uint16_t*>(w));
     dnnl::memory cm(c, o.engine, y);
     prim.execute(o.stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
     o.stream.wait();
   } catch (const dnnl::error&) {
     return false;
+  }
+  return true;
+}
+
+std::vector<uint16_t> to_bf16(const float* x, int64_t n) {
+  std::vector<uint16_t> b(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) b[i] = f32_to_bf16(x[i]);
+  return b;
+}
+
+// A quantised W at many rows: panels of W dequantised to BF16 (about 8 MiB each) and multiplied by
+// oneDNN's BF16 matmul into y's columns, as the GPU does with its tiles. Returns false where oneDNN
+// has no fast BF16 kernel (the caller then computes all of y another way).
+bool quant_bf16(const float* x, int64_t M, const TensorView& W, float* y) {
+  const int64_t N = W.shape[0], K = W.shape[1];
+  const std::vector<uint16_t> xb = to_bf16(x, M * K);
+  const int64_t panel = std::clamp<int64_t>(((int64_t{4} << 20) / std::max<int64_t>(K, 1)) / 16 * 16, 16, N);
+  std::vector<uint16_t> wb(static_cast<size_t>(panel * K));
+  for (int64_t n0 = 0; n0 < N; n0 += panel) {
+    const int64_t nc = std::min(panel, N - n0);
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, nc, 8), [&](const tbb::blocked_range<int64_t>& r) {
+      thread_local std::vector<float> row;
+      row.resize(static_cast<size_t>(K));
+      for (int64_t n = r.begin(); n < r.end(); ++n) {
+        row_to_f32(W, n0 + n, row.data());
+        for (int64_t k = 0; k < K; ++k) wb[n * K + k] = f32_to_bf16(row[k]);
+      }
+    });
+    if (!onednn_bf16(xb.data(), M, K, wb.data(), nc, y + n0, N)) return false;
   }
   return true;
 }
@@ -165,7 +191,8 @@ void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const Te
   FERRY_CHECK(W.n_dims == 2 && W.is_contiguous());
   if (M <= kGemvMaxRows) gemm_xwt_stream(x, M, W, y);
   else if (!(prec == GemmPrecision::kBf16Inputs && W.dtype == DType::kBF16 &&
-             onednn_bf16(x, M, W.shape[1], static_cast<const uint16_t*>(W.data), W.shape[0], y)))
+             onednn_bf16(to_bf16(x, M * W.shape[1]).data(), M, W.shape[1], static_cast<const uint16_t*>(W.data), W.shape[0], y, W.shape[0])) &&
+           !(prec == GemmPrecision::kBf16Inputs && is_quantized(W.dtype) && quant_bf16(x, M, W, y)))
     gemm_xwt_onednn(x, M, W, y);
   if (!bias.empty()) {
     const int64_t N = W.shape[0];

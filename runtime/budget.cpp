@@ -126,14 +126,14 @@ struct LayerCosts {
   double cpu_shared_ms;   // a CPU layer while copies run: its rate scaled as the CPU's read was beside them
 };
 
-LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch, const HardwareProfile& hw) {
+LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch, const HardwareProfile& hw, DType weights) {
   const double lb = static_cast<double>(layer_bytes), params = static_cast<double>(layer_params(c)), b = static_cast<double>(batch);
   LayerCosts k;
   k.gpu_ms = std::max(lb / (hw.hbm_gbs * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
   // A CPU layer reads its weights no faster than host memory delivers (the floor's rate caps the
   // measured one); beside copies, at the share of it the CPU's read kept then. It also moves its
   // activations down and back, and costs two host-side hand-offs.
-  const double cpu_gbs = std::min(hw.cpu_layer_gbs, hw.host_dram_gbs);
+  const double cpu_gbs = std::min(cpu_layer_rate(hw, weights), hw.host_dram_gbs);
   const double cpu_share = std::clamp((hw.dram_shared_gbs - hw.h2d_shared_gbs) / hw.host_dram_gbs, 0.1, 1.0);
   const double flops_ms = 2 * params * b / (hw.cpu_tflops * 1e12) * 1e3;
   const double handoff_ms = 2.0 * b * static_cast<double>(c.n_embd) * 4 / (hw.h2d_gbs * 1e9) * 1e3 + 0.05;
@@ -165,7 +165,7 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   const int64_t L = c.n_layers;
   p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
   p.globals_bytes = in.globals_bytes > 0 ? in.globals_bytes : 2 * (c.n_vocab * c.n_embd * (c.tie_word_embeddings ? 1 : 2) + c.n_embd);
-  p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch) + (in.quantized ? 2 * quant_tile_elems(c) : 0);
+  p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch) + (is_quantized(in.weights) ? 2 * quant_tile_elems(c) : 0);
   p.reserve_bytes = in.budget_bytes > 0 && !in.emulated ? in.runtime_reserve_bytes : 0;
   if (in.cpu_layers > L)
     return invalid_argument(strprintf("--cpu-layers %lld: the model has %lld layers", (long long)in.cpu_layers, (long long)L));
@@ -198,7 +198,7 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
                                    (long long)forced_cpu, (long long)host_held));
   const int64_t n_disk = R - host_held;
   // CPU-computed layers: the count that minimises the predicted step.
-  const LayerCosts k = layer_costs(c, p.layer_bytes, in.max_batch, in.hw);
+  const LayerCosts k = layer_costs(c, p.layer_bytes, in.max_batch, in.hw, in.weights);
   // The head (final norm and lm_head) runs on the GPU every step, after the layers.
   const double head_ms = std::max(static_cast<double>(head_bytes(c)) / (in.hw.hbm_gbs * 1e9),
                                   2.0 * static_cast<double>(c.n_vocab * c.n_embd * in.max_batch) / (in.hw.gemm_tflops * 1e12)) * 1e3;
@@ -423,15 +423,22 @@ HardwareProfile load_profile() {
   get("dram_shared_gbs", hw.dram_shared_gbs);
   get("h2d_shared_gbs", hw.h2d_shared_gbs);
   get("cpu_layer_gbs", hw.cpu_layer_gbs);
+  get("cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs);
+  get("cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs);
   get("cpu_tflops", hw.cpu_tflops);
   get("disk_gbs", hw.disk_gbs);
   hw.source = path + " (" + j.value("measured", std::string("ferry calibrate")) + ")";
   return hw;
 }
 
+double cpu_layer_rate(const HardwareProfile& hw, DType w) {
+  const double r = w == DType::kNF4 ? hw.cpu_layer_nf4_gbs : w == DType::kQ8 ? hw.cpu_layer_q8_gbs : 0;
+  return r > 0 ? r : hw.cpu_layer_gbs;
+}
+
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
-                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
                       {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);

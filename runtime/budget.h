@@ -50,6 +50,10 @@ struct HardwareProfile {
   double dram_shared_gbs = 114.5;
   double h2d_shared_gbs = 38.3;  // the H2D part of that: copies while every core reads host memory
   double cpu_layer_gbs = 70.2;  // weight bytes per second through ferry's CPU layer at batch 1
+  // The same for NF4 and int8 weights (bytes of the format per second; 0: not measured, the BF16
+  // rate is used). Decoding costs instructions: NF4 ran at 0.5-0.7x the BF16 byte rate (notes/quant.md).
+  double cpu_layer_nf4_gbs = 0;
+  double cpu_layer_q8_gbs = 0;
   double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
   double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
   std::string source = "built-in (ferry calibrate on the H100 host, 2026-11-23; host DRAM 2026-11-24)";
@@ -57,6 +61,8 @@ struct HardwareProfile {
 // Returns the profile cached by `ferry calibrate` (FERRY_PROFILE, else $XDG_CACHE_HOME/ferry/
 // profile.json, else ~/.cache/ferry/profile.json), or the built-in one when there is none.
 HardwareProfile load_profile();
+// Returns the rate (bytes of the format per second) of ferry's CPU layer at batch 1 for weights in `w`.
+double cpu_layer_rate(const HardwareProfile& hw, DType w);
 std::string profile_path();
 Status save_profile(const HardwareProfile& hw, const std::string& path);
 
@@ -74,7 +80,7 @@ struct GpuPlanInput {
   int n_slots = 3;               // staging ring when any layer is streamed
   int64_t layer_bytes = 0;       // one layer on the device (0: BF16, gpu_layer_bytes)
   int64_t globals_bytes = 0;     // the globals on the device (0: BF16)
-  bool quantized = false;        // NF4 / Q8 layers: the workspace holds a dequantisation tile
+  DType weights = DType::kBF16;  // the layers' Linear format: NF4 / Q8 have their CPU rate, and the workspace a dequantisation tile
   HardwareProfile hw;
   // What the CUDA runtime itself takes beyond ferry's allocations once kernels and cuBLAS are loaded
   // (measured on the H100: notes/offload.md), kept free so the driver's count stays under the budget.

@@ -588,10 +588,18 @@ TEST_SUITE("model") {
       std::vector<float> y8(8 * N), x8(8 * K);
       for (size_t i = 0; i < x8.size(); ++i) x8[i] = std::cos(0.05f * static_cast<float>(i));
       cpu::gemm_xwt(x8.data(), 8, W, y8.data());
+      // And at the precision CPU-computed layers run at beside the GPU: BF16 panels of the
+      // dequantised rows through oneDNN's BF16 matmul (where this CPU has one), BF16 inputs.
+      std::vector<float> yb(8 * N);
+      cpu::gemm_xwt(x8.data(), 8, W, yb.data(), {}, cpu::GemmPrecision::kBf16Inputs);
       for (int64_t n = 0; n < N; ++n) {
-        double want = 0;
-        for (int64_t k = 0; k < K; ++k) want += static_cast<double>(wq[n * K + k]) * x8[7 * K + k];
+        double want = 0, mag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          want += static_cast<double>(wq[n * K + k]) * x8[7 * K + k];
+          mag += std::fabs(static_cast<double>(wq[n * K + k]) * x8[7 * K + k]);
+        }
         CHECK(y8[7 * N + n] == doctest::Approx(want).epsilon(1e-4).scale(1.0));
+        CHECK(std::fabs(yb[7 * N + n] - want) <= 1e-2 * mag);  // BF16 rounding of both operands
       }
     }
     std::vector<uint8_t> codes(N * K / 2);

@@ -695,7 +695,11 @@ int cmd_inspect(const ModelFlags& f) {
   std::printf("  final norm  %s\n", format_bytes(norm).c_str());
   std::printf("  per component, all layers:\n");
   for (int t = 0; t < kLayerTensorCount; ++t)
-    if (per_comp[t]) std::printf("    %-10s %s\n", layer_tensor_short_name(static_cast<LayerTensor>(t)), format_bytes(per_comp[t]).c_str());
+    if (per_comp[t]) {
+      const LayerWeights& l0 = ws.layer(0);
+      const char* name = t == kWqkv && is_fused_qkv(l0) ? "wqkv" : t == kWGateUp && is_fused_gate_up(l0) ? "w_gate_up" : layer_tensor_short_name(static_cast<LayerTensor>(t));
+      std::printf("    %-10s %s\n", name, format_bytes(per_comp[t]).c_str());
+    }
   return 0;
 }
 

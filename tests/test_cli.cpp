@@ -157,6 +157,23 @@ TEST_SUITE("cli") {
     CHECK(r.output.find("[cpu") != std::string::npos);
   }
 
+  TEST_CASE("--quant: nf4 runs and logits work on the CLI; a shape the format cannot hold and a bad name are refused") {
+    const std::string gqa = test::shared_dir() + kGqa;
+    test::TempDir tmp;
+    test::CmdResult r = test::run_ferry("logits -m " + gqa + " --quant nf4 --device cpu --ids 1,5,9 --out " + (tmp / "l.st"));
+    CAPTURE(r.output);
+    CHECK(r.exit_code == 0);
+    CHECK(fs::file_size(tmp / "l.st") > 3 * 2048 * 4);
+    test::CmdResult ins = test::run_ferry("inspect -m " + gqa + " --quant nf4");
+    CHECK(ins.exit_code == 0);
+    CHECK(ins.output.find("quantised to nf4") != std::string::npos);
+    expect_error("logits -m " + test::shared_dir() + "/models/stories260K --quant int8 --ids 1,2 --out " + (tmp / "x.st"),
+                 {"model.layers.0.mlp.down_proj.weight", "multiple of 16"});
+    test::CmdResult bad = test::run_ferry("logits -m " + gqa + " --quant nf5 --ids 1");
+    CHECK(bad.exit_code == 2);
+    CHECK(bad.output.find("--quant") != std::string::npos);
+  }
+
   TEST_CASE("missing directory") { expect_error("run -m /nonexistent/llama -p hi", {"/nonexistent/llama"}); }
 
   TEST_CASE("config without required keys") {

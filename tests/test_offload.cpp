@@ -16,6 +16,7 @@
 #include "offload/disk_reader.h"
 #include "offload/emulated_device.h"
 #include "offload/kv_cache.h"
+#include "offload/layer_layout.h"
 #include "offload/packed_store.h"
 #include "offload/staging_ring.h"
 #include "runtime/generate.h"
@@ -641,6 +642,39 @@ TEST_SUITE("offload") {
       for (const char* places : {"DDDD", "RDSD", "DCDS", "CDDR"}) {
         const std::string p = places;
         CAPTURE(p);
+        auto disk = WeightStore::from_packed(cfg, tmp / "store");
+        REQUIRE(disk.ok());
+        auto l = emulated_logits(**disk, places, ids);
+        REQUIRE_MESSAGE(l.ok(), l.status().message());
+        CHECK(*l == ref);
+      }
+    }
+  }
+
+  TEST_CASE("emulated device with --quant nf4 / int8: streamed, disk and CPU-computed quantised layers give the resident quantised logits bit for bit") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto g = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(g.ok());
+    const auto ids = test::read_i32(**g, "seq1.input_ids");
+    for (DType q : {DType::kNF4, DType::kQ8}) {
+      CAPTURE(dtype_name(q));
+      ModelConfig cfg;
+      auto ws = resident(dir, &cfg);
+      REQUIRE(ws->quantize(q).ok());
+      CHECK(cpu::stored_layer_bytes(*ws) < layer_layout(cfg, 0, DType::kBF16).bytes);  // the device holds the quantised blocks
+      const std::vector<float> ref = logits_of(*ws, ids);
+      test::TempDir tmp;
+      REQUIRE(pack_store(*ws, tmp / "store").ok());
+      for (const char* places : {"SSSS", "RSCS", "CCCC"}) {
+        CAPTURE(std::string(places));
+        auto fresh = resident(dir, &cfg);
+        REQUIRE(fresh->quantize(q).ok());
+        auto l = emulated_logits(*fresh, places, ids);
+        REQUIRE_MESSAGE(l.ok(), l.status().message());
+        CHECK(*l == ref);
+      }
+      for (const char* places : {"DDDD", "DCDS"}) {
+        CAPTURE(std::string(places));
         auto disk = WeightStore::from_packed(cfg, tmp / "store");
         REQUIRE(disk.ok());
         auto l = emulated_logits(**disk, places, ids);

@@ -763,7 +763,11 @@ TEST_SUITE("offload") {
     CHECK(j["host_dram_gbs"].get<double>() > 0);
     CHECK(j["dram_shared_gbs"].get<double>() > 0);
     CHECK(j["disk_gbs"].get<double>() > 0);
+    CHECK(j["cpu_layer_nf4_gbs"].get<double>() > 0);
+    CHECK(j["cpu_layer_q8_gbs"].get<double>() > 0);
     test::CmdResult p = test::run_ferry("plan -m synthetic:llama-2-7b --gpu-mem 8G");
+    CAPTURE(p.output);
+    CAPTURE(r.output);
     CHECK(p.output.find(prof) != std::string::npos);  // the profile named as the source of the rates
     ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);
   }

@@ -714,7 +714,9 @@ int cmd_plan(const PlanFlags& f) {
   // The plan `run` would make with the same flags: for the GPU, or with --device cpu (or auto
   // without a GPU) for the emulated device, whose K/V stay in host memory.
   const std::string device = resolve_device(f.m.device);
-  auto model = load_model(f.m.model, f.m.load(false, device));
+  LoadOptions lo = f.m.load(false, device);
+  lo.shapes_only = true;  // a plan reads shapes and formats, never weight bytes
+  auto model = load_model(f.m.model, lo);
   if (!model.ok()) return fail(model.status());
   const ModelConfig& c = model->config;
   auto inp = plan_input(f.m, *model, f.batch);

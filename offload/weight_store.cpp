@@ -273,7 +273,7 @@ Expected<const LayerWeights*> WeightStore::acquire(int64_t il) {
 
 namespace ferry {
 
-Status WeightStore::quantize(DType q) {
+Status WeightStore::quantize(DType q, bool shapes_only) {
   FERRY_CHECK(is_quantized(q));
   const ModelConfig& c = cfg_;
   if (manifest_) {
@@ -301,7 +301,7 @@ Status WeightStore::quantize(DType q) {
   tbb::parallel_for(int64_t{0}, L, [&](int64_t il) {
     const LayerLayout lay = layer_layout(c, il, q);
     const LayerWeights& src = layers_[il];
-    if (src[kWq].data == nullptr) {  // shapes only: the executor generates and quantises
+    if (src[kWq].data == nullptr || shapes_only) {  // shapes only: the executor generates and quantises
       out[il] = lay.views(nullptr, Tier::kHost);
       return;
     }

@@ -42,8 +42,9 @@ class WeightStore {
   // memory, q/k/v and gate/up fused (architecture.h); norms and biases become BF16. The source
   // tensors are released where the store owns them. A shape-only synthetic store only takes the
   // format on (the executor generates and quantises where it keeps the weights). Errors name the
-  // tensor whose shape the format cannot hold.
-  Status quantize(DType q);
+  // tensor whose shape the format cannot hold. `shapes_only`: only the layers' views change (data
+  // null), for planning without converting any weights.
+  Status quantize(DType q, bool shapes_only = false);
 
   const ModelConfig& config() const { return cfg_; }
   // Returns layer `il`'s weights ready to compute with: for disk-tier layers it waits for the read

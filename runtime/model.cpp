@@ -12,8 +12,10 @@ Expected<Model> load_unquantised(const std::string& spec, const LoadOptions& opt
 }  // namespace
 
 Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
-  FERRY_ASSIGN_OR_RETURN(Model m, load_unquantised(spec, opts));
-  if (is_quantized(opts.quant)) FERRY_RETURN_IF_ERROR(m.weights->quantize(opts.quant));
+  LoadOptions o = opts;
+  if (o.shapes_only) o.host_weights = false;
+  FERRY_ASSIGN_OR_RETURN(Model m, load_unquantised(spec, o));
+  if (is_quantized(opts.quant)) FERRY_RETURN_IF_ERROR(m.weights->quantize(opts.quant, opts.shapes_only));
   return m;
 }
 

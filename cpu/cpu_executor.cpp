@@ -38,14 +38,6 @@ Status CpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
 void CpuExecutor::embed(const GlobalWeights& w) { embedding(w[kTokEmbd], batch_->tokens.data(), n_tokens_, x()); }
 
 namespace {
-// y[T, N] (row stride ldy) += bias when present.
-void add_bias(float* y, int64_t T, int64_t N, int64_t ldy, const TensorView& bias) {
-  if (bias.empty()) return;
-  std::vector<float> b(static_cast<size_t>(N));
-  convert_to_f32(bias.data, bias.dtype, b.data(), static_cast<size_t>(N));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t n = 0; n < N; ++n) y[t * ldy + n] += b[n];
-}
 // Columns [c0, c0 + n) of src [T, ld] into dst [T, n].
 void take_cols(const float* src, int64_t T, int64_t ld, int64_t c0, int64_t n, float* dst) {
   for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * n, src + t * ld + c0, static_cast<size_t>(n) * sizeof(float));
@@ -59,14 +51,18 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   rmsnorm(x(), w[kAttnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
   const int64_t Q = cfg_.q_dim(), KV = cfg_.kv_dim(), F = cfg_.n_ff;
   if (is_fused_qkv(w)) {  // one quantised qkv weight (architecture.h): one product, split
+    // A quantised layer is one block in the layer layout, so bq, bk and bv are adjacent too.
+    TensorView bias;
+    if (!w[kBq].empty()) {
+      FERRY_CHECK(w[kBk].data == static_cast<const uint8_t*>(w[kBq].data) + w[kBq].nbytes() &&
+                  w[kBv].data == static_cast<const uint8_t*>(w[kBk].data) + w[kBk].nbytes());
+      bias = TensorView::contiguous(w[kBq].data, w[kBq].dtype, {Q + 2 * KV});
+    }
     fused_.resize(static_cast<size_t>(T * (Q + 2 * KV)));
-    gemm_xwt(xn_.data(), T, w[kWqkv], fused_.data(), {}, precision_);
+    gemm_xwt(xn_.data(), T, w[kWqkv], fused_.data(), bias, precision_);
     take_cols(fused_.data(), T, Q + 2 * KV, 0, Q, q_.data());
     take_cols(fused_.data(), T, Q + 2 * KV, Q, KV, k_.data());
     take_cols(fused_.data(), T, Q + 2 * KV, Q + KV, KV, v_.data());
-    add_bias(q_.data(), T, Q, Q, w[kBq]);
-    add_bias(k_.data(), T, KV, KV, w[kBk]);
-    add_bias(v_.data(), T, KV, KV, w[kBv]);
   } else {
     gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq], precision_);
     gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk], precision_);

@@ -25,7 +25,7 @@ void row_to_f32(const TensorView& W, int64_t n, float* dst) {
     case DType::kF16: f16_to_f32_row(reinterpret_cast<const uint16_t*>(base) + n * K, dst, K); return;
     case DType::kNF4: {
       const QuantLayout l = quant_layout(DType::kNF4, N, K);
-      nf4_to_f32_fast(base + n * K / 2, reinterpret_cast<const float*>(base + l.scales) + n * K / 64, dst, K);
+      nf4_to_f32_row(base + n * K / 2, reinterpret_cast<const float*>(base + l.scales) + n * K / 64, dst, K);
       return;
     }
     case DType::kQ8: {
@@ -128,7 +128,7 @@ void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
     FERRY_CHECK(M <= kGemvMaxRows);
     const uint8_t* base = static_cast<const uint8_t*>(W.data);
     const float* scales = reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales);
-    std::vector<float> split;
+    thread_local std::vector<float> split;  // x's even elements [M, K / 2], then its odd ones
     if (W.dtype == DType::kNF4) {
       split.resize(static_cast<size_t>(M * K));
       for (int64_t m = 0; m < M; ++m)
@@ -144,7 +144,7 @@ void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, qgrain), [&](const tbb::blocked_range<int64_t>& r) {
       float out[kGemvMaxRows];
       for (int64_t n = r.begin(); n < r.end(); ++n) {
-        if (W.dtype == DType::kNF4) nf4_dot_rows(base + n * K / 2, scales + n * K / 64, x, xe, xo, K, K, M, out);
+        if (W.dtype == DType::kNF4) nf4_dot_rows(base + n * K / 2, scales + n * K / 64, xe, xo, K / 2, K, M, out);
         else q8_dot_rows(reinterpret_cast<const int8_t*>(base) + n * K, scales[n], x, K, K, M, out);
         for (int64_t m = 0; m < M; ++m) y[m * N + n] = out[m];
       }
@@ -189,13 +189,15 @@ void gemm_xwt_onednn(const float* x, int64_t M, const TensorView& W, float* y) {
 
 void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const TensorView& bias, GemmPrecision prec) {
   FERRY_CHECK(W.n_dims == 2 && W.is_contiguous());
+  const int64_t N = W.shape[0], K = W.shape[1];
+  // Many rows at BF16 precision: oneDNN's BF16 matmul over W in place (BF16) or over BF16 panels of
+  // it (quantised), where oneDNN has a fast kernel; else the float32 path.
+  const bool bf16_path = prec == GemmPrecision::kBf16Inputs && (W.dtype == DType::kBF16 || is_quantized(W.dtype));
   if (M <= kGemvMaxRows) gemm_xwt_stream(x, M, W, y);
-  else if (!(prec == GemmPrecision::kBf16Inputs && W.dtype == DType::kBF16 &&
-             onednn_bf16(to_bf16(x, M * W.shape[1]).data(), M, W.shape[1], static_cast<const uint16_t*>(W.data), W.shape[0], y, W.shape[0])) &&
-           !(prec == GemmPrecision::kBf16Inputs && is_quantized(W.dtype) && quant_bf16(x, M, W, y)))
+  else if (!bf16_path || !(W.dtype == DType::kBF16 ? onednn_bf16(to_bf16(x, M * K).data(), M, K, static_cast<const uint16_t*>(W.data), N, y, N)
+                                                     : quant_bf16(x, M, W, y)))
     gemm_xwt_onednn(x, M, W, y);
   if (!bias.empty()) {
-    const int64_t N = W.shape[0];
     thread_local std::vector<float> b;
     b.resize(N);
     convert_to_f32(bias.data, bias.dtype, b.data(), N);

@@ -3,6 +3,10 @@
 #include <cstring>
 
 #if defined(__x86_64__)
+// GCC 12 warns inside its own AVX-512 headers (their _mm512_undefined_* placeholders) once the
+// intrinsics are inlined into target("avx512f") functions: a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #endif
 
@@ -29,19 +33,6 @@ FERRY_CLONES void bf16_to_f32_row(const uint16_t* src, float* dst, int64_t n) {
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(src[i]) << 16;
-}
-
-FERRY_CLONES void nf4_to_f32_row(const uint8_t* codes, const float* absmax, float* dst, int64_t n) {
-  for (int64_t b = 0; b < n / 64; ++b) {
-    const float a = absmax[b];
-    const uint8_t* c = codes + b * 32;
-    float* d = dst + b * 64;
-#pragma omp simd
-    for (int i = 0; i < 32; ++i) {
-      d[2 * i] = kNf4Codes[c[i] >> 4] * a;
-      d[2 * i + 1] = kNf4Codes[c[i] & 0x0f] * a;
-    }
-  }
 }
 
 FERRY_CLONES void q8_to_f32_row(const int8_t* q, float scale, float* dst, int64_t n) {
@@ -84,21 +75,16 @@ bool have_avx512() {
 #endif
 }
 
-// Portable versions: the reference the AVX-512 ones are tested against.
-template <int M>
-void nf4_dot_ref(const uint8_t* codes, const float* absmax, const float* x, int64_t ldx, int64_t K, float* out) {
-  for (int m = 0; m < M; ++m) {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < K / 64; ++b) {
-      float part = 0.0f;
-      for (int j = 0; j < 32; ++j) {
-        const uint8_t c = codes[b * 32 + j];
-        part += kNf4Codes[c >> 4] * x[m * ldx + b * 64 + 2 * j] + kNf4Codes[c & 0x0f] * x[m * ldx + b * 64 + 2 * j + 1];
-      }
-      acc += part * absmax[b];
-    }
-    out[m] = acc;
+// The portable NF4 dot (where AVX-512 is missing): out = sum_j code_hi(j) xe[j] + code_lo(j) xo[j],
+// each block of 32 bytes scaled by its absmax.
+float nf4_dot_portable(const uint8_t* codes, const float* absmax, const float* xe, const float* xo, int64_t K) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 64; ++b) {
+    float part = 0.0f;
+    for (int64_t j = b * 32; j < b * 32 + 32; ++j) part += kNf4Codes[codes[j] >> 4] * xe[j] + kNf4Codes[codes[j] & 0x0f] * xo[j];
+    acc += part * absmax[b];
   }
+  return acc;
 }
 
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
@@ -169,28 +155,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void q8_dot_avx512(const in
 
 }  // namespace
 
-void nf4_to_f32_fast(const uint8_t* codes, const float* absmax, float* dst, int64_t n) {
+void nf4_to_f32_row(const uint8_t* codes, const float* absmax, float* dst, int64_t n) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
   if (have_avx512()) return nf4_row_avx512(codes, absmax, dst, n);
 #endif
-  nf4_to_f32_row(codes, absmax, dst, n);
+  dequantize_nf4(codes, absmax, n, dst);
 }
 
-void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* x, const float* xe, const float* xo, int64_t ldx, int64_t K, int64_t M,
-                  float* out) {
+void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xe, const float* xo, int64_t ldh, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
   if (have_avx512()) {
     switch (M) {
-      case 1: return nf4_dot_avx512<1>(codes, absmax, xe, xo, ldx / 2, K, out);
-      case 2: return nf4_dot_avx512<2>(codes, absmax, xe, xo, ldx / 2, K, out);
-      case 3: return nf4_dot_avx512<3>(codes, absmax, xe, xo, ldx / 2, K, out);
+      case 1: return nf4_dot_avx512<1>(codes, absmax, xe, xo, ldh, K, out);
+      case 2: return nf4_dot_avx512<2>(codes, absmax, xe, xo, ldh, K, out);
+      case 3: return nf4_dot_avx512<3>(codes, absmax, xe, xo, ldh, K, out);
       default: break;
     }
   }
 #endif
-  (void)xe;
-  (void)xo;
-  for (int64_t m = 0; m < M; ++m) nf4_dot_ref<1>(codes, absmax, x + m * ldx, ldx, K, out + m);
+  for (int64_t m = 0; m < M; ++m) out[m] = nf4_dot_portable(codes, absmax, xe + m * ldh, xo + m * ldh, K);
 }
 
 void q8_dot_rows(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K, int64_t M, float* out) {

@@ -13,18 +13,15 @@ float dot_f32(const float* a, const float* b, int64_t n);
 void bf16_to_f32_row(const uint16_t* src, float* dst, int64_t n);
 void f16_to_f32_row(const uint16_t* src, float* dst, int64_t n);
 // NF4 (models/weight_format.h) to float: n elements (a multiple of 64) from n / 2 code bytes and
-// n / 64 block absmax values; the code table lookup is a 16-entry permute under AVX-512.
+// n / 64 block absmax values; under AVX-512 a 16-entry permute of the code table per 16 codes, else
+// the codec's dequantize_nf4.
 void nf4_to_f32_row(const uint8_t* codes, const float* absmax, float* dst, int64_t n);
 // dst[i] = float(q[i]) * scale.
 void q8_to_f32_row(const int8_t* q, float scale, float* dst, int64_t n);
-// nf4_to_f32_row through AVX-512 where the CPU has it (a 16-entry permute per 16 codes).
-void nf4_to_f32_fast(const uint8_t* codes, const float* absmax, float* dst, int64_t n);
-// The dot of one NF4 weight row (K a multiple of 64) with each of M <= 3 rows of x [M, ldx]: out[m].
-// xe / xo hold x's even / odd elements ([M, ldx / 2], deinterleaved once per product), which the
-// AVX-512 kernel reads; the portable one reads x.
-void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* x, const float* xe, const float* xo, int64_t ldx, int64_t K, int64_t M,
-                  float* out);
-// The same for one Q8 row: out[m] = scale * sum_k q[k] x[m, k].
+// The dot of one NF4 weight row (K a multiple of 64) with each of M <= 3 rows of x, given as x's
+// even and odd elements (xe, xo: [M, ldh], deinterleaved once per product): out[m].
+void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xe, const float* xo, int64_t ldh, int64_t K, int64_t M, float* out);
+// The same for one Q8 row against x [M, ldx]: out[m] = scale * sum_k q[k] x[m, k].
 void q8_dot_rows(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K, int64_t M, float* out);
 // y[i] += a * x[i]
 void axpy_f32(float a, const float* x, float* y, int64_t n);

@@ -138,14 +138,8 @@ void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, i
   const QuantLayout l = quant_layout(t, rows, cols);
   const float* scales = reinterpret_cast<const float*>(blob + l.scales);
   if (t == DType::kNF4) {
-    FERRY_CHECK(cols % 2 == 0);
-    const int64_t e0 = r0 * cols, n = (r1 - r0) * cols;
-    for (int64_t i = 0; i < n; i += 2) {
-      const uint8_t b = blob[(e0 + i) / 2];
-      const float a = scales[(e0 + i) / 64];
-      y[i] = kNf4Codes[b >> 4] * a;
-      y[i + 1] = kNf4Codes[b & 0x0f] * scales[(e0 + i + 1) / 64];
-    }
+    FERRY_CHECK(cols % 64 == 0);  // rows start on a block
+    dequantize_nf4(blob + r0 * cols / 2, scales + r0 * cols / 64, (r1 - r0) * cols, y);
   } else {
     FERRY_CHECK(t == DType::kQ8);
     const int8_t* q = reinterpret_cast<const int8_t*>(blob);

@@ -1,31 +1,123 @@
-// bench_cpu_gemm: times the CPU matrix product y = x W^T for BF16 weights of Llama shapes, both
-// paths at every row count (gemm_xwt uses the one marked), and prints achieved weight
-// bandwidth and FLOP rate next to the machine's floor. Usage: bench_cpu_gemm [M ...]
+// bench_cpu_gemm: times the CPU matrix product y = x W^T for weights of Llama shapes and prints the
+// achieved weight bandwidth and FLOP rate.
+//
+//   bench_cpu_gemm [M ...]                      BF16 weights, both paths at every row count (gemm_xwt
+//                                               uses the one marked)
+//   bench_cpu_gemm --layer [--weights bf16|nf4|int8] [--hot] [--beside-copies]
+//                                               a CPU-computed layer's decode products (M = 1) over
+//                                               weights larger than the caches: the rate ferry's
+//                                               CPU layers read their weights at. --hot: the same
+//                                               product on one thread over weights that stay in L2
+//                                               (the kernel's compute ceiling per core); --beside-copies: while the copy
+//                                               engine pulls pinned memory to the GPU, as streamed
+//                                               layers do (needs a GPU).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
+
+#include <optional>
+
+#include <tbb/blocked_range.h>
+#include <tbb/global_control.h>
+#include <tbb/parallel_for.h>
 
 #include "cpu/gemm.h"
 #include "cpu/simd.h"
+#include "gpu/device.h"
 #include "models/synthetic.h"
+#include "models/weight_format.h"
 #include "runtime/host_buffer.h"
 
 using namespace ferry;
 
-int main(int argc, char** argv) {
-  std::vector<int64_t> ms = {1, 2, 4, 8, 16, 64};
-  if (argc > 1) {
-    ms.clear();
-    for (int i = 1; i < argc; ++i) ms.push_back(std::atoll(argv[i]));
+namespace {
+
+template <typename F>
+double median_ms(int reps, F&& f) {
+  f();  // warm-up
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// One matrix of the given format filled with synthetic BF16 values (quantised from them).
+HostBuffer make_weights(DType t, int64_t N, int64_t K, const std::string& name) {
+  HostBuffer bf(static_cast<size_t>(N * K) * 2);
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, N * K, 1 << 20), [&](const auto& r) {
+    synthetic_fill_bf16(name, K, false, r.begin(), r.end() - r.begin(), bf.as<uint16_t>() + r.begin());
+  });
+  if (t == DType::kBF16) return bf;
+  HostBuffer q(static_cast<size_t>(quant_layout(t, N, K).bytes));
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, 64), [&](const auto& r) {
+    std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * K));
+    convert_to_f32(bf.as<uint16_t>() + r.begin() * K, DType::kBF16, rows.data(), rows.size());
+    quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), q.as<uint8_t>());
+  });
+  return q;
+}
+
+int layer_bench(DType t, bool hot, bool beside) {
+  // Llama-3-70B's decode products (qkv, o, gate+up, down), or in --hot mode one matrix of 256 rows
+  // of 4096 (at most 2 MiB) on one thread (the kernel's compute ceiling per core).
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  const std::vector<Shape> shapes = hot ? std::vector<Shape>{{"hot", 256, 4096}}
+                                        : std::vector<Shape>{{"qkv", 10240, 8192}, {"o", 8192, 8192}, {"gate_up", 57344, 8192}, {"down", 8192, 28672}};
+  std::vector<HostBuffer> w;
+  std::vector<TensorView> views;
+  int64_t bytes = 0, params = 0;
+  for (const auto& s : shapes) {
+    const int64_t n = s.n;
+    w.push_back(make_weights(t, n, s.k, s.name));
+    views.push_back(TensorView::contiguous(w.back().data(), t, {n, s.k}));
+    const int64_t dims[2] = {n, s.k};
+    bytes += tensor_bytes(t, dims, 2);
+    params += n * s.k;
+  }
+  std::vector<float> x(28672), y(57344);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
+  const int reps = hot ? 1000 : 1;
+  std::optional<tbb::global_control> one_thread;
+  if (hot) one_thread.emplace(tbb::global_control::max_allowed_parallelism, 1);
+  auto run = [&] {
+    for (int r = 0; r < reps; ++r)
+      for (auto& v : views) cpu::gemm_xwt(x.data(), 1, v, y.data(), {}, cpu::GemmPrecision::kBf16Inputs);
+  };
+  const double ms = median_ms(hot ? 5 : 9, run) / reps;
+  std::printf("| %s | %s | %s | %.3f | %.1f | %.1f |", std::string(dtype_name(t)).c_str(), hot ? "hot (L2)" : "cold", beside ? "copies beside" : "alone", ms,
+              static_cast<double>(bytes) / (ms * 1e6), 2.0 * static_cast<double>(params) / (ms * 1e6));
+  if (beside) {
+    const gpu::SharedCopyRate r = gpu::h2d_during([&] {
+      for (int i = 0; i < 8; ++i) run();
+    });
+    if (!r.error.empty()) {
+      std::printf(" (no copies: %s)\n", r.error.c_str());
+      return 1;
+    }
+    const double ms_b = r.host_seconds * 1e3 / (8 * reps);
+    std::printf(" beside: %.3f ms, %.1f GB/s, H2D %.1f GB/s |", ms_b, static_cast<double>(bytes) / (ms_b * 1e6), r.h2d_gbs);
+  }
+  std::printf("\n");
+  return 0;
+}
+
+int row_count_bench(const std::vector<int64_t>& ms) {
   struct Shape {
     const char* name;
     int64_t n, k;
   };
   const Shape shapes[] = {{"qkv-ish 4096x4096", 4096, 4096}, {"ffn up 11008x4096", 11008, 4096}, {"ffn down 4096x11008", 4096, 11008}};
-  std::printf("simd: %s\n", cpu::simd_level());
   std::printf("| shape | M | path | ms | weight GB/s | GFLOP/s |\n|---|---|---|---|---|---|\n");
   for (const auto& s : shapes) {
     HostBuffer w(static_cast<size_t>(s.n * s.k) * 2);
@@ -35,19 +127,10 @@ int main(int argc, char** argv) {
       std::vector<float> x(m * s.k, 0.01f), y(m * s.n);
       for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
       for (int onednn = 0; onednn < 2; ++onednn) {
-        auto run = [&] {
+        const double ms_med = median_ms(5, [&] {
           if (onednn) cpu::gemm_xwt_onednn(x.data(), m, W, y.data());
           else cpu::gemm_xwt_stream(x.data(), m, W, y.data());
-        };
-        run();  // warm-up
-        std::vector<double> t;
-        for (int r = 0; r < 5; ++r) {
-          auto t0 = std::chrono::steady_clock::now();
-          run();
-          t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-        }
-        std::sort(t.begin(), t.end());
-        const double ms_med = t[t.size() / 2];
+        });
         const double gbs = static_cast<double>(w.size()) / (ms_med * 1e6);
         const double gflops = 2.0 * m * s.n * s.k / (ms_med * 1e6);
         std::printf("| %s | %lld | %s%s | %.3f | %.1f | %.1f |\n", s.name, static_cast<long long>(m), onednn ? "onednn" : "stream",
@@ -56,4 +139,39 @@ int main(int argc, char** argv) {
     }
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int64_t> ms;
+  bool layer = false, hot = false, beside = false;
+  DType t = DType::kBF16;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--layer") layer = true;
+    else if (a == "--hot") hot = true;
+    else if (a == "--beside-copies") beside = true;
+    else if (a == "--weights" && i + 1 < argc) {
+      const std::string v = argv[++i];
+      if (v == "bf16") t = DType::kBF16;
+      else if (v == "nf4") t = DType::kNF4;
+      else if (v == "int8") t = DType::kQ8;
+      else {
+        std::fprintf(stderr, "bench_cpu_gemm: --weights %s: expected bf16, nf4 or int8\n", v.c_str());
+        return 2;
+      }
+    } else if (!a.empty() && a[0] != '-') ms.push_back(std::atoll(a.c_str()));
+    else {
+      std::fprintf(stderr, "bench_cpu_gemm: unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  std::printf("simd: %s\n", cpu::simd_level());
+  if (layer) {
+    std::printf("| weights | data | copies | ms per layer | weight GB/s | GFLOP/s |\n|---|---|---|---|---|---|\n");
+    return layer_bench(t, hot, beside);
+  }
+  if (ms.empty()) ms = {1, 2, 4, 8, 16, 64};
+  return row_count_bench(ms);
 }

@@ -121,36 +121,36 @@ bool quant_bf16(const float* x, int64_t M, const TensorView& W, float* y) {
 
 void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
   const int64_t N = W.shape[0], K = W.shape[1];
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-  if (is_quantized(W.dtype)) {
-    // Each weight row is decoded in registers and dotted with every x row (no float copy of it):
-    // NF4 against x's even and odd elements, split once here.
+  if (is_quantized(W.dtype) || (W.dtype == DType::kBF16 && M <= kGemvMaxRows)) {
+    // Each weight row is decoded in registers and dotted with every x row (no float copy of it),
+    // NF4 and BF16 against x split once here into the phases their decoded vectors hold.
     FERRY_CHECK(M <= kGemvMaxRows);
     const uint8_t* base = static_cast<const uint8_t*>(W.data);
-    const float* scales = reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales);
-    thread_local std::vector<float> split;  // x's even elements [M, K / 2], then its odd ones
-    if (W.dtype == DType::kNF4) {
+    const float* scales = is_quantized(W.dtype) ? reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales) : nullptr;
+    thread_local std::vector<float> split;
+    const float* xs = x;
+    if (W.dtype != DType::kQ8) {
       split.resize(static_cast<size_t>(M * K));
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < K / 2; ++j) {
-          split[m * K / 2 + j] = x[m * K + 2 * j];
-          split[M * K / 2 + m * K / 2 + j] = x[m * K + 2 * j + 1];
-        }
+      split_for_rows(W.dtype, x, M, K, split.data());
+      xs = split.data();
     }
-    const float* xe = split.data();
-    const float* xo = split.data() + M * K / 2;
-    // About 32 KiB of weights a task (a 4 KiB NF4 row of Llama-3-70B is 2 rows of BF16 grain).
-    const int64_t qgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, W.dtype == DType::kNF4 ? K / 2 : K));
+    // About 32 KiB of weights a task.
+    const int64_t row_bytes = W.dtype == DType::kNF4 ? K / 2 : W.dtype == DType::kQ8 ? K : 2 * K;
+    const int64_t qgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, qgrain), [&](const tbb::blocked_range<int64_t>& r) {
       float out[kGemvMaxRows];
       for (int64_t n = r.begin(); n < r.end(); ++n) {
-        if (W.dtype == DType::kNF4) nf4_dot_rows(base + n * K / 2, scales + n * K / 64, xe, xo, K / 2, K, M, out);
-        else q8_dot_rows(reinterpret_cast<const int8_t*>(base) + n * K, scales[n], x, K, K, M, out);
+        switch (W.dtype) {
+          case DType::kNF4: nf4_dot_rows(base + n * K / 2, scales + n * K / 64, xs, K, K, M, out); break;
+          case DType::kQ8: q8_dot_rows(reinterpret_cast<const int8_t*>(base) + n * K, scales[n], xs, K, K, M, out); break;
+          default: bf16_dot_rows(reinterpret_cast<const uint16_t*>(base) + n * K, xs, K, K, M, out); break;
+        }
         for (int64_t m = 0; m < M; ++m) y[m * N + n] = out[m];
       }
     });
     return;
   }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, grain), [&](const tbb::blocked_range<int64_t>& r) {
     thread_local std::vector<float> row;
     if (static_cast<int64_t>(row.size()) < K) row.resize(K);

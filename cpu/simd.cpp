@@ -1,5 +1,7 @@
 #include "cpu/simd.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -75,16 +77,59 @@ bool have_avx512() {
 #endif
 }
 
-// The portable NF4 dot (where AVX-512 is missing): out = sum_j code_hi(j) xe[j] + code_lo(j) xo[j],
-// each block of 32 bytes scaled by its absmax.
-float nf4_dot_portable(const uint8_t* codes, const float* absmax, const float* xe, const float* xo, int64_t K) {
+// x's elements in the order the row kernels read them: each group of G elements becomes its P phases
+// one after another (phase r: elements r, r + P, r + 2P, ...); a shorter last group the same with
+// G = its length where that is `tail` (NF4's last block of 64), else as it is.
+void split_phases_row(const float* x, int64_t K, int64_t G, int64_t P, int64_t tail, float* xs) {
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const int64_t n = std::min(G, K - g0);
+    if (n != G && n != tail) {
+      std::memcpy(xs + g0, x + g0, static_cast<size_t>(n) * sizeof(float));
+      break;
+    }
+    const int64_t per = n / P;
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t i = 0; i < per; ++i) xs[g0 + r * per + i] = x[g0 + P * i + r];
+  }
+}
+
+// x's element e within a group of n (n % P == 0) split as above.
+inline int64_t phase_pos(int64_t e, int64_t n, int64_t P) { return (e % P) * (n / P) + e / P; }
+
+float nf4_dot_portable(const uint8_t* codes, const float* absmax, const float* xs, int64_t K) {
   float acc = 0.0f;
   for (int64_t b = 0; b < K / 64; ++b) {
+    const int64_t g0 = b / 2 * kNf4Group, n = std::min<int64_t>(kNf4Group, K - g0);
     float part = 0.0f;
-    for (int64_t j = b * 32; j < b * 32 + 32; ++j) part += kNf4Codes[codes[j] >> 4] * xe[j] + kNf4Codes[codes[j] & 0x0f] * xo[j];
+    for (int64_t e = b * 64; e < b * 64 + 64; ++e) {
+      const uint8_t c = codes[e / 2];
+      part += kNf4Codes[e % 2 == 0 ? c >> 4 : c & 0x0f] * xs[g0 + phase_pos(e - g0, n, kNf4Phases)];
+    }
     acc += part * absmax[b];
   }
   return acc;
+}
+
+float bf16_dot_portable(const uint16_t* w, const float* xs, int64_t K) {
+  float acc = 0.0f;
+  for (int64_t g0 = 0; g0 < K; g0 += kBf16Group) {
+    const int64_t n = std::min<int64_t>(kBf16Group, K - g0);
+    for (int64_t e = 0; e < n; ++e) acc += bf16_to_f32(w[g0 + e]) * xs[g0 + (n == kBf16Group ? phase_pos(e, n, 2) : e)];
+  }
+  return acc;
+}
+
+// Software prefetch distance of the row kernels, in bytes ahead of the weight read (0: none). The
+// weights stream from host DRAM once per step and the hardware's streamer stops at each 4 KiB page;
+// on the H200 host's 16-core Xeon, beside the copy engine's reads, NF4 rows read at 76.5 GB/s
+// without it, 90.4 at 1 KiB and 99-103 at 4 KiB (8 and 16 KiB: no better; notes/cpu.md).
+// FERRY_CPU_PREFETCH overrides it.
+int64_t prefetch_bytes() {
+  static const int64_t d = [] {
+    const char* e = std::getenv("FERRY_CPU_PREFETCH");
+    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t{4096};
+  }();
+  return d;
 }
 
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
@@ -96,30 +141,97 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void nf4_decode16(co
   odd = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)), table);
 }
 
-// out[m] = sum_k W[k] x[m, k] for one NF4 row; xe / xo: x's even / odd elements (x deinterleaved once
-// for all rows of the weight), [M, ldx].
+template <bool kHalf>
+__attribute__((target("avx512f"))) inline __m512 load_x(const float* p) {
+  return kHalf ? _mm512_maskz_loadu_ps(0x00ff, p) : _mm512_loadu_ps(p);
+}
+
+// One 64-byte group of codes (v; lanes 0-7 only, a block of 64, for kHalf) against x's phases at
+// x + m * ldx + r * per, scaled by s, into acc.
+template <int M, bool kHalf>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void nf4_group(__m512 table, __m512i v, __m512 s, const float* xs, int64_t ldx,
+                                                                           __m512* acc) {
+  constexpr int64_t per = (kHalf ? 64 : kNf4Group) / kNf4Phases;
+  __m512 w[8];
+  w[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+  w[1] = _mm512_permutexvar_ps(v, table);
+  w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), table);
+  w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table);
+  w[4] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), table);
+  w[5] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table);
+  w[6] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), table);
+  w[7] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table);
+  for (int m = 0; m < M; ++m) {
+    const float* x = xs + m * ldx;
+    __m512 p0 = _mm512_mul_ps(w[0], load_x<kHalf>(x));
+    __m512 p1 = _mm512_mul_ps(w[1], load_x<kHalf>(x + per));
+    for (int r = 2; r < 8; r += 2) {
+      p0 = _mm512_fmadd_ps(w[r], load_x<kHalf>(x + r * per), p0);
+      p1 = _mm512_fmadd_ps(w[r + 1], load_x<kHalf>(x + (r + 1) * per), p1);
+    }
+    acc[m] = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), s, acc[m]);
+  }
+}
+
+// out[m] = sum_k W[k] x[m, k] for one NF4 row against x split in groups of 128 (kNf4Phases phases).
+// 64 code bytes at a time: their 16 dwords hold 8 nibbles each, and vpermps looks up the low 4 bits of
+// each lane, so 8 shifts and 8 permutes give the 8 phases without widening a byte: lane i, phase r is
+// element 8i + r (byte r / 2 of the dword, its high nibble for even r). Lanes 0-7 are one block of 64,
+// lanes 8-15 the next, each scaled by its absmax. A last half group (K % 128 == 64) runs with lanes
+// 8-15 masked off.
 template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_dot_avx512(const uint8_t* codes, const float* absmax, const float* xe, const float* xo,
-                                                                         int64_t ldx, int64_t K, float* out) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_dot_avx512(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx,
+                                                                         int64_t K, float* out) {
   const __m512 table = _mm512_loadu_ps(kNf4Codes);
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const int64_t pf = prefetch_bytes();
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / 64; ++b) {
-    __m512 part[M];
-    for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
-    for (int h = 0; h < 2; ++h) {
-      __m512 even, odd;
-      nf4_decode16(codes + b * 32 + h * 16, table, even, odd);
-      const int64_t j = b * 32 + h * 16;
-      for (int m = 0; m < M; ++m) {
-        part[m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xe + m * ldx + j), part[m]);
-        part[m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xo + m * ldx + j), part[m]);
-      }
+  const int64_t full = K / kNf4Group;
+  for (int64_t g = 0; g < full; ++g) {
+    if (pf > 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(codes + g * 64 + pf), _MM_HINT_T0);
+      if ((g & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(absmax + 2 * g + pf / 32), _MM_HINT_T0);
     }
-    const __m512 a = _mm512_set1_ps(absmax[b]);
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(part[m], a, acc[m]);
+    const __m512i v = _mm512_loadu_si512(codes + g * 64);
+    double a2;
+    std::memcpy(&a2, absmax + 2 * g, sizeof a2);
+    const __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(a2))));
+    nf4_group<M, false>(table, v, s, xs + g * kNf4Group, ldx, acc);
+  }
+  if (K % kNf4Group != 0) {  // one block of 64 left
+    const __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + full * 64)));
+    nf4_group<M, true>(table, v, _mm512_set1_ps(absmax[2 * full]), xs + full * kNf4Group, ldx, acc);
   }
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// out[m] = sum_k W[k] x[m, k] for one BF16 row against x split in groups of 32 (even then odd
+// elements): a 64-byte load holds 32 weights, the even ones in each dword's low half (shifted up 16
+// bits: the float) and the odd ones in its high half (masked: the float).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void bf16_dot_avx512(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, float* out) {
+  const int64_t pf = prefetch_bytes();
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const int64_t full = K / kBf16Group;
+  for (int64_t g = 0; g < full; ++g) {
+    if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(w + g * kBf16Group) + pf, _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(w + g * kBf16Group);
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    for (int m = 0; m < M; ++m) {
+      const float* x = xs + m * ldx + g * kBf16Group;
+      acc[m][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + 16), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    float t = 0.0f;
+    for (int64_t k = full * kBf16Group; k < K; ++k) t += bf16_to_f32(w[k]) * xs[m * ldx + k];
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + t;
+  }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_row_avx512(const uint8_t* codes, const float* absmax, float* dst, int64_t n) {
@@ -140,16 +252,28 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_row_avx512(const u
   }
 }
 
+// Four accumulators a row: one FMA chain held the int8 product to a quarter of the FMA rate.
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void q8_dot_avx512(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K,
                                                                         float* out) {
-  __m512 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * ldx + k), acc[m]);
+  const int64_t pf = prefetch_bytes();
+  __m512 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(q + k + pf), _MM_HINT_T0);
+    for (int u = 0; u < 4; ++u) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16 * u))));
+      for (int m = 0; m < M; ++m) acc[m][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * ldx + k + 16 * u), acc[m][u]);
+    }
   }
-  for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]) * scale;
+  for (; k < K; k += 16) {
+    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+    for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+  }
+  for (int m = 0; m < M; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]))) * scale;
 }
 #endif
 
@@ -162,18 +286,40 @@ void nf4_to_f32_row(const uint8_t* codes, const float* absmax, float* dst, int64
   dequantize_nf4(codes, absmax, n, dst);
 }
 
-void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xe, const float* xo, int64_t ldh, int64_t K, int64_t M, float* out) {
+void split_for_rows(DType w, const float* x, int64_t M, int64_t K, float* xs) {
+  FERRY_CHECK(w == DType::kNF4 || w == DType::kBF16);
+  for (int64_t m = 0; m < M; ++m) {
+    if (w == DType::kNF4) split_phases_row(x + m * K, K, kNf4Group, kNf4Phases, 64, xs + m * K);
+    else split_phases_row(x + m * K, K, kBf16Group, kBf16Phases, 0, xs + m * K);
+  }
+}
+
+void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
   if (have_avx512()) {
     switch (M) {
-      case 1: return nf4_dot_avx512<1>(codes, absmax, xe, xo, ldh, K, out);
-      case 2: return nf4_dot_avx512<2>(codes, absmax, xe, xo, ldh, K, out);
-      case 3: return nf4_dot_avx512<3>(codes, absmax, xe, xo, ldh, K, out);
+      case 1: return nf4_dot_avx512<1>(codes, absmax, xs, ldx, K, out);
+      case 2: return nf4_dot_avx512<2>(codes, absmax, xs, ldx, K, out);
+      case 3: return nf4_dot_avx512<3>(codes, absmax, xs, ldx, K, out);
       default: break;
     }
   }
 #endif
-  for (int64_t m = 0; m < M; ++m) out[m] = nf4_dot_portable(codes, absmax, xe + m * ldh, xo + m * ldh, K);
+  for (int64_t m = 0; m < M; ++m) out[m] = nf4_dot_portable(codes, absmax, xs + m * ldx, K);
+}
+
+void bf16_dot_rows(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out) {
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+  if (have_avx512()) {
+    switch (M) {
+      case 1: return bf16_dot_avx512<1>(w, xs, ldx, K, out);
+      case 2: return bf16_dot_avx512<2>(w, xs, ldx, K, out);
+      case 3: return bf16_dot_avx512<3>(w, xs, ldx, K, out);
+      default: break;
+    }
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m) out[m] = bf16_dot_portable(w, xs + m * ldx, K);
 }
 
 void q8_dot_rows(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K, int64_t M, float* out) {

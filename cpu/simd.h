@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "runtime/tensor.h"
+
 namespace ferry::cpu {
 
 // Returns sum(a[i] * b[i]) accumulated in float32.
@@ -18,9 +20,18 @@ void f16_to_f32_row(const uint16_t* src, float* dst, int64_t n);
 void nf4_to_f32_row(const uint8_t* codes, const float* absmax, float* dst, int64_t n);
 // dst[i] = float(q[i]) * scale.
 void q8_to_f32_row(const int8_t* q, float scale, float* dst, int64_t n);
-// The dot of one NF4 weight row (K a multiple of 64) with each of M <= 3 rows of x, given as x's
-// even and odd elements (xe, xo: [M, ldh], deinterleaved once per product): out[m].
-void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xe, const float* xo, int64_t ldh, int64_t K, int64_t M, float* out);
+// The decode row kernels read x split into phases: within each group of kNf4Group / kBf16Group
+// elements, phase r (elements r, r + P, r + 2P, ...) after phase r - 1, so a weight vector decoded in
+// one piece meets its x elements in one load each. A shorter last group is split the same way for NF4
+// (a block of 64), and left as it is for BF16. xs: [M, K] like x.
+void split_for_rows(DType w, const float* x, int64_t M, int64_t K, float* xs);
+inline constexpr int64_t kNf4Group = 128, kNf4Phases = 8;  // 64 code bytes, 8 nibbles a dword
+inline constexpr int64_t kBf16Group = 32, kBf16Phases = 2;  // 64 bytes, 2 weights a dword
+// The dot of one NF4 weight row (K a multiple of 64) with each of M <= 3 rows of x, split in
+// kNf4Group / kNf4Phases (xs: [M, ldx]): out[m].
+void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);
+// The same for one BF16 row (any K) against x split in kBf16Group / kBf16Phases.
+void bf16_dot_rows(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);
 // The same for one Q8 row against x [M, ldx]: out[m] = scale * sum_k q[k] x[m, k].
 void q8_dot_rows(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K, int64_t M, float* out);
 // y[i] += a * x[i]

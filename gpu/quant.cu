@@ -78,6 +78,59 @@ __global__ void dequant_kernel(int fmt, const uint8_t* __restrict__ blob, const 
   }
 }
 
+// The same, 16 elements a thread with vector loads and stores: NF4 from 8 code bytes under one block
+// scale (16 divides 64), int8 from 16 bytes under the row's scale (16 divides cols). The code table is
+// in shared memory: from constant memory a warp's 16 different codes were read one after another,
+// and the one-element kernel held a 70B layer's dequantisation at 16 rows to 5.8 ms a layer.
+__device__ __forceinline__ uint32_t pack_bf16x2(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__global__ void dequant16_kernel(int fmt, const uint8_t* __restrict__ blob, const float* __restrict__ scales, int64_t cols, int64_t e0,
+                                 int64_t n16, bf16* __restrict__ y, bf16* __restrict__ y_lo) {
+  __shared__ float tab[16];
+  if (threadIdx.x < 16) tab[threadIdx.x] = c_codes[threadIdx.x];
+  __syncthreads();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n16; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = e0 + 16 * i;
+    float v[16];
+    if (fmt == 0) {
+      const uint2 c = __ldg(reinterpret_cast<const uint2*>(blob + e / 2));
+      const float a = __ldg(scales + e / 64);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t b = ((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xff;
+        v[2 * j] = tab[b >> 4] * a;
+        v[2 * j + 1] = tab[b & 0x0f] * a;
+      }
+    } else {
+      const uint4 c = __ldg(reinterpret_cast<const uint4*>(blob + e));
+      const float a = __ldg(scales + e / cols);
+      const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(static_cast<int8_t>((w[j / 4] >> (8 * (j & 3))) & 0xff)) * a;
+    }
+    uint32_t hi[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) hi[j] = pack_bf16x2(v[2 * j], v[2 * j + 1]);
+    uint4* out = reinterpret_cast<uint4*>(y + 16 * i);
+    out[0] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    out[1] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
+    if (y_lo) {
+      uint32_t lo[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi[j]);
+        lo[j] = pack_bf16x2(v[2 * j] - __low2float(h), v[2 * j + 1] - __high2float(h));
+      }
+      uint4* out_lo = reinterpret_cast<uint4*>(y_lo + 16 * i);
+      out_lo[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      out_lo[1] = make_uint4(lo[4], lo[5], lo[6], lo[7]);
+    }
+  }
+}
+
 }  // namespace
 
 void quantize_rows(DType t, const bf16* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, cudaStream_t s) {
@@ -101,8 +154,17 @@ void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, i
   const int64_t n = (r1 - r0) * cols;
   if (n == 0) return;
   const QuantLayout l = quant_layout(t, rows, cols);
-  dequant_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(
-      t == DType::kNF4 ? 0 : 1, blob, reinterpret_cast<const float*>(blob + l.scales), cols, r0 * cols, n, y, y_lo);
+  const int fmt = t == DType::kNF4 ? 0 : 1;
+  const float* scales = reinterpret_cast<const float*>(blob + l.scales);
+  auto aligned = [](const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
+  if (cols % 16 == 0 && aligned(blob, 16) && aligned(y, 16) && (!y_lo || aligned(y_lo, 16))) {
+    const int64_t n16 = n / 16;
+    dequant16_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n16, 256), 65535)), 256, 0, s>>>(fmt, blob, scales, cols, r0 * cols, n16,
+                                                                                                          y, y_lo);
+  } else {
+    dequant_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(fmt, blob, scales, cols, r0 * cols, n, y,
+                                                                                                        y_lo);
+  }
   CUDA_CHECK_LAUNCH();
 }
 

@@ -222,11 +222,12 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
     for (int64_t x = 1; x <= host_held; ++x)
       if (engines(x) < engines(n_cpu) - 1e-9) n_cpu = x;
   p.predicted_ms = predict(n_cpu);
-  // Layout. With K/V on the host, resident layers are spread evenly among the others: the CPU's
-  // attention makes every layer take milliseconds, and with the resident layers first the copy
-  // stream stalled for that whole run every step, its ring full (notes/kv.md: 50 ms of a 225 ms
-  // decode step, llama-3-8b at 8G, batch 64). Otherwise resident layers come first (batch 1 was
-  // measured at 96% of its floor that way, 92% spread). Among the others, CPU layers are spread
+  // Layout. With K/V on the host or more than one row a step (`spread_resident`), resident layers
+  // are spread evenly among the others: the CPU's attention, or the GPU's work at many rows, makes
+  // every layer take milliseconds, and with the resident layers first the copy stream stalled for
+  // that whole run every step, its ring full (notes/kv.md: 50 ms of a 225 ms decode step,
+  // llama-3-8b at 8G, batch 64). Otherwise resident layers come first (batch 1 was measured at 96% of
+  // its floor that way, 92% spread). Among the others, CPU layers are spread
   // evenly between the streamed ones; streamed layers from host memory first, then from disk.
   p.place.assign(L, Place::kResident);
   p.source.assign(L, Tier::kDevice);
@@ -294,10 +295,15 @@ Expected<GpuPlan> plan_gpu(const ModelConfig& c, const GpuPlanInput& in) {
     p.kv_gpu_bytes = on_gpu > 0 ? in.kv_bytes * (on_gpu - host_gpu_layers) / L : 0;
     return p;
   };
+  // Resident layers are spread among the others with host K/V (plan_weights), and at more than one
+  // row a step: there a GPU layer's compute is long enough that a run of resident layers outlasts
+  // what the staging slots prefetched, and the copy engine waited it out (Llama-3-70B NF4 at 24G,
+  // batch 16: 36 resident layers of 2.3 ms each, the copy engine idle for ~60 ms of a 455 ms step).
+  // At one row the slots cover the run, and resident-first was measured faster (below).
   auto with_kv = [&](int64_t k) {
     GpuPlanInput t = in;
     t.kv_bytes = in.kv_bytes * (L - k) / L;
-    return plan_weights(c, t, /*spread_resident=*/k > 0, /*gpu_kv=*/k > 0 ? L - k : 0);
+    return plan_weights(c, t, /*spread_resident=*/k > 0 || in.max_batch > 1, /*gpu_kv=*/k > 0 ? L - k : 0);
   };
   // The predicted decode step of a plan with k host-K/V layers: the largest of
   //  - the weights' step (copies, disk, GPU and CPU layers: plan_weights),

@@ -329,6 +329,24 @@ TEST_SUITE("gpu_ops") {
           CHECK(rel(yt.get(), ref) < 1e-2);  // the tile is BF16
         }
       }
+      // The dequantised tile itself: each element the host's value rounded to BF16, the lo part the
+      // remainder rounded again; through the 16-element kernel (aligned output) and the one-element
+      // one (output 2 bytes off 16).
+      {
+        std::vector<float> rounded = wq;
+        const std::vector<uint16_t> hi_ref = to_bf16_bits(rounded);
+        std::vector<float> rem(N * K);
+        for (int64_t i = 0; i < N * K; ++i) rem[i] = wq[i] - bf16_to_f32(hi_ref[i]);
+        const std::vector<uint16_t> lo_ref = to_bf16_bits(rem);
+        for (int64_t off : {0, 1}) {
+          CAPTURE(off);
+          Dev<uint16_t> hi(N * K + 1), lo(N * K + 1);
+          gpu::dequantize_rows(t, blob.p, N, K, 0, N, reinterpret_cast<bf16*>(hi.p) + off, nullptr, reinterpret_cast<bf16*>(lo.p) + off);
+          const std::vector<uint16_t> h = hi.get(), l = lo.get();
+          CHECK(std::equal(hi_ref.begin(), hi_ref.end(), h.begin() + off));
+          CHECK(std::equal(lo_ref.begin(), lo_ref.end(), l.begin() + off));
+        }
+      }
       // The fused SwiGLU epilogue over quantised gate/up rows: the same as the product, then SwiGLU.
       const int64_t F = 150;
       std::vector<float> x = randn(2 * K);

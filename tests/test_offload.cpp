@@ -287,6 +287,18 @@ TEST_SUITE("offload") {
     auto b64 = plan_gpu(*c, big);
     REQUIRE(b64.ok());
     CHECK(b64->n_cpu < p8->n_cpu);
+    // At more than one row a step the resident layers are spread among the others with GPU K/V
+    // too (the batch-1 plans above keep them first).
+    big.kv = KvPlace::kGpu;
+    auto g64 = plan_gpu(*c, big);
+    REQUIRE(g64.ok());
+    const int64_t R64 = 32 - g64->n_resident;
+    REQUIRE(R64 > 0);
+    REQUIRE(g64->n_resident > 0);
+    for (int64_t k = 1, others = 0; k <= 32; ++k) {
+      others += g64->place[k - 1] != Place::kResident;
+      CHECK(others == k * R64 / 32);
+    }
     // --host-mem: layers beyond it come from disk, or the error names the flag and --disk.
     GpuPlanInput host = only_stream;
     host.host_budget_bytes = 4 * p8->layer_bytes;

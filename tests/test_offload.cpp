@@ -264,17 +264,20 @@ TEST_SUITE("offload") {
     for (int64_t il = 0; il < 32; ++il) CHECK((p8->place[il] == Place::kResident) == (il < p8->n_resident));
     // With K/V on the host, resident layers spread evenly among the others: the first k layers hold
     // floor(k R / 32) of the R others, so the copy stream never waits out a run of resident layers.
+    auto check_spread = [](const GpuPlan& p) {
+      const int64_t R = 32 - p.n_resident;
+      REQUIRE(R > 0);
+      REQUIRE(p.n_resident > 0);
+      for (int64_t k = 1, others = 0; k <= 32; ++k) {
+        others += p.place[k - 1] != Place::kResident;
+        CHECK(others == k * R / 32);
+      }
+    };
     GpuPlanInput host_kv = in;
     host_kv.kv = KvPlace::kHost;
     auto ph = plan_gpu(*c, host_kv);
     REQUIRE(ph.ok());
-    const int64_t R = 32 - ph->n_resident;
-    REQUIRE(R > 0);
-    REQUIRE(ph->n_resident > 0);
-    for (int64_t k = 1, others = 0; k <= 32; ++k) {
-      others += ph->place[k - 1] != Place::kResident;
-      CHECK(others == k * R / 32);
-    }
+    check_spread(*ph);
     CHECK(ph->place[31] != Place::kResident);
     CHECK(ph->place[0] == Place::kResident);
     const PlanFloor f8 = plan_floor(*c, *p8, 1, in.hw), fs8 = plan_floor(*c, *s8, 1, in.hw);
@@ -292,13 +295,7 @@ TEST_SUITE("offload") {
     big.kv = KvPlace::kGpu;
     auto g64 = plan_gpu(*c, big);
     REQUIRE(g64.ok());
-    const int64_t R64 = 32 - g64->n_resident;
-    REQUIRE(R64 > 0);
-    REQUIRE(g64->n_resident > 0);
-    for (int64_t k = 1, others = 0; k <= 32; ++k) {
-      others += g64->place[k - 1] != Place::kResident;
-      CHECK(others == k * R64 / 32);
-    }
+    check_spread(*g64);
     // --host-mem: layers beyond it come from disk, or the error names the flag and --disk.
     GpuPlanInput host = only_stream;
     host.host_budget_bytes = 4 * p8->layer_bytes;

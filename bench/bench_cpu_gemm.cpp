@@ -1,8 +1,9 @@
 // bench_cpu_gemm: times the CPU matrix product y = x W^T for weights of Llama shapes and prints the
 // achieved weight bandwidth and FLOP rate.
 //
-//   bench_cpu_gemm [M ...]                      BF16 weights, both paths at every row count (gemm_xwt
-//                                               uses the one marked)
+//   bench_cpu_gemm [--weights bf16|nf4|int8] [M ...]
+//                                               every path at every row count (CPU-computed layers
+//                                               use the one marked)
 //   bench_cpu_gemm --layer [--weights bf16|nf4|int8] [--hot] [--beside-copies]
 //                                               a CPU-computed layer's decode products (M = 1) over
 //                                               weights larger than the caches: the rate ferry's
@@ -112,7 +113,7 @@ int layer_bench(DType t, bool hot, bool beside) {
   return 0;
 }
 
-int row_count_bench(const std::vector<int64_t>& ms) {
+int row_count_bench(const std::vector<int64_t>& ms, DType t) {
   struct Shape {
     const char* name;
     int64_t n, k;
@@ -120,21 +121,28 @@ int row_count_bench(const std::vector<int64_t>& ms) {
   const Shape shapes[] = {{"qkv-ish 4096x4096", 4096, 4096}, {"ffn up 11008x4096", 11008, 4096}, {"ffn down 4096x11008", 4096, 11008}};
   std::printf("| shape | M | path | ms | weight GB/s | GFLOP/s |\n|---|---|---|---|---|---|\n");
   for (const auto& s : shapes) {
-    HostBuffer w(static_cast<size_t>(s.n * s.k) * 2);
-    synthetic_fill_bf16(s.name, s.k, false, 0, s.n * s.k, w.as<uint16_t>());
-    TensorView W = TensorView::contiguous(w.data(), DType::kBF16, {s.n, s.k});
+    HostBuffer w = make_weights(t, s.n, s.k, s.name);
+    TensorView W = TensorView::contiguous(w.data(), t, {s.n, s.k});
     for (int64_t m : ms) {
       std::vector<float> x(m * s.k, 0.01f), y(m * s.n);
       for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
-      for (int onednn = 0; onednn < 2; ++onednn) {
+      // stream: the decode kernel (up to 3 rows); onednn: float32 panels through oneDNN (the exact
+      // path); bf16: what CPU-computed layers take at more rows (gemm_xwt at BF16 inputs: oneDNN's
+      // BF16 matmul over W, or over BF16 panels of quantised W).
+      for (int path = 0; path < 3; ++path) {
+        if (path == 0 && m > cpu::kGemvMaxRows && t != DType::kBF16) continue;
+        if (path == 2 && m <= cpu::kGemvMaxRows) continue;
         const double ms_med = median_ms(5, [&] {
-          if (onednn) cpu::gemm_xwt_onednn(x.data(), m, W, y.data());
-          else cpu::gemm_xwt_stream(x.data(), m, W, y.data());
+          if (path == 0) cpu::gemm_xwt_stream(x.data(), m, W, y.data());
+          else if (path == 1) cpu::gemm_xwt_onednn(x.data(), m, W, y.data());
+          else cpu::gemm_xwt(x.data(), m, W, y.data(), {}, cpu::GemmPrecision::kBf16Inputs);
         });
-        const double gbs = static_cast<double>(w.size()) / (ms_med * 1e6);
+        const int64_t dims[2] = {s.n, s.k};
+        const double gbs = static_cast<double>(tensor_bytes(t, dims, 2)) / (ms_med * 1e6);
         const double gflops = 2.0 * m * s.n * s.k / (ms_med * 1e6);
-        std::printf("| %s | %lld | %s%s | %.3f | %.1f | %.1f |\n", s.name, static_cast<long long>(m), onednn ? "onednn" : "stream",
-                    (m <= cpu::kGemvMaxRows) == !onednn ? " (used)" : "", ms_med, gbs, gflops);
+        const bool used = m <= cpu::kGemvMaxRows ? path == 0 : path == 2;
+        std::printf("| %s | %lld | %s%s | %.3f | %.1f | %.1f |\n", s.name, static_cast<long long>(m), path == 0 ? "stream" : path == 1 ? "onednn" : "bf16",
+                    used ? " (used)" : "", ms_med, gbs, gflops);
       }
     }
   }
@@ -173,5 +181,5 @@ int main(int argc, char** argv) {
     return layer_bench(t, hot, beside);
   }
   if (ms.empty()) ms = {1, 2, 4, 8, 16, 64};
-  return row_count_bench(ms);
+  return row_count_bench(ms, t);
 }

@@ -42,6 +42,17 @@ FERRY_CLONES void q8_to_f32_row(const int8_t* q, float scale, float* dst, int64_
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(q[i]) * scale;
 }
 
+FERRY_CLONES void f32_to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
+  // f32_to_bf16 without its branch, so that it vectorises: round to nearest even, NaN kept quiet.
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = s[i];
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+    dst[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  }
+}
+
 void f16_to_f32_row(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(src[i]);
 }

@@ -14,6 +14,8 @@ float dot_f32(const float* a, const float* b, int64_t n);
 // dst[i] = float(src[i]) for bf16 / f16 bit patterns.
 void bf16_to_f32_row(const uint16_t* src, float* dst, int64_t n);
 void f16_to_f32_row(const uint16_t* src, float* dst, int64_t n);
+// dst[i] = f32_to_bf16(src[i]) (round to nearest even; NaN stays NaN), vectorised.
+void f32_to_bf16_row(const float* src, uint16_t* dst, int64_t n);
 // NF4 (models/weight_format.h) to float: n elements (a multiple of 64) from n / 2 code bytes and
 // n / 64 block absmax values; under AVX-512 a 16-entry permute of the code table per 16 codes, else
 // the codec's dequantize_nf4.

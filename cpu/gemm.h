@@ -1,9 +1,10 @@
 // CPU matrix products against weights stored as Hugging Face Linear weights W [N, K] (row-major,
-// y = x W^T), in F32, F16 or BF16, with float32 activations and float32 accumulation.
+// y = x W^T), in F32, F16, BF16, NF4 or int8, with float32 activations and float32 accumulation.
 //
-// Two paths: for a few rows (decode at small batch) a weight-streaming kernel reads each weight row once, converts
-// it to float32 in cache and dots it with every activation row (the bytes of W are the cost); for
-// many rows (prefill) oneDNN's f32 matmul runs over float32 panels of W converted on the fly.
+// Two paths: for a few rows (decode at small batch) a weight-streaming kernel reads each weight row
+// once and dots it with every activation row (the bytes of W are the cost): BF16, NF4 and int8 rows
+// decoded in registers (cpu/simd.h), F32 and F16 through a float row in cache; for many rows
+// (prefill) oneDNN's matmul runs over panels of W converted on the fly, on OpenMP's threads.
 // Call from the main thread, not from inside a TBB task: oneDNN threads with OpenMP.
 #pragma once
 

@@ -1137,46 +1137,82 @@ int cmd_calibrate(const CalibrateFlags& f) {
   }
   // ferry's CPU layer GEMMs on BF16 weights larger than the caches: batch 1 (bytes/s) and 64 (FLOP/s).
   {
-    const int64_t N = 11008, K = 4096, n_mats = 4;
+    // Each format's set of matrices is 2 GiB, copies of one (addresses, not contents, decide what a
+    // cache holds): with 360 MB of BF16 and 100 MB of NF4 the H200 host's Xeon read them at 117-126%
+    // of its DRAM rate, and beside the copy engine faster than alone.
+    const int64_t N = 11008, K = 4096;
+    constexpr int64_t kSetBytes = int64_t{2} << 30;
+    HostBuffer src(static_cast<size_t>(N * K * 2));
+    if (!src.data()) return fail(out_of_memory("calibrate: cannot allocate the GEMM weights"));
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, N * K, 1 << 20), [&](const auto& r) {
+      synthetic_fill_bf16("calibrate", K, false, r.begin(), r.end() - r.begin(), src.as<uint16_t>() + r.begin());
+    });
+    auto make_set = [&](const HostBuffer& one, std::vector<HostBuffer>& set) -> Status {
+      const int64_t n = (kSetBytes + static_cast<int64_t>(one.size()) - 1) / static_cast<int64_t>(one.size());
+      set.clear();
+      for (int64_t i = 0; i < n; ++i) {
+        set.emplace_back(one.size());
+        if (!set.back().data()) return out_of_memory("calibrate: cannot allocate 2 GiB of GEMM weights");
+        std::memcpy(set.back().data(), one.data(), one.size());
+      }
+      return Status::Ok();
+    };
     std::vector<HostBuffer> mats;
-    for (int64_t i = 0; i < n_mats; ++i) {
-      mats.emplace_back(static_cast<size_t>(N * K * 2));
-      if (!mats.back().data()) return fail(out_of_memory("calibrate: cannot allocate the GEMM weights"));
-      uint16_t* w = mats.back().as<uint16_t>();
-      tbb::parallel_for(tbb::blocked_range<int64_t>(0, N * K, 1 << 20), [&](const auto& r) {
-        synthetic_fill_bf16("calibrate." + std::to_string(i), K, false, r.begin(), r.end() - r.begin(), w + r.begin());
-      });
-    }
+    if (Status st = make_set(src, mats); !st.ok()) return fail(st);
+    const double set_bytes = static_cast<double>(mats.size()) * static_cast<double>(src.size());
     std::vector<float> x(64 * K, 0.01f), y(64 * N);
     auto run = [&](int64_t M) {  // the precision CPU-computed layers run at
       for (auto& m : mats) cpu::gemm_xwt(x.data(), M, TensorView::contiguous(m.data(), DType::kBF16, {N, K}), y.data(), {}, cpu::GemmPrecision::kBf16Inputs);
     };
     const double s1 = best_seconds(4, [&] { run(1); });
-    hw.cpu_layer_gbs = static_cast<double>(n_mats * N * K * 2) / s1 / 1e9;
+    hw.cpu_layer_gbs = set_bytes / s1 / 1e9;
     const double s64 = best_seconds(3, [&] { run(64); });
-    hw.cpu_tflops = 2.0 * 64 * static_cast<double>(n_mats * N * K) / s64 / 1e12;
+    hw.cpu_tflops = 2.0 * 64 * static_cast<double>(mats.size()) * static_cast<double>(N * K) / s64 / 1e12;
     std::printf("cpu layer:  batch 1 %.1f GB/s of BF16 weights (%.0f%% of the DRAM read rate), batch 64 %.2f TFLOP/s\n", hw.cpu_layer_gbs,
                 100 * hw.cpu_layer_gbs / hw.host_dram_gbs, hw.cpu_tflops);
+    // The batch-1 layer beside the copy engine, as a hybrid step runs them: the rate each keeps. The
+    // planner balances streamed against CPU layers on these two. Beside the plain read above the
+    // copies keep less (H200 host, 2026-12-04: 36.4 GB/s, the read prefetching; Llama-3-70B at 24G
+    // then copied its 15 streamed layers at 49 GB/s or more beside 25 CPU layers, and the planner,
+    // pricing copies at 36.4, put 29 layers on the CPU: 5.7 tok/s against 6.7-6.9 with 25).
+    {
+      const int passes = static_cast<int>(std::clamp(0.5 / std::max(s1, 1e-4), 2.0, 64.0));
+      const gpu::SharedCopyRate lc = gpu::h2d_during([&] {
+        for (int i = 0; i < passes; ++i) run(1);
+      });
+      if (lc.error.empty()) {
+        const double cpu_beside = passes * set_bytes / lc.host_seconds / 1e9;
+        std::printf("cpu layer:  beside H2D copies %.1f GB/s of BF16 weights, the copies %.1f GB/s", cpu_beside, lc.h2d_gbs);
+        if (cpu_beside <= 1.05 * hw.cpu_layer_gbs) {
+          hw.cpu_layer_shared_gbs = cpu_beside;
+          hw.h2d_shared_gbs = lc.h2d_gbs;
+          // The floor's shared DRAM rate: the larger of the two pairs' sums (a floor under a
+          // measured pair would not be one).
+          hw.dram_shared_gbs = std::max(hw.dram_shared_gbs, cpu_beside + lc.h2d_gbs);
+          std::printf("\n");
+        } else {
+          std::printf(" (faster than alone: not a DRAM rate, not used)\n");
+        }
+      }
+    }
     // The same matrices quantised (--quant): bytes of the format per second at batch 1.
     double* rates[] = {&hw.cpu_layer_nf4_gbs, &hw.cpu_layer_q8_gbs};
     int fi = 0;
     for (DType t : {DType::kNF4, DType::kQ8}) {
-      std::vector<HostBuffer> q;
-      std::vector<float> rows(static_cast<size_t>(64 * K));
-      for (const HostBuffer& m : mats) {
-        q.emplace_back(static_cast<size_t>(quant_layout(t, N, K).bytes));
-        if (!q.back().data()) return fail(out_of_memory("calibrate: cannot allocate the quantised GEMM weights"));
-        for (int64_t r0 = 0; r0 < N; r0 += 64) {
-          const int64_t n = std::min<int64_t>(64, N - r0);
-          convert_to_f32(m.as<uint16_t>() + r0 * K, DType::kBF16, rows.data(), static_cast<size_t>(n * K));
-          quantize_rows(t, rows.data(), N, K, r0, r0 + n, q.back().as<uint8_t>());
-        }
-      }
-      const double sq = best_seconds(4, [&] {
-        for (auto& m : q) cpu::gemm_xwt(x.data(), 1, TensorView::contiguous(m.data(), t, {N, K}), y.data());
+      HostBuffer one(static_cast<size_t>(quant_layout(t, N, K).bytes));
+      if (!one.data()) return fail(out_of_memory("calibrate: cannot allocate the quantised GEMM weights"));
+      tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, 64), [&](const auto& r) {
+        std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * K));
+        convert_to_f32(src.as<uint16_t>() + r.begin() * K, DType::kBF16, rows.data(), rows.size());
+        quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), one.as<uint8_t>());
       });
-      *rates[fi++] = static_cast<double>(n_mats * quant_layout(t, N, K).bytes) / sq / 1e9;
+      if (Status st = make_set(one, mats); !st.ok()) return fail(st);
+      const double sq = best_seconds(4, [&] {
+        for (auto& m : mats) cpu::gemm_xwt(x.data(), 1, TensorView::contiguous(m.data(), t, {N, K}), y.data());
+      });
+      *rates[fi++] = static_cast<double>(mats.size()) * static_cast<double>(one.size()) / sq / 1e9;
     }
+    mats.clear();
     std::printf("cpu layer:  batch 1 NF4 %.1f GB/s, int8 %.1f GB/s of quantised weights\n", hw.cpu_layer_nf4_gbs, hw.cpu_layer_q8_gbs);
   }
   // Disk: the given store, or a 1 GiB scratch store in --dir.

@@ -48,8 +48,13 @@ struct HardwareProfile {
   // Host DRAM read by all cores and the copy engine's H2D at once, the two rates summed: the
   // weights' DMA and the CPU's K/V reads share it (CPU 76.1 + H2D 38.3 GB/s, 2026-11-24, notes/kv.md).
   double dram_shared_gbs = 114.5;
-  double h2d_shared_gbs = 38.3;  // the H2D part of that: copies while every core reads host memory
+  // Copies while every core reads host memory: beside the CPU layer's kernels where `ferry
+  // calibrate` measured that (cpu_layer_shared_gbs > 0), else beside a plain read.
+  double h2d_shared_gbs = 38.3;
   double cpu_layer_gbs = 70.2;  // weight bytes per second through ferry's CPU layer at batch 1
+  // The CPU layer's rate while the copy engine reads beside it (0: not measured; the planner then
+  // scales cpu_layer_gbs by the plain read's share of dram_shared_gbs).
+  double cpu_layer_shared_gbs = 0;
   // The same for NF4 and int8 weights (bytes of the format per second; 0: not measured, the BF16
   // rate is used). Decoding costs instructions: NF4 ran at 0.5-0.7x the BF16 byte rate (notes/quant.md).
   double cpu_layer_nf4_gbs = 0;

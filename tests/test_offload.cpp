@@ -283,6 +283,16 @@ TEST_SUITE("offload") {
     const PlanFloor f8 = plan_floor(*c, *p8, 1, in.hw), fs8 = plan_floor(*c, *s8, 1, in.hw);
     CHECK(f8.step_ms < fs8.step_ms);
     CHECK(p8->predicted_ms >= f8.step_ms * 0.99);  // the prediction is never better than the floor
+    // The CPU layer's rate beside the copies, where calibrate measured it, prices the CPU layers of
+    // a plan that streams too: that slow beside them, streaming and CPU layers together lose to
+    // CPU layers alone.
+    GpuPlanInput slow_beside = in;
+    slow_beside.hw.cpu_layer_shared_gbs = 0.3 * slow_beside.hw.cpu_layer_gbs;
+    auto ps = plan_gpu(*c, slow_beside);
+    REQUIRE(ps.ok());
+    CHECK(p8->n_streamed > 0);
+    CHECK(ps->n_streamed == 0);
+    CHECK(ps->predicted_ms > p8->predicted_ms);
     // At batch 64 the CPU's GEMM rate makes CPU layers a loss.
     GpuPlanInput big = only_stream;
     big.cpu_layers = -1;

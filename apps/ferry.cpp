@@ -756,9 +756,10 @@ int cmd_plan(const PlanFlags& f) {
               1e3 * b / plan->predicted_ms);
   std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms, host K/V %.2f ms, host DRAM shared %.2f ms\n",
               fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms, fl.kv_ms, fl.host_ms);
-  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s%s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
+  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s%s%s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
               hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs,
               is_quantized(in.weights) ? strprintf(" (%s: %.1f GB/s)", in.weights == DType::kNF4 ? "NF4" : "int8", cpu_layer_rate(hw, in.weights)).c_str() : "",
+              hw.cpu_layer_shared_gbs > 0 ? strprintf(", beside copies %.1f GB/s with the copies at %.1f", hw.cpu_layer_shared_gbs, hw.h2d_shared_gbs).c_str() : "",
               hw.cpu_tflops, hw.disk_gbs);
   return 0;
 }

@@ -1173,9 +1173,8 @@ int cmd_calibrate(const CalibrateFlags& f) {
                 100 * hw.cpu_layer_gbs / hw.host_dram_gbs, hw.cpu_tflops);
     // The batch-1 layer beside the copy engine, as a hybrid step runs them: the rate each keeps. The
     // planner balances streamed against CPU layers on these two. Beside the plain read above the
-    // copies keep less (H200 host, 2026-12-04: 36.4 GB/s, the read prefetching; Llama-3-70B at 24G
-    // then copied its 15 streamed layers at 49 GB/s or more beside 25 CPU layers, and the planner,
-    // pricing copies at 36.4, put 29 layers on the CPU: 5.7 tok/s against 6.7-6.9 with 25).
+    // copies keep less than beside the layers, and priced at that rate the planner put too many
+    // layers on the CPU (notes/quant.md: Llama-3-70B NF4 at 24G).
     {
       const int passes = static_cast<int>(std::clamp(0.5 / std::max(s1, 1e-4), 2.0, 64.0));
       const gpu::SharedCopyRate lc = gpu::h2d_during([&] {

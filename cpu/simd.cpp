@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 // GCC 12 warns inside its own AVX-512 headers (their _mm512_undefined_* placeholders) once the
@@ -43,14 +44,8 @@ FERRY_CLONES void q8_to_f32_row(const int8_t* q, float scale, float* dst, int64_
 }
 
 FERRY_CLONES void f32_to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
-  // f32_to_bf16 without its branch, so that it vectorises: round to nearest even, NaN kept quiet.
-  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = s[i];
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
-    dst[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
 void f16_to_f32_row(const uint16_t* src, float* dst, int64_t n) {
@@ -286,6 +281,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void q8_dot_avx512(const in
   for (int m = 0; m < M; ++m)
     out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]))) * scale;
 }
+
+// Calls f(std::integral_constant<int, M>{}) for the row counts the AVX-512 kernels are built for
+// (1-3) and returns true; false for any other M.
+template <typename F>
+bool with_rows(int64_t M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    default: return false;
+  }
+}
 #endif
 
 }  // namespace
@@ -307,42 +314,21 @@ void split_for_rows(DType w, const float* x, int64_t M, int64_t K, float* xs) {
 
 void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-  if (have_avx512()) {
-    switch (M) {
-      case 1: return nf4_dot_avx512<1>(codes, absmax, xs, ldx, K, out);
-      case 2: return nf4_dot_avx512<2>(codes, absmax, xs, ldx, K, out);
-      case 3: return nf4_dot_avx512<3>(codes, absmax, xs, ldx, K, out);
-      default: break;
-    }
-  }
+  if (have_avx512() && with_rows(M, [&](auto m) { nf4_dot_avx512<m()>(codes, absmax, xs, ldx, K, out); })) return;
 #endif
   for (int64_t m = 0; m < M; ++m) out[m] = nf4_dot_portable(codes, absmax, xs + m * ldx, K);
 }
 
 void bf16_dot_rows(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-  if (have_avx512()) {
-    switch (M) {
-      case 1: return bf16_dot_avx512<1>(w, xs, ldx, K, out);
-      case 2: return bf16_dot_avx512<2>(w, xs, ldx, K, out);
-      case 3: return bf16_dot_avx512<3>(w, xs, ldx, K, out);
-      default: break;
-    }
-  }
+  if (have_avx512() && with_rows(M, [&](auto m) { bf16_dot_avx512<m()>(w, xs, ldx, K, out); })) return;
 #endif
   for (int64_t m = 0; m < M; ++m) out[m] = bf16_dot_portable(w, xs + m * ldx, K);
 }
 
 void q8_dot_rows(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-  if (have_avx512() && K % 16 == 0) {
-    switch (M) {
-      case 1: return q8_dot_avx512<1>(q, scale, x, ldx, K, out);
-      case 2: return q8_dot_avx512<2>(q, scale, x, ldx, K, out);
-      case 3: return q8_dot_avx512<3>(q, scale, x, ldx, K, out);
-      default: break;
-    }
-  }
+  if (have_avx512() && K % 16 == 0 && with_rows(M, [&](auto m) { q8_dot_avx512<m()>(q, scale, x, ldx, K, out); })) return;
 #endif
   for (int64_t m = 0; m < M; ++m) {
     float acc = 0.0f;

@@ -756,8 +756,11 @@ int cmd_plan(const PlanFlags& f) {
               1e3 * b / plan->predicted_ms);
   std::printf("floor:      %.2f ms per decode step = %.1f tok/s (bound by %s): PCIe %.2f ms, disk %.2f ms, CPU layers %.2f ms, GPU memory %.2f ms, compute %.2f ms, host K/V %.2f ms, host DRAM shared %.2f ms\n",
               fl.step_ms, 1e3 * b / fl.step_ms, fl.bound, fl.stream_ms, fl.disk_ms, fl.cpu_ms, fl.hbm_ms, fl.compute_ms, fl.kv_ms, fl.host_ms);
-  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s%s%s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
-              hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs, hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs,
+  const double gemv_gbs = gpu_layer_rate(hw, in.weights, 1);
+  std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s%s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s%s%s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
+              hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs,
+              gemv_gbs < hw.hbm_gbs ? strprintf(" (decode GEMV %.0f GB/s of %s weights)", gemv_gbs, std::string(dtype_name(in.weights)).c_str()).c_str() : "",
+              hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs,
               is_quantized(in.weights) ? strprintf(" (%s: %.1f GB/s)", in.weights == DType::kNF4 ? "NF4" : "int8", cpu_layer_rate(hw, in.weights)).c_str() : "",
               hw.cpu_layer_shared_gbs > 0 ? strprintf(", beside copies %.1f GB/s with the copies at %.1f", hw.cpu_layer_shared_gbs, hw.h2d_shared_gbs).c_str() : "",
               hw.cpu_tflops, hw.disk_gbs);
@@ -1082,8 +1085,14 @@ int cmd_calibrate(const CalibrateFlags& f) {
     hw.h2d_gbs = g.h2d_gbs;
     hw.hbm_gbs = g.hbm_gbs;
     hw.gemm_tflops = g.gemm_tflops;
+    hw.gpu_gemv_gbs = g.gemv_gbs;
+    hw.gpu_gemv_nf4_gbs = g.gemv_nf4_gbs;
+    hw.gpu_gemv_q8_gbs = g.gemv_q8_gbs;
     std::printf("gpu:        %s: H2D %.1f GB/s, D2H %.1f GB/s, device memory %.0f GB/s, BF16 GEMM %.0f TFLOP/s\n", gpu::probe().name.c_str(),
                 g.h2d_gbs, g.d2h_gbs, g.hbm_gbs, g.gemm_tflops);
+    std::printf("gpu gemv:   one row: BF16 %.0f GB/s, NF4 %.0f GB/s, int8 %.0f GB/s of weights (%.0f%% / %.0f%% / %.0f%% of device memory)\n",
+                g.gemv_gbs, g.gemv_nf4_gbs, g.gemv_q8_gbs, 100 * g.gemv_gbs / g.hbm_gbs, 100 * g.gemv_nf4_gbs / g.hbm_gbs,
+                100 * g.gemv_q8_gbs / g.hbm_gbs);
   } else {
     std::printf("gpu:        not measured (%s): the built-in H100 values are kept\n", g.error.c_str());
     measured += ", GPU rates built-in";

@@ -84,12 +84,19 @@ __device__ __forceinline__ float dot8_nf4(uint32_t w, const float (&xf)[8], cons
   }
   return s;
 }
+// Q8: each int8 as a float without an integer conversion (a quarter-rate pipe): the byte, offset by
+// 128, becomes the mantissa of 2^23 + 128 + q (one byte_perm) and 2^23 + 128 is subtracted (exact).
+__device__ __forceinline__ float q8_float(uint32_t w_offset, int j) {
+  return __uint_as_float(__byte_perm(w_offset, 0x4b000000u, 0x7440 + j)) - 8388736.0f;
+}
 __device__ __forceinline__ float dot8_q8(uint32_t lo, uint32_t hi, const float (&xf)[8]) {
+  lo ^= 0x80808080u;
+  hi ^= 0x80808080u;
   float s = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) s = fmaf(static_cast<float>(static_cast<int8_t>((lo >> (8 * j)) & 0xffu)), xf[j], s);
+  for (int j = 0; j < 4; ++j) s = fmaf(q8_float(lo, j), xf[j], s);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) s = fmaf(static_cast<float>(static_cast<int8_t>((hi >> (8 * j)) & 0xffu)), xf[4 + j], s);
+  for (int j = 0; j < 4; ++j) s = fmaf(q8_float(hi, j), xf[4 + j], s);
   return s;
 }
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
@@ -373,18 +380,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
   }
 }
 
-// Whether programmatic launches are on: an sm_90+ device and FERRY_GPU_PDL not 0.
-bool programmatic_launch() {
-  static const bool on = [] {
-    const char* e = std::getenv("FERRY_GPU_PDL");
-    if (e && std::string(e) == "0") return false;
-    int dev = 0, major = 0;
-    return cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-           major >= 9;
-  }();
-  return on;
-}
-
 template <int M, int kSrc, int kFmt, int G, class Epi>
 void launch_fmt(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
                 cudaStream_t s) {
@@ -462,6 +457,17 @@ void launch_store(const GemvIn& in, const GemvW& w, float* y, int64_t N, int64_t
 }
 
 }  // namespace
+
+bool programmatic_launch() {
+  static const bool on = [] {
+    const char* e = std::getenv("FERRY_GPU_PDL");
+    if (e && std::string(e) == "0") return false;
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           major >= 9;
+  }();
+  return on;
+}
 
 void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed, const bf16* x_lo) {
   gemv_store(GemvIn{x, x_lo}, GemvW{w, DType::kBF16}, y, M, N, K, s, weights_fixed);

@@ -28,6 +28,9 @@ inline constexpr int64_t kGemvPreferRows = 2;
 // hi + lo, summed in float before the product: the precision of the hi + lo split at M rows, not 2M.
 void gemv(const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed = false,
           const bf16* x_lo = nullptr);
+// Whether kernels are launched with programmatic stream serialization: an sm_90+ device and
+// FERRY_GPU_PDL not 0.
+bool programmatic_launch();
 void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s,
               bool weights_fixed = false);
 
@@ -139,7 +142,8 @@ bool tensor_core_attention();
 // attention.cu: causal attention of q [n, n_heads, head_dim] over the paged cache; token t (batch row
 // row[t], position pos[t]) sees positions [max(0, pos - window + 1), pos]. A tile's query rows share
 // every K/V read. The CUDA-core tiles' work is split over the key range in `n_splits` parts (partials
-// in `scratch`, n * n_heads * n_splits * (head_dim + 2) floats) and combined.
+// in `scratch`, n * n_heads * n_splits * (head_dim + 2) floats) and combined. Without tensor-core
+// tiles (decode) both kernels are launched programmatically (programmatic_launch()).
 void attention(const bf16* q, const int32_t* pos, const int32_t* row, const QueryTiles& tiles, int64_t n, int64_t n_heads,
                int64_t window, const PagedKv& kv, int n_splits, float* scratch, bf16* out, cudaStream_t s);
 // Returns the most tokens a CUDA-core query tile may hold for this head layout (8 query rows per tile).

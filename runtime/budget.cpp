@@ -129,7 +129,7 @@ struct LayerCosts {
 LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch, const HardwareProfile& hw, DType weights) {
   const double lb = static_cast<double>(layer_bytes), params = static_cast<double>(layer_params(c)), b = static_cast<double>(batch);
   LayerCosts k;
-  k.gpu_ms = std::max(lb / (hw.hbm_gbs * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
+  k.gpu_ms = std::max(lb / (gpu_layer_rate(hw, weights, batch) * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
   // A CPU layer reads its weights no faster than host memory delivers (the floor's rate caps the
   // measured one); beside copies, at the share of it the CPU's read kept then. It also moves its
   // activations down and back, and costs two host-side hand-offs.
@@ -433,6 +433,9 @@ HardwareProfile load_profile() {
   get("cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs);
   get("cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs);
   get("cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs);
+  get("gpu_gemv_gbs", hw.gpu_gemv_gbs);
+  get("gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs);
+  get("gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs);
   get("cpu_tflops", hw.cpu_tflops);
   get("disk_gbs", hw.disk_gbs);
   hw.source = path + " (" + j.value("measured", std::string("ferry calibrate")) + ")";
@@ -444,9 +447,14 @@ double cpu_layer_rate(const HardwareProfile& hw, DType w) {
   return r > 0 ? r : hw.cpu_layer_gbs;
 }
 
+double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch) {
+  const double r = w == DType::kNF4 ? hw.gpu_gemv_nf4_gbs : w == DType::kQ8 ? hw.gpu_gemv_q8_gbs : hw.gpu_gemv_gbs;
+  return batch <= 2 && r > 0 ? std::min(r, hw.hbm_gbs) : hw.hbm_gbs;
+}
+
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
-                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"gpu_gemv_gbs", hw.gpu_gemv_gbs}, {"gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs}, {"gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
                       {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);

@@ -59,6 +59,12 @@ struct HardwareProfile {
   // rate is used). Decoding costs instructions: NF4 ran at 0.5-0.7x the BF16 byte rate (notes/quant.md).
   double cpu_layer_nf4_gbs = 0;
   double cpu_layer_q8_gbs = 0;
+  // The GPU's decode GEMV at one row: bytes of BF16, NF4 and int8 weights per second (0: not
+  // measured; the HBM rate is used). NF4's decoding costs instructions: it ran at a third of the
+  // HBM rate on the H200 (notes/quant.md). The floor keeps the HBM rate; the prediction uses these.
+  double gpu_gemv_gbs = 0;
+  double gpu_gemv_nf4_gbs = 0;
+  double gpu_gemv_q8_gbs = 0;
   double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
   double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
   std::string source = "built-in (ferry calibrate on the H100 host, 2026-11-23; host DRAM 2026-11-24)";
@@ -68,6 +74,10 @@ struct HardwareProfile {
 HardwareProfile load_profile();
 // Returns the rate (bytes of the format per second) of ferry's CPU layer at batch 1 for weights in `w`.
 double cpu_layer_rate(const HardwareProfile& hw, DType w);
+// Returns the rate (bytes per second) at which a GPU layer of `batch` rows reads weights in `w`: the
+// measured GEMV rate at one or two rows where calibrate measured it (never above the HBM rate),
+// else the HBM rate.
+double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch);
 std::string profile_path();
 Status save_profile(const HardwareProfile& hw, const std::string& path);
 

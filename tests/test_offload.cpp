@@ -369,6 +369,40 @@ TEST_SUITE("offload") {
     CHECK(checked > 200);
   }
 
+  TEST_CASE("the decode GEMV's measured rate prices GPU layers at one or two rows; the floor keeps the HBM rate") {
+    auto c = synthetic_config("llama-2-7b");
+    REQUIRE(c.ok());
+    GpuPlanInput in;
+    in.weights = DType::kNF4;
+    in.kv_bytes = int64_t{1} << 30;
+    auto fast = plan_gpu(*c, in);  // all resident: the step is the layers' bytes over the HBM rate (+ the head)
+    REQUIRE(fast.ok());
+    GpuPlanInput slow = in;
+    slow.hw.gpu_gemv_nf4_gbs = slow.hw.hbm_gbs / 3;
+    slow.hw.gpu_gemv_gbs = slow.hw.hbm_gbs * 2;  // a rate above the HBM rate is capped at it (BF16: the head)
+    auto p = plan_gpu(*c, slow);
+    REQUIRE(p.ok());
+    const double layers_ms = 32.0 * static_cast<double>(p->layer_bytes) / (slow.hw.hbm_gbs * 1e9) * 1e3;
+    CHECK(p->predicted_ms - fast->predicted_ms == doctest::Approx(2 * layers_ms).epsilon(1e-6));
+    const PlanFloor f = plan_floor(*c, *p, 1, slow.hw), f0 = plan_floor(*c, *fast, 1, in.hw);
+    CHECK(f.step_ms == doctest::Approx(f0.step_ms));
+    CHECK(gpu_layer_rate(slow.hw, DType::kNF4, 1) == doctest::Approx(slow.hw.hbm_gbs / 3));
+    CHECK(gpu_layer_rate(slow.hw, DType::kNF4, 2) == doctest::Approx(slow.hw.hbm_gbs / 3));
+    CHECK(gpu_layer_rate(slow.hw, DType::kNF4, 16) == slow.hw.hbm_gbs);  // the dequantised tile + cuBLAS above
+    CHECK(gpu_layer_rate(slow.hw, DType::kBF16, 1) == slow.hw.hbm_gbs);
+    CHECK(gpu_layer_rate(slow.hw, DType::kQ8, 1) == slow.hw.hbm_gbs);  // not measured
+    // The profile keeps them.
+    test::TempDir tmp;
+    const std::string prof = tmp / "p.json";
+    REQUIRE(save_profile(slow.hw, prof).ok());
+    ::setenv("FERRY_PROFILE", prof.c_str(), 1);
+    const HardwareProfile back = load_profile();
+    ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);
+    CHECK(back.gpu_gemv_nf4_gbs == doctest::Approx(slow.hw.gpu_gemv_nf4_gbs));
+    CHECK(back.gpu_gemv_gbs == doctest::Approx(slow.hw.gpu_gemv_gbs));
+    CHECK(back.gpu_gemv_q8_gbs == 0);
+  }
+
   TEST_CASE("K/V placement: --kv gpu keeps K/V on the GPU or names the budget; host moves them all; auto when needed; split per layer by cost") {
     auto c = synthetic_config("llama-3-8b");
     REQUIRE(c.ok());

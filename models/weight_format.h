@@ -97,8 +97,8 @@ void dequantize_nf4(const uint8_t* packed, const float* absmax, int64_t n, float
 // Int8 per row: q[r, c] = round(x[r, c] / scale[r]), scale[r] = max|x[r, :]| / 127 (0 rows: scale 0).
 void quantize_int8_rows(const float* x, int64_t rows, int64_t cols, int8_t* q, float* scale);
 
-// bitsandbytes' signed 8-bit dynamic code map (create_dynamic_map(signed=True)): 256 ascending values
-// in [-1, 1], for the double-quantised absmax.
+// bitsandbytes' signed 8-bit dynamic code map (create_dynamic_map(signed=True), its float32 values):
+// 256 ascending values in [-1, 1], for the double-quantised absmax.
 const float* dynamic_map_signed();
 // QLoRA's double quantisation of n absmax values: offset = their mean; (absmax - offset) in blocks
 // of 256, each block scaled by its max |.| (absmax2) and stored as the nearest dynamic code.

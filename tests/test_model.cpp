@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 #include "cpu/cpu_executor.h"
@@ -559,6 +560,55 @@ TEST_SUITE("model") {
     MESSAGE("double-quantised absmax: worst error " << worst << " of the block scale");
     CHECK(worst < 0.02);  // the dynamic map's steps near 1 are 1/64 wide
     CHECK(worst > 0);
+  }
+
+  TEST_CASE("NF4 and its double-quantised absmax byte for byte as bitsandbytes makes them (tests/data, bench/baselines/bnb_nf4_reference.py)") {
+    auto f = SafetensorsFile::open(std::string(FERRY_SOURCE_DIR) + "/tests/data/bnb_nf4_dq.safetensors");
+    REQUIRE_MESSAGE(f.ok(), f.status().message());
+    auto bytes = [&](const char* name) {
+      const SafetensorsEntry* e = (*f)->find(name);
+      REQUIRE_MESSAGE(e != nullptr, name);
+      const TensorView v = (*f)->view(*e);
+      const uint8_t* p = static_cast<const uint8_t*>(v.data);
+      return std::vector<uint8_t>(p, p + (e->end - e->begin));
+    };
+    auto floats = [&](const char* name) {
+      const std::vector<uint8_t> b = bytes(name);
+      std::vector<float> out(b.size() / 4);
+      std::memcpy(out.data(), b.data(), b.size());
+      return out;
+    };
+    const auto& meta = (*f)->metadata();
+    const int64_t rows = std::stoll(meta.at("rows")), cols = std::stoll(meta.at("cols")), n = rows * cols;
+    MESSAGE("bitsandbytes " << meta.at("bitsandbytes") << ", " << rows << " x " << cols);
+    // The weight, as the script computes it (exact in both).
+    std::vector<float> w(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double u = static_cast<double>((i * 2654435761LL) % 1000003) / 1000003.0 - 0.5;
+      w[i] = static_cast<float>(u * ((i / cols) % 9 == 4 ? 0.4 : 0.05));
+    }
+    std::fill(w.begin() + 7 * cols, w.begin() + 8 * cols, 0.0f);
+    std::vector<uint8_t> codes((n + 1) / 2);
+    std::vector<float> absmax((n + 63) / 64);
+    quantize_nf4(w.data(), n, codes.data(), absmax.data());
+    CHECK(codes == bytes("codes"));
+    // The dynamic map, the mean, the second-level scales and the 8-bit codes.
+    const std::vector<float> code2 = floats("code2");
+    REQUIRE(code2.size() == 256);
+    CHECK(std::equal(code2.begin(), code2.end(), dynamic_map_signed()));
+    const int64_t nb = static_cast<int64_t>(absmax.size());
+    std::vector<uint8_t> acodes(nb);
+    std::vector<float> a2((nb + 255) / 256), back(nb);
+    float off = 0;
+    quantize_absmax_dq(absmax.data(), nb, acodes.data(), a2.data(), &off);
+    CHECK(off == floats("offset")[0]);
+    CHECK(a2 == floats("absmax2"));
+    const std::vector<uint8_t> want_codes = bytes("absmax_codes");
+    int64_t differ = 0;
+    for (int64_t i = 0; i < nb; ++i) differ += acodes[i] != want_codes[i];
+    CHECK(differ == 0);
+    dequantize_absmax_dq(acodes.data(), a2.data(), off, nb, back.data());
+    CHECK(back == floats("absmax"));
   }
 
   TEST_CASE("the CPU's quantised row kernels (AVX-512 where the CPU has it) against the codec: dots and dequantised rows") {

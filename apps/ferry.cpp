@@ -1090,7 +1090,7 @@ int cmd_calibrate(const CalibrateFlags& f) {
     hw.gpu_gemv_q8_gbs = g.gemv_q8_gbs;
     std::printf("gpu:        %s: H2D %.1f GB/s, D2H %.1f GB/s, device memory %.0f GB/s, BF16 GEMM %.0f TFLOP/s\n", gpu::probe().name.c_str(),
                 g.h2d_gbs, g.d2h_gbs, g.hbm_gbs, g.gemm_tflops);
-    std::printf("gpu gemv:   one row: BF16 %.0f GB/s, NF4 %.0f GB/s, int8 %.0f GB/s of weights (%.0f%% / %.0f%% / %.0f%% of device memory)\n",
+    std::printf("gpu gemv:   one row: BF16 %.0f GB/s, NF4 %.0f GB/s, int8 %.0f GB/s of weights (%.0f%% / %.0f%% / %.0f%% of device memory; 0: failed)\n",
                 g.gemv_gbs, g.gemv_nf4_gbs, g.gemv_q8_gbs, 100 * g.gemv_gbs / g.hbm_gbs, 100 * g.gemv_nf4_gbs / g.hbm_gbs,
                 100 * g.gemv_q8_gbs / g.hbm_gbs);
   } else {

@@ -101,8 +101,9 @@ GpuRates measure_gpu_rates() {
     const double ms = best_ms([&] { gemm_f32(h, static_cast<bf16*>(a), static_cast<bf16*>(b), y, M, N, K, s); });
     r.gemm_tflops = 2.0 * M * N * K / (ms * 1e-3) / 1e12;
     // The decode GEMV (M = 1) with b as the weights (the GEMM's random bits: the time does not depend
-    // on the values), as many K = 8192 rows of each format as 1 GiB holds; y has room for them.
-    for (DType t : {DType::kBF16, DType::kNF4, DType::kQ8}) {
+    // on the values), as many K = 8192 rows of each format as 1 GiB holds; y has room for them. A
+    // format that fails keeps 0 (not measured: the planner then uses the HBM rate).
+    for (DType t : {DType::kBF16, DType::kNF4, DType::kQ8}) try {
       const int64_t Kg = 8192, row_bytes = t == DType::kBF16 ? 2 * Kg : quant_layout(t, 1, Kg).bytes;
       int64_t rows = static_cast<int64_t>(n) / row_bytes;
       while (rows > 0 && (t == DType::kBF16 ? 2 * Kg * rows : quant_layout(t, rows, Kg).bytes) > static_cast<int64_t>(n)) --rows;
@@ -110,6 +111,8 @@ GpuRates measure_gpu_rates() {
       const int64_t bytes = t == DType::kBF16 ? 2 * Kg * rows : quant_layout(t, rows, Kg).bytes;
       const double gms = best_ms([&] { gemv_store(GemvIn{static_cast<bf16*>(a)}, GemvW{b, t}, y, 1, rows, Kg, s); });
       (t == DType::kBF16 ? r.gemv_gbs : t == DType::kNF4 ? r.gemv_nf4_gbs : r.gemv_q8_gbs) = bytes / (gms * 1e-3) / 1e9;
+    } catch (const CudaError&) {
+      cudaGetLastError();  // a launch error is not sticky: the other formats and rates stand
     }
     cudaFree(y);
   } catch (const CudaError& e) {

@@ -60,7 +60,7 @@ struct HardwareProfile {
   double cpu_layer_nf4_gbs = 0;
   double cpu_layer_q8_gbs = 0;
   // The GPU's decode GEMV at one row: bytes of BF16, NF4 and int8 weights per second (0: not
-  // measured; the HBM rate is used). NF4's decoding costs instructions: it ran at a third of the
+  // measured; the HBM rate is used). NF4's decoding costs instructions: it ran at 24-58% of the
   // HBM rate on the H200 (notes/quant.md). The floor keeps the HBM rate; the prediction uses these.
   double gpu_gemv_gbs = 0;
   double gpu_gemv_nf4_gbs = 0;

@@ -85,9 +85,10 @@ struct ModelFlags {
                     "Pinned host memory for the layers that do not fit on the GPU (default: unlimited; 0 with --disk); the rest are read from --disk");
     app->add_option("--cpu-layers", cpu_layers, "Compute exactly N layers on the CPU (default: the planner's choice)")->check(CLI::Range(int64_t{0}, int64_t{4096}));
     app->add_option("--quant", quant,
-                    "Quantise the layers' Linear weights at load: nf4 (QLoRA's NF4, blocks of 64, fp32 absmax: 0.56 bytes a parameter) or "
-                    "int8 (per output channel: 1.0 bytes); bf16 keeps them (default). A --disk store packed with --quant needs none")
-        ->check(CLI::IsMember({"bf16", "nf4", "int8"}));
+                    "Quantise the layers' Linear weights at load: nf4 (QLoRA's NF4, blocks of 64, fp32 absmax: 0.5625 bytes a parameter), "
+                    "nf4-dq (NF4 with QLoRA's double-quantised absmax: 0.516 bytes) or int8 (per output channel: 1.0 bytes); bf16 keeps "
+                    "them (default). A --disk store packed with --quant needs none")
+        ->check(CLI::IsMember({"bf16", "nf4", "nf4-dq", "int8"}));
     app->add_option("--trace", trace, "Write a Chrome trace (open in Perfetto): tracks for CPU, GPU compute, GPU copies, disk reads");
     app->add_option("--disk", disk, "Packed store (from 'ferry pack') holding the weights; layers beyond --gpu-mem and --host-mem are read from it, checksummed");
     app->add_option("--kv", kv, "Where K/V live with --device gpu: gpu, host (the CPU computes attention over them, overlapped with the GPU's GEMMs), "
@@ -761,7 +762,7 @@ int cmd_plan(const PlanFlags& f) {
               hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs,
               gemv_gbs < hw.hbm_gbs ? strprintf(" (decode GEMV %.0f GB/s of %s weights)", gemv_gbs, std::string(dtype_name(in.weights)).c_str()).c_str() : "",
               hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs,
-              is_quantized(in.weights) ? strprintf(" (%s: %.1f GB/s)", in.weights == DType::kNF4 ? "NF4" : "int8", cpu_layer_rate(hw, in.weights)).c_str() : "",
+              is_quantized(in.weights) ? strprintf(" (%s: %.1f GB/s)", std::string(dtype_name(in.weights)).c_str(), cpu_layer_rate(hw, in.weights)).c_str() : "",
               hw.cpu_layer_shared_gbs > 0 ? strprintf(", beside copies %.1f GB/s with the copies at %.1f", hw.cpu_layer_shared_gbs, hw.h2d_shared_gbs).c_str() : "",
               hw.cpu_tflops, hw.disk_gbs);
   return 0;
@@ -1087,12 +1088,13 @@ int cmd_calibrate(const CalibrateFlags& f) {
     hw.gemm_tflops = g.gemm_tflops;
     hw.gpu_gemv_gbs = g.gemv_gbs;
     hw.gpu_gemv_nf4_gbs = g.gemv_nf4_gbs;
+    hw.gpu_gemv_nf4dq_gbs = g.gemv_nf4dq_gbs;
     hw.gpu_gemv_q8_gbs = g.gemv_q8_gbs;
     std::printf("gpu:        %s: H2D %.1f GB/s, D2H %.1f GB/s, device memory %.0f GB/s, BF16 GEMM %.0f TFLOP/s\n", gpu::probe().name.c_str(),
                 g.h2d_gbs, g.d2h_gbs, g.hbm_gbs, g.gemm_tflops);
-    std::printf("gpu gemv:   one row: BF16 %.0f GB/s, NF4 %.0f GB/s, int8 %.0f GB/s of weights (%.0f%% / %.0f%% / %.0f%% of device memory; 0: failed)\n",
-                g.gemv_gbs, g.gemv_nf4_gbs, g.gemv_q8_gbs, 100 * g.gemv_gbs / g.hbm_gbs, 100 * g.gemv_nf4_gbs / g.hbm_gbs,
-                100 * g.gemv_q8_gbs / g.hbm_gbs);
+    std::printf("gpu gemv:   one row: BF16 %.0f GB/s, NF4 %.0f GB/s, NF4-DQ %.0f GB/s, int8 %.0f GB/s of weights (%.0f%% / %.0f%% / %.0f%% / %.0f%% of device memory; 0: failed)\n",
+                g.gemv_gbs, g.gemv_nf4_gbs, g.gemv_nf4dq_gbs, g.gemv_q8_gbs, 100 * g.gemv_gbs / g.hbm_gbs, 100 * g.gemv_nf4_gbs / g.hbm_gbs,
+                100 * g.gemv_nf4dq_gbs / g.hbm_gbs, 100 * g.gemv_q8_gbs / g.hbm_gbs);
   } else {
     std::printf("gpu:        not measured (%s): the built-in H100 values are kept\n", g.error.c_str());
     measured += ", GPU rates built-in";
@@ -1205,16 +1207,18 @@ int cmd_calibrate(const CalibrateFlags& f) {
       }
     }
     // The same matrices quantised (--quant): bytes of the format per second at batch 1.
-    double* rates[] = {&hw.cpu_layer_nf4_gbs, &hw.cpu_layer_q8_gbs};
+    double* rates[] = {&hw.cpu_layer_nf4_gbs, &hw.cpu_layer_nf4dq_gbs, &hw.cpu_layer_q8_gbs};
     int fi = 0;
-    for (DType t : {DType::kNF4, DType::kQ8}) {
+    for (DType t : {DType::kNF4, DType::kNF4DQ, DType::kQ8}) {
       HostBuffer one(static_cast<size_t>(quant_layout(t, N, K).bytes));
       if (!one.data()) return fail(out_of_memory("calibrate: cannot allocate the quantised GEMM weights"));
+      std::vector<float> stage(static_cast<size_t>(quant_stage_floats(t, N, K)));
       tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, 64), [&](const auto& r) {
         std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * K));
         convert_to_f32(src.as<uint16_t>() + r.begin() * K, DType::kBF16, rows.data(), rows.size());
-        quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), one.as<uint8_t>());
+        quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), one.as<uint8_t>(), stage.data());
       });
+      finish_quant(t, N, K, stage.data(), one.as<uint8_t>());
       if (Status st = make_set(one, mats); !st.ok()) return fail(st);
       const double sq = best_seconds(4, [&] {
         for (auto& m : mats) cpu::gemm_xwt(x.data(), 1, TensorView::contiguous(m.data(), t, {N, K}), y.data());
@@ -1222,7 +1226,8 @@ int cmd_calibrate(const CalibrateFlags& f) {
       *rates[fi++] = static_cast<double>(mats.size()) * static_cast<double>(one.size()) / sq / 1e9;
     }
     mats.clear();
-    std::printf("cpu layer:  batch 1 NF4 %.1f GB/s, int8 %.1f GB/s of quantised weights\n", hw.cpu_layer_nf4_gbs, hw.cpu_layer_q8_gbs);
+    std::printf("cpu layer:  batch 1 NF4 %.1f GB/s, NF4-DQ %.1f GB/s, int8 %.1f GB/s of quantised weights\n", hw.cpu_layer_nf4_gbs, hw.cpu_layer_nf4dq_gbs,
+                hw.cpu_layer_q8_gbs);
   }
   // Disk: the given store, or a 1 GiB scratch store in --dir.
   {
@@ -1407,8 +1412,8 @@ int main(int argc, char** argv) {
   pack->add_option("--out", pf.out, "Store directory to create (written to a temporary name, renamed when complete)")->required();
   pack->add_option("--dtype", pf.dtype, "stored: keep each tensor's dtype; bf16: convert (what --device gpu streams)")->check(CLI::IsMember({"stored", "bf16"}));
   pack->add_option("--layers", pf.layers, "Synthetic models only: keep the preset's shapes but use N layers")->check(CLI::Range(1, 4096));
-  pack->add_option("--quant", pf.quant, "Store the layers' Linear weights quantised: nf4 or int8 (as run's --quant; the disk tier then reads 4-bit blocks)")
-      ->check(CLI::IsMember({"bf16", "nf4", "int8"}));
+  pack->add_option("--quant", pf.quant, "Store the layers' Linear weights quantised: nf4, nf4-dq or int8 (as run's --quant; the disk tier then reads 4-bit blocks)")
+      ->check(CLI::IsMember({"bf16", "nf4", "nf4-dq", "int8"}));
   pack->footer("Example:\n  ferry pack -m ~/models/Llama-2-13b-hf --out /nvme/ferry/llama-2-13b\n"
                "  ferry pack -m ~/models/Llama-3-70B --quant nf4 --out /nvme/ferry/llama-3-70b-nf4\n"
                "  ferry run -m ~/models/Llama-2-13b-hf --disk /nvme/ferry/llama-2-13b -p \"Hello\"");

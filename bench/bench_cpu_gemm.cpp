@@ -1,10 +1,10 @@
 // bench_cpu_gemm: times the CPU matrix product y = x W^T for weights of Llama shapes and prints the
 // achieved weight bandwidth and FLOP rate.
 //
-//   bench_cpu_gemm [--weights bf16|nf4|int8] [M ...]
+//   bench_cpu_gemm [--weights bf16|nf4|nf4-dq|int8] [M ...]
 //                                               every path at every row count (CPU-computed layers
 //                                               use the one marked)
-//   bench_cpu_gemm --layer [--weights bf16|nf4|int8] [--hot] [--beside-copies]
+//   bench_cpu_gemm --layer [--weights bf16|nf4|nf4-dq|int8] [--hot] [--beside-copies]
 //                                               a CPU-computed layer's decode products (M = 1) over
 //                                               weights larger than the caches: the rate ferry's
 //                                               CPU layers read their weights at. --hot: the same
@@ -58,11 +58,13 @@ HostBuffer make_weights(DType t, int64_t N, int64_t K, const std::string& name) 
   });
   if (t == DType::kBF16) return bf;
   HostBuffer q(static_cast<size_t>(quant_layout(t, N, K).bytes));
+  std::vector<float> stage(static_cast<size_t>(quant_stage_floats(t, N, K)));
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, 64), [&](const auto& r) {
     std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * K));
     convert_to_f32(bf.as<uint16_t>() + r.begin() * K, DType::kBF16, rows.data(), rows.size());
-    quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), q.as<uint8_t>());
+    quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), q.as<uint8_t>(), stage.data());
   });
+  finish_quant(t, N, K, stage.data(), q.as<uint8_t>());
   return q;
 }
 
@@ -164,9 +166,10 @@ int main(int argc, char** argv) {
       const std::string v = argv[++i];
       if (v == "bf16") t = DType::kBF16;
       else if (v == "nf4") t = DType::kNF4;
+      else if (v == "nf4-dq") t = DType::kNF4DQ;
       else if (v == "int8") t = DType::kQ8;
       else {
-        std::fprintf(stderr, "bench_cpu_gemm: --weights %s: expected bf16, nf4 or int8\n", v.c_str());
+        std::fprintf(stderr, "bench_cpu_gemm: --weights %s: expected bf16, nf4, nf4-dq or int8\n", v.c_str());
         return 2;
       }
     } else if (!a.empty() && a[0] != '-') ms.push_back(std::atoll(a.c_str()));

@@ -2,6 +2,7 @@
 // ferry's streaming GEMV against cuBLAS, for M = 1..16 rows. Prints GB/s of weight bytes read and the
 // fraction of a measured device-to-device copy rate (bytes read + written per second: the HBM rate).
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "gpu/kernels.h"
@@ -79,20 +80,24 @@ int main() {
                     100.0 * gbs / floor_gbs);
       }
     }
-    // Quantised copies (NF4, Q8: quantised on the GPU from the BF16 ones), M = 1 and 2: GB/s of
-    // the quantised bytes (FERRY_GPU_QROWS sets the rows a warp streams at M = 1).
-    for (DType t : {DType::kNF4, DType::kQ8}) {
+    // Quantised copies (NF4, NF4-DQ, Q8: quantised on the GPU from the BF16 ones), M = 1 and 2: GB/s
+    // of the quantised bytes (FERRY_GPU_QROWS sets the rows a warp streams at M = 1).
+    for (DType t : {DType::kNF4, DType::kNF4DQ, DType::kQ8}) {
       const int64_t qb = quant_layout(t, s.n, s.k).bytes;
       std::vector<uint8_t*> qs(n_copies);
+      float* stage = nullptr;
+      if (const int64_t sf = quant_stage_floats(t, s.n, s.k)) CUDA_CHECK(cudaMalloc(&stage, sf * sizeof(float)));
       for (int c = 0; c < n_copies; ++c) {
         CUDA_CHECK(cudaMalloc(&qs[c], qb));
-        quantize_rows(t, ws[c], s.n, s.k, 0, s.n, qs[c], nullptr);
+        quantize_rows(t, ws[c], s.n, s.k, 0, s.n, qs[c], nullptr, stage);
+        finish_quant(t, s.n, s.k, stage, qs[c], nullptr);
       }
+      if (stage) CUDA_CHECK(cudaFree(stage));
       for (int64_t M : {1, 2}) {
         auto run = [&](int i) { gemv_store(GemvIn{x}, GemvW{qs[i % n_copies], t}, y, M, s.n, s.k, nullptr); };
         const double us = time_us(run);
         const double gbs = static_cast<double>(qb) / (us * 1e3);
-        std::printf("| %s | %lld | gemv %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), t == DType::kNF4 ? "nf4" : "q8", us, gbs,
+        std::printf("| %s | %lld | gemv %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), std::string(dtype_name(t)).c_str(), us, gbs,
                     100.0 * gbs / floor_gbs);
       }
       for (auto q : qs) CUDA_CHECK(cudaFree(q));

@@ -15,6 +15,18 @@ namespace ferry::cpu {
 
 namespace {
 
+// Rows [n0, n1)'s NF4 absmax (K / 64 a row) of an NF4 or NF4-DQ weight: in the blob, or NF4-DQ's
+// expanded into tmp ((n1 - n0) * K / 64 floats; a task's rows at once keep the gathers pipelined).
+const float* rows_absmax(const TensorView& W, int64_t n0, int64_t n1, float* tmp) {
+  const int64_t N = W.shape[0], K = W.shape[1];
+  const uint8_t* base = static_cast<const uint8_t*>(W.data);
+  const QuantLayout l = quant_layout(W.dtype, N, K);
+  if (W.dtype == DType::kNF4) return reinterpret_cast<const float*>(base + l.scales) + n0 * (K / 64);
+  nf4dq_absmax(base + l.scales, reinterpret_cast<const float*>(base + l.scales2), reinterpret_cast<const float*>(base + l.means), n0 * (K / 64),
+               (n1 - n0) * (K / 64), tmp);
+  return tmp;
+}
+
 // Converts row n of W [N, K] (F32, F16, BF16, or a quantised blob: models/weight_format.h) to float32.
 void row_to_f32(const TensorView& W, int64_t n, float* dst) {
   const int64_t N = W.shape[0], K = W.shape[1];
@@ -23,9 +35,11 @@ void row_to_f32(const TensorView& W, int64_t n, float* dst) {
     case DType::kF32: std::copy_n(reinterpret_cast<const float*>(base) + n * K, K, dst); return;
     case DType::kBF16: bf16_to_f32_row(reinterpret_cast<const uint16_t*>(base) + n * K, dst, K); return;
     case DType::kF16: f16_to_f32_row(reinterpret_cast<const uint16_t*>(base) + n * K, dst, K); return;
-    case DType::kNF4: {
-      const QuantLayout l = quant_layout(DType::kNF4, N, K);
-      nf4_to_f32_row(base + n * K / 2, reinterpret_cast<const float*>(base + l.scales) + n * K / 64, dst, K);
+    case DType::kNF4:
+    case DType::kNF4DQ: {
+      thread_local std::vector<float> absmax;
+      absmax.resize(static_cast<size_t>(K / 64));
+      nf4_to_f32_row(base + n * K / 2, rows_absmax(W, n, n + 1, absmax.data()), dst, K);
       return;
     }
     case DType::kQ8: {
@@ -33,7 +47,7 @@ void row_to_f32(const TensorView& W, int64_t n, float* dst) {
       q8_to_f32_row(reinterpret_cast<const int8_t*>(base) + n * K, reinterpret_cast<const float*>(base + l.scales)[n], dst, K);
       return;
     }
-    default: FERRY_CHECK_MSG(false, "gemm: weight dtype must be F32, F16, BF16, NF4 or Q8");
+    default: FERRY_CHECK_MSG(false, "gemm: weight dtype must be F32, F16, BF16, NF4, NF4DQ or Q8");
   }
 }
 
@@ -138,7 +152,7 @@ void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
     // NF4 and BF16 against x split once here into the phases their decoded vectors hold.
     FERRY_CHECK(M <= kGemvMaxRows);
     const uint8_t* base = static_cast<const uint8_t*>(W.data);
-    const float* scales = is_quantized(W.dtype) ? reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales) : nullptr;
+    const float* scales = W.dtype == DType::kQ8 ? reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales) : nullptr;
     thread_local std::vector<float> split;
     const float* xs = x;
     if (W.dtype != DType::kQ8) {
@@ -147,13 +161,20 @@ void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
       xs = split.data();
     }
     // About 32 KiB of weights a task.
-    const int64_t row_bytes = W.dtype == DType::kNF4 ? K / 2 : W.dtype == DType::kQ8 ? K : 2 * K;
+    const int64_t row_bytes = is_nf4(W.dtype) ? K / 2 : W.dtype == DType::kQ8 ? K : 2 * K;
     const int64_t qgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
     tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, qgrain), [&](const tbb::blocked_range<int64_t>& r) {
       float out[kGemvMaxRows];
+      thread_local std::vector<float> absmax;  // NF4-DQ: the task's absmax, dequantised
+      const float* a = nullptr;
+      if (is_nf4(W.dtype)) {
+        if (W.dtype == DType::kNF4DQ) absmax.resize(static_cast<size_t>((r.end() - r.begin()) * (K / 64)));
+        a = rows_absmax(W, r.begin(), r.end(), absmax.data());
+      }
       for (int64_t n = r.begin(); n < r.end(); ++n) {
         switch (W.dtype) {
-          case DType::kNF4: nf4_dot_rows(base + n * K / 2, scales + n * K / 64, xs, K, K, M, out); break;
+          case DType::kNF4:
+          case DType::kNF4DQ: nf4_dot_rows(base + n * K / 2, a + (n - r.begin()) * (K / 64), xs, K, K, M, out); break;
           case DType::kQ8: q8_dot_rows(reinterpret_cast<const int8_t*>(base) + n * K, scales[n], xs, K, K, M, out); break;
           default: bf16_dot_rows(reinterpret_cast<const uint16_t*>(base) + n * K, xs, K, K, M, out); break;
         }

@@ -31,6 +31,41 @@ FERRY_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+namespace {
+bool have_avx512();
+// 16 absmax a gather from the map, each 256-block's absmax2 and mean broadcast; the product and the
+// sum rounded apart (explicit-rounding intrinsics: never contracted into a fused multiply-add).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4dq_absmax_avx512(const uint8_t* codes, const float* absmax2, const float* means, int64_t i0,
+                                                                             int64_t n, float* out) {
+  constexpr int kR = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const float* map = dynamic_map_signed();
+  for (int64_t i = 0; i < n;) {
+    const int64_t b = (i0 + i) >> 8, end = std::min(n, ((b + 1) << 8) - i0);
+    const __m512 s = _mm512_set1_ps(absmax2[b]), m = _mm512_set1_ps(means[b]);
+    for (; i < end; i += 16) {
+      const __mmask16 k = end - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (end - i)) - 1);
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes + i0 + i));
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, map, 4);
+      _mm512_mask_storeu_ps(out + i, k, _mm512_add_round_ps(_mm512_mul_round_ps(v, s, kR), m, kR));
+    }
+    i = end;
+  }
+}
+}  // namespace
+#endif
+
+void nf4dq_absmax(const uint8_t* codes, const float* absmax2, const float* means, int64_t i0, int64_t n, float* out) {
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+  if (have_avx512()) return nf4dq_absmax_avx512(codes, absmax2, means, i0, n, out);
+#endif
+  const float* map = dynamic_map_signed();
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = map[codes[i0 + i]] * absmax2[(i0 + i) >> 8];  // baseline x86-64: no FMA to contract into
+    out[i] = p + means[(i0 + i) >> 8];
+  }
+}
+
 FERRY_CLONES void bf16_to_f32_row(const uint16_t* src, float* dst, int64_t n) {
   // Built with -fno-strict-aliasing: the float buffer is written through its bit pattern.
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
@@ -305,9 +340,9 @@ void nf4_to_f32_row(const uint8_t* codes, const float* absmax, float* dst, int64
 }
 
 void split_for_rows(DType w, const float* x, int64_t M, int64_t K, float* xs) {
-  FERRY_CHECK(w == DType::kNF4 || w == DType::kBF16);
+  FERRY_CHECK(is_nf4(w) || w == DType::kBF16);
   for (int64_t m = 0; m < M; ++m) {
-    if (w == DType::kNF4) split_phases_row(x + m * K, K, kNf4Group, kNf4Phases, 64, xs + m * K);
+    if (is_nf4(w)) split_phases_row(x + m * K, K, kNf4Group, kNf4Phases, 64, xs + m * K);
     else split_phases_row(x + m * K, K, kBf16Group, kBf16Phases, 0, xs + m * K);
   }
 }

@@ -11,6 +11,10 @@ namespace ferry::cpu {
 
 // Returns sum(a[i] * b[i]) accumulated in float32.
 float dot_f32(const float* a, const float* b, int64_t n);
+// NF4-DQ's absmax i0 .. i0 + n - 1 (models/weight_format.h): out[i] = map[codes[i0 + i]] *
+// absmax2[(i0 + i) / 256] + means[(i0 + i) / 256], the product and the sum each rounded (the codec's
+// values bit for bit).
+void nf4dq_absmax(const uint8_t* codes, const float* absmax2, const float* means, int64_t i0, int64_t n, float* out);
 // dst[i] = float(src[i]) for bf16 / f16 bit patterns.
 void bf16_to_f32_row(const uint16_t* src, float* dst, int64_t n);
 void f16_to_f32_row(const uint16_t* src, float* dst, int64_t n);

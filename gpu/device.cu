@@ -103,12 +103,13 @@ GpuRates measure_gpu_rates() {
     // The decode GEMV (M = 1) with b as the weights (the GEMM's random bits: the time does not depend
     // on the values), as many K = 8192 rows of each format as 1 GiB holds; y has room for them. A
     // format that fails keeps 0 (not measured: the planner then uses the HBM rate).
-    for (WeightFormat f : {WeightFormat::kBF16, WeightFormat::kNF4, WeightFormat::kInt8}) try {
+    for (WeightFormat f : kWeightFormats) try {
       const int64_t Kg = 8192;
       const int64_t rows = std::min(static_cast<int64_t>(n) / weight_format_bytes(f, 1, Kg), M * N);  // a row's blob rounds up
       const DType t = weight_format_info(f).dtype;
       const double gms = best_ms([&] { gemv_store(GemvIn{static_cast<bf16*>(a)}, GemvW{b, t}, y, 1, rows, Kg, s); });
-      (t == DType::kBF16 ? r.gemv_gbs : t == DType::kNF4 ? r.gemv_nf4_gbs : r.gemv_q8_gbs) = weight_format_bytes(f, rows, Kg) / (gms * 1e-3) / 1e9;
+      (t == DType::kBF16 ? r.gemv_gbs : t == DType::kNF4 ? r.gemv_nf4_gbs : t == DType::kNF4DQ ? r.gemv_nf4dq_gbs : r.gemv_q8_gbs) =
+          weight_format_bytes(f, rows, Kg) / (gms * 1e-3) / 1e9;
     } catch (const CudaError&) {
       cudaGetLastError();  // a launch error is not sticky: the other formats and rates stand
     }

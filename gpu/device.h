@@ -25,9 +25,9 @@ int64_t driver_used_bytes();
 // copy (bytes read + written, GB/s), and a BF16 GEMM (TFLOP/s). Each is the best of a few runs.
 struct GpuRates {
   double h2d_gbs = 0, d2h_gbs = 0, hbm_gbs = 0, gemm_tflops = 0;
-  // The decode GEMV at one row over 1 GiB of BF16, NF4 and int8 weights (K = 8192): bytes of the
-  // format read per second.
-  double gemv_gbs = 0, gemv_nf4_gbs = 0, gemv_q8_gbs = 0;
+  // The decode GEMV at one row over 1 GiB of BF16, NF4, NF4-DQ and int8 weights (K = 8192): bytes of
+  // the format read per second.
+  double gemv_gbs = 0, gemv_nf4_gbs = 0, gemv_nf4dq_gbs = 0, gemv_q8_gbs = 0;
   std::string error;  // non-empty: nothing was measured, and why
 };
 GpuRates measure_gpu_rates();

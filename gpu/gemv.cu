@@ -14,6 +14,7 @@
 #include <string>
 
 #include "gpu/rope_kv.cuh"
+#include "gpu/dynamic_map.cuh"
 #include "models/weight_format.h"
 
 namespace ferry::gpu {
@@ -30,6 +31,16 @@ constexpr int kChunkElems = kFmt == kFmtBf16 ? 8 : kFmt == kFmtNf4 ? 32 : 16;
 __constant__ float c_nf4[16] = {kNf4Codes[0], kNf4Codes[1], kNf4Codes[2],  kNf4Codes[3],  kNf4Codes[4],  kNf4Codes[5],
                                  kNf4Codes[6], kNf4Codes[7], kNf4Codes[8],  kNf4Codes[9],  kNf4Codes[10], kNf4Codes[11],
                                  kNf4Codes[12], kNf4Codes[13], kNf4Codes[14], kNf4Codes[15]};
+
+
+// A quantised weight's scales: NF4's fp32 absmax or Q8's row scales in `f32`; NF4-DQ's 8-bit absmax
+// codes, fp32 absmax2 and means (one each per 256 codes) instead.
+struct QScales {
+  const float* f32 = nullptr;
+  const uint8_t* codes = nullptr;
+  const float* a2 = nullptr;
+  const float* means = nullptr;
+};
 
 __device__ __forceinline__ void bf16x8(const uint4& v, float (&f)[8]) {
   const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -212,15 +223,20 @@ constexpr int kInFlight = kFmt == kFmtBf16 ? 4 : NR < 4 ? 2 : 1;
 template <int kFmt, int M>
 constexpr int kMinBlocks = kFmt == kFmtBf16 || M > 1 ? 2 : 3;
 
-// `scales`: NF4's absmax per block of 64, Q8's per row (null for BF16), of a weight with `rows_total` rows.
+// `qs`: NF4's absmax per block of 64 (fp32, or NF4-DQ's codes), Q8's per row (none for BF16), of a
+// weight with `rows_total` rows.
 template <int M, int kSrc, class Epi, int kFmt, int G>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv_kernel(GemvIn in, const uint8_t* __restrict__ w, const float* __restrict__ scales,
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv_kernel(GemvIn in, const uint8_t* __restrict__ w, QScales qs,
                                                                     int64_t n_tasks, int64_t K, Epi epi) {
   constexpr int R = Epi::R, E = kChunkElems<kFmt>, NR = G * R, U = kInFlight<kFmt, NR>;
   __shared__ float red[32];
   __shared__ float lut[16];
+  __shared__ float dmap[kFmt == kFmtNf4 ? 256 : 1];
+  const bool dq = kFmt == kFmtNf4 && qs.codes != nullptr;
   if constexpr (kFmt == kFmtNf4) {
     if (threadIdx.x < 16) lut[threadIdx.x] = c_nf4[threadIdx.x];
+    if (dq)
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) dmap[i] = c_dmap.v[i];
     __syncthreads();
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -240,10 +256,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
   const uint4* wr[NR];
 #pragma unroll
   for (int r = 0; r < NR; ++r) wr[r] = reinterpret_cast<const uint4*>(w) + rows[r] * chunks;
-  // NF4: chunk c of row r has absmax scales[rows[r] * chunks / 2 + c / 2].
-  auto scale_of = [&](int r, int64_t c) -> float {
-    if constexpr (kFmt == kFmtNf4) return __ldg(scales + rows[r] * (chunks / 2) + c / 2);
-    else return 1.0f;
+  // NF4: chunk c of row r has absmax i = rows[r] * chunks / 2 + c / 2; NF4-DQ's is map[code i] *
+  // absmax2[i / 256] + mean[i / 256], rounded twice as bitsandbytes' dequantisation does. The part
+  // read from HBM (the fp32 absmax, or the 8-bit code) is loaded with the weights, a chunk ahead
+  // (scale_raw); scale_of finishes it when the chunk's products are summed (absmax2 and the means
+  // change every 256 blocks: L1 hits).
+  auto scale_raw = [&](int r, int64_t c) -> uint32_t {
+    if constexpr (kFmt == kFmtNf4) {
+      const int64_t i = rows[r] * (chunks / 2) + c / 2;
+      return dq ? static_cast<uint32_t>(__ldg(qs.codes + i)) : __float_as_uint(__ldg(qs.f32 + i));
+    } else {
+      return 0u;
+    }
+  };
+  auto scale_of = [&](int r, int64_t c, uint32_t raw) -> float {
+    if constexpr (kFmt == kFmtNf4) {
+      if (!dq) return __uint_as_float(raw);
+      const int64_t b = (rows[r] * (chunks / 2) + c / 2) >> 8;
+      return dq_absmax(dmap[raw], __ldg(qs.a2 + b), __ldg(qs.means + b));
+    } else {
+      return 1.0f;
+    }
   };
   float acc[NR][M];
 #pragma unroll
@@ -257,11 +290,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
   constexpr int kAhead = 32 * (U - 1);
   int64_t c = lane;
   uint4 wv[NR][U];
+  uint32_t sv[NR][U];  // the chunks' scales as read (scale_raw)
   if (any && c + kAhead < chunks) {
 #pragma unroll
     for (int r = 0; r < NR; ++r)
 #pragma unroll
-      for (int u = 0; u < U; ++u) wv[r][u] = __ldcs(wr[r] + c + 32 * u);  // streamed once: do not keep in L2
+      for (int u = 0; u < U; ++u) {
+        wv[r][u] = __ldcs(wr[r] + c + 32 * u);  // streamed once: do not keep in L2
+        sv[r][u] = scale_raw(r, c + 32 * u);
+      }
   }
   pdl_wait();
   float inv[M];
@@ -276,22 +313,29 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
   if (any) {
     while (c + kAhead < chunks) {
       uint4 cur[NR][U];
+      uint32_t scur[NR][U];
 #pragma unroll
       for (int r = 0; r < NR; ++r)
 #pragma unroll
-        for (int u = 0; u < U; ++u) cur[r][u] = wv[r][u];
+        for (int u = 0; u < U; ++u) {
+          cur[r][u] = wv[r][u];
+          scur[r][u] = sv[r][u];
+        }
       const int64_t next = c + 32 * U;
       if (next + kAhead < chunks) {
 #pragma unroll
         for (int r = 0; r < NR; ++r)
 #pragma unroll
-          for (int u = 0; u < U; ++u) wv[r][u] = __ldcs(wr[r] + next + 32 * u);
+          for (int u = 0; u < U; ++u) {
+            wv[r][u] = __ldcs(wr[r] + next + 32 * u);
+            sv[r][u] = scale_raw(r, next + 32 * u);
+          }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         float sc[NR];
 #pragma unroll
-        for (int r = 0; r < NR; ++r) sc[r] = scale_of(r, c + 32 * u);
+        for (int r = 0; r < NR; ++r) sc[r] = scale_of(r, c + 32 * u, scur[r][u]);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           if constexpr (kFmt == kFmtBf16) {  // x converted once for all rows
@@ -312,7 +356,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
 #pragma unroll
       for (int r = 0; r < NR; ++r) {
         wt[r][0] = __ldcs(wr[r] + c);
-        sc[r] = scale_of(r, c);
+        sc[r] = scale_of(r, c, scale_raw(r, c));
       }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
@@ -332,7 +376,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
     float row_scale = 1.0f;
-    if constexpr (kFmt == kFmtQ8) row_scale = any ? __ldg(scales + rows[r]) : 0.0f;
+    if constexpr (kFmt == kFmtQ8) row_scale = any ? __ldg(qs.f32 + rows[r]) : 0.0f;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       acc[r][m] = warp_sum(acc[r][m]);
@@ -383,9 +427,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
 template <int M, int kSrc, int kFmt, int G, class Epi>
 void launch_fmt(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
                 cudaStream_t s) {
-  const float* scales = nullptr;
-  if constexpr (kFmt != kFmtBf16)
-    scales = reinterpret_cast<const float*>(static_cast<const uint8_t*>(w.p) + quant_layout(w.dt, rows_total, K).scales);
+  QScales qs;
+  if constexpr (kFmt != kFmtBf16) {
+    const uint8_t* base = static_cast<const uint8_t*>(w.p);
+    const QuantLayout l = quant_layout(w.dt, rows_total, K);
+    if (w.dt == DType::kNF4DQ) {
+      qs.codes = base + l.scales;
+      qs.a2 = reinterpret_cast<const float*>(base + l.scales2);
+      qs.means = reinterpret_cast<const float*>(base + l.means);
+    } else {
+      qs.f32 = reinterpret_cast<const float*>(base + l.scales);
+    }
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>((n_tasks + kWarpsPerBlock * G - 1) / (kWarpsPerBlock * G)));
   cfg.blockDim = dim3(kWarpsPerBlock * 32);
@@ -395,7 +448,7 @@ void launch_fmt(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = weights_fixed && programmatic_launch() ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<M, kSrc, Epi, kFmt, G>, in, static_cast<const uint8_t*>(w.p), scales, n_tasks, K, epi));
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<M, kSrc, Epi, kFmt, G>, in, static_cast<const uint8_t*>(w.p), qs, n_tasks, K, epi));
 }
 
 // A quantised format's launch with G tasks a warp (M * R * G <= 4 rows of products a warp).
@@ -413,7 +466,7 @@ void launch_groups(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t
 
 template <int M, int kSrc, class Epi>
 void launch(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed, cudaStream_t s) {
-  if (w.dt == DType::kNF4) launch_groups<M, kSrc, kFmtNf4>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
+  if (is_nf4(w.dt)) launch_groups<M, kSrc, kFmtNf4>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
   else if (w.dt == DType::kQ8) launch_groups<M, kSrc, kFmtQ8>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
   else launch_fmt<M, kSrc, kFmtBf16, 1>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
 }
@@ -422,10 +475,10 @@ void launch(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_task
 int source_of(const GemvIn& in) { return in.res ? kSrcNorm : in.x_lo ? kSrcHiLo : kSrcBf16; }
 
 void check(const GemvIn& in, const GemvW& w, int64_t M, int64_t K, int64_t max_rows, const char* what) {
-  const int64_t mult = w.dt == DType::kNF4 ? 64 : w.dt == DType::kQ8 ? 16 : 8;
+  const int64_t mult = is_nf4(w.dt) ? 64 : w.dt == DType::kQ8 ? 16 : 8;
   if (K % mult != 0 || M < 1 || M > max_rows)
     throw CudaError(std::string(what) + ": needs K % " + std::to_string(mult) + " == 0 and 1 <= M <= " + std::to_string(max_rows));
-  if (w.dt != DType::kBF16 && !is_quantized(w.dt)) throw CudaError(std::string(what) + ": weights must be BF16, NF4 or Q8");
+  if (w.dt != DType::kBF16 && !is_quantized(w.dt)) throw CudaError(std::string(what) + ": weights must be BF16, NF4, NF4DQ or Q8");
   if (in.res ? (in.g == nullptr || in.ss == nullptr || in.n_ss < 1) : in.x == nullptr)
     throw CudaError(std::string(what) + ": the input needs x, or res with g and ss");
   if (in.res && reinterpret_cast<uintptr_t>(in.g) % 16 != 0) throw CudaError(std::string(what) + ": g must be 16-byte aligned");

@@ -15,6 +15,7 @@
 #include "gpu/cuda_stream_device.h"
 #include "gpu/kernels.h"
 #include "models/synthetic.h"
+#include "models/weight_format.h"
 #include "offload/layer_layout.h"
 #include "offload/staging_ring.h"
 #include "runtime/budget.h"
@@ -416,7 +417,7 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     const int64_t block = static_cast<int64_t>(m.lay.bytes);
     if (is_quantized(m.quant)) {
       // cuBLAS's rows: a tile of dequantised weight rows (32 MiB), reused by every product.
-      m.wtile_elems = quant_tile_elems(cfg);
+      m.wtile_elems = quant_tile_elems(cfg, m.quant);
       m.wtile = m.alloc<bf16>(m.wtile_elems, "dequantised weight tile");
     }
     auto pinned = [&](int64_t bytes, const std::string& what) {
@@ -480,19 +481,27 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
       if (t == kWqkv) parts = {kWq, kWk, kWv};
       if (t == kWGateUp) parts = {kWGate, kWUp};
       const int64_t R = dst.shape[0], K = dst.shape[1];
-      const int64_t chunk = std::max<int64_t>(1, m.wtile_elems / K);
+      // NF4-DQ: the weight's fp32 absmax staged at the tile's end (quant_tile_elems leaves room).
+      const int64_t stage_floats = quant_stage_floats(cfg, dst.dtype);
+      float* stage = stage_floats ? reinterpret_cast<float*>(m.wtile) + (m.wtile_elems / 2 - stage_floats) / 64 * 64 : nullptr;
+      const int64_t gen_elems = stage ? 2 * (stage - reinterpret_cast<float*>(m.wtile)) : m.wtile_elems;
+      FERRY_CHECK(quant_stage_floats(dst.dtype, R, K) <= stage_floats && gen_elems >= K);
+      const int64_t chunk = std::max<int64_t>(1, gen_elems / K);
       int64_t r = 0;
+      std::vector<int64_t> part_rows;
       for (int part : parts) {
         const WeightStore::SyntheticInfo info = ws.synthetic_info(il, part);
         const int64_t rows = part == kWq ? cfg.q_dim() : part == kWk || part == kWv ? cfg.kv_dim() : part == kWo || part == kWDown ? cfg.n_embd : cfg.n_ff;
+        part_rows.push_back(rows);
         for (int64_t pr = 0; pr < rows; pr += chunk) {
           const int64_t n = std::min(chunk, rows - pr);
           synthetic_fill(synthetic_key(info.name), synthetic_scale(info.fan_in, info.is_norm), false, n * K, m.wtile, m.stream, pr * K);
-          quantize_rows(dst.dtype, m.wtile, R, K, r + pr, r + pr + n, dst.as<uint8_t>(), m.stream);
+          quantize_rows(dst.dtype, m.wtile, R, K, r + pr, r + pr + n, dst.as<uint8_t>(), m.stream, stage);
         }
         r += rows;
       }
       FERRY_CHECK(r == R);
+      finish_quant(dst.dtype, R, K, stage, dst.as<uint8_t>(), m.stream, part_rows);
     };
     auto put = [&](const TensorView& src, bf16* dst, int64_t il, int t) {
       const int64_t n = src.numel();

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "gpu/common.cuh"
 #include "runtime/tensor.h"
@@ -111,8 +112,12 @@ void gemv_rope_kv(const GemvIn& in, const GemvW& w, const bf16* bias, const int3
                   int64_t n_heads, const PagedKv& kv, bf16* q, int64_t M, int64_t K, cudaStream_t s, bool weights_fixed = false);
 
 // quant.cu: rows [r0, r1) of a [rows, cols] weight, given as BF16 x [(r1 - r0), cols], quantised into
-// the blob of `t` (NF4 or Q8) bit for bit as models/weight_format.cpp does on the host.
-void quantize_rows(DType t, const bf16* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, cudaStream_t s);
+// the blob of `t` (NF4, NF4-DQ or Q8) bit for bit as models/weight_format.cpp does on the host; NF4-DQ
+// leaves its fp32 absmax in `stage` (quant_stage_floats floats, device memory) and finish_quant
+// double-quantises them into the blob once every row is written, part by part (`part_rows`, as
+// models/weight_format.h's finish_quant; a no-op for the other formats).
+void quantize_rows(DType t, const bf16* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, cudaStream_t s, float* stage = nullptr);
+void finish_quant(DType t, int64_t rows, int64_t cols, const float* stage, uint8_t* blob, cudaStream_t s, const std::vector<int64_t>& part_rows = {});
 // Rows [r0, r1) of a quantised blob as BF16 y [(r1 - r0), cols] (for cuBLAS at many rows); with y_lo,
 // also the BF16 rounding of what y leaves (y + y_lo carries ~16 bits of each weight).
 void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r0, int64_t r1, bf16* y, cudaStream_t s,

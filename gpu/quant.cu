@@ -1,9 +1,10 @@
 // Quantisation on the GPU (models/weight_format.h): a layer generated or uploaded in BF16 becomes
-// its NF4 / Q8 blob where it will live, bit for bit as the host codec would make it, and the
+// its NF4 / NF4-DQ / Q8 blob where it will live, bit for bit as the host codec would make it, and the
 // inverse for cuBLAS at many rows.
 #include <cfloat>
 
 #include "gpu/kernels.h"
+#include "gpu/dynamic_map.cuh"
 #include "models/weight_format.h"
 
 namespace ferry::gpu {
@@ -61,14 +62,27 @@ __global__ void q8_kernel(const bf16* __restrict__ x, int64_t cols, int64_t r0, 
   if (threadIdx.x == 0) scale[r0 + r] = m / 127.0f;
 }
 
-__global__ void dequant_kernel(int fmt, const uint8_t* __restrict__ blob, const float* __restrict__ scales, int64_t cols, int64_t e0, int64_t n,
+// NF4-DQ's absmax codes, second-level scales and mean (null for the other formats).
+struct Dq {
+  const uint8_t* codes = nullptr;
+  const float* a2 = nullptr;
+  const float* means = nullptr;
+};
+
+// NF4 block i's absmax: fp32, or NF4-DQ's map[code] * absmax2 + mean rounded twice (bitsandbytes').
+__device__ __forceinline__ float nf4_absmax(const float* scales, const Dq& dq, int64_t i) {
+  if (dq.codes) return dq_absmax(c_dmap.v[__ldg(dq.codes + i)], __ldg(dq.a2 + (i >> 8)), __ldg(dq.means + (i >> 8)));
+  return __ldg(scales + i);
+}
+
+__global__ void dequant_kernel(int fmt, const uint8_t* __restrict__ blob, const float* __restrict__ scales, Dq dq, int64_t cols, int64_t e0, int64_t n,
                                bf16* __restrict__ y, bf16* __restrict__ y_lo) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = e0 + i;
     float v;
     if (fmt == 0) {
       const uint8_t b = blob[e / 2];
-      v = c_codes[e % 2 == 0 ? b >> 4 : b & 0x0f] * scales[e / 64];
+      v = c_codes[e % 2 == 0 ? b >> 4 : b & 0x0f] * nf4_absmax(scales, dq, e / 64);
     } else {
       v = static_cast<float>(reinterpret_cast<const int8_t*>(blob)[e]) * scales[e / cols];
     }
@@ -87,7 +101,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-__global__ void dequant16_kernel(int fmt, const uint8_t* __restrict__ blob, const float* __restrict__ scales, int64_t cols, int64_t e0,
+__global__ void dequant16_kernel(int fmt, const uint8_t* __restrict__ blob, const float* __restrict__ scales, Dq dq, int64_t cols, int64_t e0,
                                  int64_t n16, bf16* __restrict__ y, bf16* __restrict__ y_lo) {
   __shared__ float tab[16];
   if (threadIdx.x < 16) tab[threadIdx.x] = c_codes[threadIdx.x];
@@ -97,7 +111,7 @@ __global__ void dequant16_kernel(int fmt, const uint8_t* __restrict__ blob, cons
     float v[16];
     if (fmt == 0) {
       const uint2 c = __ldg(reinterpret_cast<const uint2*>(blob + e / 2));
-      const float a = __ldg(scales + e / 64);
+      const float a = nf4_absmax(scales, dq, e / 64);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const uint32_t b = ((j < 4 ? c.x : c.y) >> (8 * (j & 3))) & 0xff;
@@ -131,16 +145,79 @@ __global__ void dequant16_kernel(int fmt, const uint8_t* __restrict__ blob, cons
   }
 }
 
+// NF4-DQ, step 1: the mean of the n fp32 absmax, summed in double (one block, a fixed order) and
+// rounded to float as the host codec does.
+__global__ void dq_mean_kernel(const float* __restrict__ absmax, int64_t n, float* __restrict__ mean) {
+  __shared__ double part[1024];
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += absmax[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *mean = n > 0 ? static_cast<float>(part[0] / static_cast<double>(n)) : 0.0f;
+}
+
+// Step 2: one block of 256 threads per 256 absmax: absmax2 = max |absmax - mean|, each code the
+// nearest map value of (absmax - mean) / absmax2 (the lower on a tie), as quantize_absmax_dq; the
+// part's mean (means[0], written by step 1) copied to each block's.
+__global__ void dq_codes_kernel(const float* __restrict__ absmax, int64_t n, float* means, uint8_t* __restrict__ codes,
+                                float* __restrict__ absmax2) {
+  __shared__ float map[256];
+  __shared__ float red[8];
+  map[threadIdx.x] = c_dmap.v[threadIdx.x];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  const float off = means[0];
+  if (threadIdx.x == 0 && blockIdx.x > 0) means[blockIdx.x] = off;
+  const float d = i < n ? __fsub_rn(absmax[i], off) : 0.0f;
+  float m = warp_max(fabsf(d));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = red[0];
+  for (int w = 1; w < 8; ++w) m = fmaxf(m, red[w]);
+  if (threadIdx.x == 0) absmax2[blockIdx.x] = m;
+  if (i >= n) return;
+  const float v = m > 0 ? __fdiv_rn(d, m) : 0.0f;
+  int lo = 0, hi = 256;  // the first map value >= v
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (map[mid] < v) lo = mid + 1;
+    else hi = mid;
+  }
+  int c = lo;
+  if (c == 256) c = 255;
+  else if (c > 0 && fabsf(__fsub_rn(map[c - 1], v)) <= fabsf(__fsub_rn(map[c], v))) c = c - 1;
+  codes[i] = static_cast<uint8_t>(c);
+}
+
 }  // namespace
 
-void quantize_rows(DType t, const bf16* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, cudaStream_t s) {
+void finish_quant(DType t, int64_t rows, int64_t cols, const float* stage, uint8_t* blob, cudaStream_t s, const std::vector<int64_t>& part_rows) {
+  if (t != DType::kNF4DQ) return;
+  if (stage == nullptr) throw CudaError("finish_quant: NF4-DQ needs the fp32 absmax stage");
+  const QuantLayout l = quant_layout(t, rows, cols);
+  float* a2 = reinterpret_cast<float*>(blob + l.scales2);
+  float* means = reinterpret_cast<float*>(blob + l.means);
+  for (auto [a0, a1] : dq_parts(rows, cols, part_rows)) {
+    if (a1 == a0) continue;
+    dq_mean_kernel<<<1, 1024, 0, s>>>(stage + a0, a1 - a0, means + a0 / 256);
+    CUDA_CHECK_LAUNCH();
+    dq_codes_kernel<<<ceil_div(a1 - a0, 256), 256, 0, s>>>(stage + a0, a1 - a0, means + a0 / 256, blob + l.scales + a0, a2 + a0 / 256);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+void quantize_rows(DType t, const bf16* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, cudaStream_t s, float* stage) {
   if (cols % quant_col_multiple(t) != 0 || r0 > r1 || r1 > rows) throw CudaError("quantize_rows: bad shape");
+  if (t == DType::kNF4DQ && stage == nullptr) throw CudaError("quantize_rows: NF4-DQ needs the fp32 absmax stage");
   if (r1 == r0) return;
   const QuantLayout l = quant_layout(t, rows, cols);
   float* scales = reinterpret_cast<float*>(blob + l.scales);
-  if (t == DType::kNF4) {
+  if (is_nf4(t)) {
     const int64_t n = (r1 - r0) * cols, warps = n / 64;
-    nf4_kernel<<<ceil_div(warps * 32, 256), 256, 0, s>>>(x, n, r0 * cols, blob, scales);
+    nf4_kernel<<<ceil_div(warps * 32, 256), 256, 0, s>>>(x, n, r0 * cols, blob, t == DType::kNF4DQ ? stage : scales);
   } else if (t == DType::kQ8) {
     q8_kernel<<<static_cast<unsigned>(r1 - r0), 256, 0, s>>>(x, cols, r0, reinterpret_cast<int8_t*>(blob), scales);
   } else {
@@ -154,15 +231,17 @@ void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, i
   const int64_t n = (r1 - r0) * cols;
   if (n == 0) return;
   const QuantLayout l = quant_layout(t, rows, cols);
-  const int fmt = t == DType::kNF4 ? 0 : 1;
+  const int fmt = is_nf4(t) ? 0 : 1;
   const float* scales = reinterpret_cast<const float*>(blob + l.scales);
+  Dq dq;
+  if (t == DType::kNF4DQ) dq = {blob + l.scales, reinterpret_cast<const float*>(blob + l.scales2), reinterpret_cast<const float*>(blob + l.means)};
   auto aligned = [](const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
   if (cols % 16 == 0 && aligned(blob, 16) && aligned(y, 16) && (!y_lo || aligned(y_lo, 16))) {
     const int64_t n16 = n / 16;
-    dequant16_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n16, 256), 65535)), 256, 0, s>>>(fmt, blob, scales, cols, r0 * cols, n16,
+    dequant16_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n16, 256), 65535)), 256, 0, s>>>(fmt, blob, scales, dq, cols, r0 * cols, n16,
                                                                                                           y, y_lo);
   } else {
-    dequant_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(fmt, blob, scales, cols, r0 * cols, n, y,
+    dequant_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65535)), 256, 0, s>>>(fmt, blob, scales, dq, cols, r0 * cols, n, y,
                                                                                                         y_lo);
   }
   CUDA_CHECK_LAUNCH();

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace ferry {
 
@@ -14,65 +15,23 @@ uint8_t nearest_nf4(float v) {
   return c;
 }
 
-// bitsandbytes.functional.create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), the
-// float32 values it returns (bitsandbytes 0.50.2): its formula evaluated in double differs from them
-// in the last bit of 72 values, because bitsandbytes computes the linspace and the means in float32.
-// tests/data/bnb_nf4_dq.safetensors holds bitsandbytes' own table, which the tests compare.
-constexpr float kDynamicMapSigned[256] = {
-    -0x1.fc6666p-1f, -0x1.f53334p-1f, -0x1.eep-1f, -0x1.e6ccccp-1f, -0x1.df999ap-1f, -0x1.d86666p-1f,
-    -0x1.d13334p-1f, -0x1.cap-1f, -0x1.c2ccccp-1f, -0x1.bb999ap-1f, -0x1.b46666p-1f, -0x1.ad3334p-1f,
-    -0x1.a6p-1f, -0x1.9eccccp-1f, -0x1.97999ap-1f, -0x1.906666p-1f, -0x1.893334p-1f, -0x1.82p-1f,
-    -0x1.7accccp-1f, -0x1.73999ap-1f, -0x1.6c6668p-1f, -0x1.653334p-1f, -0x1.5ep-1f, -0x1.56ccccp-1f,
-    -0x1.4f999ap-1f, -0x1.486668p-1f, -0x1.413334p-1f, -0x1.3ap-1f, -0x1.32ccccp-1f, -0x1.2b999ap-1f,
-    -0x1.246668p-1f, -0x1.1d3334p-1f, -0x1.16p-1f, -0x1.0eccccp-1f, -0x1.079998p-1f, -0x1.006666p-1f,
-    -0x1.f26664p-2f, -0x1.e4p-2f, -0x1.d59998p-2f, -0x1.c73334p-2f, -0x1.b8ccccp-2f, -0x1.aa6666p-2f,
-    -0x1.9cp-2f, -0x1.8d9998p-2f, -0x1.7f3334p-2f, -0x1.70ccccp-2f, -0x1.626666p-2f, -0x1.54p-2f,
-    -0x1.459998p-2f, -0x1.373334p-2f, -0x1.28ccccp-2f, -0x1.1a6668p-2f, -0x1.0cp-2f, -0x1.fb3332p-3f,
-    -0x1.de6666p-3f, -0x1.c1999ap-3f, -0x1.a4ccccp-3f, -0x1.88p-3f, -0x1.6b3334p-3f, -0x1.4e6666p-3f,
-    -0x1.31999ap-3f, -0x1.14ccccp-3f, -0x1.fp-4f, -0x1.b66668p-4f, -0x1.93d70ap-4f, -0x1.8851eep-4f,
-    -0x1.7ccccep-4f, -0x1.7147aep-4f, -0x1.65c29p-4f, -0x1.5a3d7p-4f, -0x1.4eb854p-4f, -0x1.433334p-4f,
-    -0x1.37ae14p-4f, -0x1.2c28f6p-4f, -0x1.20a3d6p-4f, -0x1.151ebap-4f, -0x1.09999ap-4f, -0x1.fc28f6p-5f,
-    -0x1.e51ebap-5f, -0x1.ce147ap-5f, -0x1.b70a3ep-5f, -0x1.ap-5f, -0x1.88f5c2p-5f, -0x1.71eb86p-5f,
-    -0x1.5ae146p-5f, -0x1.43d70ap-5f, -0x1.2ccccep-5f, -0x1.15c29p-5f, -0x1.fd70a4p-6f, -0x1.cf5c2ap-6f,
-    -0x1.a147aep-6f, -0x1.733334p-6f, -0x1.451ebap-6f, -0x1.170a3ep-6f, -0x1.d1eb86p-7f, -0x1.75c29p-7f,
-    -0x1.3e76c8p-7f, -0x1.2c083p-7f, -0x1.19999ap-7f, -0x1.072b02p-7f, -0x1.e978d4p-8f, -0x1.c49ba6p-8f,
-    -0x1.9fbe76p-8f, -0x1.7ae148p-8f, -0x1.56041ap-8f, -0x1.3126e8p-8f, -0x1.0c49bap-8f, -0x1.ced914p-9f,
-    -0x1.851eb8p-9f, -0x1.3b645ap-9f, -0x1.e353f8p-10f, -0x1.4fdf3ap-10f, -0x1.eecbfep-11f, -0x1.b3d07cp-11f,
-    -0x1.78d5p-11f, -0x1.3dd982p-11f, -0x1.02de02p-11f, -0x1.8fc506p-12f, -0x1.19ce0ap-12f, -0x1.47ae16p-13f,
-    -0x1.743e96p-14f, -0x1.15df66p-14f, -0x1.6f0068p-15f, -0x1.64840cp-16f, -0x1.040bfep-17f, -0x1.b43528p-19f,
-    -0x1.27476ep-21f, 0.0f, 0x1.27476ep-21f, 0x1.b43528p-19f, 0x1.040bfep-17f, 0x1.64840cp-16f,
-    0x1.6f0068p-15f, 0x1.15df66p-14f, 0x1.743e96p-14f, 0x1.47ae16p-13f, 0x1.19ce0ap-12f, 0x1.8fc506p-12f,
-    0x1.02de02p-11f, 0x1.3dd982p-11f, 0x1.78d5p-11f, 0x1.b3d07cp-11f, 0x1.eecbfep-11f, 0x1.4fdf3ap-10f,
-    0x1.e353f8p-10f, 0x1.3b645ap-9f, 0x1.851eb8p-9f, 0x1.ced914p-9f, 0x1.0c49bap-8f, 0x1.3126e8p-8f,
-    0x1.56041ap-8f, 0x1.7ae148p-8f, 0x1.9fbe76p-8f, 0x1.c49ba6p-8f, 0x1.e978d4p-8f, 0x1.072b02p-7f,
-    0x1.19999ap-7f, 0x1.2c083p-7f, 0x1.3e76c8p-7f, 0x1.75c29p-7f, 0x1.d1eb86p-7f, 0x1.170a3ep-6f,
-    0x1.451ebap-6f, 0x1.733334p-6f, 0x1.a147aep-6f, 0x1.cf5c2ap-6f, 0x1.fd70a4p-6f, 0x1.15c29p-5f,
-    0x1.2ccccep-5f, 0x1.43d70ap-5f, 0x1.5ae146p-5f, 0x1.71eb86p-5f, 0x1.88f5c2p-5f, 0x1.ap-5f,
-    0x1.b70a3ep-5f, 0x1.ce147ap-5f, 0x1.e51ebap-5f, 0x1.fc28f6p-5f, 0x1.09999ap-4f, 0x1.151ebap-4f,
-    0x1.20a3d6p-4f, 0x1.2c28f6p-4f, 0x1.37ae14p-4f, 0x1.433334p-4f, 0x1.4eb854p-4f, 0x1.5a3d7p-4f,
-    0x1.65c29p-4f, 0x1.7147aep-4f, 0x1.7ccccep-4f, 0x1.8851eep-4f, 0x1.93d70ap-4f, 0x1.b66668p-4f,
-    0x1.fp-4f, 0x1.14ccccp-3f, 0x1.31999ap-3f, 0x1.4e6666p-3f, 0x1.6b3334p-3f, 0x1.88p-3f,
-    0x1.a4ccccp-3f, 0x1.c1999ap-3f, 0x1.de6666p-3f, 0x1.fb3332p-3f, 0x1.0cp-2f, 0x1.1a6668p-2f,
-    0x1.28ccccp-2f, 0x1.373334p-2f, 0x1.459998p-2f, 0x1.54p-2f, 0x1.626666p-2f, 0x1.70ccccp-2f,
-    0x1.7f3334p-2f, 0x1.8d9998p-2f, 0x1.9cp-2f, 0x1.aa6666p-2f, 0x1.b8ccccp-2f, 0x1.c73334p-2f,
-    0x1.d59998p-2f, 0x1.e4p-2f, 0x1.f26664p-2f, 0x1.006666p-1f, 0x1.079998p-1f, 0x1.0eccccp-1f,
-    0x1.16p-1f, 0x1.1d3334p-1f, 0x1.246668p-1f, 0x1.2b999ap-1f, 0x1.32ccccp-1f, 0x1.3ap-1f,
-    0x1.413334p-1f, 0x1.486668p-1f, 0x1.4f999ap-1f, 0x1.56ccccp-1f, 0x1.5ep-1f, 0x1.653334p-1f,
-    0x1.6c6668p-1f, 0x1.73999ap-1f, 0x1.7accccp-1f, 0x1.82p-1f, 0x1.893334p-1f, 0x1.906666p-1f,
-    0x1.97999ap-1f, 0x1.9eccccp-1f, 0x1.a6p-1f, 0x1.ad3334p-1f, 0x1.b46666p-1f, 0x1.bb999ap-1f,
-    0x1.c2ccccp-1f, 0x1.cap-1f, 0x1.d13334p-1f, 0x1.d86666p-1f, 0x1.df999ap-1f, 0x1.e6ccccp-1f,
-    0x1.eep-1f, 0x1.f53334p-1f, 0x1.fc6666p-1f, 0x1.0p+0f,
-};
 }  // namespace
 
 bool weight_format_from_name(std::string_view name, WeightFormat* out) {
-  for (WeightFormat f : {WeightFormat::kBF16, WeightFormat::kNF4, WeightFormat::kInt8}) {
+  for (WeightFormat f : kWeightFormats) {
     if (weight_format_info(f).name == name) {
       *out = f;
       return true;
     }
   }
   return false;
+}
+
+WeightFormat weight_format_of(DType t) {
+  for (WeightFormat f : kWeightFormats)
+    if (weight_format_info(f).dtype == t) return f;
+  FERRY_CHECK_MSG(false, "weight_format_of: not a weight format's dtype");
+  return WeightFormat::kBF16;
 }
 
 void quantize_nf4(const float* x, int64_t n, uint8_t* packed, float* absmax) {
@@ -109,7 +68,6 @@ void quantize_int8_rows(const float* x, int64_t rows, int64_t cols, int8_t* q, f
   }
 }
 
-const float* dynamic_map_signed() { return kDynamicMapSigned; }
 
 void quantize_absmax_dq(const float* absmax, int64_t n, uint8_t* codes, float* absmax2, float* offset) {
   double sum = 0;
@@ -139,16 +97,14 @@ void dequantize_absmax_dq(const uint8_t* codes, const float* absmax2, float offs
   for (int64_t i = 0; i < n; ++i) absmax[i] = map[codes[i]] * absmax2[i / 256] + offset;
 }
 
-void quantize_weight(DType t, const float* x, int64_t rows, int64_t cols, uint8_t* dst) {
-  std::memset(dst, 0, static_cast<size_t>(quant_layout(t, rows, cols).bytes));  // the alignment padding too
-  quantize_rows(t, x, rows, cols, 0, rows, dst);
-}
-
-void quantize_rows(DType t, const float* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob) {
+void quantize_rows(DType t, const float* x, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint8_t* blob, float* stage) {
   FERRY_CHECK(cols % quant_col_multiple(t) == 0 && r0 <= r1 && r1 <= rows);
   const QuantLayout l = quant_layout(t, rows, cols);
   float* scales = reinterpret_cast<float*>(blob + l.scales);
-  if (t == DType::kNF4) {
+  if (t == DType::kNF4DQ) {
+    FERRY_CHECK(stage != nullptr);
+    quantize_nf4(x, (r1 - r0) * cols, blob + r0 * cols / 2, stage + r0 * cols / 64);
+  } else if (t == DType::kNF4) {
     quantize_nf4(x, (r1 - r0) * cols, blob + r0 * cols / 2, scales + r0 * cols / 64);
   } else {
     FERRY_CHECK(t == DType::kQ8);
@@ -156,14 +112,61 @@ void quantize_rows(DType t, const float* x, int64_t rows, int64_t cols, int64_t 
   }
 }
 
+std::vector<std::pair<int64_t, int64_t>> dq_parts(int64_t rows, int64_t cols, const std::vector<int64_t>& part_rows) {
+  const int64_t per_row = cols / 64;
+  std::vector<std::pair<int64_t, int64_t>> parts;
+  int64_t r = 0;
+  for (int64_t pr : part_rows) {
+    if (pr * per_row % 256 != 0) break;
+    parts.emplace_back(r * per_row, (r + pr) * per_row);
+    r += pr;
+  }
+  if (r != rows || parts.empty()) return {{0, (rows * cols + 63) / 64}};
+  return parts;
+}
+
+void finish_quant(DType t, int64_t rows, int64_t cols, const float* stage, uint8_t* blob, const std::vector<int64_t>& part_rows) {
+  if (t != DType::kNF4DQ) return;
+  const QuantLayout l = quant_layout(t, rows, cols);
+  float* a2 = reinterpret_cast<float*>(blob + l.scales2);
+  float* means = reinterpret_cast<float*>(blob + l.means);
+  for (auto [a0, a1] : dq_parts(rows, cols, part_rows)) {
+    float mean = 0;
+    quantize_absmax_dq(stage + a0, a1 - a0, blob + l.scales + a0, a2 + a0 / 256, &mean);
+    std::fill(means + a0 / 256, means + (a1 + 255) / 256, mean);
+  }
+}
+
+void quantize_weight(DType t, const float* x, int64_t rows, int64_t cols, uint8_t* dst) {
+  std::memset(dst, 0, static_cast<size_t>(quant_layout(t, rows, cols).bytes));  // the alignment padding too
+  std::vector<float> stage(static_cast<size_t>(quant_stage_floats(t, rows, cols)));
+  quantize_rows(t, x, rows, cols, 0, rows, dst, stage.data());
+  finish_quant(t, rows, cols, stage.data(), dst);
+}
+
+const float* nf4_row_absmax(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r, float* tmp) {
+  const QuantLayout l = quant_layout(t, rows, cols);
+  const int64_t nb = cols / 64, i0 = r * nb;  // cols % 64 == 0: rows start on a block
+  if (t == DType::kNF4) return reinterpret_cast<const float*>(blob + l.scales) + i0;
+  FERRY_CHECK(t == DType::kNF4DQ);
+  const float* map = dynamic_map_signed();
+  const uint8_t* codes = blob + l.scales;
+  const float* a2 = reinterpret_cast<const float*>(blob + l.scales2);
+  const float* means = reinterpret_cast<const float*>(blob + l.means);
+  for (int64_t i = 0; i < nb; ++i) tmp[i] = map[codes[i0 + i]] * a2[(i0 + i) / 256] + means[(i0 + i) / 256];
+  return tmp;
+}
+
 void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r0, int64_t r1, float* y) {
   const QuantLayout l = quant_layout(t, rows, cols);
-  const float* scales = reinterpret_cast<const float*>(blob + l.scales);
-  if (t == DType::kNF4) {
+  if (is_nf4(t)) {
     FERRY_CHECK(cols % 64 == 0);  // rows start on a block
-    dequantize_nf4(blob + r0 * cols / 2, scales + r0 * cols / 64, (r1 - r0) * cols, y);
+    std::vector<float> tmp(static_cast<size_t>(cols / 64));
+    for (int64_t r = r0; r < r1; ++r)
+      dequantize_nf4(blob + r * cols / 2, nf4_row_absmax(t, blob, rows, cols, r, tmp.data()), cols, y + (r - r0) * cols);
   } else {
     FERRY_CHECK(t == DType::kQ8);
+    const float* scales = reinterpret_cast<const float*>(blob + l.scales);
     const int8_t* q = reinterpret_cast<const int8_t*>(blob);
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c = 0; c < cols; ++c) y[(r - r0) * cols + c] = static_cast<float>(q[r * cols + c]) * scales[r];

@@ -279,8 +279,8 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
   if (manifest_) {
     if (linear_dtype(layers_[0]) == q) return Status::Ok();
     return invalid_argument(strprintf("--quant %s: the packed store %s holds %s weights; pack it with --quant %s (ferry pack)",
-                                      q == DType::kNF4 ? "nf4" : "int8", manifest_->dir.c_str(), std::string(dtype_name(linear_dtype(layers_[0]))).c_str(),
-                                      q == DType::kNF4 ? "nf4" : "int8"));
+                                      std::string(weight_format_info(weight_format_of(q)).name).c_str(), manifest_->dir.c_str(), std::string(dtype_name(linear_dtype(layers_[0]))).c_str(),
+                                      std::string(weight_format_info(weight_format_of(q)).name).c_str()));
   }
   const int64_t mult = quant_col_multiple(q);
   const auto specs = layer_tensor_specs(c, 0);
@@ -288,7 +288,7 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
     const int64_t cols = specs[t].shape[1];
     if (cols % mult != 0)
       return invalid_argument(strprintf("--quant %s: tensor '%s' has %lld input columns, not a multiple of %lld (the format's block)",
-                                        q == DType::kNF4 ? "nf4" : "int8", specs[t].name.c_str(), static_cast<long long>(cols),
+                                        std::string(weight_format_info(weight_format_of(q)).name).c_str(), specs[t].name.c_str(), static_cast<long long>(cols),
                                         static_cast<long long>(mult)));
   }
   const int64_t L = c.n_layers;
@@ -331,19 +331,23 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
       else if (t == kWGateUp) parts = {&src[kWGate], &src[kWUp]};
       else parts = {&src.t[t]};
       const int64_t R = shape.shape[0], K = shape.shape[1];
+      std::vector<float> stage(static_cast<size_t>(quant_stage_floats(lay.dtype[t], R, K)));  // NF4-DQ's fp32 absmax
       constexpr int64_t kChunk = 64;
       int64_t r = 0;
+      std::vector<int64_t> part_rows;
       for (const TensorView* p : parts) {
+        part_rows.push_back(p->shape[0]);
         for (int64_t pr = 0; pr < p->shape[0]; pr += kChunk) {
           const int64_t n = std::min(kChunk, p->shape[0] - pr);
           rows.resize(static_cast<size_t>(n * K));
           const uint8_t* from = static_cast<const uint8_t*>(p->data) + pr * K * static_cast<int64_t>(dtype_size(p->dtype));
           convert_to_f32(from, p->dtype, rows.data(), static_cast<size_t>(n * K));
-          quantize_rows(lay.dtype[t], rows.data(), R, K, r + pr, r + pr + n, dst);
+          quantize_rows(lay.dtype[t], rows.data(), R, K, r + pr, r + pr + n, dst, stage.data());
         }
         r += p->shape[0];
       }
       FERRY_CHECK(r == R);
+      finish_quant(lay.dtype[t], R, K, stage.data(), dst, part_rows);
     }
     out[il] = lay.views(base, Tier::kHost);
     blocks[il] = std::move(b);
@@ -359,7 +363,7 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
   owned_ = std::move(kept);
   for (auto& b : blocks)
     if (b.data()) owned_.push_back(std::move(b));
-  source_ += std::string(", quantised to ") + (q == DType::kNF4 ? "nf4" : "int8") + " at load";
+  source_ += std::string(", quantised to ") + std::string(weight_format_info(weight_format_of(q)).name) + " at load";
   return Status::Ok();
 }
 

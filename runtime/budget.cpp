@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "models/weight_format.h"
 #include "offload/layer_layout.h"
 
 #include "models/safetensors.h"
@@ -49,6 +50,21 @@ std::string format_bytes(double b) {
     ++u;
   }
   return strprintf(u == 0 ? "%.0f %s" : "%.2f %s", b, units[u]);
+}
+
+int64_t quant_stage_floats(const ModelConfig& c, DType quant) {
+  if (quant != DType::kNF4DQ) return 0;
+  const LayerLayout lay = layer_layout(c, 0, quant);
+  int64_t m = 0;
+  for (int t = 0; t < kLayerTensorCount; ++t)
+    if (lay.present[t] && lay.shapes.t[t].n_dims == 2)
+      m = std::max(m, ferry::quant_stage_floats(lay.dtype[t], lay.shapes.t[t].shape[0], lay.shapes.t[t].shape[1]));
+  return (m + 63) / 64 * 64;
+}
+
+int64_t quant_tile_elems(const ModelConfig& c, DType quant) {
+  const int64_t rows = 64 * std::max(c.n_embd, c.n_ff);  // enough for 64 rows of any weight
+  return std::max({int64_t{16} << 20, rows, 2 * quant_stage_floats(c, quant) + rows});
 }
 
 int64_t gpu_layer_bytes(const ModelConfig& c, DType quant) {
@@ -166,7 +182,7 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   const int64_t L = c.n_layers;
   p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
   p.globals_bytes = in.globals_bytes > 0 ? in.globals_bytes : 2 * (c.n_vocab * c.n_embd * (c.tie_word_embeddings ? 1 : 2) + c.n_embd);
-  p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch) + (is_quantized(in.weights) ? 2 * quant_tile_elems(c) : 0);
+  p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch) + (is_quantized(in.weights) ? 2 * quant_tile_elems(c, in.weights) : 0);
   p.reserve_bytes = in.budget_bytes > 0 && !in.emulated ? in.runtime_reserve_bytes : 0;
   if (in.cpu_layers > L)
     return invalid_argument(strprintf("--cpu-layers %lld: the model has %lld layers", (long long)in.cpu_layers, (long long)L));
@@ -432,9 +448,11 @@ HardwareProfile load_profile() {
   get("cpu_layer_gbs", hw.cpu_layer_gbs);
   get("cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs);
   get("cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs);
+  get("cpu_layer_nf4dq_gbs", hw.cpu_layer_nf4dq_gbs);
   get("cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs);
   get("gpu_gemv_gbs", hw.gpu_gemv_gbs);
   get("gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs);
+  get("gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs);
   get("gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs);
   get("cpu_tflops", hw.cpu_tflops);
   get("disk_gbs", hw.disk_gbs);
@@ -442,19 +460,34 @@ HardwareProfile load_profile() {
   return hw;
 }
 
+namespace {
+// NF4-DQ not measured is priced at NF4's measured rate per parameter: its byte rate is NF4's scaled
+// by the bytes' ratio (its decoding costs more, so this is optimistic; calibrate measures it).
+double per_param_scale(DType w) {
+  if (w != DType::kNF4DQ) return 1.0;
+  return static_cast<double>(weight_format_bytes(WeightFormat::kNF4DQ, 8192, 8192)) / static_cast<double>(weight_format_bytes(WeightFormat::kNF4, 8192, 8192));
+}
+}  // namespace
+
 double cpu_layer_rate(const HardwareProfile& hw, DType w) {
-  const double r = w == DType::kNF4 ? hw.cpu_layer_nf4_gbs : w == DType::kQ8 ? hw.cpu_layer_q8_gbs : 0;
+  const double r = w == DType::kNF4DQ && hw.cpu_layer_nf4dq_gbs > 0 ? hw.cpu_layer_nf4dq_gbs
+                   : is_nf4(w)                                       ? hw.cpu_layer_nf4_gbs * per_param_scale(w)
+                   : w == DType::kQ8                                 ? hw.cpu_layer_q8_gbs
+                                                                     : 0;
   return r > 0 ? r : hw.cpu_layer_gbs;
 }
 
 double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch) {
-  const double r = w == DType::kNF4 ? hw.gpu_gemv_nf4_gbs : w == DType::kQ8 ? hw.gpu_gemv_q8_gbs : hw.gpu_gemv_gbs;
+  const double r = w == DType::kNF4DQ && hw.gpu_gemv_nf4dq_gbs > 0 ? hw.gpu_gemv_nf4dq_gbs
+                   : is_nf4(w)                                      ? hw.gpu_gemv_nf4_gbs * per_param_scale(w)
+                   : w == DType::kQ8                                ? hw.gpu_gemv_q8_gbs
+                                                                    : hw.gpu_gemv_gbs;
   return batch <= 2 && r > 0 ? std::min(r, hw.hbm_gbs) : hw.hbm_gbs;
 }
 
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
-                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"gpu_gemv_gbs", hw.gpu_gemv_gbs}, {"gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs}, {"gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_nf4dq_gbs", hw.cpu_layer_nf4dq_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"gpu_gemv_gbs", hw.gpu_gemv_gbs}, {"gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs}, {"gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs}, {"gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
                       {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);

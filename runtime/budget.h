@@ -58,12 +58,14 @@ struct HardwareProfile {
   // The same for NF4 and int8 weights (bytes of the format per second; 0: not measured, the BF16
   // rate is used). Decoding costs instructions: NF4 ran at 0.5-0.7x the BF16 byte rate (notes/quant.md).
   double cpu_layer_nf4_gbs = 0;
+  double cpu_layer_nf4dq_gbs = 0;  // 0: NF4's rate per parameter
   double cpu_layer_q8_gbs = 0;
   // The GPU's decode GEMV at one row: bytes of BF16, NF4 and int8 weights per second (0: not
   // measured; the HBM rate is used). NF4's decoding costs instructions: it ran at 24-58% of the
   // HBM rate on the H200 (notes/quant.md). The floor keeps the HBM rate; the prediction uses these.
   double gpu_gemv_gbs = 0;
   double gpu_gemv_nf4_gbs = 0;
+  double gpu_gemv_nf4dq_gbs = 0;  // 0: NF4's rate per parameter
   double gpu_gemv_q8_gbs = 0;
   double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
   double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
@@ -126,9 +128,13 @@ struct GpuPlan {
 // Returns the bytes of one layer on the GPU: BF16, or its Linear weights in `quant` (NF4, Q8) through
 // the format's layout (models/weight_format.h).
 int64_t gpu_layer_bytes(const ModelConfig& cfg, DType quant = DType::kBF16);
+// Returns the fp32 absmax the GPU stages while it quantises one of a layer's weights to `quant`
+// (NF4-DQ: the largest weight's absmax, rounded up to 64; 0 for the other formats).
+int64_t quant_stage_floats(const ModelConfig& c, DType quant);
 // Returns the elements of the BF16 tile the GPU dequantises quantised weights into for cuBLAS (the
-// GPU executor allocates it; the plan counts it).
-inline int64_t quant_tile_elems(const ModelConfig& c) { return std::max<int64_t>(int64_t{16} << 20, 64 * std::max(c.n_embd, c.n_ff)); }
+// GPU executor allocates it; the plan counts it). Generating NF4-DQ weights, its end holds the
+// stage above (2 elements a float) and the rows being quantised the rest.
+int64_t quant_tile_elems(const ModelConfig& c, DType quant);
 // Returns the parameters of one layer's Linear weights (its FLOPs per token are twice this).
 int64_t layer_params(const ModelConfig& cfg);
 // Returns an upper bound of the GPU executor's activation workspace for steps of up to

@@ -53,6 +53,7 @@ size_t dtype_size(DType t) {
 
 std::string_view dtype_name(DType t) {
   if (t == DType::kNF4) return "NF4";
+  if (t == DType::kNF4DQ) return "NF4DQ";
   if (t == DType::kQ8) return "Q8";
   for (const auto& d : kDTypes)
     if (d.t == t) return d.name;
@@ -66,8 +67,8 @@ bool dtype_from_name(std::string_view name, DType* out, bool quantized) {
       return true;
     }
   }
-  if (quantized && (name == "NF4" || name == "Q8")) {
-    *out = name == "NF4" ? DType::kNF4 : DType::kQ8;
+  if (quantized && (name == "NF4" || name == "NF4DQ" || name == "Q8")) {
+    *out = name == "NF4" ? DType::kNF4 : name == "NF4DQ" ? DType::kNF4DQ : DType::kQ8;
     return true;
   }
   return false;

@@ -15,19 +15,21 @@
 
 namespace ferry {
 
-// kNF4 and kQ8 are ferry's quantised weight formats (models/weight_format.h): a tensor of them is one
-// blob of codes and scales, its size given by tensor_bytes(), not by an element size.
-enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64, kU8, kI8, kF64, kI16, kBool, kF8E4M3, kF8E5M2, kNF4, kQ8 };
+// kNF4, kNF4DQ and kQ8 are ferry's quantised weight formats (models/weight_format.h): a tensor of them
+// is one blob of codes and scales, its size given by tensor_bytes(), not by an element size.
+enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64, kU8, kI8, kF64, kI16, kBool, kF8E4M3, kF8E5M2, kNF4, kQ8, kNF4DQ };
 
 // Returns the size of one element in bytes (not for quantised formats: see tensor_bytes).
 size_t dtype_size(DType t);
-// Returns the safetensors name ("BF16", "F32", ...), or ferry's ("NF4", "Q8") for quantised formats.
+// Returns the safetensors name ("BF16", "F32", ...), or ferry's ("NF4", "NF4DQ", "Q8") for quantised formats.
 std::string_view dtype_name(DType t);
 // Returns true and sets *out if `name` is a safetensors dtype name (quantised formats only with
 // `quantized`: a safetensors file never holds them).
 bool dtype_from_name(std::string_view name, DType* out, bool quantized = false);
 // Whether `t` is one of ferry's quantised weight formats.
-inline bool is_quantized(DType t) { return t == DType::kNF4 || t == DType::kQ8; }
+inline bool is_quantized(DType t) { return t == DType::kNF4 || t == DType::kNF4DQ || t == DType::kQ8; }
+// Whether `t` holds NF4 codes (with fp32 or double-quantised absmax): the same code bytes either way.
+inline bool is_nf4(DType t) { return t == DType::kNF4 || t == DType::kNF4DQ; }
 // Returns the bytes of a contiguous tensor of `shape` in `t` (codes and scales for quantised formats).
 int64_t tensor_bytes(DType t, const int64_t* shape, int n_dims);
 

@@ -289,10 +289,10 @@ TEST_SUITE("gpu_ops") {
     }
   }
 
-  TEST_CASE("NF4 / Q8 on the GPU: quantisation bit for bit as the host's, GEMVs dequantising in registers, cuBLAS over dequantised tiles") {
+  TEST_CASE("NF4 / NF4-DQ / Q8 on the GPU: quantisation bit for bit as the host's, GEMVs dequantising in registers, cuBLAS over dequantised tiles") {
     cublasHandle_t h;
     CUBLAS_CHECK(cublasCreate(&h));
-    for (DType t : {DType::kNF4, DType::kQ8}) {
+    for (DType t : {DType::kNF4, DType::kNF4DQ, DType::kQ8}) {
       CAPTURE(dtype_name(t));
       const int64_t N = 301, K = 1088;  // K: 17 blocks of 64; N odd
       std::vector<float> w = randn(N * K, 0.05f);
@@ -304,9 +304,33 @@ TEST_SUITE("gpu_ops") {
       quantize_weight(t, w.data(), N, K, host.data());
       Dev<uint16_t> dw(wb);
       Dev<uint8_t> blob(std::vector<uint8_t>(bytes, 0));
+      Dev<float> stage(std::max<int64_t>(1, quant_stage_floats(t, N, K)));  // NF4-DQ's fp32 absmax
       for (int64_t r0 = 0; r0 < N; r0 += 100)  // a few rows at a time, as the executor generates them
-        gpu::quantize_rows(t, reinterpret_cast<bf16*>(dw.p) + r0 * K, N, K, r0, std::min(N, r0 + 100), blob.p, nullptr);
+        gpu::quantize_rows(t, reinterpret_cast<bf16*>(dw.p) + r0 * K, N, K, r0, std::min(N, r0 + 100), blob.p, nullptr, stage.p);
+      gpu::finish_quant(t, N, K, stage.p, blob.p, nullptr);
       CHECK(blob.get() == host);
+      if (t == DType::kNF4DQ) {  // a fused weight of two parts, each with its own statistics (256 rows x 17 absmax: blocks of 256)
+        const int64_t N2 = 512;
+        std::vector<float> w2 = randn(N2 * K, 0.05f);
+        for (int64_t i = 256 * K; i < N2 * K; ++i) w2[i] *= 8;  // the second part at another scale
+        const auto w2b = to_bf16_bits(w2);
+        for (int64_t i = 0; i < N2 * K; ++i) w2[i] = bf16_to_f32(w2b[i]);  // the host quantises the same BF16 values
+        const QuantLayout l2 = quant_layout(t, N2, K);
+        std::vector<uint8_t> host2(l2.bytes, 0);
+        std::vector<float> hstage(quant_stage_floats(t, N2, K));
+        quantize_rows(t, w2.data(), N2, K, 0, N2, host2.data(), hstage.data());
+        finish_quant(t, N2, K, hstage.data(), host2.data(), {256, 256});
+        Dev<uint16_t> dw2(w2b);
+        Dev<uint8_t> blob2(std::vector<uint8_t>(l2.bytes, 0));
+        Dev<float> stage2(hstage.size());
+        gpu::quantize_rows(t, reinterpret_cast<bf16*>(dw2.p), N2, K, 0, N2, blob2.p, nullptr, stage2.p);
+        gpu::finish_quant(t, N2, K, stage2.p, blob2.p, nullptr, {256, 256});
+        CHECK(blob2.get() == host2);
+        float m0 = 0, m1 = 0;
+        std::memcpy(&m0, host2.data() + l2.means, 4);
+        std::memcpy(&m1, host2.data() + l2.means + 4 * (l2.n_scales2 - 1), 4);
+        CHECK(m1 > 4 * m0);  // two means
+      }
       // The dequantised weights in float: the reference of every product below.
       std::vector<float> wq(N * K);
       dequantize_rows(t, host.data(), N, K, 0, N, wq.data());
@@ -765,7 +789,7 @@ TEST_SUITE("gpu_model") {
     }
   }
 
-  TEST_CASE("--quant nf4 / int8 on the GPU: the golden NF4 logits (prompt and token by token), streamed and CPU layers, GPU-made synthetic = host-made") {
+  TEST_CASE("--quant nf4 / nf4-dq / int8 on the GPU: the golden NF4 logits (prompt and token by token), streamed and CPU layers, GPU-made synthetic = host-made") {
     const std::string dir = test::shared_dir() + "/golden/llama-gqa";
     auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
     REQUIRE(gs.ok());
@@ -783,9 +807,10 @@ TEST_SUITE("gpu_model") {
         CHECK(err <= 2e-2);
       }
     }
-    {  // int8: against the CPU backend with the same quantised weights
-      GpuModel g = load_gpu(dir, 4096, true, -1, "", "", false, 2, "", DType::kQ8);
-      auto cm = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = DType::kQ8});
+    for (DType q : {DType::kQ8, DType::kNF4DQ}) {  // int8, NF4-DQ: against the CPU backend with the same quantised weights
+      CAPTURE(dtype_name(q));
+      GpuModel g = load_gpu(dir, 4096, true, -1, q == DType::kNF4DQ ? "RSCS" : "", "", false, 2, "", q);
+      auto cm = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = q});
       REQUIRE(cm.ok());
       cpu::CpuExecutor cex(cm->config);
       auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, 64});
@@ -797,27 +822,30 @@ TEST_SUITE("gpu_model") {
         auto logits = prompt_logits(*g.runner, ids, chunk);
         REQUIRE(logits.ok());
         const double err = rel(*logits, *want);
-        MESSAGE("int8 on the GPU, " << chunk << "-token steps, against the CPU backend's int8: " << err);
+        MESSAGE(dtype_name(q) << " on the GPU, " << chunk << "-token steps, against the CPU backend's: " << err);
         CHECK(err <= 2e-2);
       }
     }
     // A synthetic model quantised on the GPU as it is generated (the shape-only store) gives the
     // logits of the same model quantised on the host.
-    std::vector<std::vector<float>> out;
-    for (bool host : {false, true}) {
-      auto m = load_model("synthetic:llama-2-7b", LoadOptions{.synthetic_layers = 2, .need_tokenizer = false, .host_weights = host, .quant = DType::kNF4});
-      REQUIRE_MESSAGE(m.ok(), m.status().message());
-      KvCacheShape s{m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 8};
-      auto ex = gpu::GpuExecutor::create(*m->weights, s, gpu::GpuOptions{});
-      REQUIRE_MESSAGE(ex.ok(), ex.status().message());
-      auto kv = KvCache::create(s);
-      REQUIRE(kv.ok());
-      Runner r(*m->weights, **ex, *kv);
-      auto l = prompt_logits(r, {1, 450, 4996, 17354, 1701}, 1);
-      REQUIRE(l.ok());
-      out.push_back(std::move(*l));
+    for (DType q : {DType::kNF4, DType::kNF4DQ}) {
+      CAPTURE(dtype_name(q));
+      std::vector<std::vector<float>> out;
+      for (bool host : {false, true}) {
+        auto m = load_model("synthetic:llama-2-7b", LoadOptions{.synthetic_layers = 2, .need_tokenizer = false, .host_weights = host, .quant = q});
+        REQUIRE_MESSAGE(m.ok(), m.status().message());
+        KvCacheShape s{m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 8};
+        auto ex = gpu::GpuExecutor::create(*m->weights, s, gpu::GpuOptions{});
+        REQUIRE_MESSAGE(ex.ok(), ex.status().message());
+        auto kv = KvCache::create(s);
+        REQUIRE(kv.ok());
+        Runner r(*m->weights, **ex, *kv);
+        auto l = prompt_logits(r, {1, 450, 4996, 17354, 1701}, 1);
+        REQUIRE(l.ok());
+        out.push_back(std::move(*l));
+      }
+      CHECK(out[0] == out[1]);
     }
-    CHECK(out[0] == out[1]);
   }
 
   TEST_CASE("held-out shapes (group 5 and 3, odd vocabulary), 333-token prompt: GPU logits within the BF16 bound of the float32 CPU backend") {

@@ -524,6 +524,72 @@ TEST_SUITE("model") {
     }
   }
 
+  TEST_CASE("--quant nf4-dq at load: each Linear double-quantised as bitsandbytes would, the logits of the weights rounded through it, a packed store") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    const std::vector<int32_t> ids = test::read_i32(**gs, "seq0.input_ids");
+    Loaded l = load(dir, 4096, 16, DType::kF32, DType::kNF4DQ);
+    const LayerWeights& w0 = l.model.weights->layer(0);
+    CHECK(w0[kWqkv].dtype == DType::kNF4DQ);
+    CHECK(w0[kWGateUp].dtype == DType::kNF4DQ);
+    const ModelConfig& c = l.model.config;
+    const int64_t nf4 = static_cast<int64_t>(layer_layout(c, 0, DType::kNF4).bytes), dq = static_cast<int64_t>(layer_layout(c, 0, DType::kNF4DQ).bytes);
+    MESSAGE("llama-gqa layer: NF4 " << nf4 << " bytes, NF4-DQ " << dq);
+    CHECK(dq == 2 * 2 * c.n_embd + weight_format_bytes(WeightFormat::kNF4DQ, c.q_dim() + 2 * c.kv_dim(), c.n_embd) +
+                    weight_format_bytes(WeightFormat::kNF4DQ, c.n_embd, c.q_dim()) + weight_format_bytes(WeightFormat::kNF4DQ, 2 * c.n_ff, c.n_embd) +
+                    weight_format_bytes(WeightFormat::kNF4DQ, c.n_embd, c.n_ff));
+    CHECK(dq < nf4);
+    auto got = prompt_logits(*l.runner, ids);
+    REQUIRE(got.ok());
+    // The reference: each Linear (q, k, v, gate, up apart, as peft holds them) rounded through the
+    // NF4-DQ codec on its own, the float32 model on the result.
+    test::TempDir ref;
+    write_rounded(dir, ref, [](std::vector<float>& w, const std::vector<int64_t>& shape) {
+      std::vector<uint8_t> blob(quant_layout(DType::kNF4DQ, shape[0], shape[1]).bytes);
+      quantize_weight(DType::kNF4DQ, w.data(), shape[0], shape[1], blob.data());
+      dequantize_rows(DType::kNF4DQ, blob.data(), shape[0], shape[1], 0, shape[0], w.data());
+    });
+    Loaded lr = load(ref.path.string());
+    auto want = prompt_logits(*lr.runner, ids);
+    REQUIRE(want.ok());
+    const double err = rel_err(*got, *want), vs_nf4 = rel_err(*got, test::read_f32(**gs, "nf4.seq0.logits"));
+    MESSAGE("--quant nf4-dq: against the NF4-DQ-rounded float32 weights " << err << ", against the golden NF4 (fp32 absmax) logits " << vs_nf4);
+    CHECK(err < 1e-4);
+    CHECK(vs_nf4 > 1e-5);  // the second rounding is real
+    CHECK(vs_nf4 < 2e-2);
+    // Packed with --quant nf4-dq and read back: the same logits.
+    test::TempDir tmp;
+    const std::string store = tmp / "nf4dq";
+    REQUIRE(pack_store(*l.model.weights, store).ok());
+    auto man = open_store(store, c);
+    REQUIRE(man.ok());
+    bool has_dq = false;
+    for (const auto& t : man->blocks[1].tensors) has_dq |= t.name == "model.layers.0.mlp.gate_up_proj.weight" && t.dtype == DType::kNF4DQ;
+    CHECK(has_dq);
+    Loaded ld = load(dir, 4096, 16, DType::kF32, DType::kBF16, store);
+    auto from_disk = prompt_logits(*ld.runner, ids);
+    REQUIRE(from_disk.ok());
+    CHECK(*from_disk == *got);
+    auto mixed = load_model(dir, LoadOptions{.need_tokenizer = false, .disk = store, .quant = DType::kNF4});
+    REQUIRE(!mixed.ok());
+    CHECK(mixed.status().message().find("pack it with --quant nf4") != std::string::npos);
+    // qwen2-bias (192 wide: 3 absmax a row, so q's 576 are not blocks of 256): each fused weight is
+    // double-quantised as one part; its logits stay near the NF4 (fp32 absmax) ones.
+    const std::string qdir = test::shared_dir() + "/golden/qwen2-bias";
+    auto qgs = SafetensorsFile::open(qdir + "/golden.safetensors");
+    REQUIRE(qgs.ok());
+    const std::vector<int32_t> qids = test::read_i32(**qgs, "seq0.input_ids");
+    Loaded q4 = load(qdir, 4096, 16, DType::kF32, DType::kNF4), qdq = load(qdir, 4096, 16, DType::kF32, DType::kNF4DQ);
+    auto l4 = prompt_logits(*q4.runner, qids), ldq = prompt_logits(*qdq.runner, qids);
+    REQUIRE(l4.ok());
+    REQUIRE(ldq.ok());
+    const double e_q = rel_err(*ldq, *l4);
+    MESSAGE("qwen2-bias --quant nf4-dq (fused weights as one part) against --quant nf4: " << e_q);
+    CHECK(e_q > 0);
+    CHECK(e_q < 5e-2);
+  }
+
   TEST_CASE("int8 per output channel and QLoRA's double quantisation of absmax: the codecs") {
     std::vector<float> x(3 * 32);
     for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.7f * static_cast<float>(i)) * (1 + static_cast<float>(i / 32));
@@ -609,13 +675,67 @@ TEST_SUITE("model") {
     CHECK(differ == 0);
     dequantize_absmax_dq(acodes.data(), a2.data(), off, nb, back.data());
     CHECK(back == floats("absmax"));
+    // The stored NF4-DQ blob (--quant nf4-dq) holds the same parts, and dequantises to bitsandbytes'
+    // weight: each code's value times its dequantised absmax.
+    const QuantLayout ql = quant_layout(DType::kNF4DQ, rows, cols);
+    std::vector<uint8_t> blob(static_cast<size_t>(ql.bytes));
+    quantize_weight(DType::kNF4DQ, w.data(), rows, cols, blob.data());
+    CHECK(std::vector<uint8_t>(blob.begin(), blob.begin() + (n + 1) / 2) == codes);
+    CHECK(std::vector<uint8_t>(blob.begin() + ql.scales, blob.begin() + ql.scales + nb) == want_codes);
+    std::vector<float> blob_a2(ql.n_scales2), blob_means(ql.n_scales2);
+    std::memcpy(blob_a2.data(), blob.data() + ql.scales2, 4 * blob_a2.size());
+    std::memcpy(blob_means.data(), blob.data() + ql.means, 4 * blob_means.size());
+    CHECK(blob_a2 == floats("absmax2"));
+    CHECK(std::count(blob_means.begin(), blob_means.end(), floats("offset")[0]) == ql.n_scales2);
+    std::vector<float> wdq(n), want(n);
+    dequantize_rows(DType::kNF4DQ, blob.data(), rows, cols, 0, rows, wdq.data());
+    dequantize_nf4(codes.data(), floats("absmax").data(), n, want.data());
+    CHECK(wdq == want);
+    CHECK(ql.bytes < quant_layout(DType::kNF4, rows, cols).bytes);
+  }
+
+  TEST_CASE("NF4-DQ of a fused weight: each part's own statistics where its absmax fill blocks of 256, else one part") {
+    // Three parts of 8, 4 and 4 rows of 2048 columns (32 absmax a row: 256, 128 and 128 absmax):
+    // 128 is not a multiple of 256, so the fused weight is one part; with 8, 8, 16 rows, three.
+    const int64_t K = 2048;
+    CHECK(dq_parts(16, K, {8, 4, 4}) == std::vector<std::pair<int64_t, int64_t>>{{0, 512}});
+    CHECK(dq_parts(32, K, {8, 8, 16}) == std::vector<std::pair<int64_t, int64_t>>{{0, 256}, {256, 512}, {512, 1024}});
+    CHECK(dq_parts(32, K, {}) == std::vector<std::pair<int64_t, int64_t>>{{0, 1024}});
+    // Each part of the fused blob is bit for bit the blob of that part quantised alone (what
+    // bitsandbytes stores for each Linear), the parts at very different scales.
+    const std::vector<int64_t> parts = {8, 8, 16};
+    const int64_t R = 32;
+    std::vector<float> w(R * K);
+    for (int64_t i = 0; i < R * K; ++i) w[i] = std::sin(0.013f * static_cast<float>(i)) * (i < 8 * K ? 0.02f : i < 16 * K ? 0.5f : 3.0f);
+    const QuantLayout fl = quant_layout(DType::kNF4DQ, R, K);
+    std::vector<uint8_t> fused(fl.bytes);
+    std::vector<float> stage(quant_stage_floats(DType::kNF4DQ, R, K));
+    std::memset(fused.data(), 0, fused.size());
+    quantize_rows(DType::kNF4DQ, w.data(), R, K, 0, R, fused.data(), stage.data());
+    finish_quant(DType::kNF4DQ, R, K, stage.data(), fused.data(), parts);
+    std::vector<float> all(R * K);
+    dequantize_rows(DType::kNF4DQ, fused.data(), R, K, 0, R, all.data());
+    int64_t r0 = 0;
+    for (int64_t pr : parts) {
+      const QuantLayout pl = quant_layout(DType::kNF4DQ, pr, K);
+      std::vector<uint8_t> alone(pl.bytes);
+      quantize_weight(DType::kNF4DQ, w.data() + r0 * K, pr, K, alone.data());
+      const int64_t a0 = r0 * K / 64, na = pr * K / 64;
+      CHECK(std::equal(alone.begin() + pl.scales, alone.begin() + pl.scales + na, fused.begin() + fl.scales + a0));
+      CHECK(std::memcmp(alone.data() + pl.scales2, fused.data() + fl.scales2 + 4 * (a0 / 256), 4 * (na / 256)) == 0);
+      CHECK(std::memcmp(alone.data() + pl.means, fused.data() + fl.means + 4 * (a0 / 256), 4 * (na / 256)) == 0);
+      std::vector<float> back(pr * K);
+      dequantize_rows(DType::kNF4DQ, alone.data(), pr, K, 0, pr, back.data());
+      CHECK(std::equal(back.begin(), back.end(), all.begin() + r0 * K));
+      r0 += pr;
+    }
   }
 
   TEST_CASE("the CPU's quantised row kernels (AVX-512 where the CPU has it) against the codec: dots and dequantised rows") {
     MESSAGE("SIMD level: " << std::string(cpu::simd_level()));
     // K = 320: two full groups of 128 NF4 elements and half of one; int8 also at 336 (a last 16).
     const int64_t N = 5;
-    for (auto [t, K] : std::vector<std::pair<DType, int64_t>>{{DType::kNF4, 320}, {DType::kQ8, 320}, {DType::kQ8, 336}}) {
+    for (auto [t, K] : std::vector<std::pair<DType, int64_t>>{{DType::kNF4, 320}, {DType::kNF4DQ, 320}, {DType::kQ8, 320}, {DType::kQ8, 336}}) {
       std::vector<float> w(N * K), x(3 * K);
       for (size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 97) / 50.0f);
       for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.11f * static_cast<float>(i));

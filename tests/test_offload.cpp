@@ -16,6 +16,7 @@
 #include "offload/disk_reader.h"
 #include "offload/emulated_device.h"
 #include "offload/kv_cache.h"
+#include "models/weight_format.h"
 #include "offload/layer_layout.h"
 #include "offload/packed_store.h"
 #include "offload/staging_ring.h"
@@ -335,7 +336,7 @@ TEST_SUITE("offload") {
 #include "runtime/trace.h"
 
 TEST_SUITE("offload") {
-  TEST_CASE("the plan's predicted step is never faster than its own floor: every preset, budget, batch and K/V placement, two profiles") {
+  TEST_CASE("the plan's predicted step is never faster than its own floor: every preset, weight format, budget, batch and K/V placement, two profiles") {
     HardwareProfile fast_cpu;  // a profile whose CPU-layer rate exceeds its DRAM read, and a slow disk
     fast_cpu.cpu_layer_gbs = 2 * fast_cpu.host_dram_gbs;
     fast_cpu.disk_gbs = 0.5;
@@ -344,12 +345,15 @@ TEST_SUITE("offload") {
       auto c = synthetic_config(name);
       REQUIRE(c.ok());
       for (const HardwareProfile& hw : {HardwareProfile{}, fast_cpu})
+        for (WeightFormat wf : kWeightFormats)
         for (int64_t budget_g : {0, 4, 8, 16, 24, 40, 80})
           for (int64_t batch : {1, 8, 64})
             for (KvPlace kv : {KvPlace::kAuto, KvPlace::kGpu, KvPlace::kHost}) {
               const int64_t ctx = 1024;
               GpuPlanInput in;
               in.hw = hw;
+              in.weights = weight_format_info(wf).dtype;
+              in.layer_bytes = gpu_layer_bytes(*c, in.weights);
               in.budget_bytes = budget_g << 30;
               in.max_batch = batch;
               in.kv = kv;
@@ -358,6 +362,7 @@ TEST_SUITE("offload") {
               if (!p.ok()) continue;  // below the minimum working set
               const PlanFloor f = plan_floor(*c, *p, batch, hw, static_cast<double>(ctx));
               CAPTURE(name);
+              CAPTURE(weight_format_info(wf).name);
               CAPTURE(budget_g);
               CAPTURE(batch);
               CAPTURE(static_cast<int>(kv));
@@ -366,7 +371,7 @@ TEST_SUITE("offload") {
             }
     }
     MESSAGE(checked << " plans checked");
-    CHECK(checked > 200);
+    CHECK(checked > 800);
   }
 
   TEST_CASE("the decode GEMV's measured rate prices GPU layers at one or two rows; the floor keeps the HBM rate") {
@@ -391,6 +396,19 @@ TEST_SUITE("offload") {
     CHECK(gpu_layer_rate(slow.hw, DType::kNF4, 16) == slow.hw.hbm_gbs);  // the dequantised tile + cuBLAS above
     CHECK(gpu_layer_rate(slow.hw, DType::kBF16, 1) == slow.hw.hbm_gbs);
     CHECK(gpu_layer_rate(slow.hw, DType::kQ8, 1) == slow.hw.hbm_gbs);  // not measured
+    // NF4-DQ at NF4's rate per parameter: its bytes' share of NF4's.
+    const double dq_share = static_cast<double>(weight_format_bytes(WeightFormat::kNF4DQ, 8192, 8192)) / weight_format_bytes(WeightFormat::kNF4, 8192, 8192);
+    CHECK(dq_share == doctest::Approx(0.917).epsilon(1e-3));
+    CHECK(gpu_layer_rate(slow.hw, DType::kNF4DQ, 1) == doctest::Approx(slow.hw.hbm_gbs / 3 * dq_share));
+    HardwareProfile cpu_nf4 = slow.hw;
+    cpu_nf4.cpu_layer_nf4_gbs = 30;
+    CHECK(cpu_layer_rate(cpu_nf4, DType::kNF4DQ) == doctest::Approx(30 * dq_share));
+    // Measured (calibrate), its own rates.
+    cpu_nf4.cpu_layer_nf4dq_gbs = 20;
+    cpu_nf4.gpu_gemv_nf4dq_gbs = slow.hw.hbm_gbs / 4;
+    CHECK(cpu_layer_rate(cpu_nf4, DType::kNF4DQ) == 20);
+    CHECK(gpu_layer_rate(cpu_nf4, DType::kNF4DQ, 1) == doctest::Approx(slow.hw.hbm_gbs / 4));
+    slow.hw.gpu_gemv_nf4dq_gbs = 1234;
     // The profile keeps them.
     test::TempDir tmp;
     const std::string prof = tmp / "p.json";
@@ -399,6 +417,7 @@ TEST_SUITE("offload") {
     const HardwareProfile back = load_profile();
     ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);
     CHECK(back.gpu_gemv_nf4_gbs == doctest::Approx(slow.hw.gpu_gemv_nf4_gbs));
+    CHECK(back.gpu_gemv_nf4dq_gbs == doctest::Approx(1234));
     CHECK(back.gpu_gemv_gbs == doctest::Approx(slow.hw.gpu_gemv_gbs));
     CHECK(back.gpu_gemv_q8_gbs == 0);
   }
@@ -704,12 +723,12 @@ TEST_SUITE("offload") {
     }
   }
 
-  TEST_CASE("emulated device with --quant nf4 / int8: streamed, disk and CPU-computed quantised layers give the resident quantised logits bit for bit") {
+  TEST_CASE("emulated device with --quant nf4 / nf4-dq / int8: streamed, disk and CPU-computed quantised layers give the resident quantised logits bit for bit") {
     const std::string dir = test::shared_dir() + "/golden/llama-gqa";
     auto g = SafetensorsFile::open(dir + "/golden.safetensors");
     REQUIRE(g.ok());
     const auto ids = test::read_i32(**g, "seq1.input_ids");
-    for (DType q : {DType::kNF4, DType::kQ8}) {
+    for (DType q : {DType::kNF4, DType::kNF4DQ, DType::kQ8}) {
       CAPTURE(dtype_name(q));
       ModelConfig cfg;
       auto ws = resident(dir, &cfg);

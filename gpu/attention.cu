@@ -31,19 +31,50 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;  // query rows per block
 
+// N consecutive bf16 in one load (N = 1, 2, 4, 8), and as floats (zeros when !ok).
+template <int N>
+struct VecOfT {
+  using T = uint4;
+};
+template <>
+struct VecOfT<4> {
+  using T = uint2;
+};
+template <>
+struct VecOfT<2> {
+  using T = uint32_t;
+};
+template <>
+struct VecOfT<1> {
+  using T = uint16_t;
+};
+template <int N>
+using VecOf = typename VecOfT<N>::T;
+template <int N>
+__device__ __forceinline__ void unpack_bf16(const VecOf<N>& v, bool ok, float (&f)[N]) {
+  const bf16* b = reinterpret_cast<const bf16*>(&v);
+#pragma unroll
+  for (int i = 0; i < N; ++i) f[i] = ok ? __bfloat162float(b[i]) : 0.0f;
+}
+
 template <int HD>
 __device__ __forceinline__ const bf16* kv_row(const bf16* base, const PagedKv& kv, const int32_t* table, int j, int kh) {
   const int32_t block = table[j / kv.block_size];
   return base + ((static_cast<int64_t>(block) * kv.block_size + j % kv.block_size) * kv.n_kv_heads + kh) * HD;
 }
 
+// Blocks an SM keeps resident: three up to head_dim 128 (all of Llama-2-7B's 288 decode blocks in one
+// wave on 132 SMs), where the registers allow it without spilling.
 template <int HD>
-__global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __restrict__ q, const int32_t* __restrict__ pos,
+constexpr int kAttMinBlocks = HD <= 128 ? 3 : 1;
+
+template <int HD>
+__global__ void __launch_bounds__(kWarps * 32, kAttMinBlocks<HD>) attention_kernel(const bf16* __restrict__ q, const int32_t* __restrict__ pos,
                                                                  const int32_t* __restrict__ row, const int32_t* __restrict__ tiles,
                                                                  int n_heads, int window, PagedKv kv, int n_splits, float scale,
                                                                  float* __restrict__ scratch, bf16* __restrict__ out) {
   constexpr int DPL = HD >= 32 ? HD / 32 : 1;  // output dims per lane
-  __shared__ float qs[kMaxGroup][HD];
+  __shared__ __align__(16) float qs[kMaxGroup][HD];
   __shared__ float p_sh[kWarps][kMaxGroup][32];
   __shared__ float m_sh[kWarps][kMaxGroup], l_sh[kWarps][kMaxGroup];
   __shared__ float acc_sh[kWarps][kMaxGroup][HD];
@@ -108,21 +139,38 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
     any = true;
     const int j = tile + lane;
     const bool valid = j < k1;
-    float s[kMaxGroup];
-#pragma unroll
-    for (int gi = 0; gi < kMaxGroup; ++gi) s[gi] = 0.0f;
+    // Lane j's key row offset (K and V rows share it); the V pass takes every lane's by shuffle.
+    int64_t off = 0;
+    if (valid) off = (static_cast<int64_t>(table[j / kv.block_size]) * kv.block_size + j % kv.block_size) * kv.n_kv_heads * HD + kh * HD;
     if (valid) {
-      const bf16* kr = kv_row<HD>(kv.k, kv, table, j, kh);
+      // K in pieces of up to 64 dims held in registers (one 16-byte load per 8 dims, a piece's loads
+      // all in flight), then one pass per query row that exists (g of them, a loop: no predicated
+      // work for the absent rows, and no registers per row); each row's dot is summed in dimension
+      // order, its running sum kept in p_sh (the lane's own entry) between pieces.
+      constexpr int KC = HD >= 8 ? HD / 8 : 1, KP = KC < 8 ? KC : 8;
 #pragma unroll
-      for (int d0 = 0; d0 < HD; d0 += 8) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(kr + d0);
-        const bf16* kb = reinterpret_cast<const bf16*>(&raw);
+      for (int c0 = 0; c0 < KC; c0 += KP) {
+        uint4 kr[KP];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float kf = __bfloat162float(kb[e]);
+        for (int c = 0; c < KP; ++c) kr[c] = *reinterpret_cast<const uint4*>(kv.k + off + 8 * (c0 + c));
+#pragma unroll 1
+        for (int gi = 0; gi < g; ++gi) {
+          float sv = c0 == 0 ? 0.0f : p_sh[warp][gi][lane];
 #pragma unroll
-          for (int gi = 0; gi < kMaxGroup; ++gi)
-            if (gi < g) s[gi] += qs[gi][d0 + e] * kf;
+          for (int c = 0; c < KP; ++c) {
+            const bf16* kb = reinterpret_cast<const bf16*>(&kr[c]);
+            const float4 qa = *reinterpret_cast<const float4*>(&qs[gi][8 * (c0 + c)]);
+            const float4 qb = *reinterpret_cast<const float4*>(&qs[gi][8 * (c0 + c) + 4]);
+            sv += qa.x * __bfloat162float(kb[0]);
+            sv += qa.y * __bfloat162float(kb[1]);
+            sv += qa.z * __bfloat162float(kb[2]);
+            sv += qa.w * __bfloat162float(kb[3]);
+            sv += qb.x * __bfloat162float(kb[4]);
+            sv += qb.y * __bfloat162float(kb[5]);
+            sv += qb.z * __bfloat162float(kb[6]);
+            sv += qb.w * __bfloat162float(kb[7]);
+          }
+          p_sh[warp][gi][lane] = sv;
         }
       }
     }
@@ -130,7 +178,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
     for (int gi = 0; gi < kMaxGroup; ++gi) {
       if (gi >= g) break;
       const bool ok = valid && j >= lo[gi] && j <= hi[gi];  // this row's causal / window limits
-      const float sv = ok ? s[gi] * scale : -FLT_MAX;
+      const float sv = ok ? p_sh[warp][gi][lane] * scale : -FLT_MAX;
       const float mn = fmaxf(m[gi], warp_max(sv));
       const float corr = __expf(m[gi] - mn);
       const float pv = ok ? __expf(sv - mn) : 0.0f;
@@ -142,28 +190,32 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const bf16* __re
     }
     __syncwarp();
     const int n_valid = min(32, k1 - tile);
-    // V rows in groups of 8: all 8 loads issued before their use, so the latency overlaps.
-    for (int j0 = 0; j0 < n_valid; j0 += 8) {
-      float vf[8][DPL];
+    // The tile's V rows, VR at a time with all their loads issued before any is used (two trips to
+    // L2 for 32 rows at head_dim <= 128): lane l holds dims l * DPL .. l * DPL + DPL - 1 of each
+    // row, DPL bf16 in one load; the rows' offsets come from their K lanes (no block-table reads).
+    using VVec = VecOf<DPL>;
+    constexpr int VR = DPL >= 8 ? 8 : 16;
+    const bool has_dims = lane * DPL < HD;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const bool ok = j0 + u < n_valid;
-        const bf16* vr = ok ? kv_row<HD>(kv.v, kv, table, tile + j0 + u, kh) : nullptr;
+    for (int u0 = 0; u0 < 32; u0 += VR) {
+      if (u0 >= n_valid) break;
+      VVec vraw[VR];
 #pragma unroll
-        for (int d = 0; d < DPL; ++d) {
-          const int dim = lane * DPL + d;
-          vf[u][d] = (ok && dim < HD) ? __bfloat162float(vr[dim]) : 0.0f;
-        }
+      for (int u = 0; u < VR; ++u) {
+        const int64_t o = __shfl_sync(0xffffffffu, off, u0 + u);
+        if (u0 + u < n_valid && has_dims) vraw[u] = *reinterpret_cast<const VVec*>(kv.v + o + lane * DPL);
       }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        if (j0 + u >= n_valid) break;
+      for (int u = 0; u < VR; ++u) {
+        if (u0 + u >= n_valid) break;
+        float vf[DPL];
+        unpack_bf16<DPL>(vraw[u], has_dims, vf);
 #pragma unroll
         for (int gi = 0; gi < kMaxGroup; ++gi) {
           if (gi >= g) break;
-          const float pv = p_sh[warp][gi][j0 + u];
+          const float pv = p_sh[warp][gi][u0 + u];
 #pragma unroll
-          for (int d = 0; d < DPL; ++d) acc[gi][d] += pv * vf[u][d];
+          for (int d = 0; d < DPL; ++d) acc[gi][d] += pv * vf[d];
         }
       }
     }

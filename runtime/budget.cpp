@@ -150,8 +150,7 @@ LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch,
   // measured one); beside copies, at the share of it the CPU's read kept then. It also moves its
   // activations down and back, and costs two host-side hand-offs.
   const double cpu_gbs = std::min(cpu_layer_rate(hw, weights), hw.host_dram_gbs);
-  const double cpu_share = hw.cpu_layer_shared_gbs > 0 ? std::clamp(hw.cpu_layer_shared_gbs / hw.cpu_layer_gbs, 0.1, 1.0)
-                                                       : std::clamp((hw.dram_shared_gbs - hw.h2d_shared_gbs) / hw.host_dram_gbs, 0.1, 1.0);
+  const double cpu_share = cpu_layer_shared_share(hw, weights);
   const double flops_ms = 2 * params * b / (hw.cpu_tflops * 1e12) * 1e3;
   const double handoff_ms = 2.0 * b * static_cast<double>(c.n_embd) * 4 / (hw.h2d_gbs * 1e9) * 1e3 + 0.05;
   k.cpu_ms = std::max(lb / (cpu_gbs * 1e9) * 1e3, flops_ms) + handoff_ms;
@@ -450,6 +449,9 @@ HardwareProfile load_profile() {
   get("cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs);
   get("cpu_layer_nf4dq_gbs", hw.cpu_layer_nf4dq_gbs);
   get("cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs);
+  get("cpu_layer_nf4_shared_gbs", hw.cpu_layer_nf4_shared_gbs);
+  get("cpu_layer_nf4dq_shared_gbs", hw.cpu_layer_nf4dq_shared_gbs);
+  get("cpu_layer_q8_shared_gbs", hw.cpu_layer_q8_shared_gbs);
   get("gpu_gemv_gbs", hw.gpu_gemv_gbs);
   get("gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs);
   get("gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs);
@@ -477,6 +479,17 @@ double cpu_layer_rate(const HardwareProfile& hw, DType w) {
   return r > 0 ? r : hw.cpu_layer_gbs;
 }
 
+double cpu_layer_shared_share(const HardwareProfile& hw, DType w) {
+  const double alone = w == DType::kNF4 ? hw.cpu_layer_nf4_gbs : w == DType::kNF4DQ ? hw.cpu_layer_nf4dq_gbs : w == DType::kQ8 ? hw.cpu_layer_q8_gbs : 0;
+  const double beside = w == DType::kNF4     ? hw.cpu_layer_nf4_shared_gbs
+                        : w == DType::kNF4DQ ? hw.cpu_layer_nf4dq_shared_gbs
+                        : w == DType::kQ8    ? hw.cpu_layer_q8_shared_gbs
+                                             : 0;
+  if (alone > 0 && beside > 0) return std::clamp(beside / alone, 0.1, 1.0);
+  if (hw.cpu_layer_shared_gbs > 0) return std::clamp(hw.cpu_layer_shared_gbs / hw.cpu_layer_gbs, 0.1, 1.0);
+  return std::clamp((hw.dram_shared_gbs - hw.h2d_shared_gbs) / hw.host_dram_gbs, 0.1, 1.0);
+}
+
 double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch) {
   const double r = w == DType::kNF4DQ && hw.gpu_gemv_nf4dq_gbs > 0 ? hw.gpu_gemv_nf4dq_gbs
                    : is_nf4(w)                                      ? hw.gpu_gemv_nf4_gbs * per_param_scale(w)
@@ -487,7 +500,7 @@ double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch) {
 
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
-                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_nf4dq_gbs", hw.cpu_layer_nf4dq_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"gpu_gemv_gbs", hw.gpu_gemv_gbs}, {"gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs}, {"gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs}, {"gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_nf4dq_gbs", hw.cpu_layer_nf4dq_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"cpu_layer_nf4_shared_gbs", hw.cpu_layer_nf4_shared_gbs}, {"cpu_layer_nf4dq_shared_gbs", hw.cpu_layer_nf4dq_shared_gbs}, {"cpu_layer_q8_shared_gbs", hw.cpu_layer_q8_shared_gbs}, {"gpu_gemv_gbs", hw.gpu_gemv_gbs}, {"gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs}, {"gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs}, {"gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
                       {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);

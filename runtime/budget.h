@@ -60,6 +60,11 @@ struct HardwareProfile {
   double cpu_layer_nf4_gbs = 0;
   double cpu_layer_nf4dq_gbs = 0;  // 0: NF4's rate per parameter
   double cpu_layer_q8_gbs = 0;
+  // The same beside the copy engine (0: not measured; BF16's share of its alone rate is used). A
+  // decoding kernel keeps a different share of its rate than the BF16 one (notes/h200.md).
+  double cpu_layer_nf4_shared_gbs = 0;
+  double cpu_layer_nf4dq_shared_gbs = 0;
+  double cpu_layer_q8_shared_gbs = 0;
   // The GPU's decode GEMV at one row: bytes of BF16, NF4 and int8 weights per second (0: not
   // measured; the HBM rate is used). NF4's decoding costs instructions: it ran at 24-58% of the
   // HBM rate on the H200 (notes/quant.md). The floor keeps the HBM rate; the prediction uses these.
@@ -76,6 +81,9 @@ struct HardwareProfile {
 HardwareProfile load_profile();
 // Returns the rate (bytes of the format per second) of ferry's CPU layer at batch 1 for weights in `w`.
 double cpu_layer_rate(const HardwareProfile& hw, DType w);
+// The share of that rate a CPU layer of `w` keeps beside the copy engine: measured for the format,
+// else BF16's (cpu_layer_shared_gbs / cpu_layer_gbs), else from the shared DRAM rates.
+double cpu_layer_shared_share(const HardwareProfile& hw, DType w);
 // Returns the rate (bytes per second) at which a GPU layer of `batch` rows reads weights in `w`: the
 // measured GEMV rate at one or two rows where calibrate measured it (never above the HBM rate),
 // else the HBM rate.

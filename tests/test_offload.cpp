@@ -409,6 +409,16 @@ TEST_SUITE("offload") {
     CHECK(cpu_layer_rate(cpu_nf4, DType::kNF4DQ) == 20);
     CHECK(gpu_layer_rate(cpu_nf4, DType::kNF4DQ, 1) == doctest::Approx(slow.hw.hbm_gbs / 4));
     slow.hw.gpu_gemv_nf4dq_gbs = 1234;
+    // Beside the copy engine a CPU layer keeps its format's measured share, else BF16's.
+    HardwareProfile sh = slow.hw;
+    sh.cpu_layer_gbs = 100;
+    sh.cpu_layer_shared_gbs = 80;
+    sh.cpu_layer_nf4dq_gbs = 90;
+    CHECK(cpu_layer_shared_share(sh, DType::kNF4DQ) == doctest::Approx(0.8));
+    sh.cpu_layer_nf4dq_shared_gbs = 54;
+    CHECK(cpu_layer_shared_share(sh, DType::kNF4DQ) == doctest::Approx(0.6));
+    CHECK(cpu_layer_shared_share(sh, DType::kBF16) == doctest::Approx(0.8));
+    slow.hw.cpu_layer_nf4dq_shared_gbs = 54;
     // The profile keeps them.
     test::TempDir tmp;
     const std::string prof = tmp / "p.json";
@@ -418,6 +428,7 @@ TEST_SUITE("offload") {
     ::setenv("FERRY_PROFILE", "/nonexistent/ferry-profile.json", 1);
     CHECK(back.gpu_gemv_nf4_gbs == doctest::Approx(slow.hw.gpu_gemv_nf4_gbs));
     CHECK(back.gpu_gemv_nf4dq_gbs == doctest::Approx(1234));
+    CHECK(back.cpu_layer_nf4dq_shared_gbs == doctest::Approx(54));
     CHECK(back.gpu_gemv_gbs == doctest::Approx(slow.hw.gpu_gemv_gbs));
     CHECK(back.gpu_gemv_q8_gbs == 0);
   }

@@ -1,8 +1,9 @@
 // Weight-streaming GEMV for decode: y[M, N] = x[M, K] W[N, K]^T with M <= kGemvMaxRows, W in BF16 or
-// quantised (NF4: a 16-entry code table in shared memory and an absmax per 64; Q8: a scale per row;
-// models/weight_format.h), and its fused forms for the decode layer (kernels.h): the residual add
-// with the next RMSNorm's sums of squares, SwiGLU over gate and up rows, RoPE + K/V append over the
-// QKV rows, and an input that is the residual stream normalised on the fly.
+// quantised (NF4: a 16-entry code table in shared memory and an absmax per 64, fp32 or NF4-DQ's
+// double-quantised 8-bit code; Q8: a scale per row; models/weight_format.h), and its fused forms for
+// the decode layer (kernels.h): the residual add with the next RMSNorm's sums of squares, SwiGLU over
+// gate and up rows, RoPE + K/V append over the QKV rows, and an input that is the residual stream
+// normalised on the fly.
 // One warp per task (an output row, or the two rows an epilogue pairs: gate i and up i, or a rotary
 // pair's two columns); a persistent grid striding over rows measured slower on the H100 (170 -> 155
 // tok/s for Llama-2-7B, notes/gpu.md). Each lane walks K in 16-byte chunks (8 bf16) of W, four
@@ -31,7 +32,6 @@ constexpr int kChunkElems = kFmt == kFmtBf16 ? 8 : kFmt == kFmtNf4 ? 32 : 16;
 __constant__ float c_nf4[16] = {kNf4Codes[0], kNf4Codes[1], kNf4Codes[2],  kNf4Codes[3],  kNf4Codes[4],  kNf4Codes[5],
                                  kNf4Codes[6], kNf4Codes[7], kNf4Codes[8],  kNf4Codes[9],  kNf4Codes[10], kNf4Codes[11],
                                  kNf4Codes[12], kNf4Codes[13], kNf4Codes[14], kNf4Codes[15]};
-
 
 // A quantised weight's scales: NF4's fp32 absmax or Q8's row scales in `f32`; NF4-DQ's 8-bit absmax
 // codes, fp32 absmax2 and means (one each per 256 codes) instead.

@@ -157,7 +157,7 @@ TEST_SUITE("cli") {
     CHECK(r.output.find("[cpu") != std::string::npos);
   }
 
-  TEST_CASE("--quant: nf4 runs and logits work on the CLI; a shape the format cannot hold and a bad name are refused") {
+  TEST_CASE("--quant: nf4 and nf4-dq run and logits work on the CLI, an nf4-dq store gives the same logits; a shape the format cannot hold and a bad name are refused") {
     const std::string gqa = test::shared_dir() + kGqa;
     test::TempDir tmp;
     test::CmdResult r = test::run_ferry("logits -m " + gqa + " --quant nf4 --device cpu --ids 1,5,9 --out " + (tmp / "l.st"));
@@ -172,6 +172,20 @@ TEST_SUITE("cli") {
     test::CmdResult bad = test::run_ferry("logits -m " + gqa + " --quant nf5 --ids 1");
     CHECK(bad.exit_code == 2);
     CHECK(bad.output.find("--quant") != std::string::npos);
+    // nf4-dq: quantised at load, and packed: the store's logits are the same bytes.
+    test::CmdResult dq = test::run_ferry("logits -m " + gqa + " --quant nf4-dq --device cpu --ids 1,5,9 --out " + (tmp / "dq.st"));
+    CAPTURE(dq.output);
+    CHECK(dq.exit_code == 0);
+    test::CmdResult pk = test::run_ferry("pack -m " + gqa + " --quant nf4-dq --out " + (tmp / "store"));
+    CAPTURE(pk.output);
+    CHECK(pk.exit_code == 0);
+    test::CmdResult fd = test::run_ferry("logits -m " + gqa + " --disk " + (tmp / "store") + " --device cpu --ids 1,5,9 --out " + (tmp / "fd.st"));
+    CAPTURE(fd.output);
+    CHECK(fd.exit_code == 0);
+    CHECK(read_file(tmp / "fd.st") == read_file(tmp / "dq.st"));
+    CHECK(read_file(tmp / "dq.st") != read_file(tmp / "l.st"));  // not NF4's logits
+    test::CmdResult ins_dq = test::run_ferry("inspect -m " + gqa + " --quant nf4-dq");
+    CHECK(ins_dq.output.find("quantised to nf4-dq") != std::string::npos);
   }
 
   TEST_CASE("missing directory") { expect_error("run -m /nonexistent/llama -p hi", {"/nonexistent/llama"}); }

@@ -1213,13 +1213,7 @@ int cmd_calibrate(const CalibrateFlags& f) {
     for (DType t : {DType::kNF4, DType::kNF4DQ, DType::kQ8}) {
       HostBuffer one(static_cast<size_t>(quant_layout(t, N, K).bytes));
       if (!one.data()) return fail(out_of_memory("calibrate: cannot allocate the quantised GEMM weights"));
-      std::vector<float> stage(static_cast<size_t>(quant_stage_floats(t, N, K)));
-      tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, 64), [&](const auto& r) {
-        std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * K));
-        convert_to_f32(src.as<uint16_t>() + r.begin() * K, DType::kBF16, rows.data(), rows.size());
-        quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), one.as<uint8_t>(), stage.data());
-      });
-      finish_quant(t, N, K, stage.data(), one.as<uint8_t>());
+      quantize_bf16_weight(t, src.as<uint16_t>(), N, K, one.as<uint8_t>());
       if (Status st = make_set(one, mats); !st.ok()) return fail(st);
       auto run_q = [&] {
         for (auto& m : mats) cpu::gemm_xwt(x.data(), 1, TensorView::contiguous(m.data(), t, {N, K}), y.data());

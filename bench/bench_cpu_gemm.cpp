@@ -58,13 +58,7 @@ HostBuffer make_weights(DType t, int64_t N, int64_t K, const std::string& name) 
   });
   if (t == DType::kBF16) return bf;
   HostBuffer q(static_cast<size_t>(quant_layout(t, N, K).bytes));
-  std::vector<float> stage(static_cast<size_t>(quant_stage_floats(t, N, K)));
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, 64), [&](const auto& r) {
-    std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * K));
-    convert_to_f32(bf.as<uint16_t>() + r.begin() * K, DType::kBF16, rows.data(), rows.size());
-    quantize_rows(t, rows.data(), N, K, r.begin(), r.end(), q.as<uint8_t>(), stage.data());
-  });
-  finish_quant(t, N, K, stage.data(), q.as<uint8_t>());
+  quantize_bf16_weight(t, bf.as<uint16_t>(), N, K, q.as<uint8_t>());
   return q;
 }
 

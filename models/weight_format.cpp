@@ -5,6 +5,9 @@
 #include <cstring>
 #include <vector>
 
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
 namespace ferry {
 
 namespace {
@@ -67,7 +70,6 @@ void quantize_int8_rows(const float* x, int64_t rows, int64_t cols, int8_t* q, f
     for (int64_t c = 0; c < cols; ++c) q[r * cols + c] = static_cast<int8_t>(std::clamp(std::nearbyint(xr[c] * inv), -127.0f, 127.0f));
   }
 }
-
 
 void quantize_absmax_dq(const float* absmax, int64_t n, uint8_t* codes, float* absmax2, float* offset) {
   double sum = 0;
@@ -144,26 +146,33 @@ void quantize_weight(DType t, const float* x, int64_t rows, int64_t cols, uint8_
   finish_quant(t, rows, cols, stage.data(), dst);
 }
 
-const float* nf4_row_absmax(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r, float* tmp) {
-  const QuantLayout l = quant_layout(t, rows, cols);
-  const int64_t nb = cols / 64, i0 = r * nb;  // cols % 64 == 0: rows start on a block
-  if (t == DType::kNF4) return reinterpret_cast<const float*>(blob + l.scales) + i0;
-  FERRY_CHECK(t == DType::kNF4DQ);
-  const float* map = dynamic_map_signed();
-  const uint8_t* codes = blob + l.scales;
-  const float* a2 = reinterpret_cast<const float*>(blob + l.scales2);
-  const float* means = reinterpret_cast<const float*>(blob + l.means);
-  for (int64_t i = 0; i < nb; ++i) tmp[i] = map[codes[i0 + i]] * a2[(i0 + i) / 256] + means[(i0 + i) / 256];
-  return tmp;
+void quantize_bf16_weight(DType t, const uint16_t* w, int64_t rows, int64_t cols, uint8_t* blob) {
+  std::memset(blob, 0, static_cast<size_t>(quant_layout(t, rows, cols).bytes));  // the alignment padding too
+  std::vector<float> stage(static_cast<size_t>(quant_stage_floats(t, rows, cols)));
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, rows, 64), [&](const tbb::blocked_range<int64_t>& r) {
+    std::vector<float> x(static_cast<size_t>((r.end() - r.begin()) * cols));
+    convert_to_f32(w + r.begin() * cols, DType::kBF16, x.data(), x.size());
+    quantize_rows(t, x.data(), rows, cols, r.begin(), r.end(), blob, stage.data());
+  });
+  finish_quant(t, rows, cols, stage.data(), blob);
 }
 
 void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r0, int64_t r1, float* y) {
   const QuantLayout l = quant_layout(t, rows, cols);
   if (is_nf4(t)) {
     FERRY_CHECK(cols % 64 == 0);  // rows start on a block
-    std::vector<float> tmp(static_cast<size_t>(cols / 64));
-    for (int64_t r = r0; r < r1; ++r)
-      dequantize_nf4(blob + r * cols / 2, nf4_row_absmax(t, blob, rows, cols, r, tmp.data()), cols, y + (r - r0) * cols);
+    const int64_t i0 = r0 * cols / 64, n = (r1 - r0) * cols / 64;
+    const float* absmax = reinterpret_cast<const float*>(blob + l.scales) + i0;
+    std::vector<float> dq;
+    if (t == DType::kNF4DQ) {  // map[code] * absmax2 + mean, each block of 256 its own pair
+      const float* map = dynamic_map_signed();
+      const float* a2 = reinterpret_cast<const float*>(blob + l.scales2);
+      const float* means = reinterpret_cast<const float*>(blob + l.means);
+      dq.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) dq[i] = map[blob[l.scales + i0 + i]] * a2[(i0 + i) / 256] + means[(i0 + i) / 256];
+      absmax = dq.data();
+    }
+    dequantize_nf4(blob + r0 * cols / 2, absmax, (r1 - r0) * cols, y);
   } else {
     FERRY_CHECK(t == DType::kQ8);
     const float* scales = reinterpret_cast<const float*>(blob + l.scales);

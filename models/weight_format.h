@@ -192,9 +192,9 @@ void finish_quant(DType t, int64_t rows, int64_t cols, const float* stage, uint8
 // parts when each one's absmax count is a multiple of 256, else the whole weight.
 std::vector<std::pair<int64_t, int64_t>> dq_parts(int64_t rows, int64_t cols, const std::vector<int64_t>& part_rows);
 constexpr int64_t quant_stage_floats(DType t, int64_t rows, int64_t cols) { return t == DType::kNF4DQ ? (rows * cols + 63) / 64 : 0; }
-// Row r's NF4 absmax (cols / 64 values) of an NF4 or NF4-DQ blob: a pointer into the blob, or, for
-// NF4-DQ, `tmp` (cols / 64 floats) filled with the dequantised values.
-const float* nf4_row_absmax(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r, float* tmp);
+// A [rows, cols] BF16 weight (bit patterns) into the blob of `t`, 64 rows a task on oneTBB's pool,
+// NF4-DQ finished as one part: what calibrate and the benches time.
+void quantize_bf16_weight(DType t, const uint16_t* w, int64_t rows, int64_t cols, uint8_t* blob);
 // Rows [r0, r1) of a quantised [rows, cols] blob, as float, into y[(r1 - r0) * cols].
 void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r0, int64_t r1, float* y);
 

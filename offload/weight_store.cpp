@@ -276,11 +276,11 @@ namespace ferry {
 Status WeightStore::quantize(DType q, bool shapes_only) {
   FERRY_CHECK(is_quantized(q));
   const ModelConfig& c = cfg_;
+  const std::string qname(weight_format_info(weight_format_of(q)).name);  // as --quant spells it
   if (manifest_) {
     if (linear_dtype(layers_[0]) == q) return Status::Ok();
-    return invalid_argument(strprintf("--quant %s: the packed store %s holds %s weights; pack it with --quant %s (ferry pack)",
-                                      std::string(weight_format_info(weight_format_of(q)).name).c_str(), manifest_->dir.c_str(), std::string(dtype_name(linear_dtype(layers_[0]))).c_str(),
-                                      std::string(weight_format_info(weight_format_of(q)).name).c_str()));
+    return invalid_argument(strprintf("--quant %s: the packed store %s holds %s weights; pack it with --quant %s (ferry pack)", qname.c_str(),
+                                      manifest_->dir.c_str(), std::string(dtype_name(linear_dtype(layers_[0]))).c_str(), qname.c_str()));
   }
   const int64_t mult = quant_col_multiple(q);
   const auto specs = layer_tensor_specs(c, 0);
@@ -288,7 +288,7 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
     const int64_t cols = specs[t].shape[1];
     if (cols % mult != 0)
       return invalid_argument(strprintf("--quant %s: tensor '%s' has %lld input columns, not a multiple of %lld (the format's block)",
-                                        std::string(weight_format_info(weight_format_of(q)).name).c_str(), specs[t].name.c_str(), static_cast<long long>(cols),
+                                        qname.c_str(), specs[t].name.c_str(), static_cast<long long>(cols),
                                         static_cast<long long>(mult)));
   }
   const int64_t L = c.n_layers;
@@ -363,7 +363,7 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
   owned_ = std::move(kept);
   for (auto& b : blocks)
     if (b.data()) owned_.push_back(std::move(b));
-  source_ += std::string(", quantised to ") + std::string(weight_format_info(weight_format_of(q)).name) + " at load";
+  source_ += ", quantised to " + qname + " at load";
   return Status::Ok();
 }
 

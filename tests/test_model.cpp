@@ -731,6 +731,27 @@ TEST_SUITE("model") {
     }
   }
 
+  TEST_CASE("NF4-DQ's absmax expanded by the CPU kernel (gathers under AVX-512) equal the codec's bit for bit") {
+    // 1000 absmax over four blocks of 256 at different scales; ranges that start and end inside a
+    // block and inside a group of 16.
+    std::vector<float> absmax(1000);
+    for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = (0.01f + 0.003f * std::sin(0.21f * static_cast<float>(i))) * (1 + static_cast<float>(i / 256));
+    std::vector<uint8_t> codes(absmax.size());
+    std::vector<float> a2(4), means(4);
+    float mean = 0;
+    quantize_absmax_dq(absmax.data(), static_cast<int64_t>(absmax.size()), codes.data(), a2.data(), &mean);
+    std::fill(means.begin(), means.end(), mean);
+    means[2] = mean * 1.5f;  // a block of another part
+    std::vector<float> want(absmax.size());
+    for (size_t i = 0; i < absmax.size(); ++i) want[i] = dynamic_map_signed()[codes[i]] * a2[i / 256] + means[i / 256];
+    for (auto [i0, n] : std::vector<std::pair<int64_t, int64_t>>{{0, 1000}, {3, 17}, {250, 300}, {511, 489}}) {
+      CAPTURE(i0);
+      std::vector<float> got(static_cast<size_t>(n));
+      cpu::nf4dq_absmax(codes.data(), a2.data(), means.data(), i0, n, got.data());
+      CHECK(std::equal(got.begin(), got.end(), want.begin() + i0));
+    }
+  }
+
   TEST_CASE("the CPU's quantised row kernels (AVX-512 where the CPU has it) against the codec: dots and dequantised rows") {
     MESSAGE("SIMD level: " << std::string(cpu::simd_level()));
     // K = 320: two full groups of 128 NF4 elements and half of one; int8 also at 336 (a last 16).

@@ -85,6 +85,28 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
 const char* kGolden[] = {"llama-gqa", "llama3-tied", "qwen2-bias"};
 
 
+// Packs `l`'s weights into a store and checks it: the fused tensor `fused` is stored as `dt`; read
+// back, the store gives `want`'s logits for `ids`; asked for the `other` format, loading it is refused
+// with a message containing `fix`.
+void check_packed_store(const Loaded& l, const std::string& dir, const std::vector<int32_t>& ids, const std::vector<float>& want,
+                        const std::string& fused, DType dt, DType other, const std::string& fix) {
+  test::TempDir tmp;
+  const std::string store = tmp / "store";
+  REQUIRE(pack_store(*l.model.weights, store).ok());
+  auto man = open_store(store, l.model.config);
+  REQUIRE(man.ok());
+  bool has_fused = false;
+  for (const auto& t : man->blocks[1].tensors) has_fused |= t.name == fused && t.dtype == dt;
+  CHECK(has_fused);
+  Loaded ld = load(dir, 4096, 16, DType::kF32, DType::kBF16, store);
+  auto from_disk = prompt_logits(*ld.runner, ids);
+  REQUIRE(from_disk.ok());
+  CHECK(*from_disk == want);
+  auto mixed = load_model(dir, LoadOptions{.need_tokenizer = false, .disk = store, .quant = other});
+  REQUIRE(!mixed.ok());
+  CHECK(mixed.status().message().find(fix) != std::string::npos);
+}
+
 }  // namespace
 
 TEST_SUITE("model") {
@@ -498,23 +520,9 @@ TEST_SUITE("model") {
     MESSAGE("--quant int8: against int8-rounded float32 weights " << e8 << ", against the unquantised golden " << e8_bf16);
     CHECK(e8 < 1e-4);
     CHECK(e8_bf16 > 1e-3);
-    // A store packed with --quant nf4 holds the fused 4-bit blocks; read back, the same logits.
-    test::TempDir tmp;
-    const std::string store = tmp / "nf4";
-    REQUIRE(pack_store(*l.model.weights, store).ok());
-    auto man = open_store(store, c);
-    REQUIRE(man.ok());
-    bool has_fused = false;
-    for (const auto& t : man->blocks[1].tensors) has_fused |= t.name == "model.layers.0.self_attn.qkv_proj.weight" && t.dtype == DType::kNF4;
-    CHECK(has_fused);
-    Loaded ld = load(dir, 4096, 16, DType::kF32, DType::kBF16, store);
-    auto from_disk = prompt_logits(*ld.runner, ids);
-    REQUIRE(from_disk.ok());
-    CHECK(*from_disk == *nf4);
-    // --quant int8 against that NF4 store is refused, naming the fix.
-    auto mixed = load_model(dir, LoadOptions{.need_tokenizer = false, .disk = store, .quant = DType::kQ8});
-    REQUIRE(!mixed.ok());
-    CHECK(mixed.status().message().find("pack it with --quant int8") != std::string::npos);
+    // A store packed with --quant nf4 holds the fused 4-bit blocks; read back, the same logits;
+    // --quant int8 against it is refused, naming the fix.
+    check_packed_store(l, dir, ids, *nf4, "model.layers.0.self_attn.qkv_proj.weight", DType::kNF4, DType::kQ8, "pack it with --quant int8");
     // A model whose Linear inputs are not a multiple of the format's block is refused, naming the tensor.
     for (DType q : {DType::kNF4, DType::kQ8}) {
       auto bad = load_model(test::shared_dir() + "/models/stories260K", LoadOptions{.need_tokenizer = false, .quant = q});
@@ -558,22 +566,8 @@ TEST_SUITE("model") {
     CHECK(err < 1e-4);
     CHECK(vs_nf4 > 1e-5);  // the second rounding is real
     CHECK(vs_nf4 < 2e-2);
-    // Packed with --quant nf4-dq and read back: the same logits.
-    test::TempDir tmp;
-    const std::string store = tmp / "nf4dq";
-    REQUIRE(pack_store(*l.model.weights, store).ok());
-    auto man = open_store(store, c);
-    REQUIRE(man.ok());
-    bool has_dq = false;
-    for (const auto& t : man->blocks[1].tensors) has_dq |= t.name == "model.layers.0.mlp.gate_up_proj.weight" && t.dtype == DType::kNF4DQ;
-    CHECK(has_dq);
-    Loaded ld = load(dir, 4096, 16, DType::kF32, DType::kBF16, store);
-    auto from_disk = prompt_logits(*ld.runner, ids);
-    REQUIRE(from_disk.ok());
-    CHECK(*from_disk == *got);
-    auto mixed = load_model(dir, LoadOptions{.need_tokenizer = false, .disk = store, .quant = DType::kNF4});
-    REQUIRE(!mixed.ok());
-    CHECK(mixed.status().message().find("pack it with --quant nf4") != std::string::npos);
+    // Packed with --quant nf4-dq and read back: the same logits; --quant nf4 against it is refused.
+    check_packed_store(l, dir, ids, *got, "model.layers.0.mlp.gate_up_proj.weight", DType::kNF4DQ, DType::kNF4, "pack it with --quant nf4");
     // qwen2-bias (192 wide: 3 absmax a row, so q's 576 are not blocks of 256): each fused weight is
     // double-quantised as one part; its logits stay near the NF4 (fp32 absmax) ones.
     const std::string qdir = test::shared_dir() + "/golden/qwen2-bias";

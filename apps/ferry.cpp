@@ -177,6 +177,8 @@ Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, i
   in.kv_host_layers = flags.kv_host_layers;
   in.max_batch = batch;
   in.hw = load_profile();
+  // FERRY_EMBEDDING=gpu keeps the token embedding on the GPU (to time what moving it gains).
+  if (const char* e = std::getenv("FERRY_EMBEDDING"); e && std::string(e) == "gpu") in.embedding_may_leave_gpu = false;
   // Quantised weights: every layer's bytes through the format's layout (the GPU keeps them so).
   if (is_quantized(linear_dtype(model.weights->layer(0)))) {
     in.layer_bytes = gpu_layer_bytes(model.config, linear_dtype(model.weights->layer(0)));
@@ -252,6 +254,7 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     in.emulated = true;
     in.layer_bytes = cpu::stored_layer_bytes(*model.weights);
     in.globals_bytes = cpu::stored_globals_bytes(*model.weights);
+    in.embedding_bytes = static_cast<int64_t>(model.weights->globals().t[kTokEmbd].nbytes());
     FERRY_ASSIGN_OR_RETURN(b.plan, plan_gpu(model.config, in));
     b.planned = true;
     FERRY_ASSIGN_OR_RETURN(auto ex, cpu::OffloadCpuExecutor::create(*model.weights, b.plan, in.budget_bytes));
@@ -728,6 +731,7 @@ int cmd_plan(const PlanFlags& f) {
     in.emulated = true;
     in.layer_bytes = cpu::stored_layer_bytes(*model->weights);
     in.globals_bytes = cpu::stored_globals_bytes(*model->weights);
+    in.embedding_bytes = static_cast<int64_t>(model->weights->globals().t[kTokEmbd].nbytes());
   } else {
     in.kv_bytes = 2 * c.n_layers * f.batch * ctx * c.kv_dim() * 2;  // BF16 K and V
   }
@@ -747,11 +751,12 @@ int cmd_plan(const PlanFlags& f) {
   std::printf("kv:         %s\n", device == "cpu" ? "in host memory, attention on the CPU" : plan->n_kv_host == 0 ? "on the GPU, attention on the GPU"
                                    : strprintf("%lld of %lld layers in host memory, attention on the CPU (%s kernel); --kv %s", (long long)plan->n_kv_host,
                                                (long long)c.n_layers, cpu::attn_isa_name(cpu::attn_isa_best()), f.m.kv.c_str()).c_str());
-  std::printf("bytes:      GPU %s (weights %s, globals %s, KV %s, staging %s, workspace %s, runtime reserve %s); pinned host %s; disk %s per step\n",
+  std::printf("bytes:      GPU %s (weights %s, globals %s, KV %s, staging %s, workspace %s, runtime reserve %s); pinned host %s%s; disk %s per step\n",
               format_bytes(static_cast<double>(plan->total_bytes)).c_str(), format_bytes(static_cast<double>(plan->n_resident * plan->layer_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->globals_bytes)).c_str(), format_bytes(static_cast<double>(plan->kv_gpu_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->slots_bytes)).c_str(), format_bytes(static_cast<double>(plan->workspace_bytes)).c_str(),
               format_bytes(static_cast<double>(plan->reserve_bytes)).c_str(), format_bytes(static_cast<double>(plan->host_bytes)).c_str(),
+              plan->embedding_on_host ? strprintf(" + token embedding %s", format_bytes(static_cast<double>(plan->embedding_host_bytes)).c_str()).c_str() : "",
               format_bytes(static_cast<double>(plan->disk_bytes)).c_str());
   std::printf("predicted:  %.2f ms per decode step = %.1f tok/s (cost model with the profile's measured rates)\n", plan->predicted_ms,
               1e3 * b / plan->predicted_ms);

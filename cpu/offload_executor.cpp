@@ -82,11 +82,15 @@ Expected<std::unique_ptr<OffloadCpuExecutor>> OffloadCpuExecutor::create(WeightS
       placed[il] = {lay.views(nullptr, Tier::kDisk), Tier::kDisk};
     }
   }
-  // Globals on the device.
+  // Globals on the device; the token embedding stays in host memory where the plan put it there.
   const GlobalWeights& g = ws.globals();
   for (int t = 0; t < kGlobalTensorCount; ++t) {
     if (t == kLmHead && cfg.tie_word_embeddings) continue;
     const TensorView& v = g.t[t];
+    if (t == kTokEmbd && plan.embedding_on_host) {
+      ex->globals_.t[t] = v;
+      continue;
+    }
     FERRY_ASSIGN_OR_RETURN(void* d, dev.alloc(static_cast<int64_t>(v.nbytes()), "globals"));
     std::memcpy(d, v.data, v.nbytes());
     ex->globals_.t[t] = v;

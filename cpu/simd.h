@@ -11,6 +11,12 @@ namespace ferry::cpu {
 
 // Returns sum(a[i] * b[i]) accumulated in float32.
 float dot_f32(const float* a, const float* b, int64_t n);
+// out[i] = dynamic_map_signed()[codes[i]] (models/weight_format.h; NF4-DQ's 8-bit absmax codes):
+// 64 codes by byte permutes under AVX-512 VBMI (kVbmi), else 16 a gather under AVX-512 (kGather),
+// else one at a time (kScalar). kBest picks the first the CPU has; a path it lacks falls back to the
+// scalar loop. Returns the path taken (the tests run each).
+enum class MapLookup { kBest, kVbmi, kGather, kScalar };
+MapLookup dynamic_map_values(const uint8_t* codes, int64_t n, float* out, MapLookup how = MapLookup::kBest);
 // NF4-DQ's absmax i0 .. i0 + n - 1 (models/weight_format.h): out[i] = map[codes[i0 + i]] *
 // absmax2[(i0 + i) / 256] + means[(i0 + i) / 256], the product and the sum each rounded (the codec's
 // values bit for bit).

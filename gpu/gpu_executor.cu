@@ -12,6 +12,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/cpu_executor.h"
+#include "cpu/simd.h"
 #include "gpu/cuda_stream_device.h"
 #include "gpu/kernels.h"
 #include "models/synthetic.h"
@@ -19,6 +20,7 @@
 #include "offload/layer_layout.h"
 #include "offload/staging_ring.h"
 #include "runtime/budget.h"
+#include "runtime/topology.h"
 #include "runtime/trace.h"
 
 namespace ferry::gpu {
@@ -87,6 +89,7 @@ struct GpuExecutor::Impl {
   bf16* wtile = nullptr;             // quantised weights dequantised a tile of rows at a time for cuBLAS
   int64_t wtile_elems = 0;
   std::vector<void*> host_layers;    // [n_layers] pinned blocks (streamed from host, CPU-computed)
+  void* host_embedding = nullptr;    // the token embedding in pinned memory (the plan's embedding_on_host)
   std::unique_ptr<StagingRing> ring;
   bool ring_has_disk = false;
   std::unique_ptr<cpu::CpuExecutor> cpu;
@@ -184,9 +187,11 @@ struct GpuExecutor::Impl {
       if (ev_qkv[i]) cudaEventDestroy(ev_qkv[i]);
       if (ev_att[i]) cudaEventDestroy(ev_att[i]);
     }
-    if (dev)
+    if (dev) {
       for (void* h : host_layers)
         if (h) dev->free_pinned(h);
+      if (host_embedding) dev->free_pinned(host_embedding);
+    }
     dev.reset();  // frees the device memory
     if (stream) cudaStreamDestroy(stream);
     if (attn_stream) cudaStreamDestroy(attn_stream);
@@ -465,7 +470,9 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     };
     for (int64_t il = 0; il < L; ++il)
       for (const auto& v : ws.layer(il).t) consider(v);
-    for (const auto& v : ws.globals().t) consider(v);
+    const bool emb_host = opts.plan.embedding_on_host && !cfg.tie_word_embeddings;
+    for (int t = 0; t < kGlobalTensorCount; ++t)
+      if (!(t == kTokEmbd && emb_host)) consider(ws.globals().t[t]);  // a host embedding is converted on the host
     void* stage = stage_elems ? m.alloc<float>(stage_elems, "conversion buffer") : nullptr;
 
     // A quantised weight: its blob copied as it is, or (synthetic, generated here) the BF16 rows of
@@ -569,13 +576,54 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
       CUDA_CHECK(cudaStreamSynchronize(m.stream));
       placed[il] = {m.layout(m.host_layers[il], Tier::kPinnedHost), Tier::kPinnedHost};
     }
+    const GlobalWeights& gh = ws.globals();
+    GlobalWeights gd;
+    if (emb_host) {
+      // The token embedding in pinned host memory (the plan's embedding_on_host): the embedding
+      // kernel reads a step's rows over PCIe. Filled on the host, or generated on the GPU a layer
+      // buffer at a time and copied down.
+      m.host_embedding = pinned(V * E * 2, "token embedding");
+      bf16* table = static_cast<bf16*>(m.host_embedding);
+      const TensorView& src = gh.t[kTokEmbd];
+      if (src.data == nullptr) {
+        FERRY_CHECK(ws.is_synthetic());
+        const WeightStore::SyntheticInfo info = ws.synthetic_info(-1, kTokEmbd);
+        bf16* tmp = static_cast<bf16*>(build_buffer());
+        const int64_t chunk = std::max<int64_t>(E, block / 2 / E * E);
+        for (int64_t first = 0; first < V * E; first += chunk) {
+          const int64_t n = std::min(chunk, V * E - first);
+          synthetic_fill(synthetic_key(info.name), synthetic_scale(info.fan_in, info.is_norm), info.is_norm, n, tmp, m.stream, first);
+          CUDA_CHECK(cudaMemcpyAsync(table + first, tmp, n * 2, cudaMemcpyDeviceToHost, m.stream));
+          CUDA_CHECK(cudaStreamSynchronize(m.stream));
+        }
+      } else {
+        // BF16 copied; float32 and float16 rounded to nearest even, as the GPU's conversion does.
+        FERRY_CHECK_MSG(src.dtype == DType::kBF16 || src.dtype == DType::kF32 || src.dtype == DType::kF16, "token embedding: BF16, F32 or F16");
+        run_parallel(V, [&](int64_t r0, int64_t r1) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(table) + r0 * E;
+          const int64_t n = (r1 - r0) * E;
+          if (src.dtype == DType::kBF16) {
+            std::memcpy(dst, static_cast<const uint16_t*>(src.data) + r0 * E, n * 2);
+          } else if (src.dtype == DType::kF32) {
+            cpu::f32_to_bf16_row(static_cast<const float*>(src.data) + r0 * E, dst, n);
+          } else {
+            std::vector<float> row(static_cast<size_t>(E));
+            for (int64_t r = r0; r < r1; ++r) {
+              cpu::f16_to_f32_row(static_cast<const uint16_t*>(src.data) + r * E, row.data(), E);
+              cpu::f32_to_bf16_row(row.data(), dst + (r - r0) * E, E);
+            }
+          }
+        }, std::max<int64_t>(1, (int64_t{1} << 20) / E));
+      }
+      gd.t[kTokEmbd] = TensorView::contiguous(table, DType::kBF16, {V, E}, Tier::kPinnedHost);
+    }
     if (disk_tmp) m.dev->free_pinned(disk_tmp);
     if (build_owned) m.release(build);
     auto view = [](bf16* p, std::initializer_list<int64_t> shape) { return TensorView::contiguous(p, DType::kBF16, shape, Tier::kDevice); };
-    const GlobalWeights& gh = ws.globals();
-    GlobalWeights gd;
-    gd.t[kTokEmbd] = view(m.alloc<bf16>(V * E, "embedding"), {V, E});
-    put(gh.t[kTokEmbd], gd.t[kTokEmbd].as<bf16>(), -1, kTokEmbd);
+    if (!emb_host) {
+      gd.t[kTokEmbd] = view(m.alloc<bf16>(V * E, "embedding"), {V, E});
+      put(gh.t[kTokEmbd], gd.t[kTokEmbd].as<bf16>(), -1, kTokEmbd);
+    }
     gd.t[kOutNorm] = view(m.alloc<bf16>(E, "final norm"), {E});
     put(gh.t[kOutNorm], gd.t[kOutNorm].as<bf16>(), -1, kOutNorm);
     if (cfg.tie_word_embeddings) {

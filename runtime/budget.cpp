@@ -102,7 +102,8 @@ std::string GpuPlan::describe() const {
                    static_cast<long long>(n_resident), static_cast<long long>(n_streamed), static_cast<long long>(n_disk),
                    static_cast<long long>(n_cpu), format_bytes(layer_bytes).c_str(), format_bytes(globals_bytes).c_str(),
                    format_bytes(slots_bytes).c_str(), format_bytes(workspace_bytes).c_str(), format_bytes(reserve_bytes).c_str(),
-                   format_bytes(total_bytes).c_str());
+                   format_bytes(total_bytes).c_str()) +
+         (embedding_on_host ? strprintf("; token embedding in pinned host memory (%s)", format_bytes(embedding_host_bytes).c_str()) : std::string());
 }
 
 std::string GpuPlan::placement() const {
@@ -186,29 +187,52 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   if (in.cpu_layers > L)
     return invalid_argument(strprintf("--cpu-layers %lld: the model has %lld layers", (long long)in.cpu_layers, (long long)L));
   const int64_t forced_cpu = std::max<int64_t>(in.cpu_layers, 0);
-  const int64_t fixed = p.globals_bytes + in.kv_bytes + p.workspace_bytes + p.reserve_bytes;
-  // Resident layers: all that fit (with the staging slots when anything is streamed).
-  int64_t n_res = L;
-  if (in.budget_bytes > 0 && in.budget_bytes < fixed + L * p.layer_bytes) {
-    const int64_t slots = in.n_slots * p.layer_bytes;
-    const int64_t minimum = fixed + slots;
-    if (in.budget_bytes < minimum)
-      return out_of_memory(strprintf("--gpu-mem %s is below the minimum working set of %s (globals %s, KV %s, %d staging slots %s, workspace %s, CUDA runtime %s)",
-                                     format_bytes(in.budget_bytes).c_str(), format_bytes(minimum).c_str(), format_bytes(p.globals_bytes).c_str(),
-                                     format_bytes(in.kv_bytes).c_str(), in.n_slots, format_bytes(slots).c_str(),
-                                     format_bytes(p.workspace_bytes).c_str(), format_bytes(p.reserve_bytes).c_str()));
-    n_res = std::min<int64_t>(L - 1, (in.budget_bytes - minimum) / p.layer_bytes);
+  // Resident layers (all that fit, with the staging slots when anything is streamed; -1: not even
+  // the minimum working set) and how many of the others host memory holds (the rest are read from
+  // disk), for `globals` bytes on the GPU and `host_budget` pinned bytes for layers (-1: unlimited).
+  struct Split {
+    int64_t fixed = 0, n_res = 0, host_held = 0;
+  };
+  const int64_t slots = in.n_slots * p.layer_bytes;
+  auto split = [&](int64_t globals, int64_t host_budget) {
+    Split s;
+    s.fixed = globals + in.kv_bytes + p.workspace_bytes + p.reserve_bytes;
+    s.n_res = L;
+    if (in.budget_bytes > 0 && in.budget_bytes < s.fixed + L * p.layer_bytes)
+      s.n_res = in.budget_bytes < s.fixed + slots ? -1 : std::min<int64_t>(L - 1, (in.budget_bytes - s.fixed - slots) / p.layer_bytes);
+    if (s.n_res < 0) return s;
+    s.n_res = std::min(s.n_res, L - forced_cpu);
+    const int64_t R = L - s.n_res;
+    s.host_held = host_budget >= 0 ? std::min<int64_t>(R, host_budget / p.layer_bytes) : in.have_disk ? 0 : R;
+    return s;
+  };
+  Split sp = split(p.globals_bytes, in.host_budget_bytes);
+  // The untied token embedding goes to pinned host memory (GpuPlan) when not every layer fits on the
+  // GPU beside it, the host budget holds it, and no more layers are left to the disk for it.
+  const int64_t emb = c.tie_word_embeddings ? 0 : in.embedding_bytes > 0 ? in.embedding_bytes : 2 * c.n_vocab * c.n_embd;
+  if (emb > 0 && in.embedding_may_leave_gpu && sp.n_res < L && (in.host_budget_bytes >= 0 ? in.host_budget_bytes >= emb : !in.have_disk)) {
+    const Split on = split(p.globals_bytes - emb, in.host_budget_bytes >= 0 ? in.host_budget_bytes - emb : -1);
+    if (on.n_res >= 0 && (sp.n_res < 0 || L - on.n_res - on.host_held <= L - sp.n_res - sp.host_held)) {
+      sp = on;
+      p.embedding_on_host = true;
+      p.embedding_host_bytes = emb;
+      p.globals_bytes -= emb;
+    }
   }
-  n_res = std::min(n_res, L - forced_cpu);
+  const int64_t fixed = sp.fixed;
+  if (sp.n_res < 0)
+    return out_of_memory(strprintf("--gpu-mem %s is below the minimum working set of %s (globals %s, KV %s, %d staging slots %s, workspace %s, CUDA runtime %s)",
+                                   format_bytes(in.budget_bytes).c_str(), format_bytes(fixed + slots).c_str(), format_bytes(p.globals_bytes).c_str(),
+                                   format_bytes(in.kv_bytes).c_str(), in.n_slots, format_bytes(slots).c_str(),
+                                   format_bytes(p.workspace_bytes).c_str(), format_bytes(p.reserve_bytes).c_str()));
+  const int64_t n_res = sp.n_res;
   const int64_t R = L - n_res;
-  // Host memory holds as many of the others as --host-mem allows; the rest are read from disk.
-  int64_t host_held = R;
-  if (in.host_budget_bytes >= 0) host_held = std::min<int64_t>(R, in.host_budget_bytes / p.layer_bytes);
-  else if (in.have_disk) host_held = 0;
+  const int64_t host_held = sp.host_held;
   if (host_held < R && !in.have_disk)
-    return out_of_memory(strprintf("--host-mem %s holds %lld of the %lld layers that do not fit on the GPU (%s needed): raise it, or give --disk STORE (from 'ferry pack') for the rest",
+    return out_of_memory(strprintf("--host-mem %s holds %lld of the %lld layers that do not fit on the GPU (%s needed%s): raise it, or give --disk STORE (from 'ferry pack') for the rest",
                                    format_bytes(static_cast<double>(std::max<int64_t>(in.host_budget_bytes, 0))).c_str(), (long long)host_held,
-                                   (long long)R, format_bytes(static_cast<double>(R * p.layer_bytes)).c_str()));
+                                   (long long)R, format_bytes(static_cast<double>(R * p.layer_bytes)).c_str(),
+                                   p.embedding_on_host ? strprintf(", beside the token embedding's %s", format_bytes(static_cast<double>(emb)).c_str()).c_str() : ""));
   if (forced_cpu > host_held)
     return out_of_memory(strprintf("--cpu-layers %lld: CPU-computed layers live in host memory, and --host-mem holds only %lld layers",
                                    (long long)forced_cpu, (long long)host_held));

@@ -105,6 +105,8 @@ struct GpuPlanInput {
   int n_slots = 3;               // staging ring when any layer is streamed
   int64_t layer_bytes = 0;       // one layer on the device (0: BF16, gpu_layer_bytes)
   int64_t globals_bytes = 0;     // the globals on the device (0: BF16)
+  int64_t embedding_bytes = 0;   // of those, the token embedding table (0: BF16); moved to pinned host memory when that helps (GpuPlan)
+  bool embedding_may_leave_gpu = true;  // false: the embedding stays on the GPU (FERRY_EMBEDDING=gpu)
   DType weights = DType::kBF16;  // the layers' Linear format: NF4 / Q8 have their CPU rate, and the workspace a dequantisation tile
   HardwareProfile hw;
   // What the CUDA runtime itself takes beyond ferry's allocations once kernels and cuBLAS are loaded
@@ -120,7 +122,13 @@ struct GpuPlan {
   int64_t kv_gpu_bytes = 0;  // the KV pool on the GPU
   int64_t n_resident = 0, n_streamed = 0, n_cpu = 0, n_disk = 0;  // n_disk: streamed layers read from disk
   int64_t layer_bytes = 0;  // one layer, BF16
-  int64_t globals_bytes = 0;
+  int64_t globals_bytes = 0;  // on the GPU
+  // The token embedding table (untied from the lm_head) in pinned host memory instead of on the GPU,
+  // where not every layer fits on the GPU and --host-mem holds it (0 with --disk and no --host-mem):
+  // a step reads one row a token of it (the GPU over PCIe), and on the GPU Llama-3's 128256 x 8192
+  // table took the room of 4-5 NF4 layers of the 70B.
+  bool embedding_on_host = false;
+  int64_t embedding_host_bytes = 0;
   int64_t slots_bytes = 0;
   int64_t workspace_bytes = 0;
   int64_t reserve_bytes = 0;

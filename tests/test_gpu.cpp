@@ -390,7 +390,7 @@ TEST_SUITE("gpu_ops") {
   }
 
   TEST_CASE("embedding, add_rmsnorm (with residual, with gathered rows), swiglu, argmax, conversions") {
-    for (int64_t E : {8, 288, 4096, 5120}) {
+    for (int64_t E : {8, 36, 288, 4096, 5120}) {
       const int64_t T = 5, V = 37;
       std::vector<float> table = randn(V * E);
       auto tb = to_bf16_bits(table);
@@ -402,6 +402,19 @@ TEST_SUITE("gpu_ops") {
       std::vector<float> x = dx.get();
       for (int64_t t = 0; t < T; ++t)
         for (int64_t i = 0; i < E; ++i) REQUIRE(x[t * E + i] == table[ids[t] * E + i]);
+      // The table in pinned host memory (the plan's embedding_on_host), 16-byte aligned and one
+      // element past that (the one-element kernel): the same rows over PCIe.
+      uint16_t* host = nullptr;
+      CUDA_CHECK(cudaMallocHost(&host, (V * E + 1) * 2));
+      for (int64_t off : {0, 1}) {
+        CAPTURE(off);
+        std::memcpy(host + off, tb.data(), tb.size() * 2);
+        Dev<float> hx(T * E);
+        gpu::embedding(reinterpret_cast<const bf16*>(host + off), di.p, T, E, hx.p, nullptr);
+        CHECK(hx.get() == x);
+      }
+      CUDA_CHECK(cudaFreeHost(host));
+      if (E % 8 != 0) continue;  // the embedding's one-element kernel only
 
       std::vector<float> delta = randn(T * E), w = randn(E, 0.3f);
       auto wb = to_bf16_bits(w);
@@ -670,7 +683,7 @@ struct GpuModel {
 // D streamed from disk, C on the CPU (empty: as n_resident says); `disk`: a packed store to load from.
 GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs = true, int64_t n_resident = -1,
                   const std::string& places = "", const std::string& disk = "", bool kv_host = false, int micro_batches = 2,
-                  const std::string& kv_pattern = "", DType quant = DType::kBF16) {
+                  const std::string& kv_pattern = "", DType quant = DType::kBF16, bool embedding_on_host = false) {
   GpuModel g;
   auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk, .quant = quant});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
@@ -681,6 +694,7 @@ GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs 
   o.n_resident_layers = n_resident;
   o.kv_on_host = kv_host;
   o.micro_batches = micro_batches;
+  o.plan.embedding_on_host = embedding_on_host;
   std::vector<bool> host_kv(g.model.config.n_layers, kv_host);
   for (int64_t il = 0; !places.empty() && il < g.model.config.n_layers; ++il) {
     const char c = places[il % places.size()];
@@ -1008,6 +1022,17 @@ TEST_SUITE("gpu_model") {
         CHECK(st.ex->streamed_bytes() > 0);
         CHECK(st.ex->graphs_captured() == 0);  // graphs only when every layer is resident
       }
+      // The token embedding in pinned host memory (the plan's embedding_on_host; a tied one, as
+      // qwen2-bias's, stays on the GPU with the lm_head): the same rows, the same results.
+      GpuModel eh = load_gpu(dir, 4096, true, 1, "", "", false, 2, "", DType::kBF16, /*embedding_on_host=*/true);
+      const bool tied = eh.model.config.tie_word_embeddings;
+      CHECK(eh.model.weights->globals().t[kTokEmbd].tier == (tied ? Tier::kDevice : Tier::kPinnedHost));
+      auto l = prompt_logits(*eh.runner, ids, 16);
+      REQUIRE(l.ok());
+      CHECK(*l == *ref);
+      auto tok = generate(*eh.runner, {ids}, go);
+      REQUIRE(tok.ok());
+      CHECK(tok->tokens == ref_tok->tokens);
     }
   }
 
@@ -1247,6 +1272,27 @@ TEST_SUITE("gpu_model") {
       CUDA_CHECK(cudaMemcpy(got.data(), wd.data, 4096 * 2, cudaMemcpyDeviceToHost));
       synthetic_fill_bf16("model.layers.1.mlp.down_proj.weight", m->config.n_ff, false, 0, 4096, want.data());
       CHECK(got == want);
+    }
+    // The token embedding generated on the GPU a layer buffer at a time into pinned host memory
+    // (Llama-3-70B's 2.1 GB table is two such pieces): slices across it equal the host generator.
+    auto m = load_model("synthetic:llama-3-70b", LoadOptions{.synthetic_layers = 2, .need_tokenizer = false, .host_weights = false});
+    REQUIRE(m.ok());
+    KvCacheShape s{m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 8};
+    gpu::GpuOptions o;
+    o.n_resident_layers = 1;
+    o.plan.embedding_on_host = true;
+    auto ex = gpu::GpuExecutor::create(*m->weights, s, o);
+    REQUIRE_MESSAGE(ex.ok(), ex.status().message());
+    const TensorView& e = m->weights->globals().t[kTokEmbd];
+    REQUIRE(e.tier == Tier::kPinnedHost);
+    const auto info = m->weights->synthetic_info(-1, kTokEmbd);
+    const int64_t n = m->config.n_vocab * m->config.n_embd;
+    std::vector<uint16_t> want(65536);
+    for (int64_t k = 0; k <= 8; ++k) {
+      const int64_t first = std::min<int64_t>(n - 65536, k * (n / 8) - 32768 * (k > 0));
+      synthetic_fill_bf16(info.name, info.fan_in, info.is_norm, static_cast<uint64_t>(first), 65536, want.data());
+      CAPTURE(first);
+      CHECK(std::memcmp(static_cast<const uint16_t*>(e.data) + first, want.data(), want.size() * 2) == 0);
     }
   }
 

@@ -725,7 +725,7 @@ TEST_SUITE("model") {
     }
   }
 
-  TEST_CASE("NF4-DQ's absmax expanded by the CPU kernel (gathers under AVX-512) equal the codec's bit for bit") {
+  TEST_CASE("NF4-DQ's absmax expanded by the CPU kernel (byte permutes or gathers under AVX-512) equal the codec's bit for bit") {
     // 1000 absmax over four blocks of 256 at different scales; ranges that start and end inside a
     // block and inside a group of 16.
     std::vector<float> absmax(1000);
@@ -743,6 +743,32 @@ TEST_SUITE("model") {
       std::vector<float> got(static_cast<size_t>(n));
       cpu::nf4dq_absmax(codes.data(), a2.data(), means.data(), i0, n, got.data());
       CHECK(std::equal(got.begin(), got.end(), want.begin() + i0));
+    }
+  }
+
+  TEST_CASE("the CPU's dynamic-map lookup (byte permutes, gathers, scalar) gives the map's values for every code") {
+    // Every code, twice, in an order that mixes the top bit (the byte permutes' second table) and
+    // lengths that end inside a 64-code step and inside one of its four 16-float stores.
+    std::vector<uint8_t> codes(512);
+    for (size_t i = 0; i < codes.size(); ++i) codes[i] = static_cast<uint8_t>((i * 167 + 31) % 256);
+    std::vector<float> want(codes.size());
+    for (size_t i = 0; i < codes.size(); ++i) want[i] = dynamic_map_signed()[codes[i]];
+    for (cpu::MapLookup how : {cpu::MapLookup::kBest, cpu::MapLookup::kVbmi, cpu::MapLookup::kGather, cpu::MapLookup::kScalar}) {
+      for (int64_t n : {int64_t{512}, int64_t{1}, int64_t{63}, int64_t{64}, int64_t{65}, int64_t{100}, int64_t{255}}) {
+        for (int64_t i0 : {int64_t{0}, int64_t{5}}) {
+          if (i0 + n > static_cast<int64_t>(codes.size())) continue;
+          std::vector<float> got(static_cast<size_t>(n) + 16, -7.0f);  // the 16 past n stay untouched
+          const cpu::MapLookup took = cpu::dynamic_map_values(codes.data() + i0, n, got.data(), how);
+          CAPTURE(static_cast<int>(how));
+          CAPTURE(static_cast<int>(took));
+          CAPTURE(n);
+          CAPTURE(i0);
+          CHECK(std::equal(got.begin(), got.begin() + n, want.begin() + i0));
+          CHECK(std::all_of(got.begin() + n, got.end(), [](float v) { return v == -7.0f; }));
+        }
+      }
+      std::vector<float> one(1);
+      MESSAGE("map lookup: asked path " << static_cast<int>(how) << ", took " << static_cast<int>(cpu::dynamic_map_values(codes.data(), 1, one.data(), how)));
     }
   }
 

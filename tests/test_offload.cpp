@@ -317,8 +317,17 @@ TEST_SUITE("offload") {
     host.have_disk = true;
     auto with_disk = plan_gpu(*c, host);
     REQUIRE(with_disk.ok());
-    CHECK(with_disk->n_disk == 32 - with_disk->n_resident - 4);
-    CHECK(with_disk->host_bytes == 4 * p8->layer_bytes);
+    // The budget holds the token embedding (moved off the GPU: one more layer resident there, as many
+    // left to the disk) and as many layers as fit beside it.
+    CHECK(with_disk->embedding_on_host);
+    CHECK(with_disk->host_bytes == (host.host_budget_bytes - with_disk->embedding_host_bytes) / p8->layer_bytes * p8->layer_bytes);
+    CHECK(with_disk->n_disk == 32 - with_disk->n_resident - with_disk->host_bytes / p8->layer_bytes);
+    GpuPlanInput host_small = host;  // too small for the embedding: it stays on the GPU
+    host_small.host_budget_bytes = 2 * c->n_vocab * c->n_embd - 1;
+    auto emb_gpu = plan_gpu(*c, host_small);
+    REQUIRE(emb_gpu.ok());
+    CHECK(!emb_gpu->embedding_on_host);
+    CHECK(emb_gpu->n_resident == with_disk->n_resident - 1);
     host.cpu_layers = 5;  // CPU layers need host memory
     auto too_many = plan_gpu(*c, host);
     REQUIRE(!too_many.ok());
@@ -433,6 +442,59 @@ TEST_SUITE("offload") {
     CHECK(back.gpu_gemv_q8_gbs == 0);
   }
 
+  TEST_CASE("the token embedding goes to pinned host memory when the layers do not all fit beside it") {
+    auto c = synthetic_config("llama-3-8b");  // untied: 128256 x 4096, 1 GiB in BF16
+    REQUIRE(c.ok());
+    const int64_t emb = 2 * c->n_vocab * c->n_embd;
+    GpuPlanInput in;
+    in.kv_bytes = int64_t{256} << 20;
+    in.kv = KvPlace::kGpu;
+    auto all = plan_gpu(*c, in);  // no budget: everything resident, the embedding too
+    REQUIRE(all.ok());
+    CHECK(!all->embedding_on_host);
+    CHECK(all->globals_bytes == 2 * (2 * c->n_vocab * c->n_embd + c->n_embd));
+    in.budget_bytes = int64_t{8} << 30;
+    auto p = plan_gpu(*c, in);
+    REQUIRE(p.ok());
+    CHECK(p->embedding_on_host);
+    CHECK(p->embedding_host_bytes == emb);
+    CHECK(p->globals_bytes == 2 * (c->n_vocab * c->n_embd + c->n_embd));  // the lm_head and the final norm
+    CHECK(p->total_bytes <= in.budget_bytes);
+    CHECK(p->total_bytes + p->layer_bytes > in.budget_bytes);
+    CHECK(p->describe().find("token embedding in pinned host memory") != std::string::npos);
+    // --disk without --host-mem (no pinned memory) keeps it on the GPU: two layers fewer resident.
+    GpuPlanInput disk = in;
+    disk.have_disk = true;
+    auto d = plan_gpu(*c, disk);
+    REQUIRE(d.ok());
+    CHECK(!d->embedding_on_host);
+    CHECK(p->n_resident - d->n_resident >= emb / p->layer_bytes);
+    CHECK(p->n_resident - d->n_resident <= emb / p->layer_bytes + 1);
+    // A budget that fits everything: it stays. A model whose lm_head is the embedding: it stays.
+    in.budget_bytes = all->total_bytes + in.runtime_reserve_bytes + 16 * (int64_t{1} << 20);
+    auto roomy = plan_gpu(*c, in);
+    REQUIRE(roomy.ok());
+    CHECK(roomy->n_resident == c->n_layers);
+    CHECK(!roomy->embedding_on_host);
+    ModelConfig tied = *c;
+    tied.tie_word_embeddings = true;
+    in.budget_bytes = int64_t{8} << 30;
+    auto t = plan_gpu(tied, in);
+    REQUIRE(t.ok());
+    CHECK(!t->embedding_on_host);
+    // A budget below the minimum working set only with the embedding on the GPU: planned.
+    GpuPlanInput tight = in;
+    tight.budget_bytes = p->total_bytes - p->n_resident * p->layer_bytes;  // globals without the embedding + slots + the rest
+    auto tp = plan_gpu(*c, tight);
+    REQUIRE(tp.ok());
+    CHECK(tp->embedding_on_host);
+    CHECK(tp->n_resident == 0);
+    tight.have_disk = true;  // no pinned memory: the error names the minimum
+    auto te = plan_gpu(*c, tight);
+    REQUIRE(!te.ok());
+    CHECK(te.status().message().find("minimum working set") != std::string::npos);
+  }
+
   TEST_CASE("K/V placement: --kv gpu keeps K/V on the GPU or names the budget; host moves them all; auto when needed; split per layer by cost") {
     auto c = synthetic_config("llama-3-8b");
     REQUIRE(c.ok());
@@ -483,7 +545,8 @@ TEST_SUITE("offload") {
     in.kv = KvPlace::kAuto;
     auto fit = plan_gpu(*c, in);
     REQUIRE(fit.ok());
-    CHECK(fit->n_kv_host == L);
+    CHECK(fit->n_kv_host > 0);
+    CHECK(fit->total_bytes <= in.budget_bytes);
     in.kv = KvPlace::kSplit;
     auto fit_split = plan_gpu(*c, in);
     REQUIRE(fit_split.ok());

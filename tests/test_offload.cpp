@@ -744,16 +744,20 @@ namespace {
 // Logits of `ids` through the offload engine on the emulated device: `places` (a letter per layer,
 // repeated: R resident, S streamed from host, D streamed from disk, C computed "on the CPU") over a
 // budget that fits exactly what the placement needs on the device.
-Expected<std::vector<float>> emulated_logits(WeightStore& ws, const std::string& places, const std::vector<int32_t>& ids, int64_t* peak = nullptr) {
+// `embedding_on_host`: the plan's token embedding in host memory (not on the device, not counted).
+Expected<std::vector<float>> emulated_logits(WeightStore& ws, const std::string& places, const std::vector<int32_t>& ids, int64_t* peak = nullptr,
+                                             bool embedding_on_host = false) {
   const ModelConfig& c = ws.config();
   GpuPlan plan;
+  plan.embedding_on_host = embedding_on_host;
   for (int64_t il = 0; il < c.n_layers; ++il) {
     const char p = places[il % places.size()];
     plan.place.push_back(p == 'R' ? Place::kResident : p == 'C' ? Place::kCpu : Place::kStreamed);
     plan.source.push_back(p == 'R' ? Tier::kDevice : p == 'D' ? Tier::kDisk : Tier::kPinnedHost);
   }
   const int64_t lb = cpu::stored_layer_bytes(ws);
-  const int64_t need = cpu::stored_globals_bytes(ws) + 3 * lb + std::count(plan.place.begin(), plan.place.end(), Place::kResident) * lb;
+  const int64_t emb = embedding_on_host ? static_cast<int64_t>(ws.globals().t[kTokEmbd].nbytes()) : 0;
+  const int64_t need = cpu::stored_globals_bytes(ws) - emb + 3 * lb + std::count(plan.place.begin(), plan.place.end(), Place::kResident) * lb;
   FERRY_ASSIGN_OR_RETURN(auto ex, cpu::OffloadCpuExecutor::create(ws, plan, need));
   FERRY_ASSIGN_OR_RETURN(KvCache kv, KvCache::create({c.n_layers, c.n_kv_heads, c.head_dim, 16, 64}));
   Runner r(ws, *ex, kv);
@@ -784,6 +788,12 @@ TEST_SUITE("offload") {
         auto l = emulated_logits(*fresh, places, ids);
         REQUIRE_MESSAGE(l.ok(), l.status().message());
         CHECK(*l == ref);
+        if (!cfg.tie_word_embeddings) {  // the token embedding left in host memory: the device holds less
+          auto moved = resident(dir, &cfg);
+          auto le = emulated_logits(*moved, places, ids, nullptr, /*embedding_on_host=*/true);
+          REQUIRE_MESSAGE(le.ok(), le.status().message());
+          CHECK(*le == ref);
+        }
       }
       for (const char* places : {"DDDD", "RDSD", "DCDS", "CDDR"}) {
         const std::string p = places;
@@ -818,6 +828,13 @@ TEST_SUITE("offload") {
         auto l = emulated_logits(*fresh, places, ids);
         REQUIRE_MESSAGE(l.ok(), l.status().message());
         CHECK(*l == ref);
+        if (!cfg.tie_word_embeddings) {  // the token embedding left in host memory: the device holds less
+          auto moved = resident(dir, &cfg);
+          REQUIRE(moved->quantize(q).ok());
+          auto le = emulated_logits(*moved, places, ids, nullptr, /*embedding_on_host=*/true);
+          REQUIRE_MESSAGE(le.ok(), le.status().message());
+          CHECK(*le == ref);
+        }
       }
       for (const char* places : {"DDDD", "DCDS"}) {
         CAPTURE(std::string(places));

@@ -911,6 +911,7 @@ nlohmann::json point_json(const BenchPoint& p) {
             {"from_disk", p.plan.n_disk},
             {"cpu", p.plan.n_cpu},
             {"placement", p.plan.placement()},
+            {"embedding_on_host", p.plan.embedding_on_host},
             {"ferry_peak_bytes", p.ferry_peak},
             {"driver_delta_bytes", p.driver_delta}});
   if (p.overlap >= 0) j.update({{"overlap", p.overlap}, {"copy_ms", p.copy_ms}, {"compute_ms", p.compute_ms}});
@@ -922,10 +923,11 @@ void print_point(const BenchPoint& p) {
     std::printf("--gpu-mem %-6s batch %-4lld  not run: %s\n", p.gpu_mem.c_str(), (long long)p.batch, p.error.c_str());
     return;
   }
-  std::printf("--gpu-mem %-6s batch %-4lld  decode %8.2f tok/s | predicted %8.2f | floor %8.2f (%s) | %3.0f%% of floor | %lld resident, %lld streamed (%lld disk), %lld cpu | GPU peak %s (driver %s)",
+  std::printf("--gpu-mem %-6s batch %-4lld  decode %8.2f tok/s | predicted %8.2f | floor %8.2f (%s) | %3.0f%% of floor | %lld resident, %lld streamed (%lld disk), %lld cpu%s | GPU peak %s (driver %s)",
               p.gpu_mem.empty() ? "-" : p.gpu_mem.c_str(), (long long)p.batch, p.decode_tps, p.predicted_tps, p.floor_tps, p.floor.bound,
               p.floor_tps > 0 ? 100 * p.decode_tps / p.floor_tps : 0.0, (long long)p.plan.n_resident, (long long)p.plan.n_streamed,
-              (long long)p.plan.n_disk, (long long)p.plan.n_cpu, format_bytes(static_cast<double>(p.ferry_peak)).c_str(),
+              (long long)p.plan.n_disk, (long long)p.plan.n_cpu, p.plan.embedding_on_host ? ", embedding in host memory" : "",
+              format_bytes(static_cast<double>(p.ferry_peak)).c_str(),
               p.driver_delta >= 0 ? format_bytes(static_cast<double>(p.driver_delta)).c_str() : "-");
   if (p.overlap >= 0) std::printf(" | overlap %.1f%% (%.0f ms copies, %.0f ms compute)", 100 * p.overlap, p.copy_ms, p.compute_ms);
   std::printf("\n");

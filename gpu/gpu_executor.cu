@@ -465,8 +465,9 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
 
     // Host bytes go through one device staging buffer when they need converting to BF16.
     int64_t stage_elems = 0;
+    // (Quantised blobs are copied as they are: no conversion.)
     auto consider = [&](const TensorView& v) {
-      if (!v.empty() && v.dtype != DType::kBF16) stage_elems = std::max(stage_elems, v.numel());
+      if (!v.empty() && v.dtype != DType::kBF16 && !is_quantized(v.dtype)) stage_elems = std::max(stage_elems, v.numel());
     };
     for (int64_t il = 0; il < L; ++il)
       for (const auto& v : ws.layer(il).t) consider(v);
@@ -628,6 +629,26 @@ Expected<std::unique_ptr<GpuExecutor>> GpuExecutor::create(WeightStore& ws, cons
     put(gh.t[kOutNorm], gd.t[kOutNorm].as<bf16>(), -1, kOutNorm);
     if (cfg.tie_word_embeddings) {
       gd.t[kLmHead] = gd.t[kTokEmbd];
+    } else if (const DType hq = gh.t[kLmHead].dtype; is_quantized(hq)) {
+      // --quant-head: the host's blob copied, or (synthetic) rows generated into the dequantisation
+      // tile and quantised into place (int8 and NF4 need no second pass over the weight).
+      gd.t[kLmHead] = TensorView::contiguous(m.alloc<uint8_t>(quant_layout(hq, V, E).bytes, "lm_head"), hq, {V, E}, Tier::kDevice);
+      uint8_t* blob = gd.t[kLmHead].as<uint8_t>();
+      if (gh.t[kLmHead].data != nullptr) {
+        CUDA_CHECK(cudaMemcpyAsync(blob, gh.t[kLmHead].data, gd.t[kLmHead].nbytes(), cudaMemcpyHostToDevice, m.stream));
+      } else {
+        FERRY_CHECK(ws.is_synthetic() && m.wtile != nullptr);
+        CUDA_CHECK(cudaMemsetAsync(blob, 0, gd.t[kLmHead].nbytes(), m.stream));
+        const WeightStore::SyntheticInfo info = ws.synthetic_info(-1, kLmHead);
+        const int64_t chunk = std::max<int64_t>(1, m.wtile_elems / E);
+        for (int64_t r = 0; r < V; r += chunk) {
+          const int64_t n = std::min(chunk, V - r);
+          synthetic_fill(synthetic_key(info.name), synthetic_scale(info.fan_in, info.is_norm), false, n * E, m.wtile, m.stream, r * E);
+          quantize_rows(hq, m.wtile, V, E, r, r + n, blob, m.stream);
+        }
+        finish_quant(hq, V, E, nullptr, blob, m.stream);
+      }
+      CUDA_CHECK(cudaStreamSynchronize(m.stream));
     } else {
       gd.t[kLmHead] = view(m.alloc<bf16>(V * E, "lm_head"), {V, E});
       put(gh.t[kLmHead], gd.t[kLmHead].as<bf16>(), -1, kLmHead);
@@ -1114,7 +1135,7 @@ void GpuExecutor::head(const GlobalWeights& w, float* logits) {
     cudaEvent_t span = m.dev->span_begin(m.stream);
     add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kOutNorm].as<bf16>(), m.in_d + 3 * m.T, m.n_out, c.n_embd,
                 static_cast<float>(c.rms_norm_eps), m.xn, m.stream);
-    gemm_f32(m.blas, m.xn, w[kLmHead].as<bf16>(), m.logits, m.n_out, c.n_vocab, c.n_embd, m.stream, true);
+    m.linear(m.xn, w[kLmHead], c.n_vocab, c.n_embd, m.logits, m.n_out, true);  // BF16, or --quant-head's format
     m.dev->span_end(span, m.stream, "gpu.compute", "head");
   }
   if (m.mode == Impl::Mode::kCapture) {

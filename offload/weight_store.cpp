@@ -367,4 +367,42 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
   return Status::Ok();
 }
 
+Status WeightStore::quantize_head(DType q, bool shapes_only) {
+  const std::string qname(weight_format_info(weight_format_of(q)).name);
+  if (q != DType::kQ8 && q != DType::kNF4)
+    return invalid_argument(strprintf("--quant-head %s: the lm_head can be int8 or nf4", qname.c_str()));
+  if (cfg_.tie_word_embeddings)
+    return invalid_argument(strprintf("--quant-head %s: this model's lm_head is its token embedding (tie_word_embeddings), which stays BF16", qname.c_str()));
+  if (manifest_)
+    return invalid_argument(strprintf("--quant-head %s: the packed store %s holds a BF16 lm_head; run without --disk to quantise it", qname.c_str(),
+                                      manifest_->dir.c_str()));
+  const int64_t V = cfg_.n_vocab, E = cfg_.n_embd;
+  if (E % quant_col_multiple(q) != 0)
+    return invalid_argument(strprintf("--quant-head %s: 'lm_head.weight' has %lld input columns, not a multiple of %lld (the format's block)",
+                                      qname.c_str(), static_cast<long long>(E), static_cast<long long>(quant_col_multiple(q))));
+  const TensorView src = globals_.t[kLmHead];
+  if (src.data == nullptr || shapes_only) {
+    globals_.t[kLmHead] = TensorView::contiguous(nullptr, q, {V, E}, Tier::kHost);
+    return Status::Ok();
+  }
+  HostBuffer b(static_cast<size_t>(quant_layout(q, V, E).bytes));
+  if (b.data() == nullptr)
+    return out_of_memory(strprintf("--quant-head: cannot allocate %llu bytes of host memory for the lm_head",
+                                   static_cast<unsigned long long>(quant_layout(q, V, E).bytes)));
+  uint8_t* dst = b.as<uint8_t>();
+  std::memset(dst, 0, static_cast<size_t>(quant_layout(q, V, E).bytes));  // the alignment padding too
+  // Rows are independent in both formats (NF4's absmax per 64 of a row, int8's scale per row).
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, V, 64), [&](const tbb::blocked_range<int64_t>& r) {
+    std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * E));
+    const uint8_t* from = static_cast<const uint8_t*>(src.data) + r.begin() * E * static_cast<int64_t>(dtype_size(src.dtype));
+    convert_to_f32(from, src.dtype, rows.data(), rows.size());
+    quantize_rows(q, rows.data(), V, E, r.begin(), r.end(), dst);
+  });
+  finish_quant(q, V, E, nullptr, dst);
+  globals_.t[kLmHead] = TensorView::contiguous(dst, q, {V, E}, Tier::kHost);
+  owned_.push_back(std::move(b));
+  source_ += ", lm_head quantised to " + qname + " at load";
+  return Status::Ok();
+}
+
 }  // namespace ferry

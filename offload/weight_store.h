@@ -45,6 +45,10 @@ class WeightStore {
   // tensor whose shape the format cannot hold. `shapes_only`: only the layers' views change (data
   // null), for planning without converting any weights.
   Status quantize(DType q, bool shapes_only = false);
+  // Quantises the lm_head to `q` (kQ8 or kNF4: formats without a second pass over the weight) in host
+  // memory (--quant-head); a shape-only view where the executor generates it. Refused, naming the flag,
+  // for a model whose lm_head is its token embedding and for a packed store (it holds a BF16 one).
+  Status quantize_head(DType q, bool shapes_only = false);
 
   const ModelConfig& config() const { return cfg_; }
   // Returns layer `il`'s weights ready to compute with: for disk-tier layers it waits for the read

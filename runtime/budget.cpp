@@ -181,7 +181,8 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   GpuPlan p;
   const int64_t L = c.n_layers;
   p.layer_bytes = in.layer_bytes > 0 ? in.layer_bytes : gpu_layer_bytes(c);
-  p.globals_bytes = in.globals_bytes > 0 ? in.globals_bytes : 2 * (c.n_vocab * c.n_embd * (c.tie_word_embeddings ? 1 : 2) + c.n_embd);
+  p.head_bytes = in.head_bytes > 0 ? in.head_bytes : head_bytes(c);
+  p.globals_bytes = in.globals_bytes > 0 ? in.globals_bytes : (c.tie_word_embeddings ? 0 : 2 * c.n_vocab * c.n_embd) + p.head_bytes;
   p.workspace_bytes = in.emulated ? 0 : gpu_workspace_bytes(c, in.max_step_tokens, in.max_batch) + (is_quantized(in.weights) ? 2 * quant_tile_elems(c, in.weights) : 0);
   p.reserve_bytes = in.budget_bytes > 0 && !in.emulated ? in.runtime_reserve_bytes : 0;
   if (in.cpu_layers > L)
@@ -240,7 +241,7 @@ Expected<GpuPlan> plan_weights(const ModelConfig& c, const GpuPlanInput& in, boo
   // CPU-computed layers: the count that minimises the predicted step.
   const LayerCosts k = layer_costs(c, p.layer_bytes, in.max_batch, in.hw, in.weights);
   // The head (final norm and lm_head) runs on the GPU every step, after the layers.
-  const double head_ms = std::max(static_cast<double>(head_bytes(c)) / (in.hw.hbm_gbs * 1e9),
+  const double head_ms = std::max(static_cast<double>(p.head_bytes) / (in.hw.hbm_gbs * 1e9),
                                   2.0 * static_cast<double>(c.n_vocab * c.n_embd * in.max_batch) / (in.hw.gemm_tflops * 1e12)) * 1e3;
   // The engines' own times; host DRAM serves the copies and the CPU layers together, whatever the
   // split between them (the same R layers), so that bound does not depend on n_cpu.
@@ -428,7 +429,7 @@ PlanFloor plan_floor(const ModelConfig& cfg, const GpuPlan& plan, int64_t batch,
   f.disk_ms = static_cast<double>(plan.n_disk) * lb / (hw.disk_gbs * 1e9) * 1e3;
   const double params = static_cast<double>(layer_params(cfg));
   f.cpu_ms = n_cpu * std::max(lb / (hw.host_dram_gbs * 1e9), 2 * params * b / (hw.cpu_tflops * 1e12)) * 1e3;
-  f.hbm_ms = (n_gpu * lb + static_cast<double>(head_bytes(cfg))) / (hw.hbm_gbs * 1e9) * 1e3;  // the embedding: T rows only
+  f.hbm_ms = (n_gpu * lb + static_cast<double>(plan.head_bytes > 0 ? plan.head_bytes : head_bytes(cfg))) / (hw.hbm_gbs * 1e9) * 1e3;  // the embedding: T rows only
   f.compute_ms = 2.0 * (n_gpu * params + static_cast<double>(cfg.n_vocab * cfg.n_embd)) * b / (hw.gemm_tflops * 1e12) * 1e3;
   // Host DRAM serves the copy engine (streamed layers), the CPU layers and the CPU's K/V reads at
   // once: together no faster than the rate measured with both running (dram_shared_gbs).

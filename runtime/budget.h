@@ -107,6 +107,7 @@ struct GpuPlanInput {
   int64_t globals_bytes = 0;     // the globals on the device (0: BF16)
   int64_t embedding_bytes = 0;   // of those, the token embedding table (0: BF16); moved to pinned host memory when that helps (GpuPlan)
   bool embedding_may_leave_gpu = true;  // false: the embedding stays on the GPU (FERRY_EMBEDDING=gpu)
+  int64_t head_bytes = 0;        // the final norm and the lm_head as stored on the device (0: BF16; --quant-head)
   DType weights = DType::kBF16;  // the layers' Linear format: NF4 / Q8 have their CPU rate, and the workspace a dequantisation tile
   HardwareProfile hw;
   // What the CUDA runtime itself takes beyond ferry's allocations once kernels and cuBLAS are loaded
@@ -129,6 +130,7 @@ struct GpuPlan {
   // table took the room of 4-5 NF4 layers of the 70B.
   bool embedding_on_host = false;
   int64_t embedding_host_bytes = 0;
+  int64_t head_bytes = 0;  // the final norm and the lm_head, read every step (head_bytes(), or --quant-head's)
   int64_t slots_bytes = 0;
   int64_t workspace_bytes = 0;
   int64_t reserve_bytes = 0;

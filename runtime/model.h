@@ -25,6 +25,7 @@ struct LoadOptions {
   bool host_weights = true;      // false: synthetic weights are generated where an executor keeps them
   std::string disk;              // a packed store (ferry pack): every layer is read from it
   DType quant = DType::kBF16;    // kNF4 / kQ8: the layers' Linear weights quantised at load (--quant)
+  DType quant_head = DType::kBF16;  // kQ8 / kNF4: the lm_head too (--quant-head; needs --quant)
   bool shapes_only = false;      // only shapes and formats are needed (ferry plan): no synthetic or quantised bytes are made
 };
 

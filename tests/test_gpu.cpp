@@ -683,9 +683,10 @@ struct GpuModel {
 // D streamed from disk, C on the CPU (empty: as n_resident says); `disk`: a packed store to load from.
 GpuModel load_gpu(const std::string& dir, int64_t kv_tokens = 4096, bool graphs = true, int64_t n_resident = -1,
                   const std::string& places = "", const std::string& disk = "", bool kv_host = false, int micro_batches = 2,
-                  const std::string& kv_pattern = "", DType quant = DType::kBF16, bool embedding_on_host = false) {
+                  const std::string& kv_pattern = "", DType quant = DType::kBF16, bool embedding_on_host = false,
+                  DType quant_head = DType::kBF16) {
   GpuModel g;
-  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk, .quant = quant});
+  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk, .quant = quant, .quant_head = quant_head});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
   g.model = std::move(*m);
   KvCacheShape s{g.model.config.n_layers, g.model.config.n_kv_heads, g.model.config.head_dim, 16, kv_tokens / 16};
@@ -821,10 +822,15 @@ TEST_SUITE("gpu_model") {
         CHECK(err <= 2e-2);
       }
     }
-    for (DType q : {DType::kQ8, DType::kNF4DQ}) {  // int8, NF4-DQ: against the CPU backend with the same quantised weights
+    // int8, NF4-DQ: against the CPU backend with the same quantised weights; int8 with the lm_head
+    // quantised too (--quant-head int8 / nf4: the head's GEMV and dequantised tiles).
+    for (auto [q, h] : std::vector<std::pair<DType, DType>>{{DType::kQ8, DType::kBF16}, {DType::kNF4DQ, DType::kBF16}, {DType::kQ8, DType::kQ8},
+                                                           {DType::kNF4DQ, DType::kNF4}}) {
       CAPTURE(dtype_name(q));
-      GpuModel g = load_gpu(dir, 4096, true, -1, q == DType::kNF4DQ ? "RSCS" : "", "", false, 2, "", q);
-      auto cm = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = q});
+      CAPTURE(dtype_name(h));
+      GpuModel g = load_gpu(dir, 4096, true, -1, q == DType::kNF4DQ ? "RSCS" : "", "", false, 2, "", q, false, h);
+      CHECK(g.model.weights->globals().t[kLmHead].dtype == h);
+      auto cm = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = q, .quant_head = h});
       REQUIRE(cm.ok());
       cpu::CpuExecutor cex(cm->config);
       auto ckv = KvCache::create({cm->config.n_layers, cm->config.n_kv_heads, cm->config.head_dim, 16, 64});
@@ -836,17 +842,20 @@ TEST_SUITE("gpu_model") {
         auto logits = prompt_logits(*g.runner, ids, chunk);
         REQUIRE(logits.ok());
         const double err = rel(*logits, *want);
-        MESSAGE(dtype_name(q) << " on the GPU, " << chunk << "-token steps, against the CPU backend's: " << err);
+        MESSAGE(dtype_name(q) << " (lm_head " << dtype_name(h) << ") on the GPU, " << chunk << "-token steps, against the CPU backend's: " << err);
         CHECK(err <= 2e-2);
       }
     }
     // A synthetic model quantised on the GPU as it is generated (the shape-only store) gives the
     // logits of the same model quantised on the host.
-    for (DType q : {DType::kNF4, DType::kNF4DQ}) {
+    for (auto [q, h] : std::vector<std::pair<DType, DType>>{{DType::kNF4, DType::kBF16}, {DType::kNF4DQ, DType::kBF16}, {DType::kNF4, DType::kQ8},
+                                                           {DType::kNF4DQ, DType::kNF4}}) {
       CAPTURE(dtype_name(q));
+      CAPTURE(dtype_name(h));
       std::vector<std::vector<float>> out;
       for (bool host : {false, true}) {
-        auto m = load_model("synthetic:llama-2-7b", LoadOptions{.synthetic_layers = 2, .need_tokenizer = false, .host_weights = host, .quant = q});
+        auto m = load_model("synthetic:llama-2-7b",
+                            LoadOptions{.synthetic_layers = 2, .need_tokenizer = false, .host_weights = host, .quant = q, .quant_head = h});
         REQUIRE_MESSAGE(m.ok(), m.status().message());
         KvCacheShape s{m->config.n_layers, m->config.n_kv_heads, m->config.head_dim, 16, 8};
         auto ex = gpu::GpuExecutor::create(*m->weights, s, gpu::GpuOptions{});

@@ -34,9 +34,9 @@ struct Loaded {
 };
 
 Loaded load(const std::string& dir, int64_t kv_tokens = 4096, int64_t block_size = 16, DType kv_dtype = DType::kF32,
-            DType quant = DType::kBF16, const std::string& disk = "") {
+            DType quant = DType::kBF16, const std::string& disk = "", DType quant_head = DType::kBF16) {
   Loaded l;
-  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk, .quant = quant});
+  auto m = load_model(dir, LoadOptions{.synthetic_layers = 0, .need_tokenizer = false, .disk = disk, .quant = quant, .quant_head = quant_head});
   REQUIRE_MESSAGE(m.ok(), m.status().message());
   l.model = std::move(*m);
   l.ex = std::make_unique<cpu::CpuExecutor>(l.model.config);
@@ -50,8 +50,9 @@ Loaded load(const std::string& dir, int64_t kv_tokens = 4096, int64_t block_size
 
 // Writes `dir`'s checkpoint to `out` in float32 with every Linear weight inside the decoder layers
 // passed through `round` (its shape given), and copies config.json: a reference for quantised formats.
+// `head_too`: the lm_head as well.
 template <typename Round>
-void write_rounded(const std::string& dir, const test::TempDir& out, Round round) {
+void write_rounded(const std::string& dir, const test::TempDir& out, Round round, bool head_too = false) {
   auto ck = CheckpointReader::open(dir);
   REQUIRE(ck.ok());
   std::vector<std::vector<float>> data;
@@ -63,7 +64,8 @@ void write_rounded(const std::string& dir, const test::TempDir& out, Round round
     TensorView v = f.file->view(*f.entry);
     std::vector<float> w(static_cast<size_t>(v.numel()));
     convert_to_f32(v.data, v.dtype, w.data(), w.size());
-    if (name.find("model.layers.") == 0 && name.find("_proj.weight") != std::string::npos) round(w, f.entry->shape);
+    if ((name.find("model.layers.") == 0 && name.find("_proj.weight") != std::string::npos) || (head_too && name == "lm_head.weight"))
+      round(w, f.entry->shape);
     data.push_back(std::move(w));
     tensors.push_back({name, DType::kF32, f.entry->shape, data.back().data()});
   }
@@ -530,6 +532,56 @@ TEST_SUITE("model") {
       MESSAGE(bad.status().message());
       CHECK(bad.status().message().find("model.layers.0.mlp.down_proj.weight") != std::string::npos);
     }
+  }
+
+  TEST_CASE("--quant-head int8 / nf4: the lm_head quantised too, the logits of it rounded through the codec; refusals name the flag") {
+    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+    auto gs = SafetensorsFile::open(dir + "/golden.safetensors");
+    REQUIRE(gs.ok());
+    const std::vector<int32_t> ids = test::read_i32(**gs, "seq0.input_ids");
+    Loaded bf_head = load(dir, 4096, 16, DType::kF32, DType::kQ8);
+    auto plain = prompt_logits(*bf_head.runner, ids);
+    REQUIRE(plain.ok());
+    for (DType h : {DType::kQ8, DType::kNF4}) {
+      CAPTURE(dtype_name(h));
+      Loaded l = load(dir, 4096, 16, DType::kF32, DType::kQ8, "", h);
+      const TensorView& head = l.model.weights->globals().t[kLmHead];
+      CHECK(head.dtype == h);
+      CHECK(head.nbytes() == static_cast<size_t>(quant_layout(h, l.model.config.n_vocab, l.model.config.n_embd).bytes));
+      auto got = prompt_logits(*l.runner, ids);
+      REQUIRE(got.ok());
+      // The reference: the int8-rounded layers and the lm_head rounded through its own codec, the
+      // float32 model on the result.
+      test::TempDir ref;
+      write_rounded(
+          dir, ref,
+          [&](std::vector<float>& w, const std::vector<int64_t>& shape) {
+            const DType t = shape[0] == l.model.config.n_vocab ? h : DType::kQ8;
+            std::vector<uint8_t> blob(quant_layout(t, shape[0], shape[1]).bytes);
+            quantize_weight(t, w.data(), shape[0], shape[1], blob.data());
+            dequantize_rows(t, blob.data(), shape[0], shape[1], 0, shape[0], w.data());
+          },
+          /*head_too=*/true);
+      Loaded lr = load(ref.path.string());
+      auto want = prompt_logits(*lr.runner, ids);
+      REQUIRE(want.ok());
+      const double err = rel_err(*got, *want), vs_bf16_head = rel_err(*got, *plain);
+      MESSAGE("--quant int8 --quant-head " << dtype_name(h) << ": against the rounded float32 weights " << err << ", against the BF16 lm_head " << vs_bf16_head);
+      CHECK(err < 1e-4);
+      CHECK(vs_bf16_head > 1e-6);  // the head's rounding is real
+    }
+    // Refused: without --quant, for a tied lm_head, and over a packed store.
+    auto no_quant = load_model(dir, LoadOptions{.need_tokenizer = false, .quant_head = DType::kQ8});
+    REQUIRE(!no_quant.ok());
+    CHECK(no_quant.status().message().find("--quant-head needs --quant") != std::string::npos);
+    auto tied = load_model(test::shared_dir() + "/golden/llama3-tied", LoadOptions{.need_tokenizer = false, .quant = DType::kQ8, .quant_head = DType::kQ8});
+    REQUIRE(!tied.ok());
+    CHECK(tied.status().message().find("tie_word_embeddings") != std::string::npos);
+    test::TempDir tmp;
+    REQUIRE(pack_store(*bf_head.model.weights, tmp / "store").ok());
+    auto disk = load_model(dir, LoadOptions{.need_tokenizer = false, .disk = tmp / "store", .quant = DType::kQ8, .quant_head = DType::kQ8});
+    REQUIRE(!disk.ok());
+    CHECK(disk.status().message().find("--quant-head int8: the packed store") != std::string::npos);
   }
 
   TEST_CASE("--quant nf4-dq at load: each Linear double-quantised as bitsandbytes would, the logits of the weights rounded through it, a packed store") {

@@ -495,6 +495,32 @@ TEST_SUITE("offload") {
     CHECK(te.status().message().find("minimum working set") != std::string::npos);
   }
 
+  TEST_CASE("--quant-head: the plan counts the lm_head in its format; the room goes to layers, the floor reads fewer bytes") {
+    auto c = synthetic_config("llama-3-70b");
+    REQUIRE(c.ok());
+    const int64_t V = c->n_vocab, E = c->n_embd;
+    GpuPlanInput in;
+    in.budget_bytes = int64_t{24} << 30;
+    in.kv_bytes = int64_t{64} << 20;
+    in.kv = KvPlace::kGpu;
+    in.weights = DType::kNF4DQ;
+    in.layer_bytes = gpu_layer_bytes(*c, DType::kNF4DQ);
+    auto bf = plan_gpu(*c, in);
+    REQUIRE(bf.ok());
+    CHECK(bf->head_bytes == head_bytes(*c));
+    GpuPlanInput q = in;
+    q.head_bytes = quant_layout(DType::kQ8, V, E).bytes + 2 * E;
+    q.globals_bytes = 2 * V * E + q.head_bytes;
+    auto p = plan_gpu(*c, q);
+    REQUIRE(p.ok());
+    CHECK(p->head_bytes == q.head_bytes);
+    CHECK(p->globals_bytes == q.head_bytes);  // the embedding in host memory, the int8 lm_head on the GPU
+    CHECK(p->n_resident == bf->n_resident + (head_bytes(*c) - q.head_bytes + (in.budget_bytes - bf->total_bytes)) / in.layer_bytes);
+    CHECK(p->n_resident >= bf->n_resident + 2);
+    const PlanFloor fb = plan_floor(*c, *bf, 1, in.hw), fq = plan_floor(*c, *p, 1, in.hw);
+    CHECK(fq.step_ms < fb.step_ms);
+  }
+
   TEST_CASE("K/V placement: --kv gpu keeps K/V on the GPU or names the budget; host moves them all; auto when needed; split per layer by cost") {
     auto c = synthetic_config("llama-3-8b");
     REQUIRE(c.ok());

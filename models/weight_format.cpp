@@ -146,12 +146,12 @@ void quantize_weight(DType t, const float* x, int64_t rows, int64_t cols, uint8_
   finish_quant(t, rows, cols, stage.data(), dst);
 }
 
-void quantize_bf16_weight(DType t, const uint16_t* w, int64_t rows, int64_t cols, uint8_t* blob) {
+void quantize_stored_weight(DType t, const void* w, DType w_dtype, int64_t rows, int64_t cols, uint8_t* blob) {
   std::memset(blob, 0, static_cast<size_t>(quant_layout(t, rows, cols).bytes));  // the alignment padding too
   std::vector<float> stage(static_cast<size_t>(quant_stage_floats(t, rows, cols)));
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, rows, 64), [&](const tbb::blocked_range<int64_t>& r) {
     std::vector<float> x(static_cast<size_t>((r.end() - r.begin()) * cols));
-    convert_to_f32(w + r.begin() * cols, DType::kBF16, x.data(), x.size());
+    convert_to_f32(static_cast<const uint8_t*>(w) + r.begin() * cols * static_cast<int64_t>(dtype_size(w_dtype)), w_dtype, x.data(), x.size());
     quantize_rows(t, x.data(), rows, cols, r.begin(), r.end(), blob, stage.data());
   });
   finish_quant(t, rows, cols, stage.data(), blob);

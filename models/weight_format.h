@@ -192,9 +192,13 @@ void finish_quant(DType t, int64_t rows, int64_t cols, const float* stage, uint8
 // parts when each one's absmax count is a multiple of 256, else the whole weight.
 std::vector<std::pair<int64_t, int64_t>> dq_parts(int64_t rows, int64_t cols, const std::vector<int64_t>& part_rows);
 constexpr int64_t quant_stage_floats(DType t, int64_t rows, int64_t cols) { return t == DType::kNF4DQ ? (rows * cols + 63) / 64 : 0; }
-// A [rows, cols] BF16 weight (bit patterns) into the blob of `t`, 64 rows a task on oneTBB's pool,
-// NF4-DQ finished as one part: what calibrate and the benches time.
-void quantize_bf16_weight(DType t, const uint16_t* w, int64_t rows, int64_t cols, uint8_t* blob);
+// A [rows, cols] weight stored as `w_dtype` (F32, F16, BF16) into the blob of `t`, 64 rows a task on
+// oneTBB's pool, NF4-DQ finished as one part (calibrate, the benches, --quant-head's lm_head).
+void quantize_stored_weight(DType t, const void* w, DType w_dtype, int64_t rows, int64_t cols, uint8_t* blob);
+// The same for BF16 bit patterns.
+inline void quantize_bf16_weight(DType t, const uint16_t* w, int64_t rows, int64_t cols, uint8_t* blob) {
+  quantize_stored_weight(t, w, DType::kBF16, rows, cols, blob);
+}
 // Rows [r0, r1) of a quantised [rows, cols] blob, as float, into y[(r1 - r0) * cols].
 void dequantize_rows(DType t, const uint8_t* blob, int64_t rows, int64_t cols, int64_t r0, int64_t r1, float* y);
 

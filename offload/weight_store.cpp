@@ -390,15 +390,7 @@ Status WeightStore::quantize_head(DType q, bool shapes_only) {
     return out_of_memory(strprintf("--quant-head: cannot allocate %llu bytes of host memory for the lm_head",
                                    static_cast<unsigned long long>(quant_layout(q, V, E).bytes)));
   uint8_t* dst = b.as<uint8_t>();
-  std::memset(dst, 0, static_cast<size_t>(quant_layout(q, V, E).bytes));  // the alignment padding too
-  // Rows are independent in both formats (NF4's absmax per 64 of a row, int8's scale per row).
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, V, 64), [&](const tbb::blocked_range<int64_t>& r) {
-    std::vector<float> rows(static_cast<size_t>((r.end() - r.begin()) * E));
-    const uint8_t* from = static_cast<const uint8_t*>(src.data) + r.begin() * E * static_cast<int64_t>(dtype_size(src.dtype));
-    convert_to_f32(from, src.dtype, rows.data(), rows.size());
-    quantize_rows(q, rows.data(), V, E, r.begin(), r.end(), dst);
-  });
-  finish_quant(q, V, E, nullptr, dst);
+  quantize_stored_weight(q, src.data, src.dtype, V, E, dst);
   globals_.t[kLmHead] = TensorView::contiguous(dst, q, {V, E}, Tier::kHost);
   owned_.push_back(std::move(b));
   source_ += ", lm_head quantised to " + qname + " at load";

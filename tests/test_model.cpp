@@ -73,6 +73,13 @@ void write_rounded(const std::string& dir, const test::TempDir& out, Round round
   std::filesystem::copy_file(dir + "/config.json", out / "config.json");
 }
 
+// Rounds a [shape[0], shape[1]] float32 weight through the codec of `t` in place.
+void round_through(DType t, std::vector<float>& w, const std::vector<int64_t>& shape) {
+  std::vector<uint8_t> blob(quant_layout(t, shape[0], shape[1]).bytes);
+  quantize_weight(t, w.data(), shape[0], shape[1], blob.data());
+  dequantize_rows(t, blob.data(), shape[0], shape[1], 0, shape[0], w.data());
+}
+
 // max|a - b| / max|b|
 double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   REQUIRE(a.size() == b.size());
@@ -555,12 +562,7 @@ TEST_SUITE("model") {
       test::TempDir ref;
       write_rounded(
           dir, ref,
-          [&](std::vector<float>& w, const std::vector<int64_t>& shape) {
-            const DType t = shape[0] == l.model.config.n_vocab ? h : DType::kQ8;
-            std::vector<uint8_t> blob(quant_layout(t, shape[0], shape[1]).bytes);
-            quantize_weight(t, w.data(), shape[0], shape[1], blob.data());
-            dequantize_rows(t, blob.data(), shape[0], shape[1], 0, shape[0], w.data());
-          },
+          [&](std::vector<float>& w, const std::vector<int64_t>& shape) { round_through(shape[0] == l.model.config.n_vocab ? h : DType::kQ8, w, shape); },
           /*head_too=*/true);
       Loaded lr = load(ref.path.string());
       auto want = prompt_logits(*lr.runner, ids);
@@ -605,11 +607,7 @@ TEST_SUITE("model") {
     // The reference: each Linear (q, k, v, gate, up apart, as peft holds them) rounded through the
     // NF4-DQ codec on its own, the float32 model on the result.
     test::TempDir ref;
-    write_rounded(dir, ref, [](std::vector<float>& w, const std::vector<int64_t>& shape) {
-      std::vector<uint8_t> blob(quant_layout(DType::kNF4DQ, shape[0], shape[1]).bytes);
-      quantize_weight(DType::kNF4DQ, w.data(), shape[0], shape[1], blob.data());
-      dequantize_rows(DType::kNF4DQ, blob.data(), shape[0], shape[1], 0, shape[0], w.data());
-    });
+    write_rounded(dir, ref, [](std::vector<float>& w, const std::vector<int64_t>& shape) { round_through(DType::kNF4DQ, w, shape); });
     Loaded lr = load(ref.path.string());
     auto want = prompt_logits(*lr.runner, ids);
     REQUIRE(want.ok());

@@ -1,4 +1,4 @@
-// bench_gpu_gemv: weight bandwidth of the decode GEMMs (y = x W^T, BF16 W) on Llama-2-7B shapes,
+// bench_gpu_gemv [7b|70b]: weight bandwidth of the decode GEMMs (y = x W^T) on Llama-2-7B's (default) or Llama-3-70B's shapes,
 // ferry's streaming GEMV against cuBLAS, for M = 1..16 rows. Prints GB/s of weight bytes read and the
 // fraction of a measured device-to-device copy rate (bytes read + written per second: the HBM rate).
 #include <cstdio>
@@ -11,7 +11,8 @@
 using namespace ferry;
 using namespace ferry::gpu;
 
-int main() {
+int main(int argc, char** argv) {
+  const bool big = argc > 1 && std::string(argv[1]) == "70b";
   cublasHandle_t h;
   CUBLAS_CHECK(cublasCreate(&h));
   cudaEvent_t e0, e1;
@@ -39,8 +40,11 @@ int main() {
     const char* name;
     int64_t n, k;
   };
-  const Shape shapes[] = {{"qkv 12288x4096", 12288, 4096}, {"o 4096x4096", 4096, 4096}, {"gate_up 22016x4096", 22016, 4096},
-                          {"down 4096x11008", 4096, 11008}, {"lm_head 32000x4096", 32000, 4096}};
+  const std::vector<Shape> shapes =
+      big ? std::vector<Shape>{{"qkv 10240x8192", 10240, 8192}, {"o 8192x8192", 8192, 8192}, {"gate_up 57344x8192", 57344, 8192},
+                               {"down 8192x28672", 8192, 28672}, {"lm_head 128256x8192", 128256, 8192}}
+          : std::vector<Shape>{{"qkv 12288x4096", 12288, 4096}, {"o 4096x4096", 4096, 4096}, {"gate_up 22016x4096", 22016, 4096},
+                               {"down 4096x11008", 4096, 11008}, {"lm_head 32000x4096", 32000, 4096}};
   // Several weight copies rotated so that L2 (50 MB) never holds the one being read.
   const int n_copies = 4;
   // Microseconds per call of run(i) (i picks the weight copy): 8 warm-up calls, then 40 timed.
@@ -93,13 +97,14 @@ int main() {
         finish_quant(t, s.n, s.k, stage, qs[c], nullptr);
       }
       if (stage) CUDA_CHECK(cudaFree(stage));
-      for (int64_t M : {1, 2}) {
-        auto run = [&](int i) { gemv_store(GemvIn{x}, GemvW{qs[i % n_copies], t}, y, M, s.n, s.k, nullptr); };
-        const double us = time_us(run);
-        const double gbs = static_cast<double>(qb) / (us * 1e3);
-        std::printf("| %s | %lld | gemv %s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), std::string(dtype_name(t)).c_str(), us, gbs,
-                    100.0 * gbs / floor_gbs);
-      }
+      for (int64_t M : {1, 2})
+        for (int precise = 0; precise < (is_nf4(t) ? 2 : 1); ++precise) {  // NF4: BF16 code values, and hi + lo (the QKV's)
+          auto run = [&](int i) { gemv_store(GemvIn{x}, GemvW{qs[i % n_copies], t, precise != 0}, y, M, s.n, s.k, nullptr); };
+          const double us = time_us(run);
+          const double gbs = static_cast<double>(qb) / (us * 1e3);
+          std::printf("| %s | %lld | gemv %s%s | %.1f | %.0f | %.0f%% |\n", s.name, static_cast<long long>(M), std::string(dtype_name(t)).c_str(),
+                      precise ? " precise" : "", us, gbs, 100.0 * gbs / floor_gbs);
+        }
       for (auto q : qs) CUDA_CHECK(cudaFree(q));
     }
     for (auto w : ws) CUDA_CHECK(cudaFree(w));

@@ -10,6 +10,8 @@
 // chunks a row in flight, and reads the matching x chunks (small and L1/L2 resident). Float32
 // accumulation, warp reduction. Over resident weights it is launched programmatically (sm_90+), so
 // its weight stream overlaps the kernel before it (notes/gpu.md).
+// NF4 / NF4-DQ with up to 4 columns of x take a second kernel on the tensor cores (nf4_mma_kernel,
+// below; notes/quant.md), where the device has the shared memory for it (H100 / H200).
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -424,21 +426,357 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
   }
 }
 
+// NF4 / NF4-DQ through the tensor cores (mma.sync m16n8k16, BF16 in, FP32 accumulation; sm_80+).
+// The CUDA-core kernel above spends a shared-memory lookup, a byte extraction and an FMA on every
+// weight; ncu on the H200 (Llama-3-70B's QKV shape) shows its L1 data pipe 75% busy: 32 lookups and
+// ~23 other wavefronts per 512 bytes of codes. Here a row tile is 16 weight rows (the MMA's A rows)
+// whose K `split` warps share in units of 256 codes (unit u to the tile's warp u % split; a block of 8
+// warps holds 8 / split tiles; mma_split). Each warp streams its units
+// through a ring of shared-memory stages with cp.async (16 rows x 128 bytes of codes, swizzled so the
+// fragment reads hit every bank once; the 16 rows' 4 scales; its x columns' 256 elements), so the
+// next stages are in flight without holding registers. For each block of 64 codes lane (g, t) =
+// (lane / 4, lane % 4) reads 8 bytes of rows g and g + 8: 16 codes, i.e. four MMAs' A registers,
+// each register one byte = one code pair looked up in shared memory as two BF16 values (16 lookups a
+// 512 bytes where the CUDA-core kernel makes 32). The dot product is a sum over k, so the MMA's k
+// slots may stand for any elements as long as A and B agree: lane t's slots 2t, 2t+1 (2t+8, 2t+9) of
+// MMA i hold elements 16t + 4i + {0, 1} ({2, 3}) of the block, and B's are the x words of the same
+// elements, x row c in column c (hi + lo input: lo row c in column M + c; lanes of other columns
+// pass zeros). The four MMAs of a block share one absmax per row, applied to their sum in FP32. The
+// warps' partial sums meet in shared memory in a fixed order (deterministic).
+// The code values are BF16 (2^-9 relative, as bitsandbytes' dequantisation to BF16 rounds each
+// weight); GemvW::precise (the QKV's) keeps the CUDA-core kernel's FP32 code values.
+// The code table holds, for each byte, the pair (code[hi nibble], code[lo nibble]) once per lane
+// (entry-major: lane l reads bank l, no conflicts), 128 bytes an entry (32 KB; a PRMT and a shift
+// form an address), or with one column of x 256 (64 KB, the lanes' copies in the first 128: one
+// PRMT; Llama-2-7B NF4 decode 335.7 against 321.3 tok/s, run63; above one column the larger table
+// leaves room for one block an SM).
+constexpr int kMmaWarps = 8, kMmaMaxCols = 4;
+// kWide: entries 256 bytes apart (lanes' copies in the first 128), so one PRMT forms an address.
+template <bool kWide>
+constexpr int kMmaLutBytes = 256 * (kWide ? 256 : 128);
+// One warp's stage: codes [16 rows][128 bytes], scales [16 rows][16 bytes] (4 fp32 absmax, or 4
+// NF4-DQ codes), x [NC columns][256 elements + 8 (bank padding)].
+template <int NC>
+constexpr int kStageBytes = 2048 + 256 + NC * 528;
+// Stages a warp cycles through: what fits beside the table at two blocks an SM (H100/H200: 228 KB
+// of shared memory an SM, 1 KB of it reserved per block, ~1.1 KB static here).
+template <int NC, bool kWide>
+constexpr int kStages = std::clamp((111 * 1024 + 512 - kMmaLutBytes<kWide>) / (kMmaWarps * kStageBytes<NC>), 2, 6);
+template <int NC, bool kWide>
+constexpr int kMmaSmem = kMmaLutBytes<kWide> + kMmaWarps * kStages<NC, kWide> * kStageBytes<NC>;
+
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // launched only on sm_80+ (nf4_mma_path)
+#endif
+}
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+template <int kBytes>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBytes == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(kBytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+// Byte `pos` of `w` as the byte offset of its table entry for this lane: entry * 256 + lane * 4
+// (kWide), or entry * 128 + lane * 4 as (byte << 8 | lane * 8) >> 1.
+template <bool kWide>
+__device__ __forceinline__ uint32_t lut_offset(uint32_t w, int pos, uint32_t lane_part) {
+  const uint32_t o = __byte_perm(w, lane_part, 0x5504u | (static_cast<uint32_t>(pos) << 4));
+  if constexpr (kWide) return o;  // lane_part = lane * 4
+  else return o >> 1;             // lane_part = lane * 8
+}
+// Where 16-byte chunk c (0-7) of stage row r lives: chunks swizzled by the row so that the fragment
+// reads (rows g = 0-3 or 4-7, two chunks each) fall in distinct banks.
+__device__ __forceinline__ int chunk_at(int r, int c) { return r * 128 + 16 * (c ^ ((r & 3) << 1)); }
+
+template <int M, bool kHiLo, bool kWide, class Epi>
+__global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, const uint8_t* __restrict__ w, QScales qs, int64_t n_tasks,
+                                                                   int64_t K, int split, Epi epi) {
+  constexpr int R = Epi::R, kTasks = 16 / R, NC = kHiLo ? 2 * M : M, S = kStages<NC, kWide>, SB = kStageBytes<NC>;
+  static_assert(NC <= kMmaMaxCols, "at most 4 columns of x");
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* lut = smem;
+  unsigned char* after_lut = smem + kMmaLutBytes<kWide>;  // the warps' stages
+  __shared__ float dmap[256];
+  __shared__ float sq[M][2 * kTasks];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  unsigned char* stages = after_lut + warp * S * SB;
+  const bool dq = qs.codes != nullptr;
+  // Row of A slot s: task s (one row a task), or task s % 8's row s / 8.
+  // The block's 8 / split row tiles, `split` warps each (warp wk of a tile takes units wk + split j).
+  const int tpb = kMmaWarps / split, tl = warp / split, wk = warp % split;
+  const int64_t task0 = (static_cast<int64_t>(blockIdx.x) * tpb + tl) * kTasks;
+  auto slot_row = [&](int s) {
+    const int ti = R == 1 ? s : s % 8;
+    int64_t r[R];
+    epi.rows(task0 + ti < n_tasks ? task0 + ti : 0, r);
+    return r[R == 1 ? 0 : s / 8];
+  };
+  const int64_t nkb = K / 64, nu = K / 256, row_bytes = K / 2;
+  const int nj = static_cast<int>(nu > wk ? (nu - wk + split - 1) / split : 0);  // this warp's units: wk + split j
+  // This lane's copies: codes of rows 4i + lane / 8 (i = 0-3), chunk lane % 8; lanes 0-15 the scales
+  // of row lane; 16 bytes of each x column (lane: its 16 bytes of 512).
+  const uint8_t* csrc[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) csrc[i] = w + slot_row(4 * i + (lane >> 3)) * row_bytes + 16 * (lane & 7);
+  const int64_t sbase = slot_row(lane & 15) * nkb;
+  const bf16* xsrc[NC];
+#pragma unroll
+  for (int c = 0; c < NC; ++c) xsrc[c] = (kHiLo && c >= M ? in.x_lo + (c - M) * K : in.x + c * K) + 8 * lane;
+  const uint32_t st0 = smem_addr(stages);
+  auto copy_w = [&](int j, int s) {  // codes and scales of unit j into stage s
+    const int64_t u = wk + static_cast<int64_t>(split) * j;
+    const uint32_t d = st0 + s * SB;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async<16>(d + chunk_at(4 * i + (lane >> 3), lane & 7), csrc[i] + u * 128);
+    if (lane < 16) {
+      if (dq) cp_async<4>(d + 2048 + 16 * lane, qs.codes + sbase + 4 * u);
+      else cp_async<16>(d + 2048 + 16 * lane, qs.f32 + sbase + 4 * u);
+    }
+  };
+  auto copy_x = [&](int j, int s) {
+    const int64_t e = (wk + static_cast<int64_t>(split) * j) * 256;
+#pragma unroll
+    for (int c = 0; c < NC; ++c) cp_async<16>(st0 + s * SB + 2304 + c * 528 + 16 * lane, xsrc[c] + e);
+  };
+  // The weights' first stages go out before pdl_wait() (resident weights: nobody writes them).
+  for (int j = 0; j < S - 1; ++j) {
+    if (j < nj) copy_w(j, j);
+    cp_async_commit();
+  }
+  // The code table: 16-byte stores, each 16 bytes of one entry's lane copies.
+  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+    const int e = i >> 3;
+    const uint32_t h = bf16_pair(c_nf4[e >> 4], c_nf4[e & 15]);
+    *reinterpret_cast<uint4*>(lut + e * (kWide ? 256 : 128) + 16 * (i & 7)) = make_uint4(h, h, h, h);
+  }
+  if (dq)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) dmap[i] = c_dmap.v[i];
+  __syncthreads();
+  pdl_wait();
+  for (int j = 0; j < S - 1 && j < nj; ++j) copy_x(j, j);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncwarp();
+  const uint32_t lane_part = kWide ? 4u * lane : 8u * lane;
+  const int64_t drow[2] = {dq ? slot_row(g) * nkb : 0, dq ? slot_row(g + 8) * nkb : 0};  // NF4-DQ: rows g, g + 8's first code
+  const int xoff = g < NC ? 2304 + g * 528 + 32 * t : -1;
+  // This lane's 8 bytes of block b in rows g and g + 8: chunk 2b + t / 2, half t % 2, i.e.
+  // chunk_at(r, 2b + t / 2) + 8 (t % 2) = r * 128 + 32 (b ^ (r % 4)) + 8 t (r % 4 = g % 4 for both rows).
+  const int cbase = g * 128 + 8 * t, cx = g & 3;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  int s = 0;
+  for (int j = 0; j < nj; ++j) {
+    if (j > 0) {
+      cp_async_wait<S - 2>();  // unit j's group is done
+      __syncwarp();            // and every lane's part of it, and every lane is past unit j - 1's stage
+    }
+    {
+      const int jn = j + S - 1, sn = s == 0 ? S - 1 : s - 1;  // into the stage unit j - 1 used
+      if (jn < nj) {
+        copy_w(jn, sn);
+        copy_x(jn, sn);
+      }
+      cp_async_commit();
+    }
+    const unsigned char* st = stages + s * SB;
+    uint32_t dcodes[2] = {0u, 0u};  // NF4-DQ: the unit's 4 codes of rows g, g + 8, their absmax2 and means
+    float da2[2] = {0.0f, 0.0f}, dmean[2] = {0.0f, 0.0f};
+    if (dq) {
+      const int64_t u4 = 4 * (wk + static_cast<int64_t>(split) * j);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        dcodes[h] = *reinterpret_cast<const uint32_t*>(st + 2048 + 16 * (g + 8 * h));
+        const int64_t b2 = (drow[h] + u4) >> 8;  // the unit's 4 codes share their absmax2 and mean
+        da2[h] = __ldg(qs.a2 + b2);
+        dmean[h] = __ldg(qs.means + b2);
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int co = cbase + 32 * (b ^ cx);
+      const uint2 w0 = *reinterpret_cast<const uint2*>(st + co), w1 = *reinterpret_cast<const uint2*>(st + co + 1024);
+      uint4 xa = make_uint4(0, 0, 0, 0), xb = xa;
+      if (xoff >= 0) {
+        xa = *reinterpret_cast<const uint4*>(st + xoff + 128 * b);
+        xb = *reinterpret_cast<const uint4*>(st + xoff + 128 * b + 16);
+      }
+      const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+      float d0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d1[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // two chains of MMAs
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t r0 = i < 2 ? w0.x : w0.y, r1 = i < 2 ? w1.x : w1.y;
+        const int pos = 2 * (i & 1);  // byte 2i of the 8: elements 4i, 4i + 1; byte 2i + 1: 4i + 2, 4i + 3
+        auto at = [&](uint32_t word, int p) { return *reinterpret_cast<const uint32_t*>(lut + lut_offset<kWide>(word, p, lane_part)); };
+        float(&d)[4] = i & 1 ? d1 : d0;
+        mma_bf16(d, at(r0, pos), at(r1, pos), at(r0, pos + 1), at(r1, pos + 1), xw[2 * i], xw[2 * i + 1]);
+      }
+      float sc[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        sc[h] = dq ? dq_absmax(dmap[(dcodes[h] >> (8 * b)) & 0xffu], da2[h], dmean[h])
+                   : *reinterpret_cast<const float*>(st + 2048 + 16 * (g + 8 * h) + 4 * b);
+      acc[0] = fmaf(sc[0], d0[0] + d1[0], acc[0]);
+      acc[1] = fmaf(sc[0], d0[1] + d1[1], acc[1]);
+      acc[2] = fmaf(sc[1], d0[2] + d1[2], acc[2]);
+      acc[3] = fmaf(sc[1], d0[3] + d1[3], acc[3]);
+    }
+    s = s + 1 == S ? 0 : s + 1;
+  }
+  pdl_launch_dependents();
+  cp_async_wait<0>();  // (only empty groups remain)
+  __syncthreads();     // every warp is done with its stages: they hold the partial sums now
+  // D: (row g, columns 2t, 2t + 1) and (row g + 8, the same columns).
+  float(*part)[16][NC] = reinterpret_cast<float(*)[16][NC]>(after_lut);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      if (2 * t + c < NC) part[warp][g + 8 * h][2 * t + c] = acc[2 * h + c];
+  __syncthreads();
+  if (threadIdx.x < tpb * 16 * NC) {  // each tile's warps' sums in a fixed order, into its first warp's part
+    const int tt = threadIdx.x / (16 * NC), r = (threadIdx.x / NC) % 16, c = threadIdx.x % NC;
+    float v = 0.0f;
+    for (int k = 0; k < split; ++k) v += part[tt * split + k][r][c];
+    part[tt * split][r][c] = v;  // (each thread reads and writes its own elements only)
+  }
+  __syncthreads();
+  const int et = threadIdx.x / kTasks, ti = threadIdx.x % kTasks;  // tile et's task ti
+  const int64_t task = (static_cast<int64_t>(blockIdx.x) * tpb + et) * kTasks + ti;
+  const bool mine = et < tpb, active = mine && task < n_tasks;
+  float v[R][M];
+  if (mine) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int r = R == 1 ? ti : ti + 8 * i;
+#pragma unroll
+      for (int m = 0; m < M; ++m) v[i][m] = part[et * split][r][m] + (kHiLo ? part[et * split][r][(M + m) % NC] : 0.0f);
+    }
+  }
+  if constexpr (Epi::kResidual) {
+    if (mine) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float nv = 0.0f;
+        if (active) {
+          nv = epi.res[m * epi.N + task] + v[0][m];
+          epi.res[m * epi.N + task] = nv;
+        }
+        sq[m][threadIdx.x] = nv * nv;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+      float sum = 0.0f;
+      for (int i = 0; i < tpb * kTasks; ++i) sum += sq[threadIdx.x][i];
+      epi.ss[threadIdx.x * gridDim.x + blockIdx.x] = sum;
+    }
+  } else {
+    if (active) epi.template emit<M>(task, v);
+  }
+}
+
+// Warps that split a row tile's K: 4 (blocks of two tiles, each warp twice the units: less pipeline
+// ramp) for matrices of 16384 rows or more, which still give every SM several blocks; 8 below, where
+// halving the blocks costs more (H200, bench_gpu_gemv: Llama-3-70B's gate_up 60% of HBM at 4 against
+// 58% at 8, lm_head 65 / 61, NF4-DQ 50 / 44 and 53 / 46; its QKV 35 / 40, down 56 / 60; Llama-2-7B's
+// alike). FERRY_GPU_NF4_SPLIT=4|8 overrides (timing).
+int mma_split(int64_t rows) {
+  static const int forced = [] {
+    const char* e = std::getenv("FERRY_GPU_NF4_SPLIT");
+    const int v = e ? std::atoi(e) : 0;
+    return v == 4 || v == 8 ? v : 0;
+  }();
+  return forced ? forced : rows >= 16384 ? 4 : 8;
+}
+
+template <int M, bool kHiLo, bool kWide, class Epi>
+void launch_mma(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
+                cudaStream_t s) {
+  constexpr int smem = kMmaSmem<kHiLo ? 2 * M : M, kWide>;
+  static const bool attr = [] {  // above 48 KB of dynamic shared memory is an opt-in, once per kernel
+    CUDA_CHECK(cudaFuncSetAttribute(nf4_mma_kernel<M, kHiLo, kWide, Epi>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    return true;
+  }();
+  (void)attr;
+  cudaLaunchConfig_t cfg{};
+  const int split = mma_split(rows_total), per_block = 16 / Epi::R * (kMmaWarps / split);
+  cfg.gridDim = dim3(static_cast<unsigned>((n_tasks + per_block - 1) / per_block));
+  cfg.blockDim = dim3(kMmaWarps * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr_pdl{};
+  attr_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr_pdl.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr_pdl;
+  cfg.numAttrs = weights_fixed && programmatic_launch() ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, nf4_mma_kernel<M, kHiLo, kWide, Epi>, in, w, qs, n_tasks, K, split, epi));
+}
+
+QScales quant_scales(const GemvW& w, int64_t rows_total, int64_t K) {
+  QScales qs;
+  const uint8_t* base = static_cast<const uint8_t*>(w.p);
+  const QuantLayout l = quant_layout(w.dt, rows_total, K);
+  if (w.dt == DType::kNF4DQ) {
+    qs.codes = base + l.scales;
+    qs.a2 = reinterpret_cast<const float*>(base + l.scales2);
+    qs.means = reinterpret_cast<const float*>(base + l.means);
+  } else {
+    qs.f32 = reinterpret_cast<const float*>(base + l.scales);
+  }
+  return qs;
+}
+
+// The tensor-core kernel's shared memory for NC columns of x (the wide table for one column), plus
+// its static part: sized for two blocks an SM on H100 / H200 (228 KB an SM).
+int mma_smem_bytes(int nc) {
+  const int dyn = nc == 1 ? kMmaSmem<1, true> : nc == 2 ? kMmaSmem<2, false> : nc == 3 ? kMmaSmem<3, false> : kMmaSmem<4, false>;
+  return dyn + 2048;
+}
+
+// sm_80+, FERRY_GPU_NF4_MMA not 0, and the device's shared memory an SM holds two of the largest
+// block (H100 / H200: 228 KB; GPUs with ~100 KB an SM keep the CUDA-core kernel).
+bool mma_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FERRY_GPU_NF4_MMA");
+    if (e && std::string(e) == "0") return false;
+    int dev = 0, major = 0, per_block = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+      return false;
+    int need = 0;
+    for (int nc = 1; nc <= kMmaMaxCols; ++nc) need = std::max(need, mma_smem_bytes(nc));
+    return major >= 8 && per_block >= need && per_sm >= 2 * need;
+  }();
+  return on;
+}
+
 template <int M, int kSrc, int kFmt, int G, class Epi>
 void launch_fmt(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
                 cudaStream_t s) {
   QScales qs;
-  if constexpr (kFmt != kFmtBf16) {
-    const uint8_t* base = static_cast<const uint8_t*>(w.p);
-    const QuantLayout l = quant_layout(w.dt, rows_total, K);
-    if (w.dt == DType::kNF4DQ) {
-      qs.codes = base + l.scales;
-      qs.a2 = reinterpret_cast<const float*>(base + l.scales2);
-      qs.means = reinterpret_cast<const float*>(base + l.means);
-    } else {
-      qs.f32 = reinterpret_cast<const float*>(base + l.scales);
-    }
-  }
+  if constexpr (kFmt != kFmtBf16) qs = quant_scales(w, rows_total, K);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>((n_tasks + kWarpsPerBlock * G - 1) / (kWarpsPerBlock * G)));
   cfg.blockDim = dim3(kWarpsPerBlock * 32);
@@ -466,6 +804,21 @@ void launch_groups(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t
 
 template <int M, int kSrc, class Epi>
 void launch(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed, cudaStream_t s) {
+  if constexpr (kSrc != kSrcNorm && (kSrc == kSrcHiLo ? 2 * M : M) <= kMmaMaxCols) {
+    if (!w.precise && K % 256 == 0 && nf4_mma_path(w.dt, M, kSrc == kSrcHiLo)) {
+      const QScales qs = quant_scales(w, rows_total, K);
+      const uint8_t* p = static_cast<const uint8_t*>(w.p);
+      constexpr bool kOneColumn = M == 1 && kSrc != kSrcHiLo;  // the wide table's 64 KB leaves room for 2 stages of one column
+      launch_mma<M, kSrc == kSrcHiLo, kOneColumn>(in, qs, p, rows_total, n_tasks, K, epi, weights_fixed, s);
+      return;
+    }
+  }
+  if constexpr (Epi::kResidual) {
+    // gemv_ss_parts counts the tensor-core kernel's blocks where it takes decode's BF16 rows: any other
+    // input that kernel would take is refused, not miscounted.
+    if (K % 256 == 0 && nf4_mma_path(w.dt, M, false) && (kSrc != kSrcBf16 || w.precise))
+      throw CudaError("gemv_residual: with NF4 weights the input must be BF16 rows and the codes not `precise`");
+  }
   if (is_nf4(w.dt)) launch_groups<M, kSrc, kFmtNf4>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
   else if (w.dt == DType::kQ8) launch_groups<M, kSrc, kFmtQ8>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
   else launch_fmt<M, kSrc, kFmtBf16, 1>(in, w, rows_total, n_tasks, K, epi, weights_fixed, s);
@@ -542,7 +895,13 @@ void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N
   }
 }
 
-int64_t gemv_ss_parts(int64_t N, DType w, int64_t M) {
+bool nf4_mma_path(DType w, int64_t M, bool hi_lo) { return is_nf4(w) && (hi_lo ? 2 * M : M) <= kMmaMaxCols && mma_enabled(); }
+
+int64_t gemv_ss_parts(int64_t N, DType w, int64_t M, int64_t K) {
+  if (K % 256 == 0 && nf4_mma_path(w, M, false)) {  // the tensor-core kernel: 16 rows a tile, 8 / split tiles a block
+    const int64_t rows = 16 * (kMmaWarps / mma_split(N));  // (the residual: N rows)
+    return (N + rows - 1) / rows;
+  }
   // As launch_groups picks for the residual (R = 1) at M rows.
   const int g = groups_for(w, 1, M);
   const int64_t per_block = kWarpsPerBlock * (M == 1 ? std::min(g, 4) : std::min(g, 2));
@@ -561,7 +920,9 @@ void gemv_rope_kv(const GemvIn& in, const GemvW& w, const bf16* bias, const int3
                   int64_t n_heads, const PagedKv& kv, bf16* q, int64_t M, int64_t K, cudaStream_t s, bool weights_fixed) {
   if (kv.head_dim % 2 != 0) throw CudaError("gemv_rope_kv: needs an even head_dim");
   const int64_t rows = (n_heads + 2 * kv.n_kv_heads) * kv.head_dim;
-  launch_fused(in, w, rows, M, rows / 2, K, EpiRope{bias, pos, row, inv_freq, n_heads, kv, q}, weights_fixed, s, "gemv_rope_kv");
+  GemvW wp = w;
+  wp.precise = true;  // the QKV product
+  launch_fused(in, wp, rows, M, rows / 2, K, EpiRope{bias, pos, row, inv_freq, n_heads, kv, q}, weights_fixed, s, "gemv_rope_kv");
 }
 
 void gemm_f32(cublasHandle_t h, const bf16* x, const bf16* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed) {

@@ -232,7 +232,7 @@ struct GpuExecutor::Impl {
       return;
     }
     if (x_lo || M <= kGemvMaxRows) {
-      gemv_store(GemvIn{x, x_lo}, GemvW{W.data, W.dtype}, y, M, N, K, stream, fixed);
+      gemv_store(GemvIn{x, x_lo}, GemvW{W.data, W.dtype, precise || x_lo != nullptr}, y, M, N, K, stream, fixed);  // hi + lo rows: the QKV's
       return;
     }
     const int64_t tile = std::max<int64_t>(1, std::min(N, wtile_elems / (precise ? 2 : 1) / K));
@@ -1074,7 +1074,7 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
     // that way, 271 with the layer unfused, H200).
     TraceRange r("gpu.fused_layer", il);
     const bool quant = is_quantized(w[kWDown].dtype);
-    const int64_t n_ss = gemv_ss_parts(E, w[kWDown].dtype, T);  // o and down: the same format
+    const int64_t n_ss = gemv_ss_parts(E, w[kWDown].dtype, T, F);  // (the down projection's; the o projection's is the same whenever it is read: BF16)
     GemvIn in;
     if (ss_ready && !quant) {
       in = GemvIn{nullptr, nullptr, m.x, w[kAttnNorm].as<bf16>(), m.ss, n_ss, eps};

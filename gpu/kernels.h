@@ -91,19 +91,27 @@ struct GemvIn {
 };
 // The weight of a decode GEMV: BF16 [N, K], or a quantised blob (models/weight_format.h: NF4 codes
 // with an absmax per 64, Q8 codes with a scale per row), dequantised in registers as it streams.
+// NF4 / NF4-DQ at decode (up to 4 columns of x, K a multiple of 256) go through the tensor cores
+// (sm_80+; FERRY_GPU_NF4_MMA=0: the CUDA-core kernel): each code pair is one shared-memory lookup of
+// two BF16 code values, rounded 2^-9 relative as bitsandbytes' dequantisation to BF16 rounds each
+// weight. `precise` (the QKV's, whose rounding the attention scores feel most) keeps the CUDA-core
+// kernel and its FP32 code values.
 struct GemvW {
   const void* p = nullptr;
   DType dt = DType::kBF16;
+  bool precise = false;
   GemvW(const bf16* w) : p(w) {}  // NOLINT: a BF16 weight passes as itself
-  GemvW(const void* w, DType t) : p(w), dt(t) {}
+  GemvW(const void* w, DType t, bool precise_codes = false) : p(w), dt(t), precise(precise_codes) {}
 };
+// Whether NF4 / NF4-DQ GEMVs of M rows (hi + lo: twice as many columns) take the tensor-core kernel.
+bool nf4_mma_path(DType w, int64_t M, bool hi_lo);
 // y[M, N] = x W^T for M <= kGemvMaxRows (gemv() is this with BF16 W).
 void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed = false);
-// res[M, N] += x W^T, and ss [M, gemv_ss_parts(N, w.dt, M)] = partial sums of the squares of each row's
-// new values (in a fixed order: deterministic): the next GemvIn's mean square without another pass.
+// res[M, N] += x W^T, and ss [M, gemv_ss_parts(N, w.dt, M, K)] = partial sums of the squares of each
+// row's new values (in a fixed order: deterministic): the next GemvIn's mean square without another pass.
 void gemv_residual(const GemvIn& in, const GemvW& w, float* res, float* ss, int64_t M, int64_t N, int64_t K, cudaStream_t s,
                    bool weights_fixed = false);
-int64_t gemv_ss_parts(int64_t N, DType w = DType::kBF16, int64_t M = 1);
+int64_t gemv_ss_parts(int64_t N, DType w = DType::kBF16, int64_t M = 1, int64_t K = 0);  // K: NF4's kernel depends on it
 // w [2F, K] (gate rows, then up rows): h[M, F] = bf16(silu(x w_gate^T) * (x w_up^T)).
 void gemv_swiglu(const GemvIn& in, const GemvW& w, bf16* h, int64_t M, int64_t F, int64_t K, cudaStream_t s, bool weights_fixed = false);
 // w [(n_heads + 2 n_kv) head_dim, K] (q, k, v heads): the products go through rope_kv_append's

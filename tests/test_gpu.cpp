@@ -292,9 +292,11 @@ TEST_SUITE("gpu_ops") {
   TEST_CASE("NF4 / NF4-DQ / Q8 on the GPU: quantisation bit for bit as the host's, GEMVs dequantising in registers, cuBLAS over dequantised tiles") {
     cublasHandle_t h;
     CUBLAS_CHECK(cublasCreate(&h));
-    for (DType t : {DType::kNF4, DType::kNF4DQ, DType::kQ8}) {
+    for (DType t : {DType::kNF4, DType::kNF4DQ, DType::kQ8})
+    for (const int64_t K : {int64_t{1088}, int64_t{1280}}) {  // 17 blocks of 64 (the CUDA-core NF4 kernel); 5 x 256 (the tensor-core one)
       CAPTURE(dtype_name(t));
-      const int64_t N = 301, K = 1088;  // K: 17 blocks of 64; N odd
+      CAPTURE(K);
+      const int64_t N = 301;  // odd
       std::vector<float> w = randn(N * K, 0.05f);
       w[5] = 0.9f;                                           // an outlier block / row
       std::fill(w.begin() + 2 * K, w.begin() + 3 * K, 0.0f);  // a zero row
@@ -331,9 +333,16 @@ TEST_SUITE("gpu_ops") {
         std::memcpy(&m1, host2.data() + l2.means + 4 * (l2.n_scales2 - 1), 4);
         CHECK(m1 > 4 * m0);  // two means
       }
-      // The dequantised weights in float: the reference of every product below.
-      std::vector<float> wq(N * K);
+      // The dequantised weights in float: the reference of every product below. The tensor-core
+      // NF4 kernel's code values are BF16 unless `precise` (kernels.h): its reference is the same
+      // weights with each code value rounded to BF16 (code * absmax -> bf16(code) * absmax).
+      std::vector<float> wq(N * K), wq_b(N * K);
       dequantize_rows(t, host.data(), N, K, 0, N, wq.data());
+      for (int64_t i = 0; i < N * K; ++i) {
+        const uint8_t byte = host[static_cast<size_t>(i / 2)];
+        const float c = kNf4Codes[i % 2 == 0 ? byte >> 4 : byte & 15];
+        wq_b[i] = is_nf4(t) && c != 0.0f ? static_cast<float>(static_cast<double>(wq[i]) * bf16_to_f32(f32_to_bf16(c)) / c) : wq[i];
+      }
       for (int64_t M = 1; M <= gpu::kGemvMaxRows; ++M) {
         std::vector<float> x = randn(M * K);
         auto xb = to_bf16_bits(x);
@@ -342,7 +351,30 @@ TEST_SUITE("gpu_ops") {
         Dev<float> y(M * N);
         gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob.p, t}, y.p, M, N, K, nullptr);
         CAPTURE(M);
-        CHECK(rel(y.get(), ref) < 1e-5);
+        const bool mma = K % 256 == 0 && gpu::nf4_mma_path(t, M, false);
+        CHECK(rel(y.get(), mma ? ref_matmul(x, wq_b, M, N, K) : ref) < 1e-5);
+        if (mma) {
+          CHECK(rel(y.get(), ref) > 1e-5);  // the BF16 code values show (this check can fail)
+          CHECK(rel(y.get(), ref) < 5e-3);
+        }
+        // Precise codes (the QKV's): the float reference.
+        Dev<float> yp(M * N);
+        gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob.p, t, true}, yp.p, M, N, K, nullptr);
+        CHECK(rel(yp.get(), ref) < 1e-5);
+        if (M <= 4) {  // hi + lo rows (the QKV's input): the product of their float sums
+          std::vector<float> lo = randn(M * K, 0.01f);
+          auto lob = to_bf16_bits(lo);
+          std::vector<float> sum(M * K);
+          for (int64_t i = 0; i < M * K; ++i) sum[i] = bf16_to_f32(xb[i]) + bf16_to_f32(lob[i]);
+          Dev<uint16_t> dlo(lob);
+          Dev<float> yl(M * N);
+          gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dlo.p)}, gpu::GemvW{blob.p, t, true}, yl.p, M, N, K, nullptr);
+          CHECK(rel(yl.get(), ref_matmul(sum, wq, M, N, K)) < 1e-5);
+          // Not precise: the tensor-core kernel where it takes 2M columns.
+          gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dlo.p)}, gpu::GemvW{blob.p, t}, yl.p, M, N, K, nullptr);
+          const bool mma2 = K % 256 == 0 && gpu::nf4_mma_path(t, M, true);
+          CHECK(rel(yl.get(), ref_matmul(sum, mma2 ? wq_b : wq, M, N, K)) < 1e-5);
+        }
         if (M == 3) {  // cuBLAS over BF16 tiles of the dequantised rows, written into a wider output's columns
           Dev<uint16_t> tile(N * K);
           Dev<float> yt(M * N);

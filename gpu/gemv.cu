@@ -426,6 +426,23 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks<kFmt, M>) gemv
   }
 }
 
+// Launches a GEMV kernel; over resident weights (`fixed`) with programmatic stream serialization, so
+// it may start streaming them while the kernel before it runs (sm_90+).
+template <class... P, class... A>
+void launch_gemv(void (*kernel)(P...), int64_t grid, int block, int smem, bool fixed, cudaStream_t s, A&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(static_cast<unsigned>(block));
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = s;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = fixed && programmatic_launch() ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+
 // NF4 / NF4-DQ through the tensor cores (mma.sync m16n8k16, BF16 in, FP32 accumulation; sm_80+).
 // The CUDA-core kernel above spends a shared-memory lookup, a byte extraction and an FMA on every
 // weight; ncu on the H200 (Llama-3-70B's QKV shape) shows its L1 data pipe 75% busy: 32 lookups and
@@ -719,18 +736,9 @@ void launch_mma(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t r
     return true;
   }();
   (void)attr;
-  cudaLaunchConfig_t cfg{};
   const int split = mma_split(rows_total), per_block = 16 / Epi::R * (kMmaWarps / split);
-  cfg.gridDim = dim3(static_cast<unsigned>((n_tasks + per_block - 1) / per_block));
-  cfg.blockDim = dim3(kMmaWarps * 32);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr_pdl{};
-  attr_pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr_pdl.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr_pdl;
-  cfg.numAttrs = weights_fixed && programmatic_launch() ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, nf4_mma_kernel<M, kHiLo, kWide, Epi>, in, w, qs, n_tasks, K, split, epi));
+  launch_gemv(nf4_mma_kernel<M, kHiLo, kWide, Epi>, (n_tasks + per_block - 1) / per_block, kMmaWarps * 32, smem, weights_fixed, s, in, w, qs,
+              n_tasks, K, split, epi);
 }
 
 QScales quant_scales(const GemvW& w, int64_t rows_total, int64_t K) {
@@ -777,16 +785,8 @@ void launch_fmt(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_
                 cudaStream_t s) {
   QScales qs;
   if constexpr (kFmt != kFmtBf16) qs = quant_scales(w, rows_total, K);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>((n_tasks + kWarpsPerBlock * G - 1) / (kWarpsPerBlock * G)));
-  cfg.blockDim = dim3(kWarpsPerBlock * 32);
-  cfg.stream = s;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = weights_fixed && programmatic_launch() ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<M, kSrc, Epi, kFmt, G>, in, static_cast<const uint8_t*>(w.p), qs, n_tasks, K, epi));
+  launch_gemv(gemv_kernel<M, kSrc, Epi, kFmt, G>, (n_tasks + kWarpsPerBlock * G - 1) / (kWarpsPerBlock * G), kWarpsPerBlock * 32, 0, weights_fixed, s,
+              in, static_cast<const uint8_t*>(w.p), qs, n_tasks, K, epi);
 }
 
 // A quantised format's launch with G tasks a warp (M * R * G <= 4 rows of products a warp).

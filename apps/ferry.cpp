@@ -1234,8 +1234,8 @@ int cmd_calibrate(const CalibrateFlags& f) {
       if (!one.data()) return fail(out_of_memory("calibrate: cannot allocate the quantised GEMM weights"));
       quantize_bf16_weight(t, src.as<uint16_t>(), N, K, one.as<uint8_t>());
       if (Status st = make_set(one, mats); !st.ok()) return fail(st);
-      auto run_q = [&] {
-        for (auto& m : mats) cpu::gemm_xwt(x.data(), 1, TensorView::contiguous(m.data(), t, {N, K}), y.data());
+      auto run_q = [&] {  // at the precision the CPU layers' o, gate+up and down run at (their QKV: exact)
+        for (auto& m : mats) cpu::gemm_xwt(x.data(), 1, TensorView::contiguous(m.data(), t, {N, K}), y.data(), {}, cpu::GemmPrecision::kBf16Inputs);
       };
       const double sq = best_seconds(4, run_q);
       const double q_bytes = static_cast<double>(mats.size()) * static_cast<double>(one.size());

@@ -4,14 +4,18 @@
 //   bench_cpu_gemm [--weights bf16|nf4|nf4-dq|int8] [M ...]
 //                                               every path at every row count (CPU-computed layers
 //                                               use the one marked)
-//   bench_cpu_gemm --layer [--weights bf16|nf4|nf4-dq|int8] [--hot] [--beside-copies]
+//   bench_cpu_gemm --layer [--weights bf16|nf4|nf4-dq|int8] [--hot] [--beside-copies] [--threads N]
 //                                               a CPU-computed layer's decode products (M = 1) over
 //                                               weights larger than the caches: the rate ferry's
 //                                               CPU layers read their weights at. --hot: the same
 //                                               product on one thread over weights that stay in L2
 //                                               (the kernel's compute ceiling per core); --beside-copies: while the copy
 //                                               engine pulls pinned memory to the GPU, as streamed
-//                                               layers do (needs a GPU).
+//                                               layers do (needs a GPU); --threads: at most N
+//                                               threads (how the rate scales says whether
+//                                               the cores or the memory bound it). The QKV at
+//                                               float32 inputs, the rest at BF16 inputs, as
+//                                               ferry's CPU layers beside a GPU run them.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -62,7 +66,7 @@ HostBuffer make_weights(DType t, int64_t N, int64_t K, const std::string& name) 
   return q;
 }
 
-int layer_bench(DType t, bool hot, bool beside) {
+int layer_bench(DType t, bool hot, bool beside, int threads) {
   // Llama-3-70B's decode products (qkv, o, gate+up, down), or in --hot mode one matrix of 256 rows
   // of 4096 (at most 2 MiB) on one thread (the kernel's compute ceiling per core).
   struct Shape {
@@ -85,14 +89,16 @@ int layer_bench(DType t, bool hot, bool beside) {
   std::vector<float> x(28672), y(57344);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
   const int reps = hot ? 1000 : 1;
-  std::optional<tbb::global_control> one_thread;
-  if (hot) one_thread.emplace(tbb::global_control::max_allowed_parallelism, 1);
+  std::optional<tbb::global_control> limit;
+  if (hot || threads > 0) limit.emplace(tbb::global_control::max_allowed_parallelism, hot ? 1 : threads);
   auto run = [&] {
     for (int r = 0; r < reps; ++r)
-      for (auto& v : views) cpu::gemm_xwt(x.data(), 1, v, y.data(), {}, cpu::GemmPrecision::kBf16Inputs);
+      for (size_t i = 0; i < views.size(); ++i)
+        cpu::gemm_xwt(x.data(), 1, views[i], y.data(), {}, std::string(shapes[i].name) == "qkv" ? cpu::GemmPrecision::kExact : cpu::GemmPrecision::kBf16Inputs);
   };
   const double ms = median_ms(hot ? 5 : 9, run) / reps;
-  std::printf("| %s | %s | %s | %.3f | %.1f | %.1f |", std::string(dtype_name(t)).c_str(), hot ? "hot (L2)" : "cold", beside ? "copies beside" : "alone", ms,
+  std::printf("| %s | %s%s | %s | %.3f | %.1f | %.1f |", std::string(dtype_name(t)).c_str(), hot ? "hot (L2)" : "cold",
+              threads > 0 && !hot ? (", " + std::to_string(threads) + (threads == 1 ? " thread" : " threads")).c_str() : "", beside ? "copies beside" : "alone", ms,
               static_cast<double>(bytes) / (ms * 1e6), 2.0 * static_cast<double>(params) / (ms * 1e6));
   if (beside) {
     const gpu::SharedCopyRate r = gpu::h2d_during([&] {
@@ -150,12 +156,20 @@ int row_count_bench(const std::vector<int64_t>& ms, DType t) {
 int main(int argc, char** argv) {
   std::vector<int64_t> ms;
   bool layer = false, hot = false, beside = false;
+  int threads = 0;
   DType t = DType::kBF16;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--layer") layer = true;
     else if (a == "--hot") hot = true;
     else if (a == "--beside-copies") beside = true;
+    else if (a == "--threads" && i + 1 < argc) {
+      threads = std::atoi(argv[++i]);
+      if (threads < 1) {
+        std::fprintf(stderr, "bench_cpu_gemm: --threads %s: expected a positive count\n", argv[i]);
+        return 2;
+      }
+    }
     else if (a == "--weights" && i + 1 < argc) {
       const std::string v = argv[++i];
       if (v == "bf16") t = DType::kBF16;
@@ -175,7 +189,7 @@ int main(int argc, char** argv) {
   std::printf("simd: %s\n", cpu::simd_level());
   if (layer) {
     std::printf("| weights | data | copies | ms per layer | weight GB/s | GFLOP/s |\n|---|---|---|---|---|---|\n");
-    return layer_bench(t, hot, beside);
+    return layer_bench(t, hot, beside, threads);
   }
   if (ms.empty()) ms = {1, 2, 4, 8, 16, 64};
   return row_count_bench(ms, t);

@@ -50,6 +50,9 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   // Attention block.
   rmsnorm(x(), w[kAttnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
   const int64_t Q = cfg_.q_dim(), KV = cfg_.kv_dim(), F = cfg_.n_ff;
+  // The QKV at decode rows stays exact (FP32 code values and activations), as the GPU's QKV GEMV
+  // keeps its FP32 code values and hi + lo activations: the attention scores feel its rounding most.
+  const GemmPrecision qkv_prec = T <= kGemvMaxRows ? GemmPrecision::kExact : precision_;
   if (is_fused_qkv(w)) {  // one quantised qkv weight (architecture.h): one product, split
     // A quantised layer is one block in the layer layout, so bq, bk and bv are adjacent too.
     TensorView bias;
@@ -59,14 +62,14 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
       bias = TensorView::contiguous(w[kBq].data, w[kBq].dtype, {Q + 2 * KV});
     }
     fused_.resize(static_cast<size_t>(T * (Q + 2 * KV)));
-    gemm_xwt(xn_.data(), T, w[kWqkv], fused_.data(), bias, precision_);
+    gemm_xwt(xn_.data(), T, w[kWqkv], fused_.data(), bias, qkv_prec);
     take_cols(fused_.data(), T, Q + 2 * KV, 0, Q, q_.data());
     take_cols(fused_.data(), T, Q + 2 * KV, Q, KV, k_.data());
     take_cols(fused_.data(), T, Q + 2 * KV, Q + KV, KV, v_.data());
   } else {
-    gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq], precision_);
-    gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk], precision_);
-    gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv], precision_);
+    gemm_xwt(xn_.data(), T, w[kWq], q_.data(), w[kBq], qkv_prec);
+    gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk], qkv_prec);
+    gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv], qkv_prec);
   }
   rope(q_.data(), T, cfg_.n_heads, hd, b.positions.data(), inv_freq_.data());
   rope(k_.data(), T, cfg_.n_kv_heads, hd, b.positions.data(), inv_freq_.data());

@@ -145,21 +145,28 @@ bool quant_bf16(const float* x, int64_t M, const TensorView& W, float* y) {
 
 }  // namespace
 
-void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
+void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y, GemmPrecision prec) {
   const int64_t N = W.shape[0], K = W.shape[1];
   if (is_quantized(W.dtype) || (W.dtype == DType::kBF16 && M <= kGemvMaxRows)) {
     // Each weight row is decoded in registers and dotted with every x row (no float copy of it),
-    // NF4 and BF16 against x split once here into the phases their decoded vectors hold.
+    // NF4 and BF16 against x split once here into the phases their decoded vectors hold; NF4 at BF16
+    // inputs against x rounded to BF16 (vdpbf16ps).
     FERRY_CHECK(M <= kGemvMaxRows);
     const uint8_t* base = static_cast<const uint8_t*>(W.data);
     const float* scales = W.dtype == DType::kQ8 ? reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales) : nullptr;
+    const bool bf16_dot = is_nf4(W.dtype) && prec == GemmPrecision::kBf16Inputs && nf4_bf16_dot_fast();
     thread_local std::vector<float> split;
+    thread_local std::vector<uint16_t> split_b;
     const float* xs = x;
-    if (W.dtype != DType::kQ8) {
+    if (bf16_dot) {
+      split_b.resize(static_cast<size_t>(M * K));
+      split_for_rows_bf16(x, M, K, split_b.data());
+    } else if (W.dtype != DType::kQ8) {
       split.resize(static_cast<size_t>(M * K));
       split_for_rows(W.dtype, x, M, K, split.data());
       xs = split.data();
     }
+    const uint16_t* xb = split_b.data();
     // About 32 KiB of weights a task.
     const int64_t row_bytes = is_nf4(W.dtype) ? K / 2 : W.dtype == DType::kQ8 ? K : 2 * K;
     const int64_t qgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
@@ -174,7 +181,10 @@ void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y) {
       for (int64_t n = r.begin(); n < r.end(); ++n) {
         switch (W.dtype) {
           case DType::kNF4:
-          case DType::kNF4DQ: nf4_dot_rows(base + n * K / 2, a + (n - r.begin()) * (K / 64), xs, K, K, M, out); break;
+          case DType::kNF4DQ:
+            if (bf16_dot) nf4_dot_rows_bf16(base + n * K / 2, a + (n - r.begin()) * (K / 64), xb, K, K, M, out);
+            else nf4_dot_rows(base + n * K / 2, a + (n - r.begin()) * (K / 64), xs, K, K, M, out);
+            break;
           case DType::kQ8: q8_dot_rows(reinterpret_cast<const int8_t*>(base) + n * K, scales[n], xs, K, K, M, out); break;
           default: bf16_dot_rows(reinterpret_cast<const uint16_t*>(base) + n * K, xs, K, K, M, out); break;
         }
@@ -224,7 +234,7 @@ void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const Te
   // Many rows at BF16 precision: oneDNN's BF16 matmul over W in place (BF16) or over BF16 panels of
   // it (quantised), where oneDNN has a fast kernel; else the float32 path.
   const bool bf16_path = prec == GemmPrecision::kBf16Inputs && (W.dtype == DType::kBF16 || is_quantized(W.dtype));
-  if (M <= kGemvMaxRows) gemm_xwt_stream(x, M, W, y);
+  if (M <= kGemvMaxRows) gemm_xwt_stream(x, M, W, y, prec);
   else if (!bf16_path || !(W.dtype == DType::kBF16 ? onednn_bf16(to_bf16(x, M * K).data(), M, K, static_cast<const uint16_t*>(W.data), N, y, N)
                                                      : quant_bf16(x, M, W, y)))
     gemm_xwt_onednn(x, M, W, y);

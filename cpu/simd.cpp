@@ -198,29 +198,26 @@ FERRY_CLONES float sumsq_f32(const float* x, int64_t n) {
 
 namespace {
 
-bool have_avx512() {
+// The ISA extensions the kernels dispatch on, read once (none under ASan: it runs the portable loops).
+struct Isa {
+  bool avx512 = false, vbmi = false, bf16 = false;
+};
+const Isa& isa() {
+  static const Isa i = [] {
+    Isa r;
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-  static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  }();
-  return yes;
-#else
-  return false;
+    r.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    r.vbmi = r.avx512 && __builtin_cpu_supports("avx512vbmi");
+    r.bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
-}
-
-bool have_vbmi() {
-#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return have_avx512() && __builtin_cpu_supports("avx512vbmi");
+    return r;
   }();
-  return yes;
-#else
-  return false;
-#endif
+  return i;
 }
+bool have_avx512() { return isa().avx512; }
+bool have_vbmi() { return isa().vbmi; }
+bool have_avx512bf16() { return isa().bf16; }
 
 // x's elements in the order the row kernels read them: each group of G elements becomes its P phases
 // one after another (phase r: elements r, r + P, r + 2P, ...); a shorter last group the same with
@@ -264,18 +261,48 @@ float bf16_dot_portable(const uint16_t* w, const float* xs, int64_t K) {
   return acc;
 }
 
-// Software prefetch distance of the row kernels, in bytes ahead of the weight read (0: none). The
-// weights stream from host DRAM once per step and the hardware's streamer stops at each 4 KiB page;
-// on the H200 host's 16-core Xeon, beside the copy engine's reads, NF4 rows read at 76.5 GB/s
-// without it, 90.4 at 1 KiB and 99-103 at 4 KiB (8 and 16 KiB: no better; notes/cpu.md).
-// FERRY_CPU_PREFETCH overrides it.
-int64_t prefetch_bytes() {
-  static const int64_t d = [] {
-    const char* e = std::getenv("FERRY_CPU_PREFETCH");
-    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t{4096};
+// Software prefetches of the row kernels: `near` bytes ahead of the weight read (0: none) with
+// `hint` (0: T0, 1: T1, 2: T2, 3: NTA), and, where `far` > 0, a second one `far` bytes ahead into L2
+// (T1). The weights stream from host DRAM once per step and the hardware's streamer stops at each
+// 4 KiB page; on the H200 host's 16-core Xeon, beside the copy engine's reads, NF4 rows read at
+// 76.5 GB/s without one, 90.4 at 1 KiB and 99-103 at 4 KiB (8 and 16 KiB: no better; notes/cpu.md).
+// FERRY_CPU_PREFETCH (near), FERRY_CPU_PREFETCH_HINT (t0|t1|t2|nta) and FERRY_CPU_PREFETCH_FAR
+// override them.
+struct Prefetch {
+  int64_t near = 4096;
+  int hint = 0;
+  int64_t far = 0;
+};
+
+const Prefetch& prefetch_config() {
+  static const Prefetch c = [] {
+    Prefetch p;
+    if (const char* e = std::getenv("FERRY_CPU_PREFETCH"); e && *e) p.near = std::max<int64_t>(0, std::atoll(e));
+    if (const char* e = std::getenv("FERRY_CPU_PREFETCH_FAR"); e && *e) p.far = std::max<int64_t>(0, std::atoll(e));
+    if (const char* e = std::getenv("FERRY_CPU_PREFETCH_HINT")) {
+      const std::string v = e;
+      p.hint = v == "t1" ? 1 : v == "t2" ? 2 : v == "nta" ? 3 : 0;
+    }
+    return p;
   }();
-  return d;
+  return c;
 }
+
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+// The prefetches for a read at p (the hint a switch: _mm_prefetch takes a constant).
+inline void prefetch_ahead(const Prefetch& c, const void* p) {
+  const char* b = static_cast<const char*>(p);
+  if (c.near > 0) {
+    switch (c.hint) {
+      case 1: _mm_prefetch(b + c.near, _MM_HINT_T1); break;
+      case 2: _mm_prefetch(b + c.near, _MM_HINT_T2); break;
+      case 3: _mm_prefetch(b + c.near, _MM_HINT_NTA); break;
+      default: _mm_prefetch(b + c.near, _MM_HINT_T0); break;
+    }
+  }
+  if (c.far > 0) _mm_prefetch(b + c.far, _MM_HINT_T1);
+}
+#endif
 
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
 // 16 codes (one byte each holding two) -> the 32 weights' values without their block scale: the high
@@ -284,6 +311,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void nf4_decode16(co
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
   even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
   odd = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)), table);
+}
+
+// The NF4 row kernels' per-group prologue: group g's prefetches (its codes', and every 8 groups its
+// absmax'), and its two blocks' absmax as one vector (lanes 0-7 the first, 8-15 the second).
+inline void nf4_prefetch_group(const Prefetch& pf, const uint8_t* codes, const float* absmax, int64_t g) {
+  prefetch_ahead(pf, codes + g * 64);
+  if ((g & 7) == 0 && pf.near > 0) _mm_prefetch(reinterpret_cast<const char*>(absmax + 2 * g + pf.near / 32), _MM_HINT_T0);
+}
+__attribute__((target("avx512f"))) inline __m512 nf4_pair_scale(const float* absmax, int64_t g) {
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  double a2;
+  std::memcpy(&a2, absmax + 2 * g, sizeof a2);
+  return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(a2))));
 }
 
 template <bool kHalf>
@@ -328,25 +368,108 @@ template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_dot_avx512(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx,
                                                                          int64_t K, float* out) {
   const __m512 table = _mm512_loadu_ps(kNf4Codes);
-  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const int64_t pf = prefetch_bytes();
+  const Prefetch pf = prefetch_config();
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t full = K / kNf4Group;
   for (int64_t g = 0; g < full; ++g) {
-    if (pf > 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(codes + g * 64 + pf), _MM_HINT_T0);
-      if ((g & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(absmax + 2 * g + pf / 32), _MM_HINT_T0);
-    }
-    const __m512i v = _mm512_loadu_si512(codes + g * 64);
-    double a2;
-    std::memcpy(&a2, absmax + 2 * g, sizeof a2);
-    const __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(a2))));
-    nf4_group<M, false>(table, v, s, xs + g * kNf4Group, ldx, acc);
+    nf4_prefetch_group(pf, codes, absmax, g);
+    nf4_group<M, false>(table, _mm512_loadu_si512(codes + g * 64), nf4_pair_scale(absmax, g), xs + g * kNf4Group, ldx, acc);
   }
   if (K % kNf4Group != 0) {  // one block of 64 left
     const __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + full * 64)));
     nf4_group<M, true>(table, v, _mm512_set1_ps(absmax[2 * full]), xs + full * kNf4Group, ldx, acc);
+  }
+  for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// The BF16-input NF4 dot: a 64-byte group of codes read as 32 words of four nibbles each (word i:
+// bits 7-4 element 4i, 3-0 4i + 1, 15-12 4i + 2, 11-8 4i + 3). Shifted by 4q bits, vpermw looks up
+// each word's low five bits in the 16 BF16 code values written twice (the fifth bit, a neighbour's,
+// picks the same value), so four shifts-and-permutes give the group's 128 weights; vdpbf16ps sums
+// word pairs 2j, 2j + 1 (elements 8j + p, 8j + 4 + p) into float lane j: lanes 0-7 one block of 64,
+// lanes 8-15 the next, each scaled by its absmax. A last half group: words 16-31 masked off.
+template <bool kHalf>
+__attribute__((target("avx512f,avx512bw"))) inline __m512i load_xb(const uint16_t* p) {
+  return kHalf ? _mm512_maskz_loadu_epi16(0xffff, p) : _mm512_loadu_si512(p);
+}
+
+template <int M, bool kHalf>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void nf4_group_bf16(__m512i table, __m512i v, __m512 s, const uint16_t* xb,
+                                                                                         int64_t ldx, __m512* acc) {
+  constexpr int64_t per = (kHalf ? 64 : kNf4Group) / 4;  // words a phase
+  const __m512i w[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
+                        _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+  for (int m = 0; m < M; ++m) {
+    const uint16_t* x = xb + m * ldx;
+    __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], (__m512bh)load_xb<kHalf>(x));
+    __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[2], (__m512bh)load_xb<kHalf>(x + 2 * per));
+    t0 = _mm512_dpbf16_ps(t0, (__m512bh)w[1], (__m512bh)load_xb<kHalf>(x + per));
+    t1 = _mm512_dpbf16_ps(t1, (__m512bh)w[3], (__m512bh)load_xb<kHalf>(x + 3 * per));
+    acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), s, acc[m]);
+  }
+}
+
+// split_for_rows_bf16 under AVX-512: a group's 128 elements rounded to BF16 (f32_to_bf16's rounding,
+// vectorised: round to nearest even, NaN kept quiet) into four registers, each phase gathered from
+// them by two two-register word permutes (its first 16 words from elements 0-63, the rest 64-127).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i bf16_round16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void split_bf16_avx512(const float* x, int64_t M, int64_t K, uint16_t* xb) {
+  alignas(64) uint16_t idx[4][32];
+  for (int q = 0; q < 4; ++q)
+    for (int w = 0; w < 32; ++w) idx[q][w] = static_cast<uint16_t>((8 * (w / 2) + 4 * (w % 2) + (q ^ 1)) % 64);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g0 = 0; g0 < K; g0 += kNf4Group) {
+      const int64_t n = std::min(kNf4Group, K - g0), per = n / 4;
+      const float* xr = x + m * K + g0;
+      __m512i in[4];
+      for (int h = 0; h < 4; ++h) {
+        const int64_t a = 32 * h < n ? 32 * h : 0;  // a half group: in[2], in[3] unused
+        in[h] = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_round16(_mm512_loadu_ps(xr + a))), bf16_round16(_mm512_loadu_ps(xr + a + 16)), 1);
+      }
+      for (int q = 0; q < 4; ++q) {
+        const __m512i ix = _mm512_load_si512(idx[q]);
+        const __m512i lo = _mm512_permutex2var_epi16(in[0], ix, in[1]);
+        if (n == kNf4Group) {
+          const __m512i hi = _mm512_permutex2var_epi16(in[2], ix, in[3]);
+          _mm512_storeu_si512(xb + m * K + g0 + q * per, _mm512_mask_blend_epi16(0xffff0000u, lo, hi));
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + m * K + g0 + q * per), _mm512_castsi512_si256(lo));
+        }
+      }
+    }
+}
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void nf4_dot_bf16_avx512(const uint8_t* codes, const float* absmax, const uint16_t* xb,
+                                                                                        int64_t ldx, int64_t K, float* out) {
+  struct Table {
+    alignas(64) uint16_t v[32];
+    Table() {
+      for (int i = 0; i < 32; ++i) v[i] = f32_to_bf16(kNf4Codes[i & 15]);
+    }
+  };
+  static const Table tv;
+  const __m512i table = _mm512_load_si512(tv.v);
+  const Prefetch pf = prefetch_config();
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t full = K / kNf4Group;
+  for (int64_t g = 0; g < full; ++g) {
+    nf4_prefetch_group(pf, codes, absmax, g);
+    nf4_group_bf16<M, false>(table, _mm512_loadu_si512(codes + g * 64), nf4_pair_scale(absmax, g), xb + g * kNf4Group, ldx, acc);
+  }
+  if (K % kNf4Group != 0) {
+    const __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + full * 64)));
+    nf4_group_bf16<M, true>(table, v, _mm512_set1_ps(absmax[2 * full]), xb + full * kNf4Group, ldx, acc);
   }
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
@@ -356,13 +479,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_dot_avx512(const u
 // bits: the float) and the odd ones in its high half (masked: the float).
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void bf16_dot_avx512(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, float* out) {
-  const int64_t pf = prefetch_bytes();
+  const Prefetch pf = prefetch_config();
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   __m512 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const int64_t full = K / kBf16Group;
   for (int64_t g = 0; g < full; ++g) {
-    if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(w + g * kBf16Group) + pf, _MM_HINT_T0);
+    prefetch_ahead(pf, w + g * kBf16Group);
     const __m512i v = _mm512_loadu_si512(w + g * kBf16Group);
     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
@@ -401,13 +524,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_row_avx512(const u
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void q8_dot_avx512(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K,
                                                                         float* out) {
-  const int64_t pf = prefetch_bytes();
+  const Prefetch pf = prefetch_config();
   __m512 acc[M][4];
   for (int m = 0; m < M; ++m)
     for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(q + k + pf), _MM_HINT_T0);
+    prefetch_ahead(pf, q + k);
     for (int u = 0; u < 4; ++u) {
       const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16 * u))));
       for (int m = 0; m < M; ++m) acc[m][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * ldx + k + 16 * u), acc[m][u]);
@@ -458,6 +581,64 @@ void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, in
   for (int64_t m = 0; m < M; ++m) out[m] = nf4_dot_portable(codes, absmax, xs + m * ldx, K);
 }
 
+bool nf4_bf16_dot_fast() {
+  // By default on AMD only: a Zen 5 core runs it 26-40% faster than the float32 kernel, but on the
+  // H200 host's Xeon vdpbf16ps and vpermw compete for one port and its loop took 16.5 cycles a 64
+  // bytes of codes against the float32 kernel's 14.4 (bench_cpu_mix; notes/cpu.md).
+  static const bool yes = [] {
+    if (!have_avx512bf16()) return false;
+    const char* e = std::getenv("FERRY_CPU_BF16_DOT");
+    if (e && *e) return std::string(e) != "0";
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
+
+void split_for_rows_bf16(const float* x, int64_t M, int64_t K, uint16_t* xb) {
+  FERRY_CHECK(K % 64 == 0);
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+  if (have_avx512()) return split_bf16_avx512(x, M, K, xb);
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g0 = 0; g0 < K; g0 += kNf4Group) {
+      const int64_t n = std::min(kNf4Group, K - g0), per = n / 4;
+      const float* xr = x + m * K + g0;
+      uint16_t* d = xb + m * K + g0;
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t j = 0; j < n / 8; ++j) {
+          d[q * per + 2 * j] = f32_to_bf16(xr[8 * j + (q ^ 1)]);
+          d[q * per + 2 * j + 1] = f32_to_bf16(xr[8 * j + 4 + (q ^ 1)]);
+        }
+    }
+}
+
+void nf4_dot_rows_bf16(const uint8_t* codes, const float* absmax, const uint16_t* xb, int64_t ldx, int64_t K, int64_t M, float* out) {
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+  if (have_avx512bf16() && with_rows(M, [&](auto m) { nf4_dot_bf16_avx512<m()>(codes, absmax, xb, ldx, K, out); })) return;
+#endif
+  // Element e of a group of n sits at phase (e % 4) ^ 1 (its nibble's place in a word), pair
+  // e / 8, half (e / 4) % 2.
+  for (int64_t m = 0; m < M; ++m) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < K / 64; ++b) {
+      const int64_t g0 = b / 2 * kNf4Group, n = std::min<int64_t>(kNf4Group, K - g0);
+      float part = 0.0f;
+      for (int64_t e = b * 64; e < b * 64 + 64; ++e) {
+        const int64_t r = e - g0, at = ((r % 4) ^ 1) * (n / 4) + 2 * (r / 8) + (r / 4) % 2;
+        const uint8_t c = codes[e / 2];
+        part += bf16_to_f32(f32_to_bf16(kNf4Codes[e % 2 == 0 ? c >> 4 : c & 0x0f])) * bf16_to_f32(xb[m * ldx + g0 + at]);
+      }
+      acc += part * absmax[b];
+    }
+    out[m] = acc;
+  }
+}
+
 void bf16_dot_rows(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
   if (have_avx512() && with_rows(M, [&](auto m) { bf16_dot_avx512<m()>(w, xs, ldx, K, out); })) return;
@@ -475,6 +656,8 @@ void q8_dot_rows(const int8_t* q, float scale, const float* x, int64_t ldx, int6
     out[m] = acc * scale;
   }
 }
+
+int64_t prefetch_distance() { return prefetch_config().near; }
 
 const char* simd_level() {
 #if defined(__x86_64__)

@@ -42,6 +42,19 @@ inline constexpr int64_t kBf16Group = 32, kBf16Phases = 2;  // 64 bytes, 2 weigh
 // The dot of one NF4 weight row (K a multiple of 64) with each of M <= 3 rows of x, split in
 // kNf4Group / kNf4Phases (xs: [M, ldx]): out[m].
 void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);
+// BF16 inputs (GemmPrecision::kBf16Inputs, the GPU executor's CPU layers): the dot of one NF4 row
+// with M <= 3 rows of x, the code values and x rounded to BF16 (as the GPU's tensor-core kernel
+// rounds them), each pair of products summed in FP32 by AVX512_BF16's vdpbf16ps: half the vector
+// work a weight of the float32 kernel above. xb: x from split_for_rows_bf16 ([M, ldx]). Without
+// AVX512_BF16 a scalar loop computes the same sums (slowly: callers ask nf4_bf16_dot_fast() first).
+void nf4_dot_rows_bf16(const uint8_t* codes, const float* absmax, const uint16_t* xb, int64_t ldx, int64_t K, int64_t M, float* out);
+// x [M, K] (K a multiple of 64) rounded to BF16 in the order nf4_dot_rows_bf16 reads it: in each
+// group of 128 (or a last 64) elements, four phases q = 0..3 of element offset p = q ^ 1, each the
+// pairs x[8j + p], x[8j + 4 + p] for j = 0, 1, ...
+void split_for_rows_bf16(const float* x, int64_t M, int64_t K, uint16_t* xb);
+// Whether the decode products at BF16 inputs take nf4_dot_rows_bf16: AVX512_BF16 here and an AMD CPU
+// (where it beats the float32 kernel), or FERRY_CPU_BF16_DOT=1 (0: never).
+bool nf4_bf16_dot_fast();
 // The same for one BF16 row (any K) against x split in kBf16Group / kBf16Phases.
 void bf16_dot_rows(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);
 // The same for one Q8 row against x [M, ldx]: out[m] = scale * sum_k q[k] x[m, k].
@@ -52,6 +65,8 @@ void axpy_f32(float a, const float* x, float* y, int64_t n);
 void scale_f32(float a, float* x, int64_t n);
 // Returns sum(x[i]^2).
 float sumsq_f32(const float* x, int64_t n);
+// The row kernels' software prefetch distance in bytes (FERRY_CPU_PREFETCH; 0: none).
+int64_t prefetch_distance();
 // Returns the name of the ISA level the kernels dispatched to ("avx512", "avx2", "baseline").
 const char* simd_level();
 

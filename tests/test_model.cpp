@@ -875,6 +875,54 @@ TEST_SUITE("model") {
     }
   }
 
+  TEST_CASE("NF4 decode products at BF16 inputs: vdpbf16ps rows over many groups, against the rounded operands") {
+    MESSAGE("vdpbf16ps rows by default: " << std::string(cpu::nf4_bf16_dot_fast() ? "yes" : "no (the exact kernel; the rows kernel checked directly)"));
+    // K = 2112: 16 full groups of 128 and half of one; N = 37 rows over several tasks.
+    for (DType t : {DType::kNF4, DType::kNF4DQ}) {
+      const int64_t N = 37, K = 2112;
+      CAPTURE(dtype_name(t));
+      std::vector<float> w(N * K), x(3 * K);
+      for (size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.29f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 89) / 40.0f);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.13f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 7));
+      std::vector<uint8_t> blob(quant_layout(t, N, K).bytes);
+      quantize_weight(t, w.data(), N, K, blob.data());
+      std::vector<float> wq(N * K);
+      dequantize_rows(t, blob.data(), N, K, 0, N, wq.data());
+      // Each block's absmax is its largest |weight| (that element's code is +-1).
+      std::vector<float> absmax(N * K / 64, 0.0f);
+      for (int64_t i = 0; i < N * K; ++i) absmax[i / 64] = std::max(absmax[i / 64], std::fabs(wq[i]));
+      const TensorView W = TensorView::contiguous(blob.data(), t, {N, K});
+      std::vector<uint16_t> xb(3 * K);
+      for (int64_t M = 1; M <= 3; ++M) {
+        CAPTURE(M);
+        std::vector<float> yx(M * N), yb(M * N);
+        cpu::gemm_xwt(x.data(), M, W, yx.data());
+        cpu::gemm_xwt(x.data(), M, W, yb.data(), {}, cpu::GemmPrecision::kBf16Inputs);
+        cpu::split_for_rows_bf16(x.data(), M, K, xb.data());
+        double moved = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          float out[3];
+          cpu::nf4_dot_rows_bf16(blob.data() + n * K / 2, absmax.data() + n * (K / 64), xb.data(), K, K, M, out);
+          for (int64_t m = 0; m < M; ++m) {
+            double want = 0, mag = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t e = n * K + k;
+              const uint8_t c = blob[e / 2];
+              const double p = static_cast<double>(bf16_to_f32(f32_to_bf16(kNf4Codes[e % 2 == 0 ? c >> 4 : c & 0x0f]))) * absmax[e / 64] *
+                               bf16_to_f32(f32_to_bf16(x[m * K + k]));
+              want += p;
+              mag += std::fabs(p);
+            }
+            CHECK(std::fabs(out[m] - want) <= 1e-5 * mag);
+            CHECK(yb[m * N + n] == (cpu::nf4_bf16_dot_fast() ? out[m] : yx[m * N + n]));
+            moved = std::max(moved, std::fabs(want - yx[m * N + n]) / mag);
+          }
+        }
+        CHECK(moved > 1e-5);  // the rounded operands are not the exact ones: the checks above can fail
+      }
+    }
+  }
+
   TEST_CASE("a sequence past max_position_embeddings is refused, not computed") {
     Loaded l = load(test::shared_dir() + "/models/stories260K", 2048);
     std::vector<int32_t> ids(l.model.config.n_ctx_max + 1, 5);

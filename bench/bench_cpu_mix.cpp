@@ -1,8 +1,9 @@
 // bench_cpu_mix: what one core of this CPU does per cycle with the instructions the NF4 row kernels
 // are made of (cpu/simd.cpp), each on data in L1 so that memory plays no part:
 //   - single instructions, eight independent chains (throughput) and one chain (latency);
-//   - the loop bodies of the float32 NF4 kernel and the vdpbf16ps one for one group of 64 code
-//     bytes (M = 1), which say whether a kernel is bound by its instructions;
+//   - the loop bodies of the NF4 decode kernels for one group of 64 code bytes (M = 1), which say
+//     whether a kernel is bound by its instructions: ferry's float32 and int16 (vpdpwssd) kernels,
+//     and a vdpbf16ps one (BF16 code values and x) measured and not kept;
 //   - on CPUs with AMX, the tile products a GEMV would need for 16 rows x 128 elements (decoding into
 //     A tiles, 4 TDPBF16PS), which shows why ferry's decode GEMV does not use AMX.
 // x86-64 with AVX-512 BF16 only (elsewhere it says so and exits 0). The figures are ns; cycles need
@@ -94,6 +95,14 @@ FERRY_MIX void dp8(long n) {
 #undef OP
   sink(a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7);
 }
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) void dpwssd8(long n) {
+  const __m512i x = opaque(_mm512_set1_epi16(3));
+  __m512i a0 = x, a1 = x, a2 = x, a3 = x, a4 = x, a5 = x, a6 = x, a7 = x;
+#define OP(a) a = opaque(_mm512_dpwssd_epi32(a, x, x));
+  for (long i = 0; i < n; ++i) { EIGHT(OP) }
+#undef OP
+  sink(a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7);
+}
 FERRY_MIX void dp_chain(long n) {
   const __m512bh x = (__m512bh)opaque(_mm512_set1_epi16(0x3f80));
   __m512 a = _mm512_set1_ps(1);
@@ -137,7 +146,7 @@ FERRY_MIX void group_f32(long n) {
   sink(acc0 + acc1);
 }
 
-// The vdpbf16ps kernel's body (nf4_group_bf16<1, false> with its scale).
+// A kernel with BF16 code values and x summed by vdpbf16ps (tried; not in ferry: notes/cpu.md).
 FERRY_MIX void group_bf16(long n) {
   const __m512i table = _mm512_loadu_si512(g_xb);
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -155,6 +164,30 @@ FERRY_MIX void group_bf16(long n) {
     std::memcpy(&a2, g_absmax + ((2 * i) & 4095), 8);
     const __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(a2))));
     acc = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), s, acc);
+  }
+  sink(acc);
+}
+
+// The int16 kernel's body (cpu/simd.cpp nf4_group_i16<1, false>): code values as int16 fixed point
+// and x as int16 with a scale a group, summed by vpdpwssd (AVX512_VNNI) in int32, then scaled in float.
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512vnni"))) void group_i16(long n) {
+  const __m512i table = _mm512_loadu_si512(g_xb);
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m512 acc = _mm512_setzero_ps();
+  for (long i = 0; i < n; ++i) {
+    const __m512i v = _mm512_load_si512(g_codes[0] + ((i * 64) & 8191));
+    __m512i w[4];
+    for (int q = 0; q < 4; ++q) w[q] = _mm512_permutexvar_epi16(q == 0 ? v : _mm512_srli_epi16(v, 4 * q), table);
+    const uint16_t* x = g_xb + ((i * 128) & 4095);
+    __m512i t0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(x));
+    __m512i t1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[2], _mm512_loadu_si512(x + 64));
+    t0 = _mm512_dpwssd_epi32(t0, w[1], _mm512_loadu_si512(x + 32));
+    t1 = _mm512_dpwssd_epi32(t1, w[3], _mm512_loadu_si512(x + 96));
+    double a2;
+    std::memcpy(&a2, g_absmax + ((2 * i) & 4095), 8);
+    const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(a2)))),
+                                   _mm512_set1_ps(g_xf[i & 4095]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)), s, acc);
   }
   sink(acc);
 }
@@ -234,9 +267,11 @@ int main() {
   report("vfmadd231ps zmm, 8 chains (0.5 cycle with two FMA pipes)", 8, "an instruction", fma8);
   report("vdpbf16ps zmm, 8 chains", 8, "an instruction", dp8);
   report("vdpbf16ps zmm, one chain (latency)", 1, "an instruction", dp_chain);
+  if (__builtin_cpu_supports("avx512vnni")) report("vpdpwssd zmm, 8 chains", 8, "an instruction", dpwssd8);
   report("4 vpermw + 4 vdpbf16ps", 8, "an instruction", permw_dp);
   report("NF4 float32 kernel, one group (64 code bytes)", 1, "a group", group_f32);
-  report("NF4 vdpbf16ps kernel, one group (64 code bytes)", 1, "a group", group_bf16);
+  report("NF4 vdpbf16ps loop (not kept), one group", 1, "a group", group_bf16);
+  if (__builtin_cpu_supports("avx512vnni")) report("NF4 int16 (vpdpwssd) kernel, one group", 1, "a group", group_i16);
   if (amx_start()) {
     report("AMX: decode 16 rows x 64 code bytes into A tiles", 1, "a step", amx_step<true, false>);
     report("AMX: 4 A + 4 B tile loads, 4 TDPBF16PS (one C)", 1, "a step", amx_step<false, true>);

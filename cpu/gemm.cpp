@@ -150,23 +150,25 @@ void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y, G
   if (is_quantized(W.dtype) || (W.dtype == DType::kBF16 && M <= kGemvMaxRows)) {
     // Each weight row is decoded in registers and dotted with every x row (no float copy of it),
     // NF4 and BF16 against x split once here into the phases their decoded vectors hold; NF4 at BF16
-    // inputs against x rounded to BF16 (vdpbf16ps).
+    // inputs by the kernel nf4_decode_dot() names (int16 x and code values where the CPU has VNNI).
     FERRY_CHECK(M <= kGemvMaxRows);
     const uint8_t* base = static_cast<const uint8_t*>(W.data);
     const float* scales = W.dtype == DType::kQ8 ? reinterpret_cast<const float*>(base + quant_layout(W.dtype, N, K).scales) : nullptr;
-    const bool bf16_dot = is_nf4(W.dtype) && prec == GemmPrecision::kBf16Inputs && nf4_bf16_dot_fast();
-    thread_local std::vector<float> split;
-    thread_local std::vector<uint16_t> split_b;
+    const Nf4Dot dot = is_nf4(W.dtype) && prec == GemmPrecision::kBf16Inputs ? nf4_decode_dot() : Nf4Dot::kF32;
+    thread_local std::vector<float> split, xscales;
+    thread_local std::vector<int16_t> split_w;
     const float* xs = x;
-    if (bf16_dot) {
-      split_b.resize(static_cast<size_t>(M * K));
-      split_for_rows_bf16(x, M, K, split_b.data());
+    if (dot == Nf4Dot::kI16) {
+      split_w.resize(static_cast<size_t>(M * K));
+      xscales.resize(static_cast<size_t>(M * ((K + 127) / 128)));
+      split_for_rows_i16(x, M, K, split_w.data(), xscales.data());
     } else if (W.dtype != DType::kQ8) {
       split.resize(static_cast<size_t>(M * K));
       split_for_rows(W.dtype, x, M, K, split.data());
       xs = split.data();
     }
-    const uint16_t* xb = split_b.data();
+    const int16_t* xq = split_w.data();
+    const float* xsc = xscales.data();
     // About 32 KiB of weights a task.
     const int64_t row_bytes = is_nf4(W.dtype) ? K / 2 : W.dtype == DType::kQ8 ? K : 2 * K;
     const int64_t qgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
@@ -182,7 +184,7 @@ void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y, G
         switch (W.dtype) {
           case DType::kNF4:
           case DType::kNF4DQ:
-            if (bf16_dot) nf4_dot_rows_bf16(base + n * K / 2, a + (n - r.begin()) * (K / 64), xb, K, K, M, out);
+            if (dot == Nf4Dot::kI16) nf4_dot_rows_i16(base + n * K / 2, a + (n - r.begin()) * (K / 64), xq, xsc, K, K, M, out);
             else nf4_dot_rows(base + n * K / 2, a + (n - r.begin()) * (K / 64), xs, K, K, M, out);
             break;
           case DType::kQ8: q8_dot_rows(reinterpret_cast<const int8_t*>(base) + n * K, scales[n], xs, K, K, M, out); break;

@@ -17,9 +17,9 @@ namespace ferry::cpu {
 // kExact: float32 activations (the reference). kBf16Inputs: above kGemvMaxRows rows, activations are
 // rounded to BF16 and BF16 weights multiplied in place by oneDNN's BF16 matmul (AMX / AVX-512 BF16;
 // float32 accumulation), as the GPU does; where oneDNN has no fast BF16 kernel the exact path runs.
-// At decode rows, NF4 / NF4-DQ weights' code values and the activations are rounded to BF16 and
-// summed in FP32 by AVX512_BF16 (cpu/simd.h nf4_dot_rows_bf16), as the GPU's tensor-core GEMV does;
-// without AVX512_BF16 (or with FERRY_CPU_BF16_DOT=0) they take the exact kernel.
+// At decode rows NF4 / NF4-DQ products (where the CPU has AVX512_VNNI) take int16 code values and
+// activations summed exactly in int32 (cpu/simd.h nf4_dot_rows_i16), a rounding about a tenth of
+// BF16's; FERRY_CPU_NF4_DOT=f32 keeps the exact kernel.
 enum class GemmPrecision { kExact, kBf16Inputs };
 
 // y[M, N] = x[M, K] W[N, K]^T (+ bias[N] when `bias` is not empty).

@@ -1,6 +1,7 @@
 #include "cpu/simd.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -200,7 +201,7 @@ namespace {
 
 // The ISA extensions the kernels dispatch on, read once (none under ASan: it runs the portable loops).
 struct Isa {
-  bool avx512 = false, vbmi = false, bf16 = false;
+  bool avx512 = false, vbmi = false, vnni = false;
 };
 const Isa& isa() {
   static const Isa i = [] {
@@ -209,7 +210,7 @@ const Isa& isa() {
     __builtin_cpu_init();
     r.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     r.vbmi = r.avx512 && __builtin_cpu_supports("avx512vbmi");
-    r.bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
+    r.vnni = r.avx512 && __builtin_cpu_supports("avx512vnni");
 #endif
     return r;
   }();
@@ -217,7 +218,7 @@ const Isa& isa() {
 }
 bool have_avx512() { return isa().avx512; }
 bool have_vbmi() { return isa().vbmi; }
-bool have_avx512bf16() { return isa().bf16; }
+bool have_vnni() { return isa().vnni; }
 
 // x's elements in the order the row kernels read them: each group of G elements becomes its P phases
 // one after another (phase r: elements r, r + P, r + 2P, ...); a shorter last group the same with
@@ -383,93 +384,97 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_dot_avx512(const u
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// The BF16-input NF4 dot: a 64-byte group of codes read as 32 words of four nibbles each (word i:
-// bits 7-4 element 4i, 3-0 4i + 1, 15-12 4i + 2, 11-8 4i + 3). Shifted by 4q bits, vpermw looks up
-// each word's low five bits in the 16 BF16 code values written twice (the fifth bit, a neighbour's,
-// picks the same value), so four shifts-and-permutes give the group's 128 weights; vdpbf16ps sums
-// word pairs 2j, 2j + 1 (elements 8j + p, 8j + 4 + p) into float lane j: lanes 0-7 one block of 64,
-// lanes 8-15 the next, each scaled by its absmax. A last half group: words 16-31 masked off.
 template <bool kHalf>
 __attribute__((target("avx512f,avx512bw"))) inline __m512i load_xb(const uint16_t* p) {
   return kHalf ? _mm512_maskz_loadu_epi16(0xffff, p) : _mm512_loadu_si512(p);
 }
 
-template <int M, bool kHalf>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void nf4_group_bf16(__m512i table, __m512i v, __m512 s, const uint16_t* xb,
-                                                                                         int64_t ldx, __m512* acc) {
-  constexpr int64_t per = (kHalf ? 64 : kNf4Group) / 4;  // words a phase
-  const __m512i w[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
-                        _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
-  for (int m = 0; m < M; ++m) {
-    const uint16_t* x = xb + m * ldx;
-    __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[0], (__m512bh)load_xb<kHalf>(x));
-    __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[2], (__m512bh)load_xb<kHalf>(x + 2 * per));
-    t0 = _mm512_dpbf16_ps(t0, (__m512bh)w[1], (__m512bh)load_xb<kHalf>(x + per));
-    t1 = _mm512_dpbf16_ps(t1, (__m512bh)w[3], (__m512bh)load_xb<kHalf>(x + 3 * per));
-    acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), s, acc[m]);
-  }
+// 32 floats at p times inv, rounded to the nearest (even) integer, as int16 words.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i i16_words32(const float* p, __m512 inv) {
+  const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p), inv)), hi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + 16), inv));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)), _mm512_cvtepi32_epi16(hi), 1);
 }
 
-// split_for_rows_bf16 under AVX-512: a group's 128 elements rounded to BF16 (f32_to_bf16's rounding,
-// vectorised: round to nearest even, NaN kept quiet) into four registers, each phase gathered from
-// them by two two-register word permutes (its first 16 words from elements 0-63, the rest 64-127).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i bf16_round16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void split_bf16_avx512(const float* x, int64_t M, int64_t K, uint16_t* xb) {
+// split_for_rows_i16 under AVX-512: a group's largest |x|, its 128 elements times 16383 over it
+// rounded to int16 (cvtps2dq: to nearest even) in four registers, each phase gathered from them by
+// two two-register word permutes (its first 16 words from elements 0-63, the rest 64-127).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void split_i16_avx512(const float* x, int64_t M, int64_t K, uint16_t* xw, float* scales) {
   alignas(64) uint16_t idx[4][32];
   for (int q = 0; q < 4; ++q)
     for (int w = 0; w < 32; ++w) idx[q][w] = static_cast<uint16_t>((8 * (w / 2) + 4 * (w % 2) + (q ^ 1)) % 64);
+  const int64_t groups = (K + kNf4Group - 1) / kNf4Group;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g0 = 0; g0 < K; g0 += kNf4Group) {
       const int64_t n = std::min(kNf4Group, K - g0), per = n / 4;
       const float* xr = x + m * K + g0;
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? kI16XMax / amax : 0.0f);
+      scales[m * groups + g0 / kNf4Group] = amax / kI16XMax / kI16CodeOne;
       __m512i in[4];
-      for (int h = 0; h < 4; ++h) {
-        const int64_t a = 32 * h < n ? 32 * h : 0;  // a half group: in[2], in[3] unused
-        in[h] = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_round16(_mm512_loadu_ps(xr + a))), bf16_round16(_mm512_loadu_ps(xr + a + 16)), 1);
-      }
+      for (int h = 0; h < 4; ++h) in[h] = i16_words32(xr + (32 * h < n ? 32 * h : 0), inv);  // a half group: in[2], in[3] unused
       for (int q = 0; q < 4; ++q) {
         const __m512i ix = _mm512_load_si512(idx[q]);
         const __m512i lo = _mm512_permutex2var_epi16(in[0], ix, in[1]);
         if (n == kNf4Group) {
           const __m512i hi = _mm512_permutex2var_epi16(in[2], ix, in[3]);
-          _mm512_storeu_si512(xb + m * K + g0 + q * per, _mm512_mask_blend_epi16(0xffff0000u, lo, hi));
+          _mm512_storeu_si512(xw + m * K + g0 + q * per, _mm512_mask_blend_epi16(0xffff0000u, lo, hi));
         } else {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + m * K + g0 + q * per), _mm512_castsi512_si256(lo));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xw + m * K + g0 + q * per), _mm512_castsi512_si256(lo));
         }
       }
     }
 }
 
+// The int16 NF4 dot: a 64-byte group of codes read as 32 words of four nibbles each (word i: bits
+// 7-4 element 4i, 3-0 4i + 1, 15-12 4i + 2, 11-8 4i + 3). Shifted by 4q bits, vpermw looks up each
+// word's low five bits in the 16 int16 code values (kNf4CodesI16) written twice (the fifth bit, a
+// neighbour's, picks the same value), so four shifts-and-permutes give the group's 128 weights;
+// vpdpwssd sums word pairs 2j, 2j + 1 (elements 8j + p, 8j + 4 + p) times x's into int32 lane j
+// (exact: at most 8 products of 4096 x 16383 a lane a group): lanes 0-7 one block of 64, lanes 8-15
+// the next. Their sums, converted to float, are scaled by the blocks' absmax times x's group scale.
+// A last half group: words 16-31 masked off.
+template <int M, bool kHalf>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void nf4_group_i16(__m512i table, __m512i v, __m512 s, const uint16_t* xq,
+                                                                                        int64_t ldx, const float* xs, int64_t lds, __m512* acc) {
+  constexpr int64_t per = (kHalf ? 64 : kNf4Group) / 4;  // words a phase
+  const __m512i w[4] = {_mm512_permutexvar_epi16(v, table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
+                        _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+  for (int m = 0; m < M; ++m) {
+    const uint16_t* x = xq + m * ldx;
+    __m512i t0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[0], load_xb<kHalf>(x));
+    __m512i t1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[2], load_xb<kHalf>(x + 2 * per));
+    t0 = _mm512_dpwssd_epi32(t0, w[1], load_xb<kHalf>(x + per));
+    t1 = _mm512_dpwssd_epi32(t1, w[3], load_xb<kHalf>(x + 3 * per));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)), _mm512_mul_ps(s, _mm512_set1_ps(xs[m * lds])), acc[m]);
+  }
+}
+
 template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void nf4_dot_bf16_avx512(const uint8_t* codes, const float* absmax, const uint16_t* xb,
-                                                                                        int64_t ldx, int64_t K, float* out) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void nf4_dot_i16_avx512(const uint8_t* codes, const float* absmax, const int16_t* xq,
+                                                                                       const float* scales, int64_t ldx, int64_t K, float* out) {
   struct Table {
-    alignas(64) uint16_t v[32];
+    alignas(64) int16_t v[32];
     Table() {
-      for (int i = 0; i < 32; ++i) v[i] = f32_to_bf16(kNf4Codes[i & 15]);
+      for (int i = 0; i < 32; ++i) v[i] = kNf4CodesI16[i & 15];
     }
   };
   static const Table tv;
   const __m512i table = _mm512_load_si512(tv.v);
+  const uint16_t* xw = reinterpret_cast<const uint16_t*>(xq);
+  const int64_t groups = (K + kNf4Group - 1) / kNf4Group;
   const Prefetch pf = prefetch_config();
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t full = K / kNf4Group;
   for (int64_t g = 0; g < full; ++g) {
     nf4_prefetch_group(pf, codes, absmax, g);
-    nf4_group_bf16<M, false>(table, _mm512_loadu_si512(codes + g * 64), nf4_pair_scale(absmax, g), xb + g * kNf4Group, ldx, acc);
+    nf4_group_i16<M, false>(table, _mm512_loadu_si512(codes + g * 64), nf4_pair_scale(absmax, g), xw + g * kNf4Group, ldx, scales + g, groups, acc);
   }
   if (K % kNf4Group != 0) {
     const __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + full * 64)));
-    nf4_group_bf16<M, true>(table, v, _mm512_set1_ps(absmax[2 * full]), xb + full * kNf4Group, ldx, acc);
+    nf4_group_i16<M, true>(table, v, _mm512_set1_ps(absmax[2 * full]), xw + full * kNf4Group, ldx, scales + full, groups, acc);
   }
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
@@ -581,59 +586,58 @@ void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, in
   for (int64_t m = 0; m < M; ++m) out[m] = nf4_dot_portable(codes, absmax, xs + m * ldx, K);
 }
 
-bool nf4_bf16_dot_fast() {
-  // By default on AMD only: a Zen 5 core runs it 26-40% faster than the float32 kernel, but on the
-  // H200 host's Xeon vdpbf16ps and vpermw compete for one port and its loop took 16.5 cycles a 64
-  // bytes of codes against the float32 kernel's 14.4 (bench_cpu_mix; notes/cpu.md).
-  static const bool yes = [] {
-    if (!have_avx512bf16()) return false;
-    const char* e = std::getenv("FERRY_CPU_BF16_DOT");
-    if (e && *e) return std::string(e) != "0";
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-#else
-    return false;
-#endif
+Nf4Dot nf4_decode_dot() {
+  // The int16 kernel where the CPU has AVX512_VNNI (Ice Lake and later Xeons, Zen 4 and 5). One core
+  // (bench_cpu_mix, notes/cpu.md): on the H200 host's Xeon its loop took 5.3 ns a 64 bytes of codes
+  // against the float32 kernel's 6.0, on a Zen 5 core 1.35 against 2.0. A vdpbf16ps kernel (BF16
+  // code values and x) was as fast on Zen 5 but slower than float32 on the Xeon, and less precise.
+  static const Nf4Dot d = [] {
+    const char* e = std::getenv("FERRY_CPU_NF4_DOT");
+    if (e && std::string(e) == "f32") return Nf4Dot::kF32;
+    return have_vnni() ? Nf4Dot::kI16 : Nf4Dot::kF32;
   }();
-  return yes;
+  return d;
 }
 
-void split_for_rows_bf16(const float* x, int64_t M, int64_t K, uint16_t* xb) {
+const char* nf4_dot_name(Nf4Dot d) { return d == Nf4Dot::kI16 ? "i16" : "f32"; }
+
+void split_for_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* scales) {
   FERRY_CHECK(K % 64 == 0);
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-  if (have_avx512()) return split_bf16_avx512(x, M, K, xb);
+  if (have_avx512()) return split_i16_avx512(x, M, K, reinterpret_cast<uint16_t*>(xq), scales);
 #endif
+  const int64_t groups = (K + kNf4Group - 1) / kNf4Group;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g0 = 0; g0 < K; g0 += kNf4Group) {
       const int64_t n = std::min(kNf4Group, K - g0), per = n / 4;
       const float* xr = x + m * K + g0;
-      uint16_t* d = xb + m * K + g0;
+      float amax = 0;
+      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      const float inv = amax > 0 ? kI16XMax / amax : 0.0f;
+      scales[m * groups + g0 / kNf4Group] = amax / kI16XMax / kI16CodeOne;
+      int16_t* d = xq + m * K + g0;
       for (int64_t q = 0; q < 4; ++q)
-        for (int64_t j = 0; j < n / 8; ++j) {
-          d[q * per + 2 * j] = f32_to_bf16(xr[8 * j + (q ^ 1)]);
-          d[q * per + 2 * j + 1] = f32_to_bf16(xr[8 * j + 4 + (q ^ 1)]);
-        }
+        for (int64_t j = 0; j < n / 8; ++j)
+          for (int64_t h = 0; h < 2; ++h) d[q * per + 2 * j + h] = static_cast<int16_t>(std::nearbyint(xr[8 * j + 4 * h + (q ^ 1)] * inv));
     }
 }
 
-void nf4_dot_rows_bf16(const uint8_t* codes, const float* absmax, const uint16_t* xb, int64_t ldx, int64_t K, int64_t M, float* out) {
+void nf4_dot_rows_i16(const uint8_t* codes, const float* absmax, const int16_t* xq, const float* scales, int64_t ldx, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-  if (have_avx512bf16() && with_rows(M, [&](auto m) { nf4_dot_bf16_avx512<m()>(codes, absmax, xb, ldx, K, out); })) return;
+  if (have_vnni() && with_rows(M, [&](auto m) { nf4_dot_i16_avx512<m()>(codes, absmax, xq, scales, ldx, K, out); })) return;
 #endif
-  // Element e of a group of n sits at phase (e % 4) ^ 1 (its nibble's place in a word), pair
-  // e / 8, half (e / 4) % 2.
+  const int64_t groups = (K + kNf4Group - 1) / kNf4Group;
   for (int64_t m = 0; m < M; ++m) {
     float acc = 0.0f;
     for (int64_t b = 0; b < K / 64; ++b) {
       const int64_t g0 = b / 2 * kNf4Group, n = std::min<int64_t>(kNf4Group, K - g0);
-      float part = 0.0f;
+      int64_t part = 0;  // 64 products of up to 4096 x 16383: more than int32 holds
       for (int64_t e = b * 64; e < b * 64 + 64; ++e) {
         const int64_t r = e - g0, at = ((r % 4) ^ 1) * (n / 4) + 2 * (r / 8) + (r / 4) % 2;
         const uint8_t c = codes[e / 2];
-        part += bf16_to_f32(f32_to_bf16(kNf4Codes[e % 2 == 0 ? c >> 4 : c & 0x0f])) * bf16_to_f32(xb[m * ldx + g0 + at]);
+        part += kNf4CodesI16[e % 2 == 0 ? c >> 4 : c & 0x0f] * xq[m * ldx + g0 + at];
       }
-      acc += part * absmax[b];
+      acc += static_cast<float>(part) * (absmax[b] * scales[m * groups + b / 2]);
     }
     out[m] = acc;
   }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "models/weight_format.h"
 #include "runtime/tensor.h"
 
 namespace ferry::cpu {
@@ -42,19 +43,31 @@ inline constexpr int64_t kBf16Group = 32, kBf16Phases = 2;  // 64 bytes, 2 weigh
 // The dot of one NF4 weight row (K a multiple of 64) with each of M <= 3 rows of x, split in
 // kNf4Group / kNf4Phases (xs: [M, ldx]): out[m].
 void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);
-// BF16 inputs (GemmPrecision::kBf16Inputs, the GPU executor's CPU layers): the dot of one NF4 row
-// with M <= 3 rows of x, the code values and x rounded to BF16 (as the GPU's tensor-core kernel
-// rounds them), each pair of products summed in FP32 by AVX512_BF16's vdpbf16ps: half the vector
-// work a weight of the float32 kernel above. xb: x from split_for_rows_bf16 ([M, ldx]). Without
-// AVX512_BF16 a scalar loop computes the same sums (slowly: callers ask nf4_bf16_dot_fast() first).
-void nf4_dot_rows_bf16(const uint8_t* codes, const float* absmax, const uint16_t* xb, int64_t ldx, int64_t K, int64_t M, float* out);
-// x [M, K] (K a multiple of 64) rounded to BF16 in the order nf4_dot_rows_bf16 reads it: in each
-// group of 128 (or a last 64) elements, four phases q = 0..3 of element offset p = q ^ 1, each the
-// pairs x[8j + p], x[8j + 4 + p] for j = 0, 1, ...
-void split_for_rows_bf16(const float* x, int64_t M, int64_t K, uint16_t* xb);
-// Whether the decode products at BF16 inputs take nf4_dot_rows_bf16: AVX512_BF16 here and an AMD CPU
-// (where it beats the float32 kernel), or FERRY_CPU_BF16_DOT=1 (0: never).
-bool nf4_bf16_dot_fast();
+// BF16 inputs (GemmPrecision::kBf16Inputs, the GPU executor's CPU layers): NF4 decode products by
+//   kI16: nf4_dot_rows_i16 where the CPU has AVX512_VNNI: code values as int16 (kNf4CodesI16: 4096
+//         is 1.0) and x as int16 with a scale a group of 128 (16383 is its largest |x|), summed
+//         exactly in int32 by vpdpwssd, each block's sum scaled in float. Its rounding moves a product
+//         about a tenth as far as BF16 code values and x (the GPU's tensor-core GEMV) do.
+//   kF32: nf4_dot_rows above, exact, elsewhere or with FERRY_CPU_NF4_DOT=f32.
+enum class Nf4Dot { kF32, kI16 };
+Nf4Dot nf4_decode_dot();
+const char* nf4_dot_name(Nf4Dot d);
+inline constexpr float kI16XMax = 16383.0f, kI16CodeOne = 4096.0f;
+constexpr int16_t nf4_code_i16(float v) { return static_cast<int16_t>(v * kI16CodeOne + (v < 0 ? -0.5f : 0.5f)); }
+inline constexpr int16_t kNf4CodesI16[16] = {
+    nf4_code_i16(kNf4Codes[0]),  nf4_code_i16(kNf4Codes[1]),  nf4_code_i16(kNf4Codes[2]),  nf4_code_i16(kNf4Codes[3]),
+    nf4_code_i16(kNf4Codes[4]),  nf4_code_i16(kNf4Codes[5]),  nf4_code_i16(kNf4Codes[6]),  nf4_code_i16(kNf4Codes[7]),
+    nf4_code_i16(kNf4Codes[8]),  nf4_code_i16(kNf4Codes[9]),  nf4_code_i16(kNf4Codes[10]), nf4_code_i16(kNf4Codes[11]),
+    nf4_code_i16(kNf4Codes[12]), nf4_code_i16(kNf4Codes[13]), nf4_code_i16(kNf4Codes[14]), nf4_code_i16(kNf4Codes[15])};
+// x [M, K] (K a multiple of 64) as int16 in the order nf4_dot_rows_i16 reads it: each group g of 128
+// (or a last 64) elements of row m times 16383 / max|x| rounded to the nearest (even) integer, in
+// four phases q = 0..3 of element offset p = q ^ 1, each the pairs x[8j + p], x[8j + 4 + p] for j =
+// 0, 1, ...; scales[m * G + g] = max|x| / 16383 / 4096 (G = ceil(K / 128)), which folds in the code
+// values' fixed point.
+void split_for_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* scales);
+// The dot of one NF4 row with M <= 3 rows of int16 x from split_for_rows_i16 ([M, ldx], scales [M, G]);
+// without AVX512_VNNI a scalar loop with the same arithmetic (slowly: for the tests).
+void nf4_dot_rows_i16(const uint8_t* codes, const float* absmax, const int16_t* xq, const float* scales, int64_t ldx, int64_t K, int64_t M, float* out);
 // The same for one BF16 row (any K) against x split in kBf16Group / kBf16Phases.
 void bf16_dot_rows(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);
 // The same for one Q8 row against x [M, ldx]: out[m] = scale * sum_k q[k] x[m, k].

@@ -875,15 +875,16 @@ TEST_SUITE("model") {
     }
   }
 
-  TEST_CASE("NF4 decode products at BF16 inputs: vdpbf16ps rows over many groups, against the rounded operands") {
-    MESSAGE("vdpbf16ps rows by default: " << std::string(cpu::nf4_bf16_dot_fast() ? "yes" : "no (the exact kernel; the rows kernel checked directly)"));
+  TEST_CASE("NF4 decode products at BF16 inputs: the int16 vpdpwssd row kernel against its rounded operands, near the exact one") {
+    MESSAGE("decode kernel at BF16 inputs here: " << std::string(cpu::nf4_dot_name(cpu::nf4_decode_dot())));
     // K = 2112: 16 full groups of 128 and half of one; N = 37 rows over several tasks.
     for (DType t : {DType::kNF4, DType::kNF4DQ}) {
-      const int64_t N = 37, K = 2112;
+      const int64_t N = 37, K = 2112, G = (K + 127) / 128;
       CAPTURE(dtype_name(t));
       std::vector<float> w(N * K), x(3 * K);
       for (size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.29f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 89) / 40.0f);
       for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.13f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 7));
+      x[5] = 300.0f;  // an outlier: its group's other elements keep fewer bits as int16
       std::vector<uint8_t> blob(quant_layout(t, N, K).bytes);
       quantize_weight(t, w.data(), N, K, blob.data());
       std::vector<float> wq(N * K);
@@ -892,33 +893,47 @@ TEST_SUITE("model") {
       std::vector<float> absmax(N * K / 64, 0.0f);
       for (int64_t i = 0; i < N * K; ++i) absmax[i / 64] = std::max(absmax[i / 64], std::fabs(wq[i]));
       const TensorView W = TensorView::contiguous(blob.data(), t, {N, K});
-      std::vector<uint16_t> xb(3 * K);
+      // x as the kernel rounds it (element order).
+      std::vector<double> xq_val(3 * K);
+      for (int64_t m = 0; m < 3; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t g0 = g * 128, n = std::min<int64_t>(128, K - g0);
+          float amax = 0;
+          for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[m * K + g0 + i]));
+          const float inv = cpu::kI16XMax / amax, scale = amax / cpu::kI16XMax / cpu::kI16CodeOne;
+          for (int64_t i = 0; i < n; ++i) xq_val[m * K + g0 + i] = std::nearbyint(x[m * K + g0 + i] * inv) * static_cast<double>(scale);
+        }
+      std::vector<int16_t> xq(3 * K);
+      std::vector<float> xsc(3 * G);
       for (int64_t M = 1; M <= 3; ++M) {
         CAPTURE(M);
         std::vector<float> yx(M * N), yb(M * N);
         cpu::gemm_xwt(x.data(), M, W, yx.data());
         cpu::gemm_xwt(x.data(), M, W, yb.data(), {}, cpu::GemmPrecision::kBf16Inputs);
-        cpu::split_for_rows_bf16(x.data(), M, K, xb.data());
+        cpu::split_for_rows_i16(x.data(), M, K, xq.data(), xsc.data());
         double moved = 0;
         for (int64_t n = 0; n < N; ++n) {
-          float out[3];
-          cpu::nf4_dot_rows_bf16(blob.data() + n * K / 2, absmax.data() + n * (K / 64), xb.data(), K, K, M, out);
+          float oq[3];
+          cpu::nf4_dot_rows_i16(blob.data() + n * K / 2, absmax.data() + n * (K / 64), xq.data(), xsc.data(), K, K, M, oq);
           for (int64_t m = 0; m < M; ++m) {
             double want = 0, mag = 0;
             for (int64_t k = 0; k < K; ++k) {
               const int64_t e = n * K + k;
               const uint8_t c = blob[e / 2];
-              const double p = static_cast<double>(bf16_to_f32(f32_to_bf16(kNf4Codes[e % 2 == 0 ? c >> 4 : c & 0x0f]))) * absmax[e / 64] *
-                               bf16_to_f32(f32_to_bf16(x[m * K + k]));
-              want += p;
-              mag += std::fabs(p);
+              const int code = e % 2 == 0 ? c >> 4 : c & 0x0f;
+              const double p = static_cast<double>(cpu::kNf4CodesI16[code]) * absmax[e / 64] * xq_val[m * K + k];
+              want += p, mag += std::fabs(p);
             }
-            CHECK(std::fabs(out[m] - want) <= 1e-5 * mag);
-            CHECK(yb[m * N + n] == (cpu::nf4_bf16_dot_fast() ? out[m] : yx[m * N + n]));
+            CHECK(std::fabs(oq[m] - want) <= 1e-5 * mag);
+            CHECK(yb[m * N + n] == (cpu::nf4_decode_dot() == cpu::Nf4Dot::kI16 ? oq[m] : yx[m * N + n]));
             moved = std::max(moved, std::fabs(want - yx[m * N + n]) / mag);
           }
         }
-        CHECK(moved > 1e-5);  // the rounded operands are not the exact ones: the checks above can fail
+        // The rounded operands are not the exact ones (so the checks above can fail), and stay near:
+        // int16 x keeps about 14 bits of its group's largest (BF16 code values and x moved these
+        // products 2.4e-4).
+        CHECK(moved > 1e-6);
+        CHECK(moved < 1e-4);
       }
     }
   }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -408,10 +409,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void split_i16_avx512(const
       const int64_t n = std::min(kNf4Group, K - g0), per = n / 4;
       const float* xr = x + m * K + g0;
       __m512 mx = _mm512_setzero_ps();
-      for (int64_t i = 0; i < n; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+      __mmask16 nan = 0;
+      for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(xr + i);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      }
       const float amax = _mm512_reduce_max_ps(mx);
       const __m512 inv = _mm512_set1_ps(amax > 0 ? kI16XMax / amax : 0.0f);
-      scales[m * groups + g0 / kNf4Group] = amax / kI16XMax / kI16CodeOne;
+      scales[m * groups + g0 / kNf4Group] = nan ? std::numeric_limits<float>::quiet_NaN() : amax / kI16XMax / kI16CodeOne;
       __m512i in[4];
       for (int h = 0; h < 4; ++h) in[h] = i16_words32(xr + (32 * h < n ? 32 * h : 0), inv);  // a half group: in[2], in[3] unused
       for (int q = 0; q < 4; ++q) {
@@ -612,9 +618,10 @@ void split_for_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float
       const int64_t n = std::min(kNf4Group, K - g0), per = n / 4;
       const float* xr = x + m * K + g0;
       float amax = 0;
-      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      bool nan = false;
+      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xr[i])), nan = nan || std::isnan(xr[i]);
       const float inv = amax > 0 ? kI16XMax / amax : 0.0f;
-      scales[m * groups + g0 / kNf4Group] = amax / kI16XMax / kI16CodeOne;
+      scales[m * groups + g0 / kNf4Group] = nan ? std::numeric_limits<float>::quiet_NaN() : amax / kI16XMax / kI16CodeOne;
       int16_t* d = xq + m * K + g0;
       for (int64_t q = 0; q < 4; ++q)
         for (int64_t j = 0; j < n / 8; ++j)

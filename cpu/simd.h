@@ -63,7 +63,8 @@ inline constexpr int16_t kNf4CodesI16[16] = {
 // (or a last 64) elements of row m times 16383 / max|x| rounded to the nearest (even) integer, in
 // four phases q = 0..3 of element offset p = q ^ 1, each the pairs x[8j + p], x[8j + 4 + p] for j =
 // 0, 1, ...; scales[m * G + g] = max|x| / 16383 / 4096 (G = ceil(K / 128)), which folds in the code
-// values' fixed point.
+// values' fixed point (NaN where the group holds a NaN, infinite where an infinity: the products
+// are not finite either).
 void split_for_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* scales);
 // The dot of one NF4 row with M <= 3 rows of int16 x from split_for_rows_i16 ([M, ldx], scales [M, G]);
 // without AVX512_VNNI a scalar loop with the same arithmetic (slowly: for the tests).

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 
 #include "cpu/cpu_executor.h"
 #include "cpu/gemm.h"
@@ -934,6 +935,13 @@ TEST_SUITE("model") {
         // products 2.4e-4).
         CHECK(moved > 1e-6);
         CHECK(moved < 1e-4);
+      }
+      // A NaN or an infinity in x gives a non-finite product, never a finite one.
+      for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+        std::vector<float> xn(x.begin(), x.begin() + K), yn(N);
+        xn[K - 3] = bad;  // in the last, half group
+        cpu::gemm_xwt(xn.data(), 1, W, yn.data(), {}, cpu::GemmPrecision::kBf16Inputs);
+        for (int64_t n = 0; n < N; ++n) CHECK_FALSE(std::isfinite(yn[n]));
       }
     }
   }

@@ -263,48 +263,18 @@ float bf16_dot_portable(const uint16_t* w, const float* xs, int64_t K) {
   return acc;
 }
 
-// Software prefetches of the row kernels: `near` bytes ahead of the weight read (0: none) with
-// `hint` (0: T0, 1: T1, 2: T2, 3: NTA), and, where `far` > 0, a second one `far` bytes ahead into L2
-// (T1). The weights stream from host DRAM once per step and the hardware's streamer stops at each
-// 4 KiB page; on the H200 host's 16-core Xeon, beside the copy engine's reads, NF4 rows read at
-// 76.5 GB/s without one, 90.4 at 1 KiB and 99-103 at 4 KiB (8 and 16 KiB: no better; notes/cpu.md).
-// FERRY_CPU_PREFETCH (near), FERRY_CPU_PREFETCH_HINT (t0|t1|t2|nta) and FERRY_CPU_PREFETCH_FAR
-// override them.
-struct Prefetch {
-  int64_t near = 4096;
-  int hint = 0;
-  int64_t far = 0;
-};
-
-const Prefetch& prefetch_config() {
-  static const Prefetch c = [] {
-    Prefetch p;
-    if (const char* e = std::getenv("FERRY_CPU_PREFETCH"); e && *e) p.near = std::max<int64_t>(0, std::atoll(e));
-    if (const char* e = std::getenv("FERRY_CPU_PREFETCH_FAR"); e && *e) p.far = std::max<int64_t>(0, std::atoll(e));
-    if (const char* e = std::getenv("FERRY_CPU_PREFETCH_HINT")) {
-      const std::string v = e;
-      p.hint = v == "t1" ? 1 : v == "t2" ? 2 : v == "nta" ? 3 : 0;
-    }
-    return p;
+// Software prefetch distance of the row kernels, in bytes ahead of the weight read (0: none). The
+// weights stream from host DRAM once per step and the hardware's streamer stops at each 4 KiB page;
+// on the H200 host's 16-core Xeon, beside the copy engine's reads, NF4 rows read at 76.5 GB/s
+// without it, 90.4 at 1 KiB and 99-103 at 4 KiB (8 and 16 KiB: no better; T1 / T2 / NTA hints and a
+// second, farther prefetch into L2: no better either; notes/cpu.md). FERRY_CPU_PREFETCH overrides it.
+int64_t prefetch_bytes() {
+  static const int64_t d = [] {
+    const char* e = std::getenv("FERRY_CPU_PREFETCH");
+    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t{4096};
   }();
-  return c;
+  return d;
 }
-
-#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-// The prefetches for a read at p (the hint a switch: _mm_prefetch takes a constant).
-inline void prefetch_ahead(const Prefetch& c, const void* p) {
-  const char* b = static_cast<const char*>(p);
-  if (c.near > 0) {
-    switch (c.hint) {
-      case 1: _mm_prefetch(b + c.near, _MM_HINT_T1); break;
-      case 2: _mm_prefetch(b + c.near, _MM_HINT_T2); break;
-      case 3: _mm_prefetch(b + c.near, _MM_HINT_NTA); break;
-      default: _mm_prefetch(b + c.near, _MM_HINT_T0); break;
-    }
-  }
-  if (c.far > 0) _mm_prefetch(b + c.far, _MM_HINT_T1);
-}
-#endif
 
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
 // 16 codes (one byte each holding two) -> the 32 weights' values without their block scale: the high
@@ -317,9 +287,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void nf4_decode16(co
 
 // The NF4 row kernels' per-group prologue: group g's prefetches (its codes', and every 8 groups its
 // absmax'), and its two blocks' absmax as one vector (lanes 0-7 the first, 8-15 the second).
-inline void nf4_prefetch_group(const Prefetch& pf, const uint8_t* codes, const float* absmax, int64_t g) {
-  prefetch_ahead(pf, codes + g * 64);
-  if ((g & 7) == 0 && pf.near > 0) _mm_prefetch(reinterpret_cast<const char*>(absmax + 2 * g + pf.near / 32), _MM_HINT_T0);
+inline void nf4_prefetch_group(int64_t pf, const uint8_t* codes, const float* absmax, int64_t g) {
+  if (pf > 0) {
+    _mm_prefetch(reinterpret_cast<const char*>(codes + g * 64 + pf), _MM_HINT_T0);
+    if ((g & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(absmax + 2 * g + pf / 32), _MM_HINT_T0);
+  }
 }
 __attribute__((target("avx512f"))) inline __m512 nf4_pair_scale(const float* absmax, int64_t g) {
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -370,7 +342,7 @@ template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_dot_avx512(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx,
                                                                          int64_t K, float* out) {
   const __m512 table = _mm512_loadu_ps(kNf4Codes);
-  const Prefetch pf = prefetch_config();
+  const int64_t pf = prefetch_bytes();
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t full = K / kNf4Group;
@@ -470,7 +442,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void nf4_dot_i16
   const __m512i table = _mm512_load_si512(tv.v);
   const uint16_t* xw = reinterpret_cast<const uint16_t*>(xq);
   const int64_t groups = (K + kNf4Group - 1) / kNf4Group;
-  const Prefetch pf = prefetch_config();
+  const int64_t pf = prefetch_bytes();
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t full = K / kNf4Group;
@@ -490,13 +462,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void nf4_dot_i16
 // bits: the float) and the odd ones in its high half (masked: the float).
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void bf16_dot_avx512(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, float* out) {
-  const Prefetch pf = prefetch_config();
+  const int64_t pf = prefetch_bytes();
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   __m512 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const int64_t full = K / kBf16Group;
   for (int64_t g = 0; g < full; ++g) {
-    prefetch_ahead(pf, w + g * kBf16Group);
+    if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(w + g * kBf16Group) + pf, _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(w + g * kBf16Group);
     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
@@ -535,13 +507,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4_row_avx512(const u
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void q8_dot_avx512(const int8_t* q, float scale, const float* x, int64_t ldx, int64_t K,
                                                                         float* out) {
-  const Prefetch pf = prefetch_config();
+  const int64_t pf = prefetch_bytes();
   __m512 acc[M][4];
   for (int m = 0; m < M; ++m)
     for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    prefetch_ahead(pf, q + k);
+    if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(q + k + pf), _MM_HINT_T0);
     for (int u = 0; u < 4; ++u) {
       const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16 * u))));
       for (int m = 0; m < M; ++m) acc[m][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * ldx + k + 16 * u), acc[m][u]);
@@ -667,8 +639,6 @@ void q8_dot_rows(const int8_t* q, float scale, const float* x, int64_t ldx, int6
     out[m] = acc * scale;
   }
 }
-
-int64_t prefetch_distance() { return prefetch_config().near; }
 
 const char* simd_level() {
 #if defined(__x86_64__)

@@ -79,8 +79,6 @@ void axpy_f32(float a, const float* x, float* y, int64_t n);
 void scale_f32(float a, float* x, int64_t n);
 // Returns sum(x[i]^2).
 float sumsq_f32(const float* x, int64_t n);
-// The row kernels' software prefetch distance in bytes (FERRY_CPU_PREFETCH; 0: none).
-int64_t prefetch_distance();
 // Returns the name of the ISA level the kernels dispatched to ("avx512", "avx2", "baseline").
 const char* simd_level();
 

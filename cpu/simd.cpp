@@ -1,7 +1,9 @@
 #include "cpu/simd.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -564,16 +566,34 @@ void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, in
   for (int64_t m = 0; m < M; ++m) out[m] = nf4_dot_portable(codes, absmax, xs + m * ldx, K);
 }
 
+namespace {
+// d, or the next exact kernel where the CPU lacks it.
+Nf4Dot available(Nf4Dot d) { return d == Nf4Dot::kI16 && !have_vnni() ? Nf4Dot::kF32 : d; }
+std::atomic<int> g_nf4_dot{-1};  // set_nf4_decode_dot's choice, -1 before one
+}  // namespace
+
 Nf4Dot nf4_decode_dot() {
   // The int16 kernel where the CPU has AVX512_VNNI (Ice Lake and later Xeons, Zen 4 and 5). One core
   // (bench_cpu_mix, notes/cpu.md): on the H200 host's Xeon its loop took 5.3 ns a 64 bytes of codes
   // against the float32 kernel's 6.0, on a Zen 5 core 1.35 against 2.0. A vdpbf16ps kernel (BF16
-  // code values and x) was as fast on Zen 5 but slower than float32 on the Xeon, and less precise.
+  // code values and x) was as fast on Zen 5 but slower than float32 on the Xeon, and less precise; an
+  // int8 one (vpermb, vpdpbusd) 37% faster a group on the Xeon, no faster beside the copies and far
+  // less precise (notes/cpu.md, ninth session).
+  const int set = g_nf4_dot.load(std::memory_order_relaxed);
+  if (set >= 0) return static_cast<Nf4Dot>(set);
   static const Nf4Dot d = [] {
     const char* e = std::getenv("FERRY_CPU_NF4_DOT");
-    if (e && std::string(e) == "f32") return Nf4Dot::kF32;
-    return have_vnni() ? Nf4Dot::kI16 : Nf4Dot::kF32;
+    const std::string want = e ? e : "";
+    if (!want.empty() && want != "f32" && want != "i16")
+      std::fprintf(stderr, "ferry: FERRY_CPU_NF4_DOT=%s is neither f32 nor i16; using the default\n", want.c_str());
+    return available(want == "f32" ? Nf4Dot::kF32 : Nf4Dot::kI16);
   }();
+  return d;
+}
+
+Nf4Dot set_nf4_decode_dot(Nf4Dot d) {
+  d = available(d);
+  g_nf4_dot.store(static_cast<int>(d), std::memory_order_relaxed);
   return d;
 }
 

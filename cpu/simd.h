@@ -51,6 +51,9 @@ void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, in
 //   kF32: nf4_dot_rows above, exact, elsewhere or with FERRY_CPU_NF4_DOT=f32.
 enum class Nf4Dot { kF32, kI16 };
 Nf4Dot nf4_decode_dot();
+// Makes nf4_decode_dot() return d (or the exact kernel where the CPU lacks d) from now on, for tests
+// and benchmarks; returns the kernel it will use.
+Nf4Dot set_nf4_decode_dot(Nf4Dot d);
 const char* nf4_dot_name(Nf4Dot d);
 inline constexpr float kI16XMax = 16383.0f, kI16CodeOne = 4096.0f;
 constexpr int16_t nf4_code_i16(float v) { return static_cast<int16_t>(v * kI16CodeOne + (v < 0 ? -0.5f : 0.5f)); }

@@ -4,11 +4,12 @@
 //   bench_cpu_gemm [--weights bf16|nf4|nf4-dq|int8] [M ...]
 //                                               every path at every row count (CPU-computed layers
 //                                               use the one marked)
-//   bench_cpu_gemm --layer [--weights bf16|nf4|nf4-dq|int8] [--hot] [--beside-copies] [--threads N]
+//   bench_cpu_gemm --layer [--weights bf16|nf4|nf4-dq|int8] [--hot] [--beside-copies] [--threads N] [--touch]
 //                                               a CPU-computed layer's decode products (M = 1) over
 //                                               weights larger than the caches: the rate ferry's
 //                                               CPU layers read their weights at. --hot: the same
-//                                               product on one thread over weights that stay in L2
+//                                               product on one thread (--threads N: N threads, N
+//                                               times the rows) over weights that stay in L2
 //                                               (the kernel's compute ceiling per core); --beside-copies: while the copy
 //                                               engine pulls pinned memory to the GPU, as streamed
 //                                               layers do (needs a GPU); --threads: at most N
@@ -16,15 +17,21 @@
 //                                               the cores or the memory bound it). The QKV at
 //                                               float32 inputs, the rest at BF16 inputs, as
 //                                               ferry's CPU layers beside a GPU run them.
+//                                               --touch: the same rows and tasks read without
+//                                               computing (what the access pattern alone reaches).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <optional>
 #include <vector>
 
-#include <optional>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <tbb/blocked_range.h>
 #include <tbb/global_control.h>
@@ -66,14 +73,63 @@ HostBuffer make_weights(DType t, int64_t N, int64_t K, const std::string& name) 
   return q;
 }
 
+// --touch: the decode kernel's rows and tasks (about 32 KiB of weights a task), each row's bytes
+// (codes, then its scales) read with 64-byte loads and nothing computed: what the access pattern
+// alone reaches.
+// XOR of rows [n0, n1)'s bytes and their scale bytes (sb a row at `scales`), 64 bytes a load (8
+// without AVX-512).
+int64_t touch_task_portable(const uint8_t* base, int64_t row_bytes, const uint8_t* scales, int64_t sb, int64_t n0, int64_t n1) {
+  uint64_t acc = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t o = 0; o < row_bytes; o += 8) acc ^= *reinterpret_cast<const uint64_t*>(base + n * row_bytes + o);
+    for (int64_t o = 0; o < sb; o += 8) acc ^= *reinterpret_cast<const uint64_t*>(scales + n * sb + o);
+  }
+  return static_cast<int64_t>(acc);
+}
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) int64_t touch_task(const uint8_t* base, int64_t row_bytes, const uint8_t* scales, int64_t sb, int64_t n0, int64_t n1) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = base + n * row_bytes;
+    for (int64_t o = 0; o < row_bytes; o += 64) acc = _mm512_xor_si512(acc, _mm512_loadu_si512(row + o));
+    for (int64_t o = 0; o < sb; o += 64) acc = _mm512_xor_si512(acc, _mm512_loadu_si512(scales + n * sb + o));
+  }
+  return _mm512_reduce_add_epi64(acc);
+}
+#endif
+void touch_rows(const TensorView& W) {
+  const int64_t N = W.shape[0], K = W.shape[1];
+  const uint8_t* base = static_cast<const uint8_t*>(W.data);
+  const int64_t row_bytes = is_nf4(W.dtype) ? K / 2 : W.dtype == DType::kQ8 ? K : 2 * K;
+  const int64_t sb = W.dtype == DType::kNF4 ? K / 64 * 4 : W.dtype == DType::kNF4DQ ? K / 64 : 0;  // a row's scale bytes
+  const uint8_t* scales = sb > 0 ? base + quant_layout(W.dtype, N, K).scales : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / row_bytes);
+  static std::atomic<int64_t> sink{0};
+#if defined(__x86_64__)
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+#endif
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, N, grain), [&](const tbb::blocked_range<int64_t>& r) {
+#if defined(__x86_64__)
+    if (avx512) {
+      sink.fetch_xor(touch_task(base, row_bytes, scales, sb, r.begin(), r.end()), std::memory_order_relaxed);
+      return;
+    }
+#endif
+    sink.fetch_xor(touch_task_portable(base, row_bytes, scales, sb, r.begin(), r.end()), std::memory_order_relaxed);
+  });
+}
+
+bool g_touch = false;
+
 int layer_bench(DType t, bool hot, bool beside, int threads) {
   // Llama-3-70B's decode products (qkv, o, gate+up, down), or in --hot mode one matrix of 256 rows
-  // of 4096 (at most 2 MiB) on one thread (the kernel's compute ceiling per core).
+  // of 4096 (0.5 MiB of NF4, at most 2 MiB) a thread: on one thread it stays in L2 (the kernel's
+  // compute ceiling per core); on more, the rows move between the cores' tasks (cache-resident).
   struct Shape {
     const char* name;
     int64_t n, k;
   };
-  const std::vector<Shape> shapes = hot ? std::vector<Shape>{{"hot", 256, 4096}}
+  const std::vector<Shape> shapes = hot ? std::vector<Shape>{{"hot", 256 * std::max(threads, 1), 4096}}
                                         : std::vector<Shape>{{"qkv", 10240, 8192}, {"o", 8192, 8192}, {"gate_up", 57344, 8192}, {"down", 8192, 28672}};
   std::vector<HostBuffer> w;
   std::vector<TensorView> views;
@@ -90,15 +146,16 @@ int layer_bench(DType t, bool hot, bool beside, int threads) {
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
   const int reps = hot ? 1000 : 1;
   std::optional<tbb::global_control> limit;
-  if (hot || threads > 0) limit.emplace(tbb::global_control::max_allowed_parallelism, hot ? 1 : threads);
+  if (hot || threads > 0) limit.emplace(tbb::global_control::max_allowed_parallelism, std::max(threads, 1));
   auto run = [&] {
     for (int r = 0; r < reps; ++r)
       for (size_t i = 0; i < views.size(); ++i)
-        cpu::gemm_xwt(x.data(), 1, views[i], y.data(), {}, std::string(shapes[i].name) == "qkv" ? cpu::GemmPrecision::kExact : cpu::GemmPrecision::kBf16Inputs);
+        if (g_touch) touch_rows(views[i]);
+        else cpu::gemm_xwt(x.data(), 1, views[i], y.data(), {}, std::string(shapes[i].name) == "qkv" ? cpu::GemmPrecision::kExact : cpu::GemmPrecision::kBf16Inputs);
   };
   const double ms = median_ms(hot ? 5 : 9, run) / reps;
   std::printf("| %s | %s%s | %s | %.3f | %.1f | %.1f |", std::string(dtype_name(t)).c_str(), hot ? "hot (L2)" : "cold",
-              threads > 0 && !hot ? (", " + std::to_string(threads) + (threads == 1 ? " thread" : " threads")).c_str() : "", beside ? "copies beside" : "alone", ms,
+              threads > 0 ? (", " + std::to_string(threads) + (threads == 1 ? " thread" : " threads")).c_str() : "", beside ? "copies beside" : "alone", ms,
               static_cast<double>(bytes) / (ms * 1e6), 2.0 * static_cast<double>(params) / (ms * 1e6));
   if (beside) {
     const gpu::SharedCopyRate r = gpu::h2d_during([&] {
@@ -163,6 +220,7 @@ int main(int argc, char** argv) {
     if (a == "--layer") layer = true;
     else if (a == "--hot") hot = true;
     else if (a == "--beside-copies") beside = true;
+    else if (a == "--touch") g_touch = true;
     else if (a == "--threads" && i + 1 < argc) {
       threads = std::atoi(argv[++i]);
       if (threads < 1) {

@@ -94,6 +94,41 @@ Status get_bool(const json& j, const char* key, bool* out, const std::string& pa
   return Status::Ok();
 }
 
+// quantization_config: bitsandbytes' 4-bit NF4 is read as stored; anything else is refused naming
+// what to run instead.
+Status parse_quantization(const json& q, ModelConfig* cfg, const std::string& path) {
+  if (q.is_null()) return Status::Ok();
+  if (!q.is_object()) return corrupt(strprintf("%s: 'quantization_config' must be an object", path.c_str()));
+  const auto str = [&](const char* key, const char* dflt) -> std::string {
+    auto it = q.find(key);
+    return it != q.end() && it->is_string() ? it->get<std::string>() : std::string(dflt);
+  };
+  const std::string method = str("quant_method", "");
+  if (method != "bitsandbytes")
+    return unsupported(strprintf("%s: quantization_config quant_method '%s' is not supported (ferry reads bitsandbytes 4-bit NF4 checkpoints; "
+                                 "run the unquantised checkpoint with --quant nf4, nf4-dq or int8)",
+                                 path.c_str(), method.c_str()));
+  bool in4 = false, in8 = false, dq = false;
+  for (const char* k : {"load_in_4bit", "_load_in_4bit", "load_in_8bit", "_load_in_8bit"}) {  // transformers writes both spellings
+    bool v = false;
+    FERRY_RETURN_IF_ERROR(get_bool(q, k, &v, path));
+    (std::string(k).find("4bit") != std::string::npos ? in4 : in8) |= v;
+  }
+  FERRY_RETURN_IF_ERROR(get_bool(q, "bnb_4bit_use_double_quant", &dq, path));
+  if (in8)
+    return unsupported(strprintf("%s: bitsandbytes 8-bit (LLM.int8) checkpoints are not supported; run the unquantised checkpoint with --quant int8",
+                                 path.c_str()));
+  if (!in4) return corrupt(strprintf("%s: quantization_config: bitsandbytes with neither load_in_4bit nor load_in_8bit", path.c_str()));
+  const std::string type = str("bnb_4bit_quant_type", "fp4");  // bitsandbytes' default
+  if (type != "nf4")
+    return unsupported(strprintf("%s: bnb_4bit_quant_type '%s' is not supported (ferry reads nf4, QLoRA's)", path.c_str(), type.c_str()));
+  const std::string storage = str("bnb_4bit_quant_storage", "uint8");
+  if (storage != "uint8")
+    return unsupported(strprintf("%s: bnb_4bit_quant_storage '%s' is not supported (uint8)", path.c_str(), storage.c_str()));
+  cfg->checkpoint_quant = dq ? DType::kNF4DQ : DType::kNF4;
+  return Status::Ok();
+}
+
 Status parse_rope(const json& rs, ModelConfig* cfg, const std::string& path) {
   if (rs.is_null()) return Status::Ok();
   if (!rs.is_object()) return corrupt(strprintf("%s: 'rope_scaling' must be an object", path.c_str()));
@@ -195,6 +230,7 @@ Expected<ModelConfig> parse_config(const std::string& text, const std::string& p
   if (use_sw) FERRY_RETURN_IF_ERROR(get_int(j, "sliding_window", false, &cfg.sliding_window, path));
   if (cfg.sliding_window < 0) return corrupt(strprintf("%s: 'sliding_window' must not be negative", path.c_str()));
 
+  if (auto it = j.find("quantization_config"); it != j.end()) FERRY_RETURN_IF_ERROR(parse_quantization(*it, &cfg, path));
   if (auto it = j.find("rope_scaling"); it != j.end()) FERRY_RETURN_IF_ERROR(parse_rope(*it, &cfg, path));
   if (auto it = j.find("rope_parameters"); it != j.end()) FERRY_RETURN_IF_ERROR(parse_rope(*it, &cfg, path));
 

@@ -2,7 +2,10 @@
 
 #include <atomic>
 #include <cstring>
+#include <cmath>
 #include <set>
+
+#include <nlohmann/json.hpp>
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
@@ -12,6 +15,16 @@
 #include "offload/layer_layout.h"
 
 namespace ferry {
+
+struct BnbLinear {
+  const uint8_t* codes = nullptr;
+  const float* absmax = nullptr;         // fp32 absmax (not double-quantised)
+  const uint8_t* absmax_codes = nullptr;  // double-quantised
+  const float* absmax2 = nullptr;
+  float offset = 0;
+  int64_t rows = 0, n_absmax = 0;
+};
+
 
 namespace {
 
@@ -59,6 +72,73 @@ int64_t first_non_finite(const TensorView& v) {
     default: return -1;
   }
 }
+
+// One Linear weight of a bitsandbytes 4-bit checkpoint ([rows, cols] in config.json) as transformers
+// saves it: `name` U8 [rows * cols / 2, 1] (two codes a byte, the first in the high nibble, as ferry's
+// NF4), `name.absmax` (F32, one per 64 weights; with double quantisation U8 codes of the signed
+// dynamic map, and `name.nested_absmax` F32 one per 256 of them, `name.nested_quant_map` F32 [256]),
+// `name.quant_map` F32 [16] and `name.quant_state.bitsandbytes__nf4` (U8: JSON with quant_type,
+// blocksize, shape and, double-quantised, nested_blocksize and nested_offset, the absmax' mean).
+
+Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spec, bool dq, std::set<std::string>& used) {
+  const int64_t rows = spec.shape[0], cols = spec.shape[1], n = rows * cols, na = n / 64;
+  const std::string src = ckpt.source_description();
+  auto part = [&](const std::string& suffix, DType dt, int64_t numel) -> Expected<TensorView> {
+    const std::string name = spec.name + suffix;
+    auto f = ckpt.find(name);
+    if (f.entry == nullptr)
+      return not_found(strprintf("%s: tensor '%s' is missing (a bitsandbytes 4-bit checkpoint stores it beside '%s')", src.c_str(), name.c_str(),
+                                 spec.name.c_str()));
+    int64_t got = 1;
+    for (int64_t d : f.entry->shape) got *= d;
+    if (f.entry->dtype != dt || (numel >= 0 && got != numel))
+      return corrupt(strprintf("%s: tensor '%s' is %s %s; the bitsandbytes 4-bit weight %s %s needs %s with %lld elements", f.file->path().c_str(),
+                               name.c_str(), std::string(dtype_name(f.entry->dtype)).c_str(), shape_str(f.entry->shape).c_str(), spec.name.c_str(),
+                               shape_str(spec.shape).c_str(), std::string(dtype_name(dt)).c_str(), static_cast<long long>(numel)));
+    used.insert(name);
+    return f.file->view(*f.entry);
+  };
+  if (cols % 64 != 0)
+    return unsupported(strprintf("%s: bitsandbytes 4-bit weight '%s' %s: its rows are not whole blocks of 64", src.c_str(), spec.name.c_str(),
+                                 shape_str(spec.shape).c_str()));
+  BnbLinear b;
+  b.rows = rows, b.n_absmax = na;
+  FERRY_ASSIGN_OR_RETURN(TensorView codes, part("", DType::kU8, n / 2));
+  b.codes = static_cast<const uint8_t*>(codes.data);
+  FERRY_ASSIGN_OR_RETURN(TensorView qmap, part(".quant_map", DType::kF32, 16));
+  if (std::memcmp(qmap.data, kNf4Codes, sizeof kNf4Codes) != 0)
+    return unsupported(strprintf("%s: '%s.quant_map' is not NF4's 16 code values", src.c_str(), spec.name.c_str()));
+  FERRY_ASSIGN_OR_RETURN(TensorView qs, part(".quant_state.bitsandbytes__nf4", DType::kU8, -1));
+  const std::string text(static_cast<const char*>(qs.data), static_cast<size_t>(qs.numel()));
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  const std::string qs_name = spec.name + ".quant_state.bitsandbytes__nf4";
+  if (j.is_discarded() || !j.is_object()) return corrupt(strprintf("%s: '%s' is not a JSON object", src.c_str(), qs_name.c_str()));
+  const std::vector<int64_t> shape = j.contains("shape") && j["shape"].is_array() ? j["shape"].get<std::vector<int64_t>>() : std::vector<int64_t>{};
+  if (j.value("quant_type", std::string()) != "nf4" || j.value("blocksize", int64_t{0}) != 64 || shape != spec.shape)
+    return corrupt(strprintf("%s: '%s' says %s; expected quant_type nf4, blocksize 64 and shape %s", src.c_str(), qs_name.c_str(), text.c_str(),
+                             shape_str(spec.shape).c_str()));
+  if (!dq) {
+    FERRY_ASSIGN_OR_RETURN(TensorView a, part(".absmax", DType::kF32, na));
+    b.absmax = static_cast<const float*>(a.data);
+  } else {
+    FERRY_ASSIGN_OR_RETURN(TensorView a, part(".absmax", DType::kU8, na));
+    FERRY_ASSIGN_OR_RETURN(TensorView a2, part(".nested_absmax", DType::kF32, (na + 255) / 256));
+    FERRY_ASSIGN_OR_RETURN(TensorView map, part(".nested_quant_map", DType::kF32, 256));
+    if (std::memcmp(map.data, dynamic_map_signed(), 256 * sizeof(float)) != 0)
+      return unsupported(strprintf("%s: '%s.nested_quant_map' is not bitsandbytes' signed dynamic map", src.c_str(), spec.name.c_str()));
+    if (j.value("nested_blocksize", int64_t{256}) != 256 || !j.contains("nested_offset") || !j["nested_offset"].is_number())
+      return corrupt(strprintf("%s: '%s' says %s; double quantisation needs nested_blocksize 256 and a nested_offset", src.c_str(), qs_name.c_str(),
+                               text.c_str()));
+    b.absmax_codes = static_cast<const uint8_t*>(a.data);
+    b.absmax2 = static_cast<const float*>(a2.data);
+    b.offset = j["nested_offset"].get<float>();
+    if (!std::isfinite(b.offset) || first_non_finite(a2) >= 0)
+      return corrupt(strprintf("%s: '%s' holds a NaN or an infinity in its double-quantised absmax", src.c_str(), spec.name.c_str()));
+  }
+  if (b.absmax != nullptr && first_non_finite(TensorView::contiguous(const_cast<float*>(b.absmax), DType::kF32, {na})) >= 0)
+    return corrupt(strprintf("%s: '%s.absmax' holds a NaN or an infinity", src.c_str(), spec.name.c_str()));
+  return b;
+}
 }  // namespace
 
 Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelConfig& cfg, std::unique_ptr<CheckpointReader> ckpt) {
@@ -85,14 +165,24 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
     used.insert("lm_head.weight");  // some tied checkpoints store a copy; the embedding is used
   }
   ws->layers_.resize(cfg.n_layers);
+  const bool bnb = is_quantized(cfg.checkpoint_quant);  // bitsandbytes 4-bit: the Linear weights are read below
+  auto is_linear = [](int t) { return t == kWq || t == kWk || t == kWv || t == kWo || t == kWGate || t == kWUp || t == kWDown; };
   for (int64_t il = 0; il < cfg.n_layers; ++il) {
     const auto specs = layer_tensor_specs(cfg, il);
     for (int t = 0; t < kLayerTensorCount; ++t) {
-      if (specs[t].name.empty()) continue;
+      if (specs[t].name.empty() || (bnb && is_linear(t))) continue;
       FERRY_ASSIGN_OR_RETURN(ws->layers_[il].t[t], bind(*ckpt, specs[t]));
       used.insert(specs[t].name);
       all.push_back({specs[t].name, il, ws->layers_[il].t[t]});
     }
+  }
+  std::vector<std::array<BnbLinear, kLayerTensorCount>> bnb_w(bnb ? cfg.n_layers : 0);
+  for (int64_t il = 0; il < static_cast<int64_t>(bnb_w.size()); ++il) {
+    const auto specs = layer_tensor_specs(cfg, il);
+    for (int t = 0; t < kLayerTensorCount; ++t)
+      if (is_linear(t)) {
+        FERRY_ASSIGN_OR_RETURN(bnb_w[il][t], bind_bnb(*ckpt, specs[t], cfg.checkpoint_quant == DType::kNF4DQ, used));
+      }
   }
   for (const auto& name : ckpt->names()) {
     if (used.count(name) || is_ignored_tensor(name)) continue;
@@ -111,9 +201,85 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
       return corrupt(strprintf("%s: tensor '%s'%s holds a NaN or an infinity (element %lld): the checkpoint is damaged", ckpt->source_description().c_str(),
                                all[i].name.c_str(), all[i].layer >= 0 ? strprintf(" (layer %lld)", (long long)all[i].layer).c_str() : "",
                                (long long)first_bad[i]));
+  if (bnb) FERRY_RETURN_IF_ERROR(ws->import_bnb(bnb_w));
   ws->ckpt_ = std::move(ckpt);
   ws->layer_tier_.assign(cfg.n_layers, Tier::kHost);
   return ws;
+}
+
+// The bitsandbytes weights into ferry's quantised layer blocks (layer_layout: q/k/v and gate/up
+// fused): codes and absmax copied as they are. NF4-DQ keeps each Linear's blocks of 256 and mean where
+// every fused part's absmax count is a multiple of 256 (dq_parts); elsewhere the absmax is expanded
+// to fp32 (exactly: map[code] * absmax2 + mean, as ferry's own dequantisation) and the model runs NF4.
+Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTensorCount>>& w) {
+  const ModelConfig& c = cfg_;
+  bool aligned = true;
+  for (int64_t il = 0; il < c.n_layers; ++il)
+    for (int t : {kWq, kWk, kWv, kWGate, kWUp}) aligned = aligned && w[il][t].n_absmax % 256 == 0;
+  const bool dq = c.checkpoint_quant == DType::kNF4DQ;
+  const DType q = dq && aligned ? DType::kNF4DQ : DType::kNF4;
+  const int64_t L = c.n_layers;
+  std::vector<HostBuffer> blocks(L);
+  std::vector<LayerWeights> out(L);
+  std::atomic<int64_t> failed{-1};
+  tbb::parallel_for(int64_t{0}, L, [&](int64_t il) {
+    const LayerLayout lay = layer_layout(c, il, q);
+    HostBuffer b(lay.bytes);
+    if (b.data() == nullptr) {
+      failed = il;
+      return;
+    }
+    std::memset(b.data(), 0, lay.bytes);
+    uint8_t* base = b.as<uint8_t>();
+    std::vector<float> f;
+    for (int t = 0; t < kLayerTensorCount; ++t) {
+      if (!lay.present[t]) continue;
+      uint8_t* dst = base + lay.offset[t];
+      const TensorView& shape = lay.shapes.t[t];
+      if (!is_quantized(lay.dtype[t])) {  // norms, biases: BF16
+        const TensorView& src = layers_[il].t[t];
+        f.resize(static_cast<size_t>(shape.numel()));
+        convert_to_f32(src.data, src.dtype, f.data(), f.size());
+        for (size_t i = 0; i < f.size(); ++i) reinterpret_cast<uint16_t*>(dst)[i] = f32_to_bf16(f[i]);
+        continue;
+      }
+      std::vector<const BnbLinear*> parts;
+      if (t == kWqkv) parts = {&w[il][kWq], &w[il][kWk], &w[il][kWv]};
+      else if (t == kWGateUp) parts = {&w[il][kWGate], &w[il][kWUp]};
+      else parts = {&w[il][t]};
+      const int64_t R = shape.shape[0], K = shape.shape[1];
+      const QuantLayout l = quant_layout(q, R, K);
+      int64_t r = 0, a = 0;
+      for (const BnbLinear* p : parts) {
+        std::memcpy(dst + r * K / 2, p->codes, static_cast<size_t>(p->rows * K / 2));
+        const int64_t na = p->n_absmax, nb = (na + 255) / 256;
+        if (q == DType::kNF4DQ) {  // a is a multiple of 256 (aligned)
+          std::memcpy(dst + l.scales + a, p->absmax_codes, static_cast<size_t>(na));
+          std::memcpy(dst + l.scales2 + 4 * (a / 256), p->absmax2, static_cast<size_t>(4 * nb));
+          std::fill_n(reinterpret_cast<float*>(dst + l.means) + a / 256, nb, p->offset);
+        } else if (p->absmax != nullptr) {
+          std::memcpy(dst + l.scales + 4 * a, p->absmax, static_cast<size_t>(4 * na));
+        } else {
+          const float* map = dynamic_map_signed();
+          float* am = reinterpret_cast<float*>(dst + l.scales) + a;
+          for (int64_t i = 0; i < na; ++i) am[i] = map[p->absmax_codes[i]] * p->absmax2[i / 256] + p->offset;
+        }
+        r += p->rows, a += na;
+      }
+      FERRY_CHECK(r == R);
+    }
+    out[il] = lay.views(base, Tier::kHost);
+    blocks[il] = std::move(b);
+  });
+  if (failed >= 0)
+    return out_of_memory(strprintf("%s: cannot allocate %llu bytes of host memory for layer %lld", source_.c_str(),
+                                   static_cast<unsigned long long>(layer_layout(c, failed, q).bytes), static_cast<long long>(failed.load())));
+  layers_ = std::move(out);
+  for (auto& b : blocks) owned_.push_back(std::move(b));
+  source_ += q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
+             : dq               ? ", bitsandbytes NF4 (its double-quantised absmax expanded to fp32: a q/k/v or gate/up part's count is not a multiple of 256)"
+                                : ", bitsandbytes NF4 as stored";
+  return Status::Ok();
 }
 
 WeightStore::SyntheticInfo WeightStore::synthetic_info(int64_t il, int t) const {
@@ -281,6 +447,11 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
     if (linear_dtype(layers_[0]) == q) return Status::Ok();
     return invalid_argument(strprintf("--quant %s: the packed store %s holds %s weights; pack it with --quant %s (ferry pack)", qname.c_str(),
                                       manifest_->dir.c_str(), std::string(dtype_name(linear_dtype(layers_[0]))).c_str(), qname.c_str()));
+  }
+  if (const DType have = linear_dtype(layers_[0]); is_quantized(have)) {  // a bitsandbytes checkpoint, read as stored
+    if (have == q) return Status::Ok();
+    return invalid_argument(strprintf("--quant %s: %s holds bitsandbytes %s weights (config.json quantization_config); run it without --quant",
+                                      qname.c_str(), source_.c_str(), std::string(dtype_name(have)).c_str()));
   }
   const int64_t mult = quant_col_multiple(q);
   const auto specs = layer_tensor_specs(c, 0);

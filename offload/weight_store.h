@@ -20,6 +20,8 @@
 
 namespace ferry {
 
+struct BnbLinear;  // one Linear weight of a bitsandbytes 4-bit checkpoint (weight_store.cpp)
+
 class WeightStore {
  public:
   // Binds every tensor `cfg` needs to `ckpt`, checking names, shapes and dtypes (F32, F16, BF16).
@@ -85,6 +87,9 @@ class WeightStore {
 
  private:
   WeightStore() = default;
+  // A bitsandbytes 4-bit checkpoint's Linear weights (cfg.checkpoint_quant), bound per layer and
+  // LayerTensor, into quantised layer blocks (weight_store.cpp).
+  Status import_bnb(const std::vector<std::array<BnbLinear, kLayerTensorCount>>& w);
   ModelConfig cfg_;
   std::string source_;
   std::unique_ptr<CheckpointReader> ckpt_;  // keeps the mappings alive

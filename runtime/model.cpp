@@ -17,7 +17,8 @@ Expected<Model> load_model(const std::string& spec, const LoadOptions& opts) {
   FERRY_ASSIGN_OR_RETURN(Model m, load_unquantised(spec, o));
   if (is_quantized(opts.quant)) FERRY_RETURN_IF_ERROR(m.weights->quantize(opts.quant, opts.shapes_only));
   if (is_quantized(opts.quant_head)) {
-    if (!is_quantized(opts.quant)) return invalid_argument("--quant-head needs --quant (the layers' Linear weights quantised too)");
+    if (!is_quantized(opts.quant) && !is_quantized(m.config.checkpoint_quant))
+      return invalid_argument("--quant-head needs --quant (the layers' Linear weights quantised too)");
     FERRY_RETURN_IF_ERROR(m.weights->quantize_head(opts.quant_head, opts.shapes_only));
   }
   return m;

@@ -836,6 +836,28 @@ TEST_SUITE("gpu_model") {
     }
   }
 
+  TEST_CASE("bitsandbytes 4-bit checkpoints on the GPU: resident, and streamed + CPU layers, near the float32 logits of bitsandbytes' dequantised weights") {
+    // tests/data/bnb4-* (test_model.cpp has the CPU's 1e-5): the GPU's BF16 activations and code values.
+    for (const char* name : {"bnb4-nf4-dq", "bnb4-gqa-dq"}) {
+      const std::string dir = test::data_dir() + "/" + name;
+      auto ref = SafetensorsFile::open(dir + "/ref.safetensors");
+      REQUIRE(ref.ok());
+      const auto ids = test::read_i32(**ref, "input_ids");
+      const auto want = test::read_f32(**ref, "logits");
+      for (const std::string places : {"", "SC"}) {
+        GpuModel g = load_gpu(dir, 4096, true, -1, places);
+        CHECK(is_quantized(linear_dtype(g.model.weights->layer(0))));
+        for (int64_t chunk : {int64_t{512}, int64_t{1}}) {
+          auto logits = prompt_logits(*g.runner, ids, chunk);
+          REQUIRE(logits.ok());
+          const double err = rel(*logits, want);
+          MESSAGE(std::string(name) << " on the GPU, places '" << places << "', " << chunk << "-token steps: max|d|/max|ref| = " << err);
+          CHECK(err <= 2e-2);
+        }
+      }
+    }
+  }
+
   TEST_CASE("--quant nf4 / nf4-dq / int8 on the GPU: the golden NF4 logits (prompt and token by token), streamed and CPU layers, GPU-made synthetic = host-made") {
     const std::string dir = test::shared_dir() + "/golden/llama-gqa";
     auto gs = SafetensorsFile::open(dir + "/golden.safetensors");

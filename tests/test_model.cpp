@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 
 #include "cpu/cpu_executor.h"
@@ -674,7 +675,7 @@ TEST_SUITE("model") {
   }
 
   TEST_CASE("NF4 and its double-quantised absmax byte for byte as bitsandbytes makes them (tests/data, bench/baselines/bnb_nf4_reference.py)") {
-    auto f = SafetensorsFile::open(std::string(FERRY_SOURCE_DIR) + "/tests/data/bnb_nf4_dq.safetensors");
+    auto f = SafetensorsFile::open(test::data_dir() + "/bnb_nf4_dq.safetensors");
     REQUIRE_MESSAGE(f.ok(), f.status().message());
     auto bytes = [&](const char* name) {
       const SafetensorsEntry* e = (*f)->find(name);
@@ -978,6 +979,111 @@ TEST_SUITE("model") {
       }
     }
     cpu::set_nf4_decode_dot(was);
+  }
+
+  TEST_CASE("bitsandbytes 4-bit checkpoints (transformers' save_pretrained): read as stored, the logits of bitsandbytes' dequantised weights; refusals name the tensor or key") {
+    // tests/data/bnb4-* (bench/baselines/bnb_checkpoints.py): tiny Llamas saved by transformers after
+    // loading them in 4 bits with bitsandbytes, with the float32 logits of the weights bitsandbytes
+    // dequantises. nf4-dq: every Linear's absmax count a multiple of 256 (kept double-quantised);
+    // gqa-dq: k/v hold 128 (expanded to fp32 absmax, NF4); nf4: fp32 absmax.
+    struct Case {
+      const char* dir;
+      DType want;
+    };
+    for (const Case& k : {Case{"bnb4-nf4-dq", DType::kNF4DQ}, Case{"bnb4-nf4", DType::kNF4}, Case{"bnb4-gqa-dq", DType::kNF4}}) {
+      const std::string name = k.dir;
+      CAPTURE(name);
+      const std::string dir = test::data_dir() + "/" + k.dir;
+      auto ref = SafetensorsFile::open(dir + "/ref.safetensors");
+      REQUIRE(ref.ok());
+      const auto ids = test::read_i32(**ref, "input_ids");
+      const auto want = test::read_f32(**ref, "logits");
+      Loaded l = load(dir);
+      const LayerWeights& w0 = l.model.weights->layer(0);
+      CHECK(linear_dtype(w0) == k.want);
+      CHECK(is_fused_qkv(w0));
+      CHECK(is_fused_gate_up(w0));
+      CHECK(l.model.weights->source().find("bitsandbytes") != std::string::npos);
+      for (int64_t chunk : {int64_t{512}, int64_t{1}}) {  // the prompt (dequantised panels), one token a step (the row kernels)
+        auto logits = prompt_logits(*l.runner, ids, chunk);
+        REQUIRE(logits.ok());
+        const double err = rel_err(*logits, want);
+        MESSAGE(std::string(k.dir) << ", " << chunk << "-token steps: max|d|/max|ref| = " << err << " (transformers' own 4-bit CPU forward: "
+                      << rel_err(test::read_f32(**ref, "logits_bnb"), want) << ")");
+        CHECK(err < 1e-5);
+      }
+      // The lm_head quantised too (--quant-head) needs no --quant here.
+      auto head = load_model(dir, LoadOptions{.need_tokenizer = false, .quant_head = DType::kNF4});
+      REQUIRE_MESSAGE(head.ok(), head.status().message());
+      CHECK(head->weights->globals().t[kLmHead].dtype == DType::kNF4);
+      // --quant of the format it holds changes nothing; another is refused, naming the flag.
+      CHECK(load_model(dir, LoadOptions{.need_tokenizer = false, .quant = k.want}).ok());
+      auto other = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = DType::kQ8});
+      REQUIRE(!other.ok());
+      CHECK(other.status().message().find("--quant int8") != std::string::npos);
+      CHECK(other.status().message().find("bitsandbytes") != std::string::npos);
+    }
+    // What is refused, and how.
+    const std::string dq = test::data_dir() + "/bnb4-nf4-dq";
+    auto text = [&] {
+      std::ifstream f(dq + "/config.json");
+      return std::string(std::istreambuf_iterator<char>(f), {});
+    }();
+    auto with = [&](const std::string& from, const std::string& to) {
+      std::string t = text;
+      const size_t at = t.find(from);
+      REQUIRE(at != std::string::npos);
+      return t.replace(at, from.size(), to);
+    };
+    struct Bad {
+      std::string config, says;
+    };
+    for (const Bad& b : {Bad{with("\"bnb_4bit_quant_type\": \"nf4\"", "\"bnb_4bit_quant_type\": \"fp4\""), "bnb_4bit_quant_type 'fp4'"},
+                         Bad{with("\"load_in_8bit\": false", "\"load_in_8bit\": true"), "8-bit"},
+                         Bad{with("\"quant_method\": \"bitsandbytes\"", "\"quant_method\": \"gptq\""), "quant_method 'gptq'"},
+                         Bad{with("\"bnb_4bit_quant_storage\": \"uint8\"", "\"bnb_4bit_quant_storage\": \"bfloat16\""), "bnb_4bit_quant_storage"}}) {
+      auto c = parse_config(b.config, "config.json");
+      REQUIRE(!c.ok());
+      CHECK(c.status().message().find(b.says) != std::string::npos);
+    }
+    // A checkpoint missing one of a weight's companions, or whose quant_state disagrees with config.json.
+    auto src = SafetensorsFile::open(dq + "/model.safetensors");
+    REQUIRE(src.ok());
+    for (const std::string drop : {"model.layers.1.mlp.up_proj.weight.nested_absmax", "model.layers.0.self_attn.k_proj.weight.quant_map"}) {
+      CAPTURE(drop);
+      test::TempDir tmp;
+      std::vector<TensorToWrite> keep;
+      for (const auto& [name, e] : (*src)->entries())
+        if (name != drop) keep.push_back({name, e.dtype, e.shape, (*src)->view(e).data});
+      REQUIRE(write_safetensors((tmp.path / "model.safetensors").string(), keep).ok());
+      std::filesystem::copy_file(dq + "/config.json", tmp.path / "config.json");
+      auto m = load_model(tmp.path.string(), LoadOptions{.need_tokenizer = false});
+      REQUIRE(!m.ok());
+      CHECK(m.status().message().find(drop) != std::string::npos);
+    }
+    {  // k_proj's quant_state says another shape
+      test::TempDir tmp;
+      std::vector<TensorToWrite> keep;
+      const std::string qs = "model.layers.0.self_attn.k_proj.weight.quant_state.bitsandbytes__nf4";
+      std::string state;
+      for (const auto& [name, e] : (*src)->entries()) {
+        if (name == qs) {
+          const TensorView v = (*src)->view(e);
+          state.assign(static_cast<const char*>(v.data), static_cast<size_t>(v.numel()));
+          const size_t at = state.find("[128, 128]");
+          REQUIRE(at != std::string::npos);
+          state.replace(at, 10, "[128, 192]");
+          keep.push_back({name, DType::kU8, {static_cast<int64_t>(state.size())}, state.data()});
+        } else {
+          keep.push_back({name, e.dtype, e.shape, (*src)->view(e).data});
+        }
+      }
+      REQUIRE(write_safetensors((tmp.path / "model.safetensors").string(), keep).ok());
+      std::filesystem::copy_file(dq + "/config.json", tmp.path / "config.json");
+      auto m = load_model(tmp.path.string(), LoadOptions{.need_tokenizer = false});
+      REQUIRE(!m.ok());
+      CHECK(m.status().message().find(qs) != std::string::npos);
+    }
   }
 
   TEST_CASE("a sequence past max_position_embeddings is refused, not computed") {

@@ -23,6 +23,12 @@ inline std::string shared_dir() {
   return std::string(FERRY_SOURCE_DIR) + "/../shared";
 }
 
+// The repository's tests/data (FERRY_TEST_DATA overrides: a copy of the tests run elsewhere).
+inline std::string data_dir() {
+  if (const char* e = std::getenv("FERRY_TEST_DATA"); e && *e) return e;
+  return std::string(FERRY_SOURCE_DIR) + "/tests/data";
+}
+
 // Returns a float32 copy of tensor `name` (F32 or I32 converted) from a safetensors file.
 inline std::vector<float> read_f32(const SafetensorsFile& f, const std::string& name, std::vector<int64_t>* shape = nullptr) {
   const SafetensorsEntry* e = f.find(name);

@@ -450,8 +450,9 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
   }
   if (const DType have = linear_dtype(layers_[0]); is_quantized(have)) {  // a bitsandbytes checkpoint, read as stored
     if (have == q) return Status::Ok();
-    return invalid_argument(strprintf("--quant %s: %s holds bitsandbytes %s weights (config.json quantization_config); run it without --quant",
-                                      qname.c_str(), source_.c_str(), std::string(dtype_name(have)).c_str()));
+    return invalid_argument(strprintf("--quant %s: %s is a bitsandbytes %s checkpoint (config.json quantization_config): run it without --quant",
+                                      qname.c_str(), ckpt_ ? ckpt_->dir().c_str() : source_.c_str(),
+                                      std::string(weight_format_info(weight_format_of(have)).name).c_str()));
   }
   const int64_t mult = quant_col_multiple(q);
   const auto specs = layer_tensor_specs(c, 0);

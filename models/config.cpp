@@ -94,8 +94,8 @@ Status get_bool(const json& j, const char* key, bool* out, const std::string& pa
   return Status::Ok();
 }
 
-// quantization_config: bitsandbytes' 4-bit NF4 is read as stored; anything else is refused naming
-// what to run instead.
+// quantization_config: bitsandbytes' 4-bit NF4 and 8-bit checkpoints are read as stored; anything
+// else is refused naming what to run instead.
 Status parse_quantization(const json& q, ModelConfig* cfg, const std::string& path) {
   if (q.is_null()) return Status::Ok();
   if (!q.is_object()) return corrupt(strprintf("%s: 'quantization_config' must be an object", path.c_str()));
@@ -115,9 +115,14 @@ Status parse_quantization(const json& q, ModelConfig* cfg, const std::string& pa
     (std::string(k).find("4bit") != std::string::npos ? in4 : in8) |= v;
   }
   FERRY_RETURN_IF_ERROR(get_bool(q, "bnb_4bit_use_double_quant", &dq, path));
-  if (in8)
-    return unsupported(strprintf("%s: bitsandbytes 8-bit (LLM.int8) checkpoints are not supported; run the unquantised checkpoint with --quant int8",
-                                 path.c_str()));
+  if (in8) {  // LLM.int8's stored form: int8 rows and their absmax (SCB), ferry's int8 format
+    bool fp16_weight = false;
+    FERRY_RETURN_IF_ERROR(get_bool(q, "llm_int8_has_fp16_weight", &fp16_weight, path));
+    if (fp16_weight)
+      return unsupported(strprintf("%s: bitsandbytes 8-bit with llm_int8_has_fp16_weight keeps 16-bit weights; not supported", path.c_str()));
+    cfg->checkpoint_quant = DType::kQ8;
+    return Status::Ok();
+  }
   if (!in4) return corrupt(strprintf("%s: quantization_config: bitsandbytes with neither load_in_4bit nor load_in_8bit", path.c_str()));
   const std::string type = str("bnb_4bit_quant_type", "fp4");  // bitsandbytes' default
   if (type != "nf4")

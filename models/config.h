@@ -42,9 +42,10 @@ struct ModelConfig {
   bool attention_bias = false;  // bias on q, k, v (always for Qwen2)
   int64_t sliding_window = 0;   // 0: full attention
   DType dtype = DType::kBF16;   // torch_dtype / dtype: what the checkpoint stores
-  // A bitsandbytes 4-bit checkpoint (config.json quantization_config: quant_method "bitsandbytes",
-  // load_in_4bit, nf4): its Linear weights are stored as NF4 (kNF4), or NF4 with double-quantised
-  // absmax (kNF4DQ, bnb_4bit_use_double_quant); kBF16 otherwise.
+  // A bitsandbytes checkpoint (config.json quantization_config: quant_method "bitsandbytes"): its
+  // Linear weights are stored as NF4 (kNF4: load_in_4bit, nf4), NF4 with double-quantised absmax
+  // (kNF4DQ, bnb_4bit_use_double_quant) or int8 rows with their absmax (kQ8: load_in_8bit); kBF16
+  // otherwise.
   DType checkpoint_quant = DType::kBF16;
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;

@@ -23,6 +23,8 @@ struct BnbLinear {
   const float* absmax2 = nullptr;
   float offset = 0;
   int64_t rows = 0, n_absmax = 0;
+  const int8_t* q8 = nullptr;  // 8-bit: int8 rows
+  const float* scb = nullptr;  // and each row's absmax (w = q * SCB / 127)
 };
 
 
@@ -80,8 +82,9 @@ int64_t first_non_finite(const TensorView& v) {
 // `name.quant_map` F32 [16] and `name.quant_state.bitsandbytes__nf4` (U8: JSON with quant_type,
 // blocksize, shape and, double-quantised, nested_blocksize and nested_offset, the absmax' mean).
 
-Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spec, bool dq, std::set<std::string>& used) {
+Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spec, DType format, std::set<std::string>& used) {
   const int64_t rows = spec.shape[0], cols = spec.shape[1], n = rows * cols, na = n / 64;
+  const bool dq = format == DType::kNF4DQ;
   const std::string src = ckpt.source_description();
   auto part = [&](const std::string& suffix, DType dt, int64_t numel) -> Expected<TensorView> {
     const std::string name = spec.name + suffix;
@@ -98,6 +101,29 @@ Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spe
     used.insert(name);
     return f.file->view(*f.entry);
   };
+  if (format == DType::kQ8) {  // `name` I8 [rows, cols]; `<module>.SCB` F32 [rows]; `name_format` U8 (0: rows as they are)
+    BnbLinear b;
+    b.rows = rows;
+    FERRY_ASSIGN_OR_RETURN(TensorView q, part("", DType::kI8, n));
+    const std::string module = spec.name.substr(0, spec.name.size() - std::string(".weight").size());
+    auto f = ckpt.find(module + ".SCB");
+    if (f.entry == nullptr || f.entry->dtype != DType::kF32 || f.entry->shape != std::vector<int64_t>{rows})
+      return corrupt(strprintf("%s: tensor '%s.SCB' (F32 [%lld], the rows' absmax) is %s beside the bitsandbytes 8-bit weight '%s'", src.c_str(),
+                               module.c_str(), static_cast<long long>(rows), f.entry ? "of another dtype or shape" : "missing", spec.name.c_str()));
+    used.insert(module + ".SCB");
+    const TensorView scb = f.file->view(*f.entry);
+    if (first_non_finite(scb) >= 0) return corrupt(strprintf("%s: '%s.SCB' holds a NaN or an infinity", src.c_str(), module.c_str()));
+    if (auto wf = ckpt.find(spec.name + "_format"); wf.entry != nullptr) {
+      const TensorView v = wf.file->view(*wf.entry);
+      if (wf.entry->dtype != DType::kU8 || v.numel() != 1 || *static_cast<const uint8_t*>(v.data) != 0)
+        return unsupported(strprintf("%s: '%s_format' is not 0 (rows as they are): a GPU-tiled bitsandbytes layout ferry does not read", src.c_str(),
+                                     spec.name.c_str()));
+      used.insert(spec.name + "_format");
+    }
+    b.q8 = static_cast<const int8_t*>(q.data);
+    b.scb = static_cast<const float*>(scb.data);
+    return b;
+  }
   if (cols % 64 != 0)
     return unsupported(strprintf("%s: bitsandbytes 4-bit weight '%s' %s: its rows are not whole blocks of 64", src.c_str(), spec.name.c_str(),
                                  shape_str(spec.shape).c_str()));
@@ -181,7 +207,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
     const auto specs = layer_tensor_specs(cfg, il);
     for (int t = 0; t < kLayerTensorCount; ++t)
       if (is_linear(t)) {
-        FERRY_ASSIGN_OR_RETURN(bnb_w[il][t], bind_bnb(*ckpt, specs[t], cfg.checkpoint_quant == DType::kNF4DQ, used));
+        FERRY_ASSIGN_OR_RETURN(bnb_w[il][t], bind_bnb(*ckpt, specs[t], cfg.checkpoint_quant, used));
       }
   }
   for (const auto& name : ckpt->names()) {
@@ -213,11 +239,11 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
 // to fp32 (exactly: map[code] * absmax2 + mean, as ferry's own dequantisation) and the model runs NF4.
 Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTensorCount>>& w) {
   const ModelConfig& c = cfg_;
-  bool aligned = true;
+  bool aligned = true;  // (NF4-DQ)
   for (int64_t il = 0; il < c.n_layers; ++il)
     for (int t : {kWq, kWk, kWv, kWGate, kWUp}) aligned = aligned && w[il][t].n_absmax % 256 == 0;
   const bool dq = c.checkpoint_quant == DType::kNF4DQ;
-  const DType q = dq && aligned ? DType::kNF4DQ : DType::kNF4;
+  const DType q = c.checkpoint_quant == DType::kQ8 ? DType::kQ8 : dq && aligned ? DType::kNF4DQ : DType::kNF4;
   const int64_t L = c.n_layers;
   std::vector<HostBuffer> blocks(L);
   std::vector<LayerWeights> out(L);
@@ -251,6 +277,13 @@ Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTen
       const QuantLayout l = quant_layout(q, R, K);
       int64_t r = 0, a = 0;
       for (const BnbLinear* p : parts) {
+        if (q == DType::kQ8) {  // int8 rows, then a float scale a row
+          std::memcpy(dst + r * K, p->q8, static_cast<size_t>(p->rows * K));
+          float* sc = reinterpret_cast<float*>(dst + l.scales) + r;
+          for (int64_t i = 0; i < p->rows; ++i) sc[i] = p->scb[i] / 127.0f;
+          r += p->rows;
+          continue;
+        }
         std::memcpy(dst + r * K / 2, p->codes, static_cast<size_t>(p->rows * K / 2));
         const int64_t na = p->n_absmax, nb = (na + 255) / 256;
         if (q == DType::kNF4DQ) {  // a is a multiple of 256 (aligned)
@@ -276,7 +309,8 @@ Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTen
                                    static_cast<unsigned long long>(layer_layout(c, failed, q).bytes), static_cast<long long>(failed.load())));
   layers_ = std::move(out);
   for (auto& b : blocks) owned_.push_back(std::move(b));
-  source_ += q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
+  source_ += q == DType::kQ8     ? ", bitsandbytes 8-bit as int8 rows with a scale each (SCB / 127)"
+             : q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
              : dq               ? ", bitsandbytes NF4 (its double-quantised absmax expanded to fp32: a q/k/v or gate/up part's count is not a multiple of 256)"
                                 : ", bitsandbytes NF4 as stored";
   return Status::Ok();

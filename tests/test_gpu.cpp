@@ -836,9 +836,9 @@ TEST_SUITE("gpu_model") {
     }
   }
 
-  TEST_CASE("bitsandbytes 4-bit checkpoints on the GPU: resident, and streamed + CPU layers, near the float32 logits of bitsandbytes' dequantised weights") {
+  TEST_CASE("bitsandbytes 4-bit and 8-bit checkpoints on the GPU: resident, and streamed + CPU layers, near the float32 logits of bitsandbytes' dequantised weights") {
     // tests/data/bnb4-* (test_model.cpp has the CPU's 1e-5): the GPU's BF16 activations and code values.
-    for (const char* name : {"bnb4-nf4-dq", "bnb4-gqa-dq"}) {
+    for (const char* name : {"bnb4-nf4-dq", "bnb4-gqa-dq", "bnb8"}) {
       const std::string dir = test::data_dir() + "/" + name;
       auto ref = SafetensorsFile::open(dir + "/ref.safetensors");
       REQUIRE(ref.ok());

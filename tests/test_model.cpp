@@ -981,16 +981,17 @@ TEST_SUITE("model") {
     cpu::set_nf4_decode_dot(was);
   }
 
-  TEST_CASE("bitsandbytes 4-bit checkpoints (transformers' save_pretrained): read as stored, the logits of bitsandbytes' dequantised weights; refusals name the tensor or key") {
-    // tests/data/bnb4-* (bench/baselines/bnb_checkpoints.py): tiny Llamas saved by transformers after
-    // loading them in 4 bits with bitsandbytes, with the float32 logits of the weights bitsandbytes
-    // dequantises. nf4-dq: every Linear's absmax count a multiple of 256 (kept double-quantised);
-    // gqa-dq: k/v hold 128 (expanded to fp32 absmax, NF4); nf4: fp32 absmax.
+  TEST_CASE("bitsandbytes 4-bit and 8-bit checkpoints (transformers' save_pretrained): read as stored, the logits of bitsandbytes' dequantised weights; refusals name the tensor or key") {
+    // tests/data/bnb4-*, bnb8 (bench/baselines/bnb_checkpoints.py): tiny Llamas saved by transformers
+    // after loading them in 4 or 8 bits with bitsandbytes, with the float32 logits of the weights
+    // bitsandbytes dequantises. nf4-dq: every Linear's absmax count a multiple of 256 (kept
+    // double-quantised); gqa-dq: k/v hold 128 (expanded to fp32 absmax, NF4); nf4: fp32 absmax; bnb8:
+    // int8 rows and their absmax (ferry's int8, a scale SCB / 127 a row).
     struct Case {
       const char* dir;
       DType want;
     };
-    for (const Case& k : {Case{"bnb4-nf4-dq", DType::kNF4DQ}, Case{"bnb4-nf4", DType::kNF4}, Case{"bnb4-gqa-dq", DType::kNF4}}) {
+    for (const Case& k : {Case{"bnb4-nf4-dq", DType::kNF4DQ}, Case{"bnb4-nf4", DType::kNF4}, Case{"bnb4-gqa-dq", DType::kNF4}, Case{"bnb8", DType::kQ8}}) {
       const std::string name = k.dir;
       CAPTURE(name);
       const std::string dir = test::data_dir() + "/" + k.dir;
@@ -1008,7 +1009,7 @@ TEST_SUITE("model") {
         auto logits = prompt_logits(*l.runner, ids, chunk);
         REQUIRE(logits.ok());
         const double err = rel_err(*logits, want);
-        MESSAGE(std::string(k.dir) << ", " << chunk << "-token steps: max|d|/max|ref| = " << err << " (transformers' own 4-bit CPU forward: "
+        MESSAGE(std::string(k.dir) << ", " << chunk << "-token steps: max|d|/max|ref| = " << err << " (transformers' own CPU forward: "
                       << rel_err(test::read_f32(**ref, "logits_bnb"), want) << ")");
         CHECK(err < 1e-5);
       }
@@ -1018,9 +1019,10 @@ TEST_SUITE("model") {
       CHECK(head->weights->globals().t[kLmHead].dtype == DType::kNF4);
       // --quant of the format it holds changes nothing; another is refused, naming the flag.
       CHECK(load_model(dir, LoadOptions{.need_tokenizer = false, .quant = k.want}).ok());
-      auto other = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = DType::kQ8});
+      const DType o = k.want == DType::kQ8 ? DType::kNF4 : DType::kQ8;
+      auto other = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = o});
       REQUIRE(!other.ok());
-      CHECK(other.status().message().find("--quant int8") != std::string::npos);
+      CHECK(other.status().message().find("--quant " + std::string(weight_format_info(weight_format_of(o)).name)) != std::string::npos);
       CHECK(other.status().message().find("bitsandbytes") != std::string::npos);
     }
     // What is refused, and how.
@@ -1039,7 +1041,11 @@ TEST_SUITE("model") {
       std::string config, says;
     };
     for (const Bad& b : {Bad{with("\"bnb_4bit_quant_type\": \"nf4\"", "\"bnb_4bit_quant_type\": \"fp4\""), "bnb_4bit_quant_type 'fp4'"},
-                         Bad{with("\"load_in_8bit\": false", "\"load_in_8bit\": true"), "8-bit"},
+                         Bad{[&] {
+                               std::string t = with("\"llm_int8_has_fp16_weight\": false", "\"llm_int8_has_fp16_weight\": true");
+                               return t.replace(t.find("\"load_in_8bit\": false"), 21, "\"load_in_8bit\": true");
+                             }(),
+                             "llm_int8_has_fp16_weight"},
                          Bad{with("\"quant_method\": \"bitsandbytes\"", "\"quant_method\": \"gptq\""), "quant_method 'gptq'"},
                          Bad{with("\"bnb_4bit_quant_storage\": \"uint8\"", "\"bnb_4bit_quant_storage\": \"bfloat16\""), "bnb_4bit_quant_storage"}}) {
       auto c = parse_config(b.config, "config.json");

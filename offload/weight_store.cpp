@@ -139,8 +139,13 @@ Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spe
   const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
   const std::string qs_name = spec.name + ".quant_state.bitsandbytes__nf4";
   if (j.is_discarded() || !j.is_object()) return corrupt(strprintf("%s: '%s' is not a JSON object", src.c_str(), qs_name.c_str()));
-  const std::vector<int64_t> shape = j.contains("shape") && j["shape"].is_array() ? j["shape"].get<std::vector<int64_t>>() : std::vector<int64_t>{};
-  if (j.value("quant_type", std::string()) != "nf4" || j.value("blocksize", int64_t{0}) != 64 || shape != spec.shape)
+  // Fields of the wrong type read as absent (nlohmann's value() and get() throw on them).
+  auto str = [&](const char* k) { return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : std::string(); };
+  auto num = [&](const char* k, int64_t dflt) { return !j.contains(k) ? dflt : j[k].is_number_integer() ? j[k].get<int64_t>() : int64_t{-1}; };
+  std::vector<int64_t> shape;
+  if (j.contains("shape") && j["shape"].is_array())
+    for (const auto& d : j["shape"]) shape.push_back(d.is_number_integer() ? d.get<int64_t>() : int64_t{-1});
+  if (str("quant_type") != "nf4" || num("blocksize", 0) != 64 || shape != spec.shape)
     return corrupt(strprintf("%s: '%s' says %s; expected quant_type nf4, blocksize 64 and shape %s", src.c_str(), qs_name.c_str(), text.c_str(),
                              shape_str(spec.shape).c_str()));
   if (!dq) {
@@ -152,7 +157,7 @@ Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spe
     FERRY_ASSIGN_OR_RETURN(TensorView map, part(".nested_quant_map", DType::kF32, 256));
     if (std::memcmp(map.data, dynamic_map_signed(), 256 * sizeof(float)) != 0)
       return unsupported(strprintf("%s: '%s.nested_quant_map' is not bitsandbytes' signed dynamic map", src.c_str(), spec.name.c_str()));
-    if (j.value("nested_blocksize", int64_t{256}) != 256 || !j.contains("nested_offset") || !j["nested_offset"].is_number())
+    if (num("nested_blocksize", 256) != 256 || !j.contains("nested_offset") || !j["nested_offset"].is_number())
       return corrupt(strprintf("%s: '%s' says %s; double quantisation needs nested_blocksize 256 and a nested_offset", src.c_str(), qs_name.c_str(),
                                text.c_str()));
     b.absmax_codes = static_cast<const uint8_t*>(a.data);

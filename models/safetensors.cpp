@@ -139,6 +139,13 @@ Expected<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::stri
     if (b->begin < a->end && b->end > b->begin && a->end > a->begin)
       return corrupt(strprintf("%s: tensors '%s' and '%s' overlap in the data section", path.c_str(), a->name.c_str(), b->name.c_str()));
   }
+  // Tensors are used in place (mapped): an element must sit at a multiple of its size, as the
+  // safetensors library's writer guarantees (larger dtypes first, the header padded to 8 bytes).
+  for (const SafetensorsEntry* e : by_offset)
+    if (const uint64_t a = dtype_size(e->dtype); a > 1 && (8 + header_len + e->begin) % a != 0)
+      return corrupt(strprintf("%s: tensor '%s': its data starts at byte %llu of the file, not a multiple of its dtype's %llu bytes (a writer "
+                               "that does not align tensors; re-save the file with the safetensors library)",
+                               path.c_str(), e->name.c_str(), (unsigned long long)(8 + header_len + e->begin), (unsigned long long)a));
   return f;
 }
 
@@ -210,8 +217,12 @@ Status write_safetensors(const std::string& path, const std::vector<TensorToWrit
                          const std::map<std::string, std::string>& metadata) {
   json h = json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;
+  // Larger dtypes first (stable otherwise), the header padded to 8 bytes: every tensor then starts at
+  // a multiple of its element size, as readers that map the file need (and the safetensors library writes).
+  std::vector<TensorToWrite> order(tensors);
+  std::stable_sort(order.begin(), order.end(), [](const TensorToWrite& a, const TensorToWrite& b) { return dtype_size(a.dtype) > dtype_size(b.dtype); });
   uint64_t off = 0;
-  for (const auto& t : tensors) {
+  for (const auto& t : order) {
     uint64_t numel = 1;
     for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
     const uint64_t nb = numel * dtype_size(t.dtype);
@@ -225,7 +236,7 @@ Status write_safetensors(const std::string& path, const std::vector<TensorToWrit
   std::memcpy(buf.data(), &hl, 8);
   std::memcpy(buf.data() + 8, hs.data(), hs.size());
   uint8_t* p = buf.data() + 8 + hs.size();
-  for (const auto& t : tensors) {
+  for (const auto& t : order) {
     uint64_t numel = 1;
     for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
     const uint64_t nb = numel * dtype_size(t.dtype);

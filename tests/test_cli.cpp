@@ -58,6 +58,7 @@ struct ModelCopy {
     json h = json::parse(bytes.substr(8, hl));
     edit(h);
     std::string hs = h.dump();
+    while (hs.size() % 8 != 0) hs.push_back(' ');  // as writers pad it: the tensors stay aligned
     uint64_t nl = hs.size();
     std::string out(reinterpret_cast<const char*>(&nl), 8);
     out += hs + bytes.substr(8 + hl);

@@ -65,6 +65,22 @@ TEST_SUITE("safetensors") {
     expect("overlap");
     write_raw(p, R"({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})", 16);
     expect("negative");
+    // Tensors are read in place: an F32 whose data would start at byte 133 of the file (8 + a 122-byte
+    // header + a 3-byte U8 before it) is refused.
+    const std::string mis = R"({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}})";
+    write_raw(p, mis, 11);
+    expect("not a multiple of its dtype");
+    {  // write_safetensors puts larger dtypes first: the same tensors come back aligned and equal
+      const uint8_t a[3] = {1, 2, 3};
+      const float w[2] = {1.5f, -2.0f};
+      REQUIRE(write_safetensors(p, {{"a", DType::kU8, {3}, a}, {"w", DType::kF32, {2}, w}}).ok());
+      auto f = SafetensorsFile::open(p);
+      REQUIRE(f.ok());
+      const TensorView v = (*f)->view(*(*f)->find("w"));
+      CHECK(reinterpret_cast<uintptr_t>(v.data) % 4 == 0);
+      CHECK(static_cast<const float*>(v.data)[1] == -2.0f);
+      CHECK(static_cast<const uint8_t*>((*f)->view(*(*f)->find("a")).data)[2] == 3);
+    }
     write_raw(p, R"({"w": {"dtype": "F32", "shape": [2]}})", 16);
     expect("data_offsets");
     CHECK(open_error(tmp / "missing.safetensors").find("not found") != std::string::npos);

@@ -249,10 +249,59 @@ Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTen
     for (int t : {kWq, kWk, kWv, kWGate, kWUp}) aligned = aligned && w[il][t].n_absmax % 256 == 0;
   const bool dq = c.checkpoint_quant == DType::kNF4DQ;
   const DType q = c.checkpoint_quant == DType::kQ8 ? DType::kQ8 : dq && aligned ? DType::kNF4DQ : DType::kNF4;
+  FERRY_RETURN_IF_ERROR(build_quant_layers(q, source_, [&](int64_t il, int t, uint8_t* dst, int64_t R, int64_t K) {
+    std::vector<const BnbLinear*> parts;
+    if (t == kWqkv) parts = {&w[il][kWq], &w[il][kWk], &w[il][kWv]};
+    else if (t == kWGateUp) parts = {&w[il][kWGate], &w[il][kWUp]};
+    else parts = {&w[il][t]};
+    const QuantLayout l = quant_layout(q, R, K);
+    int64_t r = 0, a = 0;
+    for (const BnbLinear* p : parts) {
+      if (q == DType::kQ8) {  // int8 rows, then a float scale a row
+        std::memcpy(dst + r * K, p->q8, static_cast<size_t>(p->rows * K));
+        float* sc = reinterpret_cast<float*>(dst + l.scales) + r;
+        for (int64_t i = 0; i < p->rows; ++i) sc[i] = p->scb[i] / 127.0f;
+        r += p->rows;
+        continue;
+      }
+      std::memcpy(dst + r * K / 2, p->codes, static_cast<size_t>(p->rows * K / 2));
+      const int64_t na = p->n_absmax, nb = (na + 255) / 256;
+      if (q == DType::kNF4DQ) {  // a is a multiple of 256 (aligned)
+        std::memcpy(dst + l.scales + a, p->absmax_codes, static_cast<size_t>(na));
+        std::memcpy(dst + l.scales2 + 4 * (a / 256), p->absmax2, static_cast<size_t>(4 * nb));
+        std::fill_n(reinterpret_cast<float*>(dst + l.means) + a / 256, nb, p->offset);
+      } else if (p->absmax != nullptr) {
+        std::memcpy(dst + l.scales + 4 * a, p->absmax, static_cast<size_t>(4 * na));
+      } else {
+        const float* map = dynamic_map_signed();
+        float* am = reinterpret_cast<float*>(dst + l.scales) + a;
+        for (int64_t i = 0; i < na; ++i) am[i] = map[p->absmax_codes[i]] * p->absmax2[i / 256] + p->offset;
+      }
+      r += p->rows, a += na;
+    }
+    FERRY_CHECK(r == R);
+  }));
+  source_ += q == DType::kQ8     ? ", bitsandbytes 8-bit as int8 rows with a scale each (SCB / 127)"
+             : q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
+             : dq               ? ", bitsandbytes NF4 (its double-quantised absmax expanded to fp32: a q/k/v or gate/up part's count is not a multiple of 256)"
+                                : ", bitsandbytes NF4 as stored";
+  return Status::Ok();
+}
+
+// Every layer's block in `q`'s layout (layer_layout), built in parallel: norms and biases from the
+// current views as BF16, each quantised (possibly fused) [R, K] tensor by fill(il, t, dst, R, K);
+// the store then serves these blocks and releases the sources it owned. `what` names the work in
+// the out-of-memory error.
+template <class Fill>
+Status WeightStore::build_quant_layers(DType q, const std::string& what, Fill&& fill) {
+  const ModelConfig& c = cfg_;
   const int64_t L = c.n_layers;
   std::vector<HostBuffer> blocks(L);
   std::vector<LayerWeights> out(L);
   std::atomic<int64_t> failed{-1};
+  std::set<const void*> replaced;
+  for (int64_t il = 0; il < L; ++il)
+    for (const auto& v : layers_[il].t) replaced.insert(v.data);
   tbb::parallel_for(int64_t{0}, L, [&](int64_t il) {
     const LayerLayout lay = layer_layout(c, il, q);
     HostBuffer b(lay.bytes);
@@ -260,64 +309,36 @@ Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTen
       failed = il;
       return;
     }
-    std::memset(b.data(), 0, lay.bytes);
+    std::memset(b.data(), 0, lay.bytes);  // the alignment padding too
     uint8_t* base = b.as<uint8_t>();
     std::vector<float> f;
     for (int t = 0; t < kLayerTensorCount; ++t) {
       if (!lay.present[t]) continue;
       uint8_t* dst = base + lay.offset[t];
       const TensorView& shape = lay.shapes.t[t];
-      if (!is_quantized(lay.dtype[t])) {  // norms, biases: BF16
-        const TensorView& src = layers_[il].t[t];
-        f.resize(static_cast<size_t>(shape.numel()));
-        convert_to_f32(src.data, src.dtype, f.data(), f.size());
-        for (size_t i = 0; i < f.size(); ++i) reinterpret_cast<uint16_t*>(dst)[i] = f32_to_bf16(f[i]);
+      if (is_quantized(lay.dtype[t])) {
+        fill(il, t, dst, shape.shape[0], shape.shape[1]);
         continue;
       }
-      std::vector<const BnbLinear*> parts;
-      if (t == kWqkv) parts = {&w[il][kWq], &w[il][kWk], &w[il][kWv]};
-      else if (t == kWGateUp) parts = {&w[il][kWGate], &w[il][kWUp]};
-      else parts = {&w[il][t]};
-      const int64_t R = shape.shape[0], K = shape.shape[1];
-      const QuantLayout l = quant_layout(q, R, K);
-      int64_t r = 0, a = 0;
-      for (const BnbLinear* p : parts) {
-        if (q == DType::kQ8) {  // int8 rows, then a float scale a row
-          std::memcpy(dst + r * K, p->q8, static_cast<size_t>(p->rows * K));
-          float* sc = reinterpret_cast<float*>(dst + l.scales) + r;
-          for (int64_t i = 0; i < p->rows; ++i) sc[i] = p->scb[i] / 127.0f;
-          r += p->rows;
-          continue;
-        }
-        std::memcpy(dst + r * K / 2, p->codes, static_cast<size_t>(p->rows * K / 2));
-        const int64_t na = p->n_absmax, nb = (na + 255) / 256;
-        if (q == DType::kNF4DQ) {  // a is a multiple of 256 (aligned)
-          std::memcpy(dst + l.scales + a, p->absmax_codes, static_cast<size_t>(na));
-          std::memcpy(dst + l.scales2 + 4 * (a / 256), p->absmax2, static_cast<size_t>(4 * nb));
-          std::fill_n(reinterpret_cast<float*>(dst + l.means) + a / 256, nb, p->offset);
-        } else if (p->absmax != nullptr) {
-          std::memcpy(dst + l.scales + 4 * a, p->absmax, static_cast<size_t>(4 * na));
-        } else {
-          const float* map = dynamic_map_signed();
-          float* am = reinterpret_cast<float*>(dst + l.scales) + a;
-          for (int64_t i = 0; i < na; ++i) am[i] = map[p->absmax_codes[i]] * p->absmax2[i / 256] + p->offset;
-        }
-        r += p->rows, a += na;
-      }
-      FERRY_CHECK(r == R);
+      const TensorView& src = layers_[il].t[t];  // norms, biases: BF16
+      f.resize(static_cast<size_t>(shape.numel()));
+      convert_to_f32(src.data, src.dtype, f.data(), f.size());
+      for (size_t i = 0; i < f.size(); ++i) reinterpret_cast<uint16_t*>(dst)[i] = f32_to_bf16(f[i]);
     }
     out[il] = lay.views(base, Tier::kHost);
     blocks[il] = std::move(b);
   });
   if (failed >= 0)
-    return out_of_memory(strprintf("%s: cannot allocate %llu bytes of host memory for layer %lld", source_.c_str(),
+    return out_of_memory(strprintf("%s: cannot allocate %llu bytes of host memory for layer %lld", what.c_str(),
                                    static_cast<unsigned long long>(layer_layout(c, failed, q).bytes), static_cast<long long>(failed.load())));
   layers_ = std::move(out);
-  for (auto& b : blocks) owned_.push_back(std::move(b));
-  source_ += q == DType::kQ8     ? ", bitsandbytes 8-bit as int8 rows with a scale each (SCB / 127)"
-             : q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
-             : dq               ? ", bitsandbytes NF4 (its double-quantised absmax expanded to fp32: a q/k/v or gate/up part's count is not a multiple of 256)"
-                                : ", bitsandbytes NF4 as stored";
+  // The sources the store owned are no longer needed (a checkpoint's mapping stays: the globals use it).
+  std::vector<HostBuffer> kept;
+  for (auto& b : owned_)
+    if (!replaced.count(b.data())) kept.push_back(std::move(b));
+  owned_ = std::move(kept);
+  for (auto& b : blocks)
+    if (b.data()) owned_.push_back(std::move(b));
   return Status::Ok();
 }
 
@@ -502,78 +523,37 @@ Status WeightStore::quantize(DType q, bool shapes_only) {
                                         qname.c_str(), specs[t].name.c_str(), static_cast<long long>(cols),
                                         static_cast<long long>(mult)));
   }
-  const int64_t L = c.n_layers;
-  std::vector<HostBuffer> blocks(L);
-  std::vector<LayerWeights> out(L);
-  std::atomic<int64_t> failed{-1};
-  std::set<const void*> replaced;
-  for (int64_t il = 0; il < L; ++il)
-    for (const auto& v : layers_[il].t) replaced.insert(v.data);
-  tbb::parallel_for(int64_t{0}, L, [&](int64_t il) {
-    const LayerLayout lay = layer_layout(c, il, q);
+  if (shapes_only || layers_[0][kWq].data == nullptr) {  // shapes only: the executor generates and quantises
+    for (int64_t il = 0; il < c.n_layers; ++il) layers_[il] = layer_layout(c, il, q).views(nullptr, Tier::kHost);
+    source_ += ", quantised to " + qname + " at load";
+    return Status::Ok();
+  }
+  FERRY_RETURN_IF_ERROR(build_quant_layers(q, "--quant", [&](int64_t il, int t, uint8_t* dst, int64_t R, int64_t K) {
+    // The source weights stacked as this (possibly fused) weight's rows.
     const LayerWeights& src = layers_[il];
-    if (src[kWq].data == nullptr || shapes_only) {  // shapes only: the executor generates and quantises
-      out[il] = lay.views(nullptr, Tier::kHost);
-      return;
-    }
-    HostBuffer b(lay.bytes);
-    if (b.data() == nullptr) {
-      failed = il;
-      return;
-    }
-    std::memset(b.data(), 0, lay.bytes);
-    uint8_t* base = b.as<uint8_t>();
+    std::vector<const TensorView*> parts;
+    if (t == kWqkv) parts = {&src[kWq], &src[kWk], &src[kWv]};
+    else if (t == kWGateUp) parts = {&src[kWGate], &src[kWUp]};
+    else parts = {&src.t[t]};
+    std::vector<float> stage(static_cast<size_t>(quant_stage_floats(q, R, K)));  // NF4-DQ's fp32 absmax
     std::vector<float> rows;
-    for (int t = 0; t < kLayerTensorCount; ++t) {
-      if (!lay.present[t]) continue;
-      uint8_t* dst = base + lay.offset[t];
-      const TensorView& shape = lay.shapes.t[t];
-      if (!is_quantized(lay.dtype[t])) {  // norms, biases: BF16
-        const int64_t n = shape.numel();
-        rows.resize(static_cast<size_t>(n));
-        convert_to_f32(src.t[t].data, src.t[t].dtype, rows.data(), static_cast<size_t>(n));
-        uint16_t* o = reinterpret_cast<uint16_t*>(dst);
-        for (int64_t i = 0; i < n; ++i) o[i] = f32_to_bf16(rows[i]);
-        continue;
+    constexpr int64_t kChunk = 64;
+    int64_t r = 0;
+    std::vector<int64_t> part_rows;
+    for (const TensorView* p : parts) {
+      part_rows.push_back(p->shape[0]);
+      for (int64_t pr = 0; pr < p->shape[0]; pr += kChunk) {
+        const int64_t n = std::min(kChunk, p->shape[0] - pr);
+        rows.resize(static_cast<size_t>(n * K));
+        const uint8_t* from = static_cast<const uint8_t*>(p->data) + pr * K * static_cast<int64_t>(dtype_size(p->dtype));
+        convert_to_f32(from, p->dtype, rows.data(), static_cast<size_t>(n * K));
+        quantize_rows(q, rows.data(), R, K, r + pr, r + pr + n, dst, stage.data());
       }
-      // The source weights stacked as this (possibly fused) weight's rows.
-      std::vector<const TensorView*> parts;
-      if (t == kWqkv) parts = {&src[kWq], &src[kWk], &src[kWv]};
-      else if (t == kWGateUp) parts = {&src[kWGate], &src[kWUp]};
-      else parts = {&src.t[t]};
-      const int64_t R = shape.shape[0], K = shape.shape[1];
-      std::vector<float> stage(static_cast<size_t>(quant_stage_floats(lay.dtype[t], R, K)));  // NF4-DQ's fp32 absmax
-      constexpr int64_t kChunk = 64;
-      int64_t r = 0;
-      std::vector<int64_t> part_rows;
-      for (const TensorView* p : parts) {
-        part_rows.push_back(p->shape[0]);
-        for (int64_t pr = 0; pr < p->shape[0]; pr += kChunk) {
-          const int64_t n = std::min(kChunk, p->shape[0] - pr);
-          rows.resize(static_cast<size_t>(n * K));
-          const uint8_t* from = static_cast<const uint8_t*>(p->data) + pr * K * static_cast<int64_t>(dtype_size(p->dtype));
-          convert_to_f32(from, p->dtype, rows.data(), static_cast<size_t>(n * K));
-          quantize_rows(lay.dtype[t], rows.data(), R, K, r + pr, r + pr + n, dst, stage.data());
-        }
-        r += p->shape[0];
-      }
-      FERRY_CHECK(r == R);
-      finish_quant(lay.dtype[t], R, K, stage.data(), dst, part_rows);
+      r += p->shape[0];
     }
-    out[il] = lay.views(base, Tier::kHost);
-    blocks[il] = std::move(b);
-  });
-  if (failed >= 0)
-    return out_of_memory(strprintf("--quant: cannot allocate %llu bytes of host memory for layer %lld",
-                                   static_cast<unsigned long long>(layer_layout(c, failed, q).bytes), static_cast<long long>(failed.load())));
-  layers_ = std::move(out);
-  // The sources the store owned are no longer needed (a checkpoint's mapping stays: the globals use it).
-  std::vector<HostBuffer> kept;
-  for (auto& b : owned_)
-    if (!replaced.count(b.data())) kept.push_back(std::move(b));
-  owned_ = std::move(kept);
-  for (auto& b : blocks)
-    if (b.data()) owned_.push_back(std::move(b));
+    FERRY_CHECK(r == R);
+    finish_quant(q, R, K, stage.data(), dst, part_rows);
+  }));
   source_ += ", quantised to " + qname + " at load";
   return Status::Ok();
 }

@@ -90,6 +90,8 @@ class WeightStore {
   // A bitsandbytes 4-bit checkpoint's Linear weights (cfg.checkpoint_quant), bound per layer and
   // LayerTensor, into quantised layer blocks (weight_store.cpp).
   Status import_bnb(const std::vector<std::array<BnbLinear, kLayerTensorCount>>& w);
+  template <class Fill>
+  Status build_quant_layers(DType q, const std::string& what, Fill&& fill);
   ModelConfig cfg_;
   std::string source_;
   std::unique_ptr<CheckpointReader> ckpt_;  // keeps the mappings alive

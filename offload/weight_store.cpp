@@ -16,6 +16,7 @@
 
 namespace ferry {
 
+// One Linear weight of a bitsandbytes checkpoint, bound in place (bind_bnb below).
 struct BnbLinear {
   const uint8_t* codes = nullptr;
   const float* absmax = nullptr;         // fp32 absmax (not double-quantised)
@@ -26,7 +27,6 @@ struct BnbLinear {
   const int8_t* q8 = nullptr;  // 8-bit: int8 rows
   const float* scb = nullptr;  // and each row's absmax (w = q * SCB / 127)
 };
-
 
 namespace {
 
@@ -75,13 +75,13 @@ int64_t first_non_finite(const TensorView& v) {
   }
 }
 
-// One Linear weight of a bitsandbytes 4-bit checkpoint ([rows, cols] in config.json) as transformers
-// saves it: `name` U8 [rows * cols / 2, 1] (two codes a byte, the first in the high nibble, as ferry's
-// NF4), `name.absmax` (F32, one per 64 weights; with double quantisation U8 codes of the signed
-// dynamic map, and `name.nested_absmax` F32 one per 256 of them, `name.nested_quant_map` F32 [256]),
-// `name.quant_map` F32 [16] and `name.quant_state.bitsandbytes__nf4` (U8: JSON with quant_type,
-// blocksize, shape and, double-quantised, nested_blocksize and nested_offset, the absmax' mean).
-
+// One Linear weight ([rows, cols] in config.json) of a bitsandbytes checkpoint in `format`, as
+// transformers saves it. 4-bit: `name` U8 [rows * cols / 2, 1] (two codes a byte, the first in the
+// high nibble, as ferry's NF4), `name.absmax` (F32, one per 64 weights; with double quantisation U8
+// codes of the signed dynamic map, and `name.nested_absmax` F32 one per 256 of them,
+// `name.nested_quant_map` F32 [256]), `name.quant_map` F32 [16] and
+// `name.quant_state.bitsandbytes__nf4` (U8: JSON with quant_type, blocksize, shape and,
+// double-quantised, nested_blocksize and nested_offset, the absmax' mean). 8-bit: below.
 Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spec, DType format, std::set<std::string>& used) {
   const int64_t rows = spec.shape[0], cols = spec.shape[1], n = rows * cols, na = n / 64;
   const bool dq = format == DType::kNF4DQ;
@@ -90,12 +90,12 @@ Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spe
     const std::string name = spec.name + suffix;
     auto f = ckpt.find(name);
     if (f.entry == nullptr)
-      return not_found(strprintf("%s: tensor '%s' is missing (a bitsandbytes 4-bit checkpoint stores it beside '%s')", src.c_str(), name.c_str(),
+      return not_found(strprintf("%s: tensor '%s' is missing (a bitsandbytes checkpoint stores it beside '%s')", src.c_str(), name.c_str(),
                                  spec.name.c_str()));
     int64_t got = 1;
     for (int64_t d : f.entry->shape) got *= d;
     if (f.entry->dtype != dt || (numel >= 0 && got != numel))
-      return corrupt(strprintf("%s: tensor '%s' is %s %s; the bitsandbytes 4-bit weight %s %s needs %s with %lld elements", f.file->path().c_str(),
+      return corrupt(strprintf("%s: tensor '%s' is %s %s; the bitsandbytes weight %s %s needs %s with %lld elements", f.file->path().c_str(),
                                name.c_str(), std::string(dtype_name(f.entry->dtype)).c_str(), shape_str(f.entry->shape).c_str(), spec.name.c_str(),
                                shape_str(spec.shape).c_str(), std::string(dtype_name(dt)).c_str(), static_cast<long long>(numel)));
     used.insert(name);
@@ -196,7 +196,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
     used.insert("lm_head.weight");  // some tied checkpoints store a copy; the embedding is used
   }
   ws->layers_.resize(cfg.n_layers);
-  const bool bnb = is_quantized(cfg.checkpoint_quant);  // bitsandbytes 4-bit: the Linear weights are read below
+  const bool bnb = is_quantized(cfg.checkpoint_quant);  // bitsandbytes: the Linear weights are read below (bind_bnb)
   auto is_linear = [](int t) { return t == kWq || t == kWk || t == kWv || t == kWo || t == kWGate || t == kWUp || t == kWDown; };
   for (int64_t il = 0; il < cfg.n_layers; ++il) {
     const auto specs = layer_tensor_specs(cfg, il);
@@ -236,56 +236,6 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
   ws->ckpt_ = std::move(ckpt);
   ws->layer_tier_.assign(cfg.n_layers, Tier::kHost);
   return ws;
-}
-
-// The bitsandbytes weights into ferry's quantised layer blocks (layer_layout: q/k/v and gate/up
-// fused): codes and absmax copied as they are. NF4-DQ keeps each Linear's blocks of 256 and mean where
-// every fused part's absmax count is a multiple of 256 (dq_parts); elsewhere the absmax is expanded
-// to fp32 (exactly: map[code] * absmax2 + mean, as ferry's own dequantisation) and the model runs NF4.
-Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTensorCount>>& w) {
-  const ModelConfig& c = cfg_;
-  bool aligned = true;  // (NF4-DQ)
-  for (int64_t il = 0; il < c.n_layers; ++il)
-    for (int t : {kWq, kWk, kWv, kWGate, kWUp}) aligned = aligned && w[il][t].n_absmax % 256 == 0;
-  const bool dq = c.checkpoint_quant == DType::kNF4DQ;
-  const DType q = c.checkpoint_quant == DType::kQ8 ? DType::kQ8 : dq && aligned ? DType::kNF4DQ : DType::kNF4;
-  FERRY_RETURN_IF_ERROR(build_quant_layers(q, source_, [&](int64_t il, int t, uint8_t* dst, int64_t R, int64_t K) {
-    std::vector<const BnbLinear*> parts;
-    if (t == kWqkv) parts = {&w[il][kWq], &w[il][kWk], &w[il][kWv]};
-    else if (t == kWGateUp) parts = {&w[il][kWGate], &w[il][kWUp]};
-    else parts = {&w[il][t]};
-    const QuantLayout l = quant_layout(q, R, K);
-    int64_t r = 0, a = 0;
-    for (const BnbLinear* p : parts) {
-      if (q == DType::kQ8) {  // int8 rows, then a float scale a row
-        std::memcpy(dst + r * K, p->q8, static_cast<size_t>(p->rows * K));
-        float* sc = reinterpret_cast<float*>(dst + l.scales) + r;
-        for (int64_t i = 0; i < p->rows; ++i) sc[i] = p->scb[i] / 127.0f;
-        r += p->rows;
-        continue;
-      }
-      std::memcpy(dst + r * K / 2, p->codes, static_cast<size_t>(p->rows * K / 2));
-      const int64_t na = p->n_absmax, nb = (na + 255) / 256;
-      if (q == DType::kNF4DQ) {  // a is a multiple of 256 (aligned)
-        std::memcpy(dst + l.scales + a, p->absmax_codes, static_cast<size_t>(na));
-        std::memcpy(dst + l.scales2 + 4 * (a / 256), p->absmax2, static_cast<size_t>(4 * nb));
-        std::fill_n(reinterpret_cast<float*>(dst + l.means) + a / 256, nb, p->offset);
-      } else if (p->absmax != nullptr) {
-        std::memcpy(dst + l.scales + 4 * a, p->absmax, static_cast<size_t>(4 * na));
-      } else {
-        const float* map = dynamic_map_signed();
-        float* am = reinterpret_cast<float*>(dst + l.scales) + a;
-        for (int64_t i = 0; i < na; ++i) am[i] = map[p->absmax_codes[i]] * p->absmax2[i / 256] + p->offset;
-      }
-      r += p->rows, a += na;
-    }
-    FERRY_CHECK(r == R);
-  }));
-  source_ += q == DType::kQ8     ? ", bitsandbytes 8-bit as int8 rows with a scale each (SCB / 127)"
-             : q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
-             : dq               ? ", bitsandbytes NF4 (its double-quantised absmax expanded to fp32: a q/k/v or gate/up part's count is not a multiple of 256)"
-                                : ", bitsandbytes NF4 as stored";
-  return Status::Ok();
 }
 
 // Every layer's block in `q`'s layout (layer_layout), built in parallel: norms and biases from the
@@ -341,6 +291,57 @@ Status WeightStore::build_quant_layers(DType q, const std::string& what, Fill&& 
     if (b.data()) owned_.push_back(std::move(b));
   return Status::Ok();
 }
+
+// The bitsandbytes weights into ferry's quantised layer blocks (layer_layout: q/k/v and gate/up
+// fused): codes and absmax copied as they are. NF4-DQ keeps each Linear's blocks of 256 and mean where
+// every fused part's absmax count is a multiple of 256 (dq_parts); elsewhere the absmax is expanded
+// to fp32 (exactly: map[code] * absmax2 + mean, as ferry's own dequantisation) and the model runs NF4.
+Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTensorCount>>& w) {
+  const ModelConfig& c = cfg_;
+  bool aligned = true;  // (NF4-DQ)
+  for (int64_t il = 0; il < c.n_layers; ++il)
+    for (int t : {kWq, kWk, kWv, kWGate, kWUp}) aligned = aligned && w[il][t].n_absmax % 256 == 0;
+  const bool dq = c.checkpoint_quant == DType::kNF4DQ;
+  const DType q = c.checkpoint_quant == DType::kQ8 ? DType::kQ8 : dq && aligned ? DType::kNF4DQ : DType::kNF4;
+  FERRY_RETURN_IF_ERROR(build_quant_layers(q, source_, [&](int64_t il, int t, uint8_t* dst, int64_t R, int64_t K) {
+    std::vector<const BnbLinear*> parts;
+    if (t == kWqkv) parts = {&w[il][kWq], &w[il][kWk], &w[il][kWv]};
+    else if (t == kWGateUp) parts = {&w[il][kWGate], &w[il][kWUp]};
+    else parts = {&w[il][t]};
+    const QuantLayout l = quant_layout(q, R, K);
+    int64_t r = 0, a = 0;
+    for (const BnbLinear* p : parts) {
+      if (q == DType::kQ8) {  // int8 rows, then a float scale a row
+        std::memcpy(dst + r * K, p->q8, static_cast<size_t>(p->rows * K));
+        float* sc = reinterpret_cast<float*>(dst + l.scales) + r;
+        for (int64_t i = 0; i < p->rows; ++i) sc[i] = p->scb[i] / 127.0f;
+        r += p->rows;
+        continue;
+      }
+      std::memcpy(dst + r * K / 2, p->codes, static_cast<size_t>(p->rows * K / 2));
+      const int64_t na = p->n_absmax, nb = (na + 255) / 256;
+      if (q == DType::kNF4DQ) {  // a is a multiple of 256 (aligned)
+        std::memcpy(dst + l.scales + a, p->absmax_codes, static_cast<size_t>(na));
+        std::memcpy(dst + l.scales2 + 4 * (a / 256), p->absmax2, static_cast<size_t>(4 * nb));
+        std::fill_n(reinterpret_cast<float*>(dst + l.means) + a / 256, nb, p->offset);
+      } else if (p->absmax != nullptr) {
+        std::memcpy(dst + l.scales + 4 * a, p->absmax, static_cast<size_t>(4 * na));
+      } else {
+        const float* map = dynamic_map_signed();
+        float* am = reinterpret_cast<float*>(dst + l.scales) + a;
+        for (int64_t i = 0; i < na; ++i) am[i] = map[p->absmax_codes[i]] * p->absmax2[i / 256] + p->offset;
+      }
+      r += p->rows, a += na;
+    }
+    FERRY_CHECK(r == R);
+  }));
+  source_ += q == DType::kQ8     ? ", bitsandbytes 8-bit as int8 rows with a scale each (SCB / 127)"
+             : q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
+             : dq               ? ", bitsandbytes NF4 (its double-quantised absmax expanded to fp32: a q/k/v or gate/up part's count is not a multiple of 256)"
+                                : ", bitsandbytes NF4 as stored";
+  return Status::Ok();
+}
+
 
 WeightStore::SyntheticInfo WeightStore::synthetic_info(int64_t il, int t) const {
   if (il < 0) {

@@ -526,7 +526,7 @@ __device__ __forceinline__ uint32_t lut_offset(uint32_t w, int pos, uint32_t lan
 // reads (rows g = 0-3 or 4-7, two chunks each) fall in distinct banks.
 __device__ __forceinline__ int chunk_at(int r, int c) { return r * 128 + 16 * (c ^ ((r & 3) << 1)); }
 
-template <int M, bool kHiLo, bool kWide, class Epi>
+template <int M, bool kHiLo, bool kWide, bool kDq, class Epi>
 __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, const uint8_t* __restrict__ w, QScales qs, int64_t n_tasks,
                                                                    int64_t K, int split, Epi epi) {
   constexpr int R = Epi::R, kTasks = 16 / R, NC = kHiLo ? 2 * M : M, S = kStages<NC, kWide>, SB = kStageBytes<NC>;
@@ -538,7 +538,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
   __shared__ float sq[M][2 * kTasks];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   unsigned char* stages = after_lut + warp * S * SB;
-  const bool dq = qs.codes != nullptr;
+  constexpr bool dq = kDq;  // NF4-DQ (qs.codes), else NF4 (qs.f32): a parameter, so neither pays for the other's branches
   // Row of A slot s: task s (one row a task), or task s % 8's row s / 8.
   // The block's 8 / split row tiles, `split` warps each (warp wk of a tile takes units wk + split j).
   const int tpb = kMmaWarps / split, tl = warp / split, wk = warp % split;
@@ -567,7 +567,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
 #pragma unroll
     for (int i = 0; i < 4; ++i) cp_async<16>(d + chunk_at(4 * i + (lane >> 3), lane & 7), csrc[i] + u * 128);
     if (lane < 16) {
-      if (dq) cp_async<4>(d + 2048 + 16 * lane, qs.codes + sbase + 4 * u);
+      if constexpr (dq) cp_async<4>(d + 2048 + 16 * lane, qs.codes + sbase + 4 * u);
       else cp_async<16>(d + 2048 + 16 * lane, qs.f32 + sbase + 4 * u);
     }
   };
@@ -619,7 +619,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
     const unsigned char* st = stages + s * SB;
     uint32_t dcodes[2] = {0u, 0u};  // NF4-DQ: the unit's 4 codes of rows g, g + 8, their absmax2 and means
     float da2[2] = {0.0f, 0.0f}, dmean[2] = {0.0f, 0.0f};
-    if (dq) {
+    if constexpr (dq) {
       const int64_t u4 = 4 * (wk + static_cast<int64_t>(split) * j);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -651,8 +651,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
       float sc[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        sc[h] = dq ? dq_absmax(dmap[(dcodes[h] >> (8 * b)) & 0xffu], da2[h], dmean[h])
-                   : *reinterpret_cast<const float*>(st + 2048 + 16 * (g + 8 * h) + 4 * b);
+        if constexpr (dq) sc[h] = dq_absmax(dmap[(dcodes[h] >> (8 * b)) & 0xffu], da2[h], dmean[h]);
+        else sc[h] = *reinterpret_cast<const float*>(st + 2048 + 16 * (g + 8 * h) + 4 * b);
       acc[0] = fmaf(sc[0], d0[0] + d1[0], acc[0]);
       acc[1] = fmaf(sc[0], d0[1] + d1[1], acc[1]);
       acc[2] = fmaf(sc[1], d0[2] + d1[2], acc[2]);
@@ -727,18 +727,25 @@ int mma_split(int64_t rows) {
   return forced ? forced : rows >= 16384 ? 4 : 8;
 }
 
-template <int M, bool kHiLo, bool kWide, class Epi>
-void launch_mma(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
-                cudaStream_t s) {
+template <int M, bool kHiLo, bool kWide, bool kDq, class Epi>
+void launch_mma_fmt(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi,
+                    bool weights_fixed, cudaStream_t s) {
   constexpr int smem = kMmaSmem<kHiLo ? 2 * M : M, kWide>;
   static const bool attr = [] {  // above 48 KB of dynamic shared memory is an opt-in, once per kernel
-    CUDA_CHECK(cudaFuncSetAttribute(nf4_mma_kernel<M, kHiLo, kWide, Epi>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CUDA_CHECK(cudaFuncSetAttribute(nf4_mma_kernel<M, kHiLo, kWide, kDq, Epi>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     return true;
   }();
   (void)attr;
   const int split = mma_split(rows_total), per_block = 16 / Epi::R * (kMmaWarps / split);
-  launch_gemv(nf4_mma_kernel<M, kHiLo, kWide, Epi>, (n_tasks + per_block - 1) / per_block, kMmaWarps * 32, smem, weights_fixed, s, in, w, qs,
-              n_tasks, K, split, epi);
+  launch_gemv(nf4_mma_kernel<M, kHiLo, kWide, kDq, Epi>, (n_tasks + per_block - 1) / per_block, kMmaWarps * 32, smem, weights_fixed, s, in, w,
+              qs, n_tasks, K, split, epi);
+}
+
+template <int M, bool kHiLo, bool kWide, class Epi>
+void launch_mma(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
+                cudaStream_t s) {
+  if (qs.codes) launch_mma_fmt<M, kHiLo, kWide, true>(in, qs, w, rows_total, n_tasks, K, epi, weights_fixed, s);
+  else launch_mma_fmt<M, kHiLo, kWide, false>(in, qs, w, rows_total, n_tasks, K, epi, weights_fixed, s);
 }
 
 QScales quant_scales(const GemvW& w, int64_t rows_total, int64_t K) {

@@ -553,32 +553,42 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
   const int nj = static_cast<int>(nu > wk ? (nu - wk + split - 1) / split : 0);  // this warp's units: wk + split j
   // This lane's copies: codes of rows 4i + lane / 8 (i = 0-3), chunk lane % 8; lanes 0-15 the scales
   // of row lane; 16 bytes of each x column (lane: its 16 bytes of 512).
+  // copy_w and copy_x are called for units 0, 1, 2, ... in that order: each keeps its sources at the
+  // next unit's (this warp's units are wk + split j: a step of `split` units).
   const uint8_t* csrc[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) csrc[i] = w + slot_row(4 * i + (lane >> 3)) * row_bytes + 16 * (lane & 7);
-  const int64_t sbase = slot_row(lane & 15) * nkb;
+  for (int i = 0; i < 4; ++i) csrc[i] = w + slot_row(4 * i + (lane >> 3)) * row_bytes + 16 * (lane & 7) + 128 * wk;
+  const int64_t sbase = slot_row(lane & 15) * nkb + 4 * wk;
+  const uint8_t* scodes = dq ? qs.codes + sbase : nullptr;
+  const float* sf32 = dq ? nullptr : qs.f32 + sbase;
   const bf16* xsrc[NC];
 #pragma unroll
-  for (int c = 0; c < NC; ++c) xsrc[c] = (kHiLo && c >= M ? in.x_lo + (c - M) * K : in.x + c * K) + 8 * lane;
+  for (int c = 0; c < NC; ++c) xsrc[c] = (kHiLo && c >= M ? in.x_lo + (c - M) * K : in.x + c * K) + 8 * lane + 256 * wk;
   const uint32_t st0 = smem_addr(stages);
-  auto copy_w = [&](int j, int s) {  // codes and scales of unit j into stage s
-    const int64_t u = wk + static_cast<int64_t>(split) * j;
+  auto copy_w = [&](int s) {  // codes and scales of the next unit into stage s
     const uint32_t d = st0 + s * SB;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async<16>(d + chunk_at(4 * i + (lane >> 3), lane & 7), csrc[i] + u * 128);
-    if (lane < 16) {
-      if constexpr (dq) cp_async<4>(d + 2048 + 16 * lane, qs.codes + sbase + 4 * u);
-      else cp_async<16>(d + 2048 + 16 * lane, qs.f32 + sbase + 4 * u);
+    for (int i = 0; i < 4; ++i) {
+      cp_async<16>(d + chunk_at(4 * i + (lane >> 3), lane & 7), csrc[i]);
+      csrc[i] += 128 * split;
     }
+    if (lane < 16) {
+      if constexpr (dq) cp_async<4>(d + 2048 + 16 * lane, scodes);
+      else cp_async<16>(d + 2048 + 16 * lane, sf32);
+    }
+    if constexpr (dq) scodes += 4 * split;
+    else sf32 += 4 * split;
   };
-  auto copy_x = [&](int j, int s) {
-    const int64_t e = (wk + static_cast<int64_t>(split) * j) * 256;
+  auto copy_x = [&](int s) {
 #pragma unroll
-    for (int c = 0; c < NC; ++c) cp_async<16>(st0 + s * SB + 2304 + c * 528 + 16 * lane, xsrc[c] + e);
+    for (int c = 0; c < NC; ++c) {
+      cp_async<16>(st0 + s * SB + 2304 + c * 528 + 16 * lane, xsrc[c]);
+      xsrc[c] += 256 * split;
+    }
   };
   // The weights' first stages go out before pdl_wait() (resident weights: nobody writes them).
   for (int j = 0; j < S - 1; ++j) {
-    if (j < nj) copy_w(j, j);
+    if (j < nj) copy_w(j);
     cp_async_commit();
   }
   // The code table: 16-byte stores, each 16 bytes of one entry's lane copies.
@@ -591,13 +601,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
     for (int i = threadIdx.x; i < 256; i += blockDim.x) dmap[i] = c_dmap.v[i];
   __syncthreads();
   pdl_wait();
-  for (int j = 0; j < S - 1 && j < nj; ++j) copy_x(j, j);
+  for (int j = 0; j < S - 1 && j < nj; ++j) copy_x(j);
   cp_async_commit();
   cp_async_wait<0>();
   __syncwarp();
   const uint32_t lane_part = kWide ? 4u * lane : 8u * lane;
   const int64_t drow[2] = {dq ? slot_row(g) * nkb : 0, dq ? slot_row(g + 8) * nkb : 0};  // NF4-DQ: rows g, g + 8's first code
-  const int xoff = g < NC ? 2304 + g * 528 + 32 * t : -1;
+  // B's column is the lane's group g: lanes of groups past the last column read the last column's
+  // words (no predicate, no zeroing) and feed only D columns the epilogue never reads.
+  const int xoff = 2304 + (g < NC ? g : NC - 1) * 528 + 32 * t;
   // This lane's 8 bytes of block b in rows g and g + 8: chunk 2b + t / 2, half t % 2, i.e.
   // chunk_at(r, 2b + t / 2) + 8 (t % 2) = r * 128 + 32 (b ^ (r % 4)) + 8 t (r % 4 = g % 4 for both rows).
   const int cbase = g * 128 + 8 * t, cx = g & 3;
@@ -611,14 +623,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
     {
       const int jn = j + S - 1, sn = s == 0 ? S - 1 : s - 1;  // into the stage unit j - 1 used
       if (jn < nj) {
-        copy_w(jn, sn);
-        copy_x(jn, sn);
+        copy_w(sn);
+        copy_x(sn);
       }
       cp_async_commit();
     }
     const unsigned char* st = stages + s * SB;
     uint32_t dcodes[2] = {0u, 0u};  // NF4-DQ: the unit's 4 codes of rows g, g + 8, their absmax2 and means
     float da2[2] = {0.0f, 0.0f}, dmean[2] = {0.0f, 0.0f};
+    float4 f32s[2];  // NF4: the unit's 4 absmax of rows g, g + 8
     if constexpr (dq) {
       const int64_t u4 = 4 * (wk + static_cast<int64_t>(split) * j);
 #pragma unroll
@@ -628,16 +641,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
         da2[h] = __ldg(qs.a2 + b2);
         dmean[h] = __ldg(qs.means + b2);
       }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) f32s[h] = *reinterpret_cast<const float4*>(st + 2048 + 16 * (g + 8 * h));
     }
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const int co = cbase + 32 * (b ^ cx);
       const uint2 w0 = *reinterpret_cast<const uint2*>(st + co), w1 = *reinterpret_cast<const uint2*>(st + co + 1024);
-      uint4 xa = make_uint4(0, 0, 0, 0), xb = xa;
-      if (xoff >= 0) {
-        xa = *reinterpret_cast<const uint4*>(st + xoff + 128 * b);
-        xb = *reinterpret_cast<const uint4*>(st + xoff + 128 * b + 16);
-      }
+      const uint4 xa = *reinterpret_cast<const uint4*>(st + xoff + 128 * b), xb = *reinterpret_cast<const uint4*>(st + xoff + 128 * b + 16);
       const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
       float d0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d1[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // two chains of MMAs
 #pragma unroll
@@ -652,7 +664,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
 #pragma unroll
       for (int h = 0; h < 2; ++h)
         if constexpr (dq) sc[h] = dq_absmax(dmap[(dcodes[h] >> (8 * b)) & 0xffu], da2[h], dmean[h]);
-        else sc[h] = *reinterpret_cast<const float*>(st + 2048 + 16 * (g + 8 * h) + 4 * b);
+        else sc[h] = b == 0 ? f32s[h].x : b == 1 ? f32s[h].y : b == 2 ? f32s[h].z : f32s[h].w;
       acc[0] = fmaf(sc[0], d0[0] + d1[0], acc[0]);
       acc[1] = fmaf(sc[0], d0[1] + d1[1], acc[1]);
       acc[2] = fmaf(sc[1], d0[2] + d1[2], acc[2]);

@@ -821,14 +821,37 @@ void launch_groups(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t
   launch_fmt<M, kSrc, kFmt, 1>(in, w, rows_total, n_tasks, K, epi, fixed, s);
 }
 
+// The one-column table choice: -1 by size and format (wide_table), 0 the 32 KB table, 1 the 64 KB one
+// (FERRY_GPU_NF4_WIDE=0|1, or set_nf4_table).
+int& nf4_table_mode() {
+  static int mode = [] {
+    const char* e = std::getenv("FERRY_GPU_NF4_WIDE");
+    return e && std::string(e) == "0" ? 0 : e && std::string(e) == "1" ? 1 : -1;
+  }();
+  return mode;
+}
+
+// Whether a one-column tensor-core GEMV over `elems` weights of format `dt` takes the wide table (below).
+bool wide_table(DType dt, int64_t elems) {
+  if (const int m = nf4_table_mode(); m >= 0) return m == 1;
+  return dt == DType::kNF4DQ || elems < (int64_t{1} << 27);
+}
+
 template <int M, int kSrc, class Epi>
 void launch(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed, cudaStream_t s) {
   if constexpr (kSrc != kSrcNorm && (kSrc == kSrcHiLo ? 2 * M : M) <= kMmaMaxCols) {
     if (!w.precise && K % 256 == 0 && nf4_mma_path(w.dt, M, kSrc == kSrcHiLo)) {
       const QScales qs = quant_scales(w, rows_total, K);
       const uint8_t* p = static_cast<const uint8_t*>(w.p);
-      constexpr bool kOneColumn = M == 1 && kSrc != kSrcHiLo;  // the wide table's 64 KB leaves room for 2 stages of one column
-      launch_mma<M, kSrc == kSrcHiLo, kOneColumn>(in, qs, p, rows_total, n_tasks, K, epi, weights_fixed, s);
+      // One column of x takes the wide table (64 KB: one PRMT a lookup, two stages a warp) except for
+      // NF4 over large matrices, where the 32 KB table's third stage wins (bench_gpu_gemv on the H200,
+      // run95: Llama-3-70B's gate_up 62 -> 66% of HBM, down 63 -> 66, lm_head 66 -> 71; NF4-DQ and
+      // matrices of Llama-2-7B's size 0-14% slower with it). FERRY_GPU_NF4_WIDE=0|1 forces it.
+      if constexpr (M == 1 && kSrc != kSrcHiLo) {
+        if (!wide_table(w.dt, rows_total * K)) return launch_mma<M, false, false>(in, qs, p, rows_total, n_tasks, K, epi, weights_fixed, s);
+        return launch_mma<M, false, true>(in, qs, p, rows_total, n_tasks, K, epi, weights_fixed, s);
+      }
+      launch_mma<M, kSrc == kSrcHiLo, false>(in, qs, p, rows_total, n_tasks, K, epi, weights_fixed, s);
       return;
     }
   }
@@ -913,6 +936,8 @@ void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N
     default: throw CudaError("gemv: no kernel for " + std::to_string(M) + " rows");
   }
 }
+
+void set_nf4_table(int mode) { nf4_table_mode() = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 
 bool nf4_mma_path(DType w, int64_t M, bool hi_lo) { return is_nf4(w) && (hi_lo ? 2 * M : M) <= kMmaMaxCols && mma_enabled(); }
 

@@ -105,6 +105,9 @@ struct GemvW {
 };
 // Whether NF4 / NF4-DQ GEMVs of M rows (hi + lo: twice as many columns) take the tensor-core kernel.
 bool nf4_mma_path(DType w, int64_t M, bool hi_lo);
+// The tensor-core kernel's code table at one column of x: -1 (default) by format and size, 0 the 32 KB
+// table (three stages a warp), 1 the 64 KB one (two stages). For tests and timing.
+void set_nf4_table(int mode);
 // y[M, N] = x W^T for M <= kGemvMaxRows (gemv() is this with BF16 W).
 void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed = false);
 // res[M, N] += x W^T, and ss [M, gemv_ss_parts(N, w.dt, M, K)] = partial sums of the squares of each

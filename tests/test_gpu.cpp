@@ -357,6 +357,16 @@ TEST_SUITE("gpu_ops") {
           CHECK(rel(y.get(), ref) > 1e-5);  // the BF16 code values show (this check can fail)
           CHECK(rel(y.get(), ref) < 5e-3);
         }
+        if (mma && M == 1) {  // one column through each code table (by default the format and size pick one)
+          for (int table : {0, 1}) {
+            CAPTURE(table);
+            gpu::set_nf4_table(table);
+            Dev<float> yt(N);
+            gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob.p, t}, yt.p, M, N, K, nullptr);
+            CHECK(rel(yt.get(), ref_matmul(x, wq_b, M, N, K)) < 1e-5);
+          }
+          gpu::set_nf4_table(-1);
+        }
         // Precise codes (the QKV's): the float reference.
         Dev<float> yp(M * N);
         gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob.p, t, true}, yp.p, M, N, K, nullptr);

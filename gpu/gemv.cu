@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "gpu/rope_kv.cuh"
 #include "gpu/dynamic_map.cuh"
@@ -486,11 +487,21 @@ __device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
          (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
 }
+__device__ __forceinline__ uint32_t f16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) | (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+// D += A B, A and B BF16 or (kF16) FP16 pairs.
+template <bool kF16 = false>
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  if constexpr (kF16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
   __trap();  // launched only on sm_80+ (nf4_mma_path)
 #endif
@@ -526,7 +537,7 @@ __device__ __forceinline__ uint32_t lut_offset(uint32_t w, int pos, uint32_t lan
 // reads (rows g = 0-3 or 4-7, two chunks each) fall in distinct banks.
 __device__ __forceinline__ int chunk_at(int r, int c) { return r * 128 + 16 * (c ^ ((r & 3) << 1)); }
 
-template <int M, bool kHiLo, bool kWide, bool kDq, class Epi>
+template <int M, bool kHiLo, bool kWide, bool kDq, bool kF16, class Epi>
 __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, const uint8_t* __restrict__ w, QScales qs, int64_t n_tasks,
                                                                    int64_t K, int split, Epi epi) {
   constexpr int R = Epi::R, kTasks = 16 / R, NC = kHiLo ? 2 * M : M, S = kStages<NC, kWide>, SB = kStageBytes<NC>;
@@ -594,7 +605,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
   // The code table: 16-byte stores, each 16 bytes of one entry's lane copies.
   for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
     const int e = i >> 3;
-    const uint32_t h = bf16_pair(c_nf4[e >> 4], c_nf4[e & 15]);
+    const uint32_t h = kF16 ? f16_pair(c_nf4[e >> 4], c_nf4[e & 15]) : bf16_pair(c_nf4[e >> 4], c_nf4[e & 15]);
     *reinterpret_cast<uint4*>(lut + e * (kWide ? 256 : 128) + 16 * (i & 7)) = make_uint4(h, h, h, h);
   }
   if (dq)
@@ -658,7 +669,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
         const int pos = 2 * (i & 1);  // byte 2i of the 8: elements 4i, 4i + 1; byte 2i + 1: 4i + 2, 4i + 3
         auto at = [&](uint32_t word, int p) { return *reinterpret_cast<const uint32_t*>(lut + lut_offset<kWide>(word, p, lane_part)); };
         float(&d)[4] = i & 1 ? d1 : d0;
-        mma_bf16(d, at(r0, pos), at(r1, pos), at(r0, pos + 1), at(r1, pos + 1), xw[2 * i], xw[2 * i + 1]);
+        mma_bf16<kF16>(d, at(r0, pos), at(r1, pos), at(r0, pos + 1), at(r1, pos + 1), xw[2 * i], xw[2 * i + 1]);
       }
       float sc[2];
 #pragma unroll
@@ -739,25 +750,25 @@ int mma_split(int64_t rows) {
   return forced ? forced : rows >= 16384 ? 4 : 8;
 }
 
-template <int M, bool kHiLo, bool kWide, bool kDq, class Epi>
+template <int M, bool kHiLo, bool kWide, bool kDq, bool kF16, class Epi>
 void launch_mma_fmt(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi,
                     bool weights_fixed, cudaStream_t s) {
   constexpr int smem = kMmaSmem<kHiLo ? 2 * M : M, kWide>;
   static const bool attr = [] {  // above 48 KB of dynamic shared memory is an opt-in, once per kernel
-    CUDA_CHECK(cudaFuncSetAttribute(nf4_mma_kernel<M, kHiLo, kWide, kDq, Epi>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CUDA_CHECK(cudaFuncSetAttribute(nf4_mma_kernel<M, kHiLo, kWide, kDq, kF16, Epi>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     return true;
   }();
   (void)attr;
   const int split = mma_split(rows_total), per_block = 16 / Epi::R * (kMmaWarps / split);
-  launch_gemv(nf4_mma_kernel<M, kHiLo, kWide, kDq, Epi>, (n_tasks + per_block - 1) / per_block, kMmaWarps * 32, smem, weights_fixed, s, in, w,
+  launch_gemv(nf4_mma_kernel<M, kHiLo, kWide, kDq, kF16, Epi>, (n_tasks + per_block - 1) / per_block, kMmaWarps * 32, smem, weights_fixed, s, in, w,
               qs, n_tasks, K, split, epi);
 }
 
-template <int M, bool kHiLo, bool kWide, class Epi>
+template <int M, bool kHiLo, bool kWide, class Epi, bool kF16 = false>
 void launch_mma(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed,
                 cudaStream_t s) {
-  if (qs.codes) launch_mma_fmt<M, kHiLo, kWide, true>(in, qs, w, rows_total, n_tasks, K, epi, weights_fixed, s);
-  else launch_mma_fmt<M, kHiLo, kWide, false>(in, qs, w, rows_total, n_tasks, K, epi, weights_fixed, s);
+  if (qs.codes) launch_mma_fmt<M, kHiLo, kWide, true, kF16>(in, qs, w, rows_total, n_tasks, K, epi, weights_fixed, s);
+  else launch_mma_fmt<M, kHiLo, kWide, false, kF16>(in, qs, w, rows_total, n_tasks, K, epi, weights_fixed, s);
 }
 
 QScales quant_scales(const GemvW& w, int64_t rows_total, int64_t K) {
@@ -821,6 +832,15 @@ void launch_groups(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t
   launch_fmt<M, kSrc, kFmt, 1>(in, w, rows_total, n_tasks, K, epi, fixed, s);
 }
 
+// FP16 hi + lo QKV rows on the tensor cores (nf4_f16_path): on unless FERRY_GPU_QKV_F16=0.
+bool fp16_qkv_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FERRY_GPU_QKV_F16");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 // The one-column table choice: -1 by size and format (wide_table), 0 the 32 KB table, 1 the 64 KB one
 // (FERRY_GPU_NF4_WIDE=0|1, or set_nf4_table).
 int& nf4_table_mode() {
@@ -840,9 +860,16 @@ bool wide_table(DType dt, int64_t elems) {
 template <int M, int kSrc, class Epi>
 void launch(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi, bool weights_fixed, cudaStream_t s) {
   if constexpr (kSrc != kSrcNorm && (kSrc == kSrcHiLo ? 2 * M : M) <= kMmaMaxCols) {
-    if (!w.precise && K % 256 == 0 && nf4_mma_path(w.dt, M, kSrc == kSrcHiLo)) {
+    if ((!w.precise || in.f16) && K % 256 == 0 && nf4_mma_path(w.dt, M, kSrc == kSrcHiLo)) {
       const QScales qs = quant_scales(w, rows_total, K);
       const uint8_t* p = static_cast<const uint8_t*>(w.p);
+      if (in.f16) {  // FP16 hi + lo rows (the QKV's): FP16 code values, precise enough for it
+        if constexpr (kSrc == kSrcHiLo && (std::is_same_v<Epi, EpiRope> || std::is_same_v<Epi, EpiStore>)) {
+          return launch_mma<M, true, false, Epi, true>(in, qs, p, rows_total, n_tasks, K, epi, weights_fixed, s);
+        } else {
+          throw CudaError("gemv: FP16 rows are taken as hi + lo parts by the stored or RoPE GEMV only");
+        }
+      }
       // One column of x takes the wide table (64 KB: one PRMT a lookup, two stages a warp) except for
       // NF4 over large matrices, where the 32 KB table's third stage wins (bench_gpu_gemv on the H200,
       // run95: Llama-3-70B's gate_up 62 -> 66% of HBM, down 63 -> 66, lm_head 66 -> 71; NF4-DQ and
@@ -855,6 +882,7 @@ void launch(const GemvIn& in, const GemvW& w, int64_t rows_total, int64_t n_task
       return;
     }
   }
+  if (in.f16) throw CudaError("gemv: FP16 rows need the tensor-core NF4 kernel (NF4 / NF4-DQ weights, K % 256 == 0, up to 4 columns; nf4_f16_path)");
   if constexpr (Epi::kResidual) {
     // gemv_ss_parts counts the tensor-core kernel's blocks where it takes decode's BF16 rows: any other
     // input that kernel would take is refused, not miscounted.
@@ -936,6 +964,8 @@ void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N
     default: throw CudaError("gemv: no kernel for " + std::to_string(M) + " rows");
   }
 }
+
+bool nf4_f16_path(DType w, int64_t M, int64_t K) { return K % 256 == 0 && nf4_mma_path(w, M, true) && fp16_qkv_enabled(); }
 
 void set_nf4_table(int mode) { nf4_table_mode() = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 

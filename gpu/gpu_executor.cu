@@ -1079,8 +1079,11 @@ void GpuExecutor::layer(int64_t il, const LayerWeights& wl, KvCache& kv) {
     if (ss_ready && !quant) {
       in = GemvIn{nullptr, nullptr, m.x, w[kAttnNorm].as<bf16>(), m.ss, n_ss, eps};
     } else {
-      add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kAttnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream, m.xn + T * E);
+      // NF4 QKV on the tensor cores takes FP16 hi + lo rows (its code values FP16; kernels.h).
+      const bool f16 = nf4_f16_path(w[kWqkv].dtype, T, E);
+      add_rmsnorm(m.x, m.pending_delta ? m.tmp : nullptr, w[kAttnNorm].as<bf16>(), nullptr, T, E, eps, m.xn, m.stream, m.xn + T * E, f16);
       in = GemvIn{m.xn, m.xn + T * E};
+      in.f16 = f16;
     }
     gemv_rope_kv(in, GemvW{w[kWqkv].data, w[kWqkv].dtype}, c.attention_bias ? w[kBq].as<bf16>() : nullptr, pos, row, m.inv_freq, c.n_heads, m.paged(il), m.q, T, E,
                  m.stream, fixed);

@@ -49,8 +49,9 @@ void embedding(const bf16* table, const int32_t* ids, int64_t n, int64_t n_embd,
 // rmsnorm.cu: for each row r: (if delta) x[src] += delta[src]; y = rmsnorm(x[src]) * w; out[r] = bf16(y)
 // and, when out_lo is given, out_lo[r] = bf16(y - out[r]) (hi + lo carries ~16 mantissa bits into a
 // BF16 GEMM run on both). src = rows ? rows[r] : r. x and delta f32 [n_tokens, n_embd], w bf16.
+// With `f16`, out and out_lo hold FP16 bits instead (hi + lo carries ~22 bits; |y| saturates at 65504).
 void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* rows, int64_t n_rows, int64_t n_embd,
-                 float eps, bf16* out, cudaStream_t s, bf16* out_lo = nullptr);
+                 float eps, bf16* out, cudaStream_t s, bf16* out_lo = nullptr, bool f16 = false);
 // x[i] += delta[i], f32 (the residual handed to a CPU-computed layer).
 void add_f32(float* x, const float* delta, int64_t n, cudaStream_t s);
 
@@ -88,6 +89,9 @@ struct GemvIn {
   const float* ss = nullptr;
   int64_t n_ss = 0;
   float eps = 0.0f;
+  // x and x_lo hold FP16 bits, not BF16 (add_rmsnorm's f16 output): taken as hi + lo rows by the
+  // tensor-core NF4 kernel with FP16 code values (nf4_f16_path), and refused by every other path.
+  bool f16 = false;
 };
 // The weight of a decode GEMV: BF16 [N, K], or a quantised blob (models/weight_format.h: NF4 codes
 // with an absmax per 64, Q8 codes with a scale per row), dequantised in registers as it streams.
@@ -108,6 +112,11 @@ bool nf4_mma_path(DType w, int64_t M, bool hi_lo);
 // The tensor-core kernel's code table at one column of x: -1 (default) by format and size, 0 the 32 KB
 // table (three stages a warp), 1 the 64 KB one (two stages). For tests and timing.
 void set_nf4_table(int mode);
+// Whether the QKV GEMV of M rows over NF4 / NF4-DQ weights with K columns takes FP16 hi + lo rows
+// (GemvIn::f16) on the tensor cores: its code values then FP16 (2^-11 relative), where the BF16 ones
+// (2^-9) moved the golden NF4 logits past the GPU's bound (2.26e-2, run97). FERRY_GPU_QKV_F16=0 keeps
+// the CUDA-core kernel with FP32 code values.
+bool nf4_f16_path(DType w, int64_t M, int64_t K);
 // y[M, N] = x W^T for M <= kGemvMaxRows (gemv() is this with BF16 W).
 void gemv_store(const GemvIn& in, const GemvW& w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t s, bool weights_fixed = false);
 // res[M, N] += x W^T, and ss [M, gemv_ss_parts(N, w.dt, M, K)] = partial sums of the squares of each

@@ -8,7 +8,7 @@ constexpr int kMaxPerThread = 16;  // n_embd <= 8192 keeps the row in registers
 
 // One block per row. The row (plus residual) is loaded into registers with every load issued before
 // the first use, summed, then normalised from registers: one pass over memory, no latency chain.
-template <bool kInRegs>
+template <bool kInRegs, bool kF16>
 __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict__ x, const float* __restrict__ delta,
                                                                const bf16* __restrict__ w, const int32_t* __restrict__ rows,
                                                                int64_t n_embd, float eps, bf16* __restrict__ out, bf16* __restrict__ out_lo) {
@@ -54,9 +54,15 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
   bf16* ol = out_lo ? out_lo + r * n_embd : nullptr;
   auto emit = [&](int64_t i, float a) {
     const float y = __bfloat162float(w[i]) * (a * inv);
-    const bf16 hi = __float2bfloat16(y);
-    o[i] = hi;
-    if (ol) ol[i] = __float2bfloat16(y - __bfloat162float(hi));
+    if constexpr (kF16) {  // FP16 bits in the BF16 buffers; saturated, never infinite
+      const __half hi = __float2half_rn(fminf(fmaxf(y, -65504.0f), 65504.0f));
+      o[i] = __ushort_as_bfloat16(__half_as_ushort(hi));
+      if (ol) ol[i] = __ushort_as_bfloat16(__half_as_ushort(__float2half_rn(y - __half2float(hi))));
+    } else {
+      const bf16 hi = __float2bfloat16(y);
+      o[i] = hi;
+      if (ol) ol[i] = __float2bfloat16(y - __bfloat162float(hi));
+    }
   };
   if (kInRegs) {
 #pragma unroll
@@ -71,12 +77,17 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
 }  // namespace
 
 void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* rows, int64_t n_rows, int64_t n_embd, float eps,
-                 bf16* out, cudaStream_t s, bf16* out_lo) {
+                 bf16* out, cudaStream_t s, bf16* out_lo, bool f16) {
   if (n_rows == 0) return;
-  if (n_embd <= kThreads * kMaxPerThread)
-    add_rmsnorm_kernel<true><<<static_cast<unsigned>(n_rows), kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
-  else
-    add_rmsnorm_kernel<false><<<static_cast<unsigned>(n_rows), kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
+  const unsigned grid = static_cast<unsigned>(n_rows);
+  const bool regs = n_embd <= kThreads * kMaxPerThread;
+  if (f16) {
+    if (regs) add_rmsnorm_kernel<true, true><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
+    else add_rmsnorm_kernel<false, true><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
+  } else {
+    if (regs) add_rmsnorm_kernel<true, false><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
+    else add_rmsnorm_kernel<false, false><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
+  }
   CUDA_CHECK_LAUNCH();
 }
 

@@ -384,6 +384,35 @@ TEST_SUITE("gpu_ops") {
           gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p), reinterpret_cast<bf16*>(dlo.p)}, gpu::GemvW{blob.p, t}, yl.p, M, N, K, nullptr);
           const bool mma2 = K % 256 == 0 && gpu::nf4_mma_path(t, M, true);
           CHECK(rel(yl.get(), ref_matmul(sum, mma2 ? wq_b : wq, M, N, K)) < 1e-5);
+          // FP16 hi + lo rows (the QKV's input where nf4_f16_path): FP16 code values on the tensor
+          // cores; every other path refuses them.
+          std::vector<uint16_t> h16(M * K), l16(M * K);
+          std::vector<float> s16(M * K);
+          for (int64_t i = 0; i < M * K; ++i) {
+            const _Float16 hv = static_cast<_Float16>(sum[i]);
+            const _Float16 lv = static_cast<_Float16>(sum[i] - static_cast<float>(hv));
+            std::memcpy(&h16[i], &hv, 2);
+            std::memcpy(&l16[i], &lv, 2);
+            s16[i] = static_cast<float>(hv) + static_cast<float>(lv);
+          }
+          Dev<uint16_t> dh16(h16), dl16(l16);
+          gpu::GemvIn fin{reinterpret_cast<bf16*>(dh16.p), reinterpret_cast<bf16*>(dl16.p)};
+          fin.f16 = true;
+          if (gpu::nf4_f16_path(t, M, K)) {
+            std::vector<float> wq_h(N * K);
+            for (int64_t i = 0; i < N * K; ++i) {
+              const uint8_t byte = host[static_cast<size_t>(i / 2)];
+              const float c = kNf4Codes[i % 2 == 0 ? byte >> 4 : byte & 15];
+              wq_h[i] = c != 0.0f ? static_cast<float>(static_cast<double>(wq[i]) * static_cast<float>(static_cast<_Float16>(c)) / c) : wq[i];
+            }
+            gpu::gemv_store(fin, gpu::GemvW{blob.p, t, true}, yl.p, M, N, K, nullptr);
+            CHECK(rel(yl.get(), ref_matmul(s16, wq_h, M, N, K)) < 1e-5);
+            const double e16 = rel(yl.get(), ref_matmul(sum, wq, M, N, K));
+            CHECK(e16 > 1e-7);  // the FP16 code values show
+            CHECK(e16 < 2e-3);  // and are closer than BF16's (5e-3 above)
+          } else {
+            CHECK_THROWS_AS(gpu::gemv_store(fin, gpu::GemvW{blob.p, t, true}, yl.p, M, N, K, nullptr), gpu::CudaError);
+          }
         }
         if (M == 3) {  // cuBLAS over BF16 tiles of the dequantised rows, written into a wider output's columns
           Dev<uint16_t> tile(N * K);
@@ -485,6 +514,21 @@ TEST_SUITE("gpu_ops") {
       std::vector<float> h = bits_to_f32(hi.get()), l2 = bits_to_f32(lo.get()), sum(T * E);
       for (int64_t i = 0; i < T * E; ++i) sum[i] = h[i] + l2[i];
       CHECK(rel(sum, ref) < 2e-5);
+      // The same as FP16 hi + lo (the NF4 QKV's input): ~2^-22, and hi alone FP16-rounded.
+      gpu::add_rmsnorm(dx.p, nullptr, reinterpret_cast<bf16*>(dw.p), nullptr, T, E, 1e-5f, reinterpret_cast<bf16*>(hi.p), nullptr,
+                       reinterpret_cast<bf16*>(lo.p), true);
+      const std::vector<uint16_t> h16 = hi.get(), l16 = lo.get();
+      std::vector<float> hf(T * E), sum16(T * E);
+      for (int64_t i = 0; i < T * E; ++i) {
+        _Float16 a, b;
+        std::memcpy(&a, &h16[i], 2);
+        std::memcpy(&b, &l16[i], 2);
+        hf[i] = static_cast<float>(a);
+        sum16[i] = static_cast<float>(a) + static_cast<float>(b);
+      }
+      CHECK(rel(sum16, ref) < 2e-6);
+      CHECK(rel(hf, ref) < 1e-3);
+      CHECK(rel(hf, ref) > 1e-5);
     }
     {
       const int64_t T = 3, F = 1000;

@@ -444,7 +444,7 @@ void launch_gemv(void (*kernel)(P...), int64_t grid, int block, int smem, bool f
   CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
 }
 
-// NF4 / NF4-DQ through the tensor cores (mma.sync m16n8k16, BF16 in, FP32 accumulation; sm_80+).
+// NF4 / NF4-DQ through the tensor cores (mma.sync m16n8k16, BF16 or FP16 in, FP32 accumulation; sm_80+).
 // The CUDA-core kernel above spends a shared-memory lookup, a byte extraction and an FMA on every
 // weight; ncu on the H200 (Llama-3-70B's QKV shape) shows its L1 data pipe 75% busy: 32 lookups and
 // ~23 other wavefronts per 512 bytes of codes. Here a row tile is 16 weight rows (the MMA's A rows)
@@ -458,16 +458,23 @@ void launch_gemv(void (*kernel)(P...), int64_t grid, int block, int smem, bool f
 // 512 bytes where the CUDA-core kernel makes 32). The dot product is a sum over k, so the MMA's k
 // slots may stand for any elements as long as A and B agree: lane t's slots 2t, 2t+1 (2t+8, 2t+9) of
 // MMA i hold elements 16t + 4i + {0, 1} ({2, 3}) of the block, and B's are the x words of the same
-// elements, x row c in column c (hi + lo input: lo row c in column M + c; lanes of other columns
-// pass zeros). The four MMAs of a block share one absmax per row, applied to their sum in FP32. The
-// warps' partial sums meet in shared memory in a fixed order (deterministic).
+// elements, x row c in column c (hi + lo input: lo row c in column M + c; lanes of other groups
+// read the last column's words, which reach only D columns nobody reads). The four MMAs of a block
+// share one absmax per row, applied to their sum in FP32. The warps' partial sums meet in shared
+// memory in a fixed order (deterministic). NF4 and NF4-DQ are separate instantiations (kDq): one
+// body holding both cost 397 SASS instructions a unit against 242 / 312 (run92-93).
 // The code values are BF16 (2^-9 relative, as bitsandbytes' dequantisation to BF16 rounds each
-// weight); GemvW::precise (the QKV's) keeps the CUDA-core kernel's FP32 code values.
+// weight), or FP16 (2^-11; kF16) for FP16 hi + lo rows: the QKV's (GemvIn::f16, nf4_f16_path), whose
+// rounding the attention scores feel most; with BF16 code values there the golden NF4 logits moved
+// 2.26e-2, past the GPU's 2e-2 (run97), with FP16 1.47e-2 (run98; the CUDA-core kernel's FP32 code
+// values 1.65e-2). Other `precise` products keep the CUDA-core kernel.
 // The code table holds, for each byte, the pair (code[hi nibble], code[lo nibble]) once per lane
 // (entry-major: lane l reads bank l, no conflicts), 128 bytes an entry (32 KB; a PRMT and a shift
 // form an address), or with one column of x 256 (64 KB, the lanes' copies in the first 128: one
 // PRMT; Llama-2-7B NF4 decode 335.7 against 321.3 tok/s, run63; above one column the larger table
-// leaves room for one block an SM).
+// leaves room for one block an SM). NF4 over large matrices keeps the 32 KB one even at one column
+// (wide_table). ncu (run94): 4 warps a scheduler issuing every 2-3 cycles; NF4's largest stall is the
+// wait for its stages (long scoreboard), NF4-DQ's the shared-memory queue (MIO throttle).
 constexpr int kMmaWarps = 8, kMmaMaxCols = 4;
 // kWide: entries 256 bytes apart (lanes' copies in the first 128), so one PRMT forms an address.
 template <bool kWide>

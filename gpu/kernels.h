@@ -99,7 +99,8 @@ struct GemvIn {
 // (sm_80+; FERRY_GPU_NF4_MMA=0: the CUDA-core kernel): each code pair is one shared-memory lookup of
 // two BF16 code values, rounded 2^-9 relative as bitsandbytes' dequantisation to BF16 rounds each
 // weight. `precise` (the QKV's, whose rounding the attention scores feel most) keeps the CUDA-core
-// kernel and its FP32 code values.
+// kernel and its FP32 code values, unless the rows are FP16 hi + lo (GemvIn::f16): then the tensor
+// cores with FP16 code values (2^-11).
 struct GemvW {
   const void* p = nullptr;
   DType dt = DType::kBF16;

@@ -408,7 +408,7 @@ TEST_SUITE("gpu_ops") {
             gpu::gemv_store(fin, gpu::GemvW{blob.p, t, true}, yl.p, M, N, K, nullptr);
             CHECK(rel(yl.get(), ref_matmul(s16, wq_h, M, N, K)) < 1e-5);
             const double e16 = rel(yl.get(), ref_matmul(sum, wq, M, N, K));
-            CHECK(e16 > 1e-7);  // the FP16 code values show
+            CHECK(e16 > 1e-5);  // the FP16 code values show (this check can fail)
             CHECK(e16 < 2e-3);  // and are closer than BF16's (5e-3 above)
           } else {
             CHECK_THROWS_AS(gpu::gemv_store(fin, gpu::GemvW{blob.p, t, true}, yl.p, M, N, K, nullptr), gpu::CudaError);

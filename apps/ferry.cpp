@@ -777,7 +777,11 @@ int cmd_plan(const PlanFlags& f) {
   const double gemv_gbs = gpu_layer_rate(hw, in.weights, 1);
   std::printf("profile:    %s: H2D %.1f GB/s, HBM %.0f GB/s%s, GPU BF16 %.0f TFLOP/s, host DRAM %.1f GB/s, CPU layer %.1f GB/s%s%s, CPU %.2f TFLOP/s, disk %.2f GB/s\n",
               hw.source.c_str(), hw.h2d_gbs, hw.hbm_gbs,
-              gemv_gbs < hw.hbm_gbs ? strprintf(" (decode GEMV %.0f GB/s of %s weights)", gemv_gbs, std::string(dtype_name(in.weights)).c_str()).c_str() : "",
+              gemv_gbs < hw.hbm_gbs
+                  ? strprintf(" (decode GEMV %.0f GB/s of %s weights, %.0f us a layer beside)", gemv_gbs, std::string(dtype_name(in.weights)).c_str(),
+                              1e3 * gpu_layer_fixed_ms(hw, in.weights, 1))
+                        .c_str()
+                  : "",
               hw.gemm_tflops, hw.host_dram_gbs, hw.cpu_layer_gbs,
               is_quantized(in.weights) ? strprintf(" (%s: %.1f GB/s)", std::string(dtype_name(in.weights)).c_str(), cpu_layer_rate(hw, in.weights)).c_str() : "",
               hw.cpu_layer_shared_gbs > 0 ? strprintf(", beside copies %.1f GB/s with the copies at %.1f", hw.cpu_layer_shared_gbs, hw.h2d_shared_gbs).c_str() : "",
@@ -1114,6 +1118,41 @@ int cmd_calibrate(const CalibrateFlags& f) {
     std::printf("gpu gemv:   one row: BF16 %.0f GB/s, NF4 %.0f GB/s, NF4-DQ %.0f GB/s, int8 %.0f GB/s of weights (%.0f%% / %.0f%% / %.0f%% / %.0f%% of device memory; 0: failed)\n",
                 g.gemv_gbs, g.gemv_nf4_gbs, g.gemv_nf4dq_gbs, g.gemv_q8_gbs, 100 * g.gemv_gbs / g.hbm_gbs, 100 * g.gemv_nf4_gbs / g.hbm_gbs,
                 100 * g.gemv_nf4dq_gbs / g.hbm_gbs, 100 * g.gemv_q8_gbs / g.hbm_gbs);
+    // A decode layer's time beyond its weight bytes at the GEMV rate (its norms and attention, the
+    // launches, the GEMVs' ramp and tail): resident synthetic Llama-2-7B steps at 6 layers less those
+    // at 2, per layer, less a layer's bytes at the one-row rate measured above; batch 1, 128 steps.
+    {
+      double* fixed[] = {&hw.gpu_layer_fixed_us, &hw.gpu_layer_fixed_nf4_us, &hw.gpu_layer_fixed_nf4dq_us, &hw.gpu_layer_fixed_q8_us};
+      const char* quant[] = {"bf16", "nf4", "nf4-dq", "int8"};
+      std::string line;
+      for (int i = 0; i < 4; ++i) {
+        BenchFlags bf;
+        bf.m.model = std::string(kSyntheticPrefix) + "llama-2-7b";
+        bf.m.device = "gpu";
+        bf.m.quant = quant[i];
+        bf.n_predict = 128;
+        bf.overlap = false;
+        double step_ms[2] = {0, 0};
+        int64_t layer_bytes = 0;
+        std::string err;
+        for (int j = 0; j < 2; ++j) {
+          bf.m.layers = j == 0 ? 2 : 6;
+          const BenchPoint pt = bench_point(bf, "", 1, false);
+          if (!pt.error.empty() || pt.decode_tps <= 0) err = pt.error.empty() ? "no decode time" : pt.error;
+          else step_ms[j] = 1e3 / pt.decode_tps;
+          layer_bytes = pt.plan.layer_bytes;
+        }
+        const DType t = i == 0 ? DType::kBF16 : i == 1 ? DType::kNF4 : i == 2 ? DType::kNF4DQ : DType::kQ8;
+        if (err.empty() && layer_bytes > 0) {
+          const double layer_ms = (step_ms[1] - step_ms[0]) / 4;
+          *fixed[i] = std::max(0.0, 1e3 * (layer_ms - static_cast<double>(layer_bytes) / (gpu_layer_rate(hw, t, 1) * 1e9) * 1e3));
+          line += strprintf("%s%s %.0f us (of %.0f)", line.empty() ? "" : ", ", std::string(dtype_name(t)).c_str(), *fixed[i], 1e3 * layer_ms);
+        } else {
+          line += strprintf("%s%s not measured (%s)", line.empty() ? "" : ", ", std::string(dtype_name(t)).c_str(), err.c_str());
+        }
+      }
+      std::printf("gpu layer:  a Llama-2-7B decode layer beyond its weight bytes at the GEMV rate (batch 1): %s\n", line.c_str());
+    }
   } else {
     std::printf("gpu:        not measured (%s): the built-in H100 values are kept\n", g.error.c_str());
     measured += ", GPU rates built-in";

@@ -146,7 +146,8 @@ struct LayerCosts {
 LayerCosts layer_costs(const ModelConfig& c, int64_t layer_bytes, int64_t batch, const HardwareProfile& hw, DType weights) {
   const double lb = static_cast<double>(layer_bytes), params = static_cast<double>(layer_params(c)), b = static_cast<double>(batch);
   LayerCosts k;
-  k.gpu_ms = std::max(lb / (gpu_layer_rate(hw, weights, batch) * 1e9), 2 * params * b / (hw.gemm_tflops * 1e12)) * 1e3;
+  k.gpu_ms = std::max(lb / (gpu_layer_rate(hw, weights, batch) * 1e9) * 1e3 + gpu_layer_fixed_ms(hw, weights, batch),
+                      2 * params * b / (hw.gemm_tflops * 1e12) * 1e3);
   // A CPU layer reads its weights no faster than host memory delivers (the floor's rate caps the
   // measured one); beside copies, at the share of it the CPU's read kept then. It also moves its
   // activations down and back, and costs two host-side hand-offs.
@@ -481,6 +482,10 @@ HardwareProfile load_profile() {
   get("gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs);
   get("gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs);
   get("gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs);
+  get("gpu_layer_fixed_us", hw.gpu_layer_fixed_us);
+  get("gpu_layer_fixed_nf4_us", hw.gpu_layer_fixed_nf4_us);
+  get("gpu_layer_fixed_nf4dq_us", hw.gpu_layer_fixed_nf4dq_us);
+  get("gpu_layer_fixed_q8_us", hw.gpu_layer_fixed_q8_us);
   get("cpu_tflops", hw.cpu_tflops);
   get("disk_gbs", hw.disk_gbs);
   hw.source = path + " (" + j.value("measured", std::string("ferry calibrate")) + ")";
@@ -523,9 +528,18 @@ double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch) {
   return batch <= 2 && r > 0 ? std::min(r, hw.hbm_gbs) : hw.hbm_gbs;
 }
 
+double gpu_layer_fixed_ms(const HardwareProfile& hw, DType w, int64_t batch) {
+  if (batch > 2) return 0;
+  const double us = w == DType::kNF4DQ ? hw.gpu_layer_fixed_nf4dq_us
+                    : is_nf4(w)        ? hw.gpu_layer_fixed_nf4_us
+                    : w == DType::kQ8  ? hw.gpu_layer_fixed_q8_us
+                                       : hw.gpu_layer_fixed_us;
+  return std::max(us, 0.0) / 1e3;
+}
+
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},
-                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_nf4dq_gbs", hw.cpu_layer_nf4dq_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"cpu_layer_nf4_shared_gbs", hw.cpu_layer_nf4_shared_gbs}, {"cpu_layer_nf4dq_shared_gbs", hw.cpu_layer_nf4dq_shared_gbs}, {"cpu_layer_q8_shared_gbs", hw.cpu_layer_q8_shared_gbs}, {"gpu_gemv_gbs", hw.gpu_gemv_gbs}, {"gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs}, {"gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs}, {"gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs}, {"cpu_tflops", hw.cpu_tflops},
+                      {"host_dram_gbs", hw.host_dram_gbs}, {"dram_shared_gbs", hw.dram_shared_gbs}, {"h2d_shared_gbs", hw.h2d_shared_gbs}, {"cpu_layer_gbs", hw.cpu_layer_gbs}, {"cpu_layer_shared_gbs", hw.cpu_layer_shared_gbs}, {"cpu_layer_nf4_gbs", hw.cpu_layer_nf4_gbs}, {"cpu_layer_nf4dq_gbs", hw.cpu_layer_nf4dq_gbs}, {"cpu_layer_q8_gbs", hw.cpu_layer_q8_gbs}, {"cpu_layer_nf4_shared_gbs", hw.cpu_layer_nf4_shared_gbs}, {"cpu_layer_nf4dq_shared_gbs", hw.cpu_layer_nf4dq_shared_gbs}, {"cpu_layer_q8_shared_gbs", hw.cpu_layer_q8_shared_gbs}, {"gpu_gemv_gbs", hw.gpu_gemv_gbs}, {"gpu_gemv_nf4_gbs", hw.gpu_gemv_nf4_gbs}, {"gpu_gemv_nf4dq_gbs", hw.gpu_gemv_nf4dq_gbs}, {"gpu_gemv_q8_gbs", hw.gpu_gemv_q8_gbs}, {"gpu_layer_fixed_us", hw.gpu_layer_fixed_us}, {"gpu_layer_fixed_nf4_us", hw.gpu_layer_fixed_nf4_us}, {"gpu_layer_fixed_nf4dq_us", hw.gpu_layer_fixed_nf4dq_us}, {"gpu_layer_fixed_q8_us", hw.gpu_layer_fixed_q8_us}, {"cpu_tflops", hw.cpu_tflops},
                       {"disk_gbs", hw.disk_gbs},       {"measured", hw.source}};
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);

@@ -72,6 +72,13 @@ struct HardwareProfile {
   double gpu_gemv_nf4_gbs = 0;
   double gpu_gemv_nf4dq_gbs = 0;  // 0: NF4's rate per parameter
   double gpu_gemv_q8_gbs = 0;
+  // A decode layer's time on the GPU beyond its weight bytes at that rate, batch 1-2, microseconds
+  // (0: not measured): its RMSNorms and attention, the launches and each GEMV's ramp and tail.
+  // `ferry calibrate` times resident synthetic Llama-2-7B steps at 2 and 6 layers, per format.
+  double gpu_layer_fixed_us = 0;
+  double gpu_layer_fixed_nf4_us = 0;
+  double gpu_layer_fixed_nf4dq_us = 0;
+  double gpu_layer_fixed_q8_us = 0;
   double cpu_tflops = 1.47;     // ferry's CPU BF16 GEMM at 64 rows (oneDNN, AMX)
   double disk_gbs = 1.65;       // O_DIRECT io_uring reads of a packed store, checksums verified
   std::string source = "built-in (ferry calibrate on the H100 host, 2026-11-23; host DRAM 2026-11-24)";
@@ -88,6 +95,9 @@ double cpu_layer_shared_share(const HardwareProfile& hw, DType w);
 // measured GEMV rate at one or two rows where calibrate measured it (never above the HBM rate),
 // else the HBM rate.
 double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch);
+// A decode layer's fixed GPU time in ms for weights `w` at `batch` rows (HardwareProfile::gpu_layer_fixed_*;
+// 0 above two rows, where it was not measured).
+double gpu_layer_fixed_ms(const HardwareProfile& hw, DType w, int64_t batch);
 std::string profile_path();
 Status save_profile(const HardwareProfile& hw, const std::string& path);
 

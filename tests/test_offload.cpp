@@ -400,6 +400,22 @@ TEST_SUITE("offload") {
     CHECK(p->predicted_ms - fast->predicted_ms == doctest::Approx(2 * layers_ms).epsilon(1e-6));
     const PlanFloor f = plan_floor(*c, *p, 1, slow.hw), f0 = plan_floor(*c, *fast, 1, in.hw);
     CHECK(f.step_ms == doctest::Approx(f0.step_ms));
+    // A decode layer's fixed time (calibrate's gpu_layer_fixed_*) adds to each GPU layer at one or
+    // two rows, in its format only; the floor does not count it.
+    GpuPlanInput fixed = in;
+    fixed.hw.gpu_layer_fixed_nf4_us = 50;
+    fixed.hw.gpu_layer_fixed_us = 1000;  // BF16's: not this plan's
+    auto pf = plan_gpu(*c, fixed);
+    REQUIRE(pf.ok());
+    CHECK(pf->predicted_ms - fast->predicted_ms == doctest::Approx(32 * 0.05).epsilon(1e-6));
+    CHECK(plan_floor(*c, *pf, 1, fixed.hw).step_ms == doctest::Approx(f0.step_ms));
+    fixed.max_batch = 8;  // not measured above two rows
+    GpuPlanInput at8 = in;
+    at8.max_batch = 8;
+    auto p8f = plan_gpu(*c, fixed), p8 = plan_gpu(*c, at8);
+    REQUIRE(p8f.ok());
+    REQUIRE(p8.ok());
+    CHECK(p8f->predicted_ms == doctest::Approx(p8->predicted_ms));
     CHECK(gpu_layer_rate(slow.hw, DType::kNF4, 1) == doctest::Approx(slow.hw.hbm_gbs / 3));
     CHECK(gpu_layer_rate(slow.hw, DType::kNF4, 2) == doctest::Approx(slow.hw.hbm_gbs / 3));
     CHECK(gpu_layer_rate(slow.hw, DType::kNF4, 16) == slow.hw.hbm_gbs);  // the dequantised tile + cuBLAS above
@@ -428,6 +444,7 @@ TEST_SUITE("offload") {
     CHECK(cpu_layer_shared_share(sh, DType::kNF4DQ) == doctest::Approx(0.6));
     CHECK(cpu_layer_shared_share(sh, DType::kBF16) == doctest::Approx(0.8));
     slow.hw.cpu_layer_nf4dq_shared_gbs = 54;
+    slow.hw.gpu_layer_fixed_nf4dq_us = 77;
     // The profile keeps them.
     test::TempDir tmp;
     const std::string prof = tmp / "p.json";
@@ -440,6 +457,8 @@ TEST_SUITE("offload") {
     CHECK(back.cpu_layer_nf4dq_shared_gbs == doctest::Approx(54));
     CHECK(back.gpu_gemv_gbs == doctest::Approx(slow.hw.gpu_gemv_gbs));
     CHECK(back.gpu_gemv_q8_gbs == 0);
+    CHECK(back.gpu_layer_fixed_nf4dq_us == doctest::Approx(77));
+    CHECK(back.gpu_layer_fixed_us == 0);
   }
 
   TEST_CASE("the token embedding goes to pinned host memory when the layers do not all fit beside it") {

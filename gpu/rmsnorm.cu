@@ -15,6 +15,7 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   pdl_launch_dependents();
+  pdl_wait();  // launched programmatically: everything below reads what the kernel before wrote
   const int64_t src = rows ? rows[r] : r;
   float* xr = x + src * n_embd;
   const float* dr = delta ? delta + src * n_embd : nullptr;
@@ -79,16 +80,21 @@ __global__ void __launch_bounds__(kThreads) add_rmsnorm_kernel(float* __restrict
 void add_rmsnorm(float* x, const float* delta, const bf16* w, const int32_t* rows, int64_t n_rows, int64_t n_embd, float eps,
                  bf16* out, cudaStream_t s, bf16* out_lo, bool f16) {
   if (n_rows == 0) return;
-  const unsigned grid = static_cast<unsigned>(n_rows);
+  // Launched with programmatic stream serialization (sm_90+): its launch and start overlap the tail of
+  // the kernel before it (a decode GEMV), and pdl_wait() holds its reads until that kernel is done.
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(n_rows));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = s;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = programmatic_launch() ? 1 : 0;
   const bool regs = n_embd <= kThreads * kMaxPerThread;
-  if (f16) {
-    if (regs) add_rmsnorm_kernel<true, true><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
-    else add_rmsnorm_kernel<false, true><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
-  } else {
-    if (regs) add_rmsnorm_kernel<true, false><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
-    else add_rmsnorm_kernel<false, false><<<grid, kThreads, 0, s>>>(x, delta, w, rows, n_embd, eps, out, out_lo);
-  }
-  CUDA_CHECK_LAUNCH();
+  auto kernel = f16 ? (regs ? add_rmsnorm_kernel<true, true> : add_rmsnorm_kernel<false, true>)
+                    : (regs ? add_rmsnorm_kernel<true, false> : add_rmsnorm_kernel<false, false>);
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, x, delta, w, rows, n_embd, eps, out, out_lo));
 }
 
 }  // namespace ferry::gpu

@@ -824,7 +824,7 @@ TEST_SUITE("model") {
     }
   }
 
-  TEST_CASE("the CPU's quantised row kernels (AVX-512 where the CPU has it) against the codec: dots and dequantised rows") {
+  TEST_CASE("the CPU's quantised row kernels (AVX-512 or AVX2 + FMA, whichever the CPU has) against the codec: dots and dequantised rows") {
     MESSAGE("SIMD level: " << std::string(cpu::simd_level()));
     // K = 320: two full groups of 128 NF4 elements and half of one; int8 also at 336 (a last 16).
     const int64_t N = 5;

@@ -637,6 +637,23 @@ __attribute__((target("avx2,fma"))) void nf4_dot_avx2(const uint8_t* codes, cons
   for (int m = 0; m < M; ++m) out[m] = hsum256(acc[m]);
 }
 
+// NF4 codes to floats (prefill's dequantised rows) with AVX2: 8 code bytes, their high and low nibbles
+// looked up, interleaved back into element order, times the block's absmax (as dequantize_nf4).
+__attribute__((target("avx2,fma"))) void nf4_row_avx2(const uint8_t* codes, const float* absmax, float* dst, int64_t n) {
+  const __m256 tlo = _mm256_loadu_ps(kNf4Codes), thi = _mm256_loadu_ps(kNf4Codes + 8);
+  const int64_t full = n / 64 * 64;
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i / 2)));
+    const __m256 a = _mm256_set1_ps(absmax[i / 64]);
+    const __m256 hi = _mm256_mul_ps(nf4_lookup8(tlo, thi, _mm256_srli_epi32(v, 4)), a);  // elements i, i + 2, ...
+    const __m256 lo = _mm256_mul_ps(nf4_lookup8(tlo, thi, v), a);                        // elements i + 1, i + 3, ...
+    const __m256 u0 = _mm256_unpacklo_ps(hi, lo), u1 = _mm256_unpackhi_ps(hi, lo);
+    _mm256_storeu_ps(dst + i, _mm256_permute2f128_ps(u0, u1, 0x20));
+    _mm256_storeu_ps(dst + i + 8, _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+  if (full < n) dequantize_nf4(codes + full / 2, absmax + full / 64, n - full, dst + full);
+}
+
 // Calls f(std::integral_constant<int, M>{}) for the row counts the AVX-512 kernels are built for
 // (1-3) and returns true; false for any other M.
 template <typename F>
@@ -655,6 +672,7 @@ bool with_rows(int64_t M, F&& f) {
 void nf4_to_f32_row(const uint8_t* codes, const float* absmax, float* dst, int64_t n) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
   if (have_avx512()) return nf4_row_avx512(codes, absmax, dst, n);
+  if (have_avx2()) return nf4_row_avx2(codes, absmax, dst, n);
 #endif
   dequantize_nf4(codes, absmax, n, dst);
 }

@@ -1122,33 +1122,33 @@ int cmd_calibrate(const CalibrateFlags& f) {
     // launches, the GEMVs' ramp and tail): resident synthetic Llama-2-7B steps at 6 layers less those
     // at 2, per layer, less a layer's bytes at the one-row rate measured above; batch 1, 128 steps.
     {
-      double* fixed[] = {&hw.gpu_layer_fixed_us, &hw.gpu_layer_fixed_nf4_us, &hw.gpu_layer_fixed_nf4dq_us, &hw.gpu_layer_fixed_q8_us};
-      const char* quant[] = {"bf16", "nf4", "nf4-dq", "int8"};
       std::string line;
-      for (int i = 0; i < 4; ++i) {
+      for (WeightFormat f : kWeightFormats) {
+        const WeightFormatInfo fi = weight_format_info(f);
         BenchFlags bf;
         bf.m.model = std::string(kSyntheticPrefix) + "llama-2-7b";
         bf.m.device = "gpu";
-        bf.m.quant = quant[i];
+        bf.m.quant = std::string(fi.name);
         bf.n_predict = 128;
         bf.overlap = false;
         double step_ms[2] = {0, 0};
         int64_t layer_bytes = 0;
         std::string err;
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < 2 && err.empty(); ++j) {
           bf.m.layers = j == 0 ? 2 : 6;
           const BenchPoint pt = bench_point(bf, "", 1, false);
           if (!pt.error.empty() || pt.decode_tps <= 0) err = pt.error.empty() ? "no decode time" : pt.error;
-          else step_ms[j] = 1e3 / pt.decode_tps;
+          step_ms[j] = pt.decode_tps > 0 ? 1e3 / pt.decode_tps : 0;
           layer_bytes = pt.plan.layer_bytes;
         }
-        const DType t = i == 0 ? DType::kBF16 : i == 1 ? DType::kNF4 : i == 2 ? DType::kNF4DQ : DType::kQ8;
+        const std::string name(dtype_name(fi.dtype));
         if (err.empty() && layer_bytes > 0) {
           const double layer_ms = (step_ms[1] - step_ms[0]) / 4;
-          *fixed[i] = std::max(0.0, 1e3 * (layer_ms - static_cast<double>(layer_bytes) / (gpu_layer_rate(hw, t, 1) * 1e9) * 1e3));
-          line += strprintf("%s%s %.0f us (of %.0f)", line.empty() ? "" : ", ", std::string(dtype_name(t)).c_str(), *fixed[i], 1e3 * layer_ms);
+          double& fixed = gpu_layer_fixed_us(hw, fi.dtype);
+          fixed = std::max(0.0, 1e3 * (layer_ms - static_cast<double>(layer_bytes) / (gpu_layer_rate(hw, fi.dtype, 1) * 1e9) * 1e3));
+          line += strprintf("%s%s %.0f us (of %.0f)", line.empty() ? "" : ", ", name.c_str(), fixed, 1e3 * layer_ms);
         } else {
-          line += strprintf("%s%s not measured (%s)", line.empty() ? "" : ", ", std::string(dtype_name(t)).c_str(), err.c_str());
+          line += strprintf("%s%s not measured (%s)", line.empty() ? "" : ", ", name.c_str(), err.c_str());
         }
       }
       std::printf("gpu layer:  a Llama-2-7B decode layer beyond its weight bytes at the GEMV rate (batch 1): %s\n", line.c_str());

@@ -528,14 +528,16 @@ double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch) {
   return batch <= 2 && r > 0 ? std::min(r, hw.hbm_gbs) : hw.hbm_gbs;
 }
 
-double gpu_layer_fixed_ms(const HardwareProfile& hw, DType w, int64_t batch) {
-  if (batch > 2) return 0;
-  const double us = w == DType::kNF4DQ ? hw.gpu_layer_fixed_nf4dq_us
-                    : is_nf4(w)        ? hw.gpu_layer_fixed_nf4_us
-                    : w == DType::kQ8  ? hw.gpu_layer_fixed_q8_us
-                                       : hw.gpu_layer_fixed_us;
-  return std::max(us, 0.0) / 1e3;
+namespace {
+template <class Profile>  // HardwareProfile, const or not
+auto& fixed_field(Profile& hw, DType w) {
+  return w == DType::kNF4DQ ? hw.gpu_layer_fixed_nf4dq_us : is_nf4(w) ? hw.gpu_layer_fixed_nf4_us : w == DType::kQ8 ? hw.gpu_layer_fixed_q8_us : hw.gpu_layer_fixed_us;
 }
+}  // namespace
+
+double& gpu_layer_fixed_us(HardwareProfile& hw, DType w) { return fixed_field(hw, w); }
+
+double gpu_layer_fixed_ms(const HardwareProfile& hw, DType w, int64_t batch) { return batch > 2 ? 0 : std::max(fixed_field(hw, w), 0.0) / 1e3; }
 
 Status save_profile(const HardwareProfile& hw, const std::string& path) {
   nlohmann::json j = {{"h2d_gbs", hw.h2d_gbs},         {"hbm_gbs", hw.hbm_gbs},         {"gemm_tflops", hw.gemm_tflops},

@@ -98,6 +98,8 @@ double gpu_layer_rate(const HardwareProfile& hw, DType w, int64_t batch);
 // A decode layer's fixed GPU time in ms for weights `w` at `batch` rows (HardwareProfile::gpu_layer_fixed_*;
 // 0 above two rows, where it was not measured).
 double gpu_layer_fixed_ms(const HardwareProfile& hw, DType w, int64_t batch);
+// The profile's field of that time for weights `w` (calibrate fills it).
+double& gpu_layer_fixed_us(HardwareProfile& hw, DType w);
 std::string profile_path();
 Status save_profile(const HardwareProfile& hw, const std::string& path);
 

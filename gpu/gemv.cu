@@ -13,6 +13,7 @@
 // NF4 / NF4-DQ with up to 4 columns of x take a second kernel on the tensor cores (nf4_mma_kernel,
 // below; notes/quant.md), where the device has the shared memory for it (H100 / H200).
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -448,8 +449,10 @@ void launch_gemv(void (*kernel)(P...), int64_t grid, int block, int smem, bool f
 // The CUDA-core kernel above spends a shared-memory lookup, a byte extraction and an FMA on every
 // weight; ncu on the H200 (Llama-3-70B's QKV shape) shows its L1 data pipe 75% busy: 32 lookups and
 // ~23 other wavefronts per 512 bytes of codes. Here a row tile is 16 weight rows (the MMA's A rows)
-// whose K `split` warps share in units of 256 codes (unit u to the tile's warp u % split; a block of 8
-// warps holds 8 / split tiles; mma_split). Each warp streams its units
+// whose K `split` warps share in units of 256 codes (unit u to the tile's warp u % split; a group of
+// 8 / split tiles takes a block's 8 warps; mma_split). The grid is two blocks an SM, each taking every
+// grid-th group (mma_grid), so its code table is built once and its stages run on across groups
+// (a block a group rebuilt the table and refilled the stages for every 16 or 32 rows). Each warp streams its units
 // through a ring of shared-memory stages with cp.async (16 rows x 128 bytes of codes, swizzled so the
 // fragment reads hit every bank once; the 16 rows' 4 scales; its x columns' 256 elements), so the
 // next stages are in flight without holding registers. For each block of 64 codes lane (g, t) =
@@ -484,7 +487,8 @@ constexpr int kMmaLutBytes = 256 * (kWide ? 256 : 128);
 template <int NC>
 constexpr int kStageBytes = 2048 + 256 + NC * 528;
 // Stages a warp cycles through: what fits beside the table at two blocks an SM (H100/H200: 228 KB
-// of shared memory an SM, 1 KB of it reserved per block, ~1.1 KB static here).
+// of shared memory an SM, 1 KB of it reserved per block, 0.5-3 KB static here: the NF4-DQ code map
+// and the warps' partial sums; launch_mma_fmt warns if two blocks do not fit).
 template <int NC, bool kWide>
 constexpr int kStages = std::clamp((111 * 1024 + 512 - kMmaLutBytes<kWide>) / (kMmaWarps * kStageBytes<NC>), 2, 6);
 template <int NC, bool kWide>
@@ -546,42 +550,58 @@ __device__ __forceinline__ int chunk_at(int r, int c) { return r * 128 + 16 * (c
 
 template <int M, bool kHiLo, bool kWide, bool kDq, bool kF16, class Epi>
 __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, const uint8_t* __restrict__ w, QScales qs, int64_t n_tasks,
-                                                                   int64_t K, int split, Epi epi) {
+                                                                   int64_t K, int split, int64_t n_groups, Epi epi) {
   constexpr int R = Epi::R, kTasks = 16 / R, NC = kHiLo ? 2 * M : M, S = kStages<NC, kWide>, SB = kStageBytes<NC>;
   static_assert(NC <= kMmaMaxCols, "at most 4 columns of x");
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* lut = smem;
   unsigned char* after_lut = smem + kMmaLutBytes<kWide>;  // the warps' stages
   __shared__ float dmap[256];
-  __shared__ float sq[M][2 * kTasks];
+  __shared__ float part[kMmaWarps][16][M];  // the warps' partial sums of a group's tiles (hi + lo folded)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   unsigned char* stages = after_lut + warp * S * SB;
   constexpr bool dq = kDq;  // NF4-DQ (qs.codes), else NF4 (qs.f32): a parameter, so neither pays for the other's branches
-  // Row of A slot s: task s (one row a task), or task s % 8's row s / 8.
-  // The block's 8 / split row tiles, `split` warps each (warp wk of a tile takes units wk + split j).
+  // A group is 8 / split row tiles of 16 rows, `split` warps each (warp wk of a tile takes units wk +
+  // split j). The block takes groups blockIdx.x, + gridDim.x, ...: its warps' stages run on from one
+  // group's units into the next one's, so the copies stay in flight across the groups and the code
+  // table is built once a block.
   const int tpb = kMmaWarps / split, tl = warp / split, wk = warp % split;
-  const int64_t task0 = (static_cast<int64_t>(blockIdx.x) * tpb + tl) * kTasks;
-  auto slot_row = [&](int s) {
+  const int64_t n_mine = n_groups > blockIdx.x ? (n_groups - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  // Row of A slot s of group gi: task s (one row a task), or task s % 8's row s / 8.
+  auto slot_row = [&](int64_t gi, int s) {
+    const int64_t task0 = (gi * tpb + tl) * kTasks;
     const int ti = R == 1 ? s : s % 8;
     int64_t r[R];
     epi.rows(task0 + ti < n_tasks ? task0 + ti : 0, r);
     return r[R == 1 ? 0 : s / 8];
   };
   const int64_t nkb = K / 64, nu = K / 256, row_bytes = K / 2;
-  const int nj = static_cast<int>(nu > wk ? (nu - wk + split - 1) / split : 0);  // this warp's units: wk + split j
+  const int nj = static_cast<int>(nu > wk ? (nu - wk + split - 1) / split : 0);  // this warp's units of a group: wk + split j
+  const int64_t n_units = n_mine * nj;                                           // ... of all the block's groups
   // This lane's copies: codes of rows 4i + lane / 8 (i = 0-3), chunk lane % 8; lanes 0-15 the scales
   // of row lane; 16 bytes of each x column (lane: its 16 bytes of 512).
-  // copy_w and copy_x are called for units 0, 1, 2, ... in that order: each keeps its sources at the
-  // next unit's (this warp's units are wk + split j: a step of `split` units).
+  // copy_w and copy_x are called for the block's units 0, 1, 2, ... in that order: each keeps its
+  // sources at the next unit's (a step of `split` units, or the next group's first).
   const uint8_t* csrc[4];
+  const uint8_t* scodes = nullptr;
+  const float* sf32 = nullptr;
+  int64_t wg = blockIdx.x;  // the group copy_w is in, and its units issued so far
+  int wj = 0;
+  auto w_sources = [&](int64_t gi) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) csrc[i] = w + slot_row(4 * i + (lane >> 3)) * row_bytes + 16 * (lane & 7) + 128 * wk;
-  const int64_t sbase = slot_row(lane & 15) * nkb + 4 * wk;
-  const uint8_t* scodes = dq ? qs.codes + sbase : nullptr;
-  const float* sf32 = dq ? nullptr : qs.f32 + sbase;
+    for (int i = 0; i < 4; ++i) csrc[i] = w + slot_row(gi, 4 * i + (lane >> 3)) * row_bytes + 16 * (lane & 7) + 128 * wk;
+    const int64_t sbase = slot_row(gi, lane & 15) * nkb + 4 * wk;
+    if constexpr (dq) scodes = qs.codes + sbase;
+    else sf32 = qs.f32 + sbase;
+  };
+  w_sources(wg);
   const bf16* xsrc[NC];
+  int xj = 0;
+  auto x_sources = [&] {
 #pragma unroll
-  for (int c = 0; c < NC; ++c) xsrc[c] = (kHiLo && c >= M ? in.x_lo + (c - M) * K : in.x + c * K) + 8 * lane + 256 * wk;
+    for (int c = 0; c < NC; ++c) xsrc[c] = (kHiLo && c >= M ? in.x_lo + (c - M) * K : in.x + c * K) + 8 * lane + 256 * wk;
+  };
+  x_sources();
   const uint32_t st0 = smem_addr(stages);
   auto copy_w = [&](int s) {  // codes and scales of the next unit into stage s
     const uint32_t d = st0 + s * SB;
@@ -596,6 +616,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
     }
     if constexpr (dq) scodes += 4 * split;
     else sf32 += 4 * split;
+    if (++wj == nj) {
+      wj = 0;
+      wg += gridDim.x;
+      if (wg < n_groups) w_sources(wg);
+    }
   };
   auto copy_x = [&](int s) {
 #pragma unroll
@@ -603,10 +628,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
       cp_async<16>(st0 + s * SB + 2304 + c * 528 + 16 * lane, xsrc[c]);
       xsrc[c] += 256 * split;
     }
+    if (++xj == nj) {
+      xj = 0;
+      x_sources();
+    }
   };
   // The weights' first stages go out before pdl_wait() (resident weights: nobody writes them).
   for (int j = 0; j < S - 1; ++j) {
-    if (j < nj) copy_w(j);
+    if (j < n_units) copy_w(j);
     cp_async_commit();
   }
   // The code table: 16-byte stores, each 16 bytes of one entry's lane copies.
@@ -619,127 +648,148 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) nf4_mma_kernel(GemvIn in, c
     for (int i = threadIdx.x; i < 256; i += blockDim.x) dmap[i] = c_dmap.v[i];
   __syncthreads();
   pdl_wait();
-  for (int j = 0; j < S - 1 && j < nj; ++j) copy_x(j);
+  for (int j = 0; j < S - 1 && j < n_units; ++j) copy_x(j);
   cp_async_commit();
   cp_async_wait<0>();
   __syncwarp();
   const uint32_t lane_part = kWide ? 4u * lane : 8u * lane;
-  const int64_t drow[2] = {dq ? slot_row(g) * nkb : 0, dq ? slot_row(g + 8) * nkb : 0};  // NF4-DQ: rows g, g + 8's first code
   // B's column is the lane's group g: lanes of groups past the last column read the last column's
   // words (no predicate, no zeroing) and feed only D columns the epilogue never reads.
   const int xoff = 2304 + (g < NC ? g : NC - 1) * 528 + 32 * t;
   // This lane's 8 bytes of block b in rows g and g + 8: chunk 2b + t / 2, half t % 2, i.e.
   // chunk_at(r, 2b + t / 2) + 8 (t % 2) = r * 128 + 32 (b ^ (r % 4)) + 8 t (r % 4 = g % 4 for both rows).
   const int cbase = g * 128 + 8 * t, cx = g & 3;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  int s = 0;
-  for (int j = 0; j < nj; ++j) {
-    if (j > 0) {
-      cp_async_wait<S - 2>();  // unit j's group is done
-      __syncwarp();            // and every lane's part of it, and every lane is past unit j - 1's stage
-    }
-    {
-      const int jn = j + S - 1, sn = s == 0 ? S - 1 : s - 1;  // into the stage unit j - 1 used
-      if (jn < nj) {
-        copy_w(sn);
-        copy_x(sn);
-      }
-      cp_async_commit();
-    }
-    const unsigned char* st = stages + s * SB;
-    uint32_t dcodes[2] = {0u, 0u};  // NF4-DQ: the unit's 4 codes of rows g, g + 8, their absmax2 and means
-    float da2[2] = {0.0f, 0.0f}, dmean[2] = {0.0f, 0.0f};
-    float4 f32s[2];  // NF4: the unit's 4 absmax of rows g, g + 8
-    if constexpr (dq) {
-      const int64_t u4 = 4 * (wk + static_cast<int64_t>(split) * j);
+  const int et = threadIdx.x / kTasks, ti = threadIdx.x % kTasks;  // the epilogue: tile et's task ti
+  const bool mine = et < tpb;
+  float ss_acc[M];  // the residual's sums of squares over the block's rows
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        dcodes[h] = *reinterpret_cast<const uint32_t*>(st + 2048 + 16 * (g + 8 * h));
-        const int64_t b2 = (drow[h] + u4) >> 8;  // the unit's 4 codes share their absmax2 and mean
-        da2[h] = __ldg(qs.a2 + b2);
-        dmean[h] = __ldg(qs.means + b2);
+  for (int m = 0; m < M; ++m) ss_acc[m] = 0.0f;
+  int s = 0;
+  int64_t q = 0;  // the block's unit
+  for (int64_t gn = 0; gn < n_mine; ++gn) {
+    const int64_t gi = blockIdx.x + gn * gridDim.x;
+    int64_t drow[2] = {0, 0};  // NF4-DQ: rows g, g + 8's first code
+    if constexpr (dq) {
+      drow[0] = slot_row(gi, g) * nkb;
+      drow[1] = slot_row(gi, g + 8) * nkb;
+    }
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < nj; ++j, ++q) {
+      if (q > 0) {
+        cp_async_wait<S - 2>();  // unit q's group is done
+        __syncwarp();            // and every lane's part of it, and every lane is past unit q - 1's stage
+      }
+      {
+        const int sn = s == 0 ? S - 1 : s - 1;  // into the stage unit q - 1 used
+        if (q + S - 1 < n_units) {
+          copy_w(sn);
+          copy_x(sn);
+        }
+        cp_async_commit();
+      }
+      const unsigned char* st = stages + s * SB;
+      uint32_t dcodes[2] = {0u, 0u};  // NF4-DQ: the unit's 4 codes of rows g, g + 8, their absmax2 and means
+      float da2[2] = {0.0f, 0.0f}, dmean[2] = {0.0f, 0.0f};
+      float4 f32s[2];  // NF4: the unit's 4 absmax of rows g, g + 8
+      if constexpr (dq) {
+        const int64_t u4 = 4 * (wk + static_cast<int64_t>(split) * j);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          dcodes[h] = *reinterpret_cast<const uint32_t*>(st + 2048 + 16 * (g + 8 * h));
+          const int64_t b2 = (drow[h] + u4) >> 8;  // the unit's 4 codes share their absmax2 and mean
+          da2[h] = __ldg(qs.a2 + b2);
+          dmean[h] = __ldg(qs.means + b2);
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) f32s[h] = *reinterpret_cast<const float4*>(st + 2048 + 16 * (g + 8 * h));
+      }
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int co = cbase + 32 * (b ^ cx);
+        const uint2 w0 = *reinterpret_cast<const uint2*>(st + co), w1 = *reinterpret_cast<const uint2*>(st + co + 1024);
+        const uint4 xa = *reinterpret_cast<const uint4*>(st + xoff + 128 * b), xb = *reinterpret_cast<const uint4*>(st + xoff + 128 * b + 16);
+        const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        float d0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d1[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // two chains of MMAs
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t r0 = i < 2 ? w0.x : w0.y, r1 = i < 2 ? w1.x : w1.y;
+          const int pos = 2 * (i & 1);  // byte 2i of the 8: elements 4i, 4i + 1; byte 2i + 1: 4i + 2, 4i + 3
+          auto at = [&](uint32_t word, int p) { return *reinterpret_cast<const uint32_t*>(lut + lut_offset<kWide>(word, p, lane_part)); };
+          float(&d)[4] = i & 1 ? d1 : d0;
+          mma_bf16<kF16>(d, at(r0, pos), at(r1, pos), at(r0, pos + 1), at(r1, pos + 1), xw[2 * i], xw[2 * i + 1]);
+        }
+        float sc[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if constexpr (dq) sc[h] = dq_absmax(dmap[(dcodes[h] >> (8 * b)) & 0xffu], da2[h], dmean[h]);
+          else sc[h] = b == 0 ? f32s[h].x : b == 1 ? f32s[h].y : b == 2 ? f32s[h].z : f32s[h].w;
+        acc[0] = fmaf(sc[0], d0[0] + d1[0], acc[0]);
+        acc[1] = fmaf(sc[0], d0[1] + d1[1], acc[1]);
+        acc[2] = fmaf(sc[1], d0[2] + d1[2], acc[2]);
+        acc[3] = fmaf(sc[1], d0[3] + d1[3], acc[3]);
+      }
+      s = s + 1 == S ? 0 : s + 1;
+    }
+    // The group's tiles: every warp's partial sums into `part`, then each task's sum over its tile's
+    // warps in a fixed order (deterministic). The barrier before the writes: the previous group's
+    // epilogue has read `part`.
+    if (gn > 0) __syncthreads();
+    // D: (row g, columns 2t, 2t + 1) and (row g + 8, the same columns); hi + lo input: column c's lo
+    // part is column M + c, in lane t + (M + c % 2) / 2 of the same row group (a shuffle).
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        float a = acc[2 * h + cc];
+        if constexpr (kHiLo) a += __shfl_down_sync(0xffffffffu, acc[2 * h + (M + cc) % 2], (M + cc) / 2);
+        if (2 * t + cc < M) part[warp][g + 8 * h][2 * t + cc] = a;
+      }
+    __syncthreads();
+    const int64_t task = (gi * tpb + et) * kTasks + ti;
+    const bool active = mine && task < n_tasks;
+    float v[R][M];
+    if (mine) {
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int r = R == 1 ? ti : ti + 8 * i;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          float a = 0.0f;
+          for (int k = 0; k < split; ++k) a += part[et * split + k][r][m];
+          v[i][m] = a;
+        }
+      }
+    }
+    if constexpr (Epi::kResidual) {
+      if (active) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const float nv = epi.res[m * epi.N + task] + v[0][m];
+          epi.res[m * epi.N + task] = nv;
+          ss_acc[m] = fmaf(nv, nv, ss_acc[m]);
+        }
       }
     } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) f32s[h] = *reinterpret_cast<const float4*>(st + 2048 + 16 * (g + 8 * h));
+      if (active) epi.template emit<M>(task, v);
     }
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int co = cbase + 32 * (b ^ cx);
-      const uint2 w0 = *reinterpret_cast<const uint2*>(st + co), w1 = *reinterpret_cast<const uint2*>(st + co + 1024);
-      const uint4 xa = *reinterpret_cast<const uint4*>(st + xoff + 128 * b), xb = *reinterpret_cast<const uint4*>(st + xoff + 128 * b + 16);
-      const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-      float d0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d1[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // two chains of MMAs
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t r0 = i < 2 ? w0.x : w0.y, r1 = i < 2 ? w1.x : w1.y;
-        const int pos = 2 * (i & 1);  // byte 2i of the 8: elements 4i, 4i + 1; byte 2i + 1: 4i + 2, 4i + 3
-        auto at = [&](uint32_t word, int p) { return *reinterpret_cast<const uint32_t*>(lut + lut_offset<kWide>(word, p, lane_part)); };
-        float(&d)[4] = i & 1 ? d1 : d0;
-        mma_bf16<kF16>(d, at(r0, pos), at(r1, pos), at(r0, pos + 1), at(r1, pos + 1), xw[2 * i], xw[2 * i + 1]);
-      }
-      float sc[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if constexpr (dq) sc[h] = dq_absmax(dmap[(dcodes[h] >> (8 * b)) & 0xffu], da2[h], dmean[h]);
-        else sc[h] = b == 0 ? f32s[h].x : b == 1 ? f32s[h].y : b == 2 ? f32s[h].z : f32s[h].w;
-      acc[0] = fmaf(sc[0], d0[0] + d1[0], acc[0]);
-      acc[1] = fmaf(sc[0], d0[1] + d1[1], acc[1]);
-      acc[2] = fmaf(sc[1], d0[2] + d1[2], acc[2]);
-      acc[3] = fmaf(sc[1], d0[3] + d1[3], acc[3]);
-    }
-    s = s + 1 == S ? 0 : s + 1;
   }
   pdl_launch_dependents();
   cp_async_wait<0>();  // (only empty groups remain)
-  __syncthreads();     // every warp is done with its stages: they hold the partial sums now
-  // D: (row g, columns 2t, 2t + 1) and (row g + 8, the same columns).
-  float(*part)[16][NC] = reinterpret_cast<float(*)[16][NC]>(after_lut);
+  if constexpr (Epi::kResidual) {  // the block's sums of squares, through `part` once its last reader is done
+    constexpr int kN = 2 * kTasks;  // >= tpb * kTasks
+    static_assert(M * kN <= kMmaWarps * 16 * M);
+    float* sq = &part[0][0][0];
+    __syncthreads();
+    if (mine)
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      if (2 * t + c < NC) part[warp][g + 8 * h][2 * t + c] = acc[2 * h + c];
-  __syncthreads();
-  if (threadIdx.x < tpb * 16 * NC) {  // each tile's warps' sums in a fixed order, into its first warp's part
-    const int tt = threadIdx.x / (16 * NC), r = (threadIdx.x / NC) % 16, c = threadIdx.x % NC;
-    float v = 0.0f;
-    for (int k = 0; k < split; ++k) v += part[tt * split + k][r][c];
-    part[tt * split][r][c] = v;  // (each thread reads and writes its own elements only)
-  }
-  __syncthreads();
-  const int et = threadIdx.x / kTasks, ti = threadIdx.x % kTasks;  // tile et's task ti
-  const int64_t task = (static_cast<int64_t>(blockIdx.x) * tpb + et) * kTasks + ti;
-  const bool mine = et < tpb, active = mine && task < n_tasks;
-  float v[R][M];
-  if (mine) {
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int r = R == 1 ? ti : ti + 8 * i;
-#pragma unroll
-      for (int m = 0; m < M; ++m) v[i][m] = part[et * split][r][m] + (kHiLo ? part[et * split][r][(M + m) % NC] : 0.0f);
-    }
-  }
-  if constexpr (Epi::kResidual) {
-    if (mine) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float nv = 0.0f;
-        if (active) {
-          nv = epi.res[m * epi.N + task] + v[0][m];
-          epi.res[m * epi.N + task] = nv;
-        }
-        sq[m][threadIdx.x] = nv * nv;
-      }
-    }
+      for (int m = 0; m < M; ++m) sq[m * kN + threadIdx.x] = ss_acc[m];
     __syncthreads();
     if (threadIdx.x < M) {
       float sum = 0.0f;
-      for (int i = 0; i < tpb * kTasks; ++i) sum += sq[threadIdx.x][i];
+      for (int i = 0; i < tpb * kTasks; ++i) sum += sq[threadIdx.x * kN + i];
       epi.ss[threadIdx.x * gridDim.x + blockIdx.x] = sum;
     }
-  } else {
-    if (active) epi.template emit<M>(task, v);
   }
 }
 
@@ -757,18 +807,48 @@ int mma_split(int64_t rows) {
   return forced ? forced : rows >= 16384 ? 4 : 8;
 }
 
+// The tensor-core kernel's grid for `groups` row-tile groups: two blocks an SM, each taking every
+// grid-th group, so a block builds its code table once and its stages run on from group to group
+// (FERRY_GPU_NF4_PERSIST=0: a block a group, as before; timing).
+int64_t& mma_grid_cap() {  // -1: two blocks an SM; 0: a block a group; else at most that many blocks (set_nf4_grid_cap)
+  static int64_t cap = [] {
+    const char* e = std::getenv("FERRY_GPU_NF4_PERSIST");
+    return e && std::string(e) == "0" ? int64_t{0} : int64_t{-1};
+  }();
+  return cap;
+}
+int64_t mma_grid(int64_t groups) {
+  static const int64_t two_an_sm = [] {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return int64_t{0};
+    }
+    return int64_t{2} * sms;
+  }();
+  const int64_t cap = mma_grid_cap() < 0 ? two_an_sm : mma_grid_cap();
+  return cap > 0 ? std::min(groups, cap) : groups;
+}
+
 template <int M, bool kHiLo, bool kWide, bool kDq, bool kF16, class Epi>
 void launch_mma_fmt(const GemvIn& in, const QScales& qs, const uint8_t* w, int64_t rows_total, int64_t n_tasks, int64_t K, const Epi& epi,
                     bool weights_fixed, cudaStream_t s) {
   constexpr int smem = kMmaSmem<kHiLo ? 2 * M : M, kWide>;
   static const bool attr = [] {  // above 48 KB of dynamic shared memory is an opt-in, once per kernel
-    CUDA_CHECK(cudaFuncSetAttribute(nf4_mma_kernel<M, kHiLo, kWide, kDq, kF16, Epi>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const auto kernel = nf4_mma_kernel<M, kHiLo, kWide, kDq, kF16, Epi>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    // The stages are sized for two blocks an SM; one would halve the copies in flight.
+    int blocks = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kMmaWarps * 32, smem));
+    if (blocks < 2)
+      std::fprintf(stderr, "ferry: warning: the NF4 tensor-core GEMV (%d columns) fits %d block an SM, not 2: it runs at about half speed\n", M, blocks);
     return true;
   }();
   (void)attr;
   const int split = mma_split(rows_total), per_block = 16 / Epi::R * (kMmaWarps / split);
-  launch_gemv(nf4_mma_kernel<M, kHiLo, kWide, kDq, kF16, Epi>, (n_tasks + per_block - 1) / per_block, kMmaWarps * 32, smem, weights_fixed, s, in, w,
-              qs, n_tasks, K, split, epi);
+  const int64_t groups = (n_tasks + per_block - 1) / per_block;
+  launch_gemv(nf4_mma_kernel<M, kHiLo, kWide, kDq, kF16, Epi>, mma_grid(groups), kMmaWarps * 32, smem, weights_fixed, s, in, w, qs, n_tasks, K, split,
+              groups, epi);
 }
 
 template <int M, bool kHiLo, bool kWide, class Epi, bool kF16 = false>
@@ -796,7 +876,7 @@ QScales quant_scales(const GemvW& w, int64_t rows_total, int64_t K) {
 // its static part: sized for two blocks an SM on H100 / H200 (228 KB an SM).
 int mma_smem_bytes(int nc) {
   const int dyn = nc == 1 ? kMmaSmem<1, true> : nc == 2 ? kMmaSmem<2, false> : nc == 3 ? kMmaSmem<3, false> : kMmaSmem<4, false>;
-  return dyn + 2048;
+  return dyn + 1024 + kMmaWarps * 16 * nc * 4;  // static: NF4-DQ's code map, the warps' partial sums
 }
 
 // sm_80+, FERRY_GPU_NF4_MMA not 0, and the device's shared memory an SM holds two of the largest
@@ -976,12 +1056,14 @@ bool nf4_f16_path(DType w, int64_t M, int64_t K) { return K % 256 == 0 && nf4_mm
 
 void set_nf4_table(int mode) { nf4_table_mode() = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 
+void set_nf4_grid_cap(int64_t blocks) { mma_grid_cap() = blocks < 0 ? -1 : blocks; }
+
 bool nf4_mma_path(DType w, int64_t M, bool hi_lo) { return is_nf4(w) && (hi_lo ? 2 * M : M) <= kMmaMaxCols && mma_enabled(); }
 
 int64_t gemv_ss_parts(int64_t N, DType w, int64_t M, int64_t K) {
-  if (K % 256 == 0 && nf4_mma_path(w, M, false)) {  // the tensor-core kernel: 16 rows a tile, 8 / split tiles a block
+  if (K % 256 == 0 && nf4_mma_path(w, M, false)) {  // the tensor-core kernel: 16 rows a tile, 8 / split tiles a group
     const int64_t rows = 16 * (kMmaWarps / mma_split(N));  // (the residual: N rows)
-    return (N + rows - 1) / rows;
+    return mma_grid((N + rows - 1) / rows);                 // a part a block
   }
   // As launch_groups picks for the residual (R = 1) at M rows.
   const int g = groups_for(w, 1, M);

@@ -113,6 +113,10 @@ bool nf4_mma_path(DType w, int64_t M, bool hi_lo);
 // The tensor-core kernel's code table at one column of x: -1 (default) by format and size, 0 the 32 KB
 // table (three stages a warp), 1 the 64 KB one (two stages). For tests and timing.
 void set_nf4_table(int mode);
+// The tensor-core kernel's grid: -1 (default) two blocks an SM, each taking every grid-th group of
+// row tiles; 0 a block a group; N > 0 at most N blocks (tests: many groups a block at small sizes).
+// Set it before building an executor (gemv_ss_parts sizes the residual's partial sums by it).
+void set_nf4_grid_cap(int64_t blocks);
 // Whether the QKV GEMV of M rows over NF4 / NF4-DQ weights with K columns takes FP16 hi + lo rows
 // (GemvIn::f16) on the tensor cores: its code values then FP16 (2^-11 relative), where the BF16 ones
 // (2^-9) moved the golden NF4 logits past the GPU's bound (2.26e-2, run97). FERRY_GPU_QKV_F16=0 keeps

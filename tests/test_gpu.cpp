@@ -357,6 +357,13 @@ TEST_SUITE("gpu_ops") {
           CHECK(rel(y.get(), ref) > 1e-5);  // the BF16 code values show (this check can fail)
           CHECK(rel(y.get(), ref) < 5e-3);
         }
+        if (mma) {  // three blocks, so each takes several groups of row tiles (N = 301: 19 or 10 groups)
+          gpu::set_nf4_grid_cap(3);
+          Dev<float> yc(M * N);
+          gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob.p, t}, yc.p, M, N, K, nullptr);
+          gpu::set_nf4_grid_cap(-1);
+          CHECK(yc.get() == y.get());
+        }
         if (mma && M == 1) {  // one column through each code table (by default the format and size pick one)
           for (int table : {0, 1}) {
             CAPTURE(table);
@@ -455,6 +462,10 @@ TEST_SUITE("gpu_ops") {
       gpu::gemv_store(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob2.p, t}, gu.p, 2, 2 * F, K, nullptr);
       gpu::swiglu(gu.p, 2, F, reinterpret_cast<bf16*>(hr.p), nullptr);
       gpu::gemv_swiglu(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob2.p, t}, reinterpret_cast<bf16*>(hf.p), 2, F, K, nullptr);
+      CHECK(hf.get() == hr.get());
+      gpu::set_nf4_grid_cap(2);  // (the tensor-core kernel: two blocks, several groups each)
+      gpu::gemv_swiglu(gpu::GemvIn{reinterpret_cast<bf16*>(dx.p)}, gpu::GemvW{blob2.p, t}, reinterpret_cast<bf16*>(hf.p), 2, F, K, nullptr);
+      gpu::set_nf4_grid_cap(-1);
       CHECK(hf.get() == hr.get());
     }
     cublasDestroy(h);
@@ -920,6 +931,7 @@ TEST_SUITE("gpu_model") {
     const auto ref = test::read_f32(**gs, "nf4.seq0.logits");
     // Resident, then streamed / CPU-computed layers: prefill through cuBLAS over dequantised tiles,
     // decode (one token a step) through the dequantising GEMVs and the fused layer.
+    std::vector<float> decoded;  // resident, one token a step
     for (const std::string places : {"", "RSCS"}) {
       GpuModel g = load_gpu(dir, 4096, true, -1, places, "", false, 2, "", DType::kNF4);
       for (int64_t chunk : {int64_t{512}, int64_t{1}}) {
@@ -928,7 +940,24 @@ TEST_SUITE("gpu_model") {
         const double err = rel(*logits, ref);
         MESSAGE("NF4 on the GPU, places '" << places << "', " << chunk << "-token steps: golden nf4.seq0.logits max|d|/max|ref| = " << err);
         CHECK(err <= 2e-2);
+        if (places.empty() && chunk == 1) decoded = std::move(*logits);
       }
+    }
+    // The tensor-core GEMVs on two blocks, so that every block takes several groups of row tiles (the
+    // golden model's are few): the residual's partial sums, SwiGLU and RoPE epilogues across groups
+    // give the same decode (the sums of squares add in another order: not bit for bit).
+    if (gpu::nf4_mma_path(DType::kNF4, 1, false)) {
+      gpu::set_nf4_grid_cap(2);
+      {
+        GpuModel g = load_gpu(dir, 4096, true, -1, "", "", false, 2, "", DType::kNF4);
+        auto logits = prompt_logits(*g.runner, ids, 1);
+        REQUIRE(logits.ok());
+        const double err = rel(*logits, decoded);
+        MESSAGE("NF4 on the GPU, two blocks a tensor-core GEMV, against the default grid: " << err);
+        CHECK(err < 1e-3);
+        CHECK(rel(*logits, ref) <= 2e-2);
+      }
+      gpu::set_nf4_grid_cap(-1);
     }
     // int8, NF4-DQ: against the CPU backend with the same quantised weights; int8 with the lm_head
     // quantised too (--quant-head int8 / nf4: the head's GEMV and dequantised tiles).

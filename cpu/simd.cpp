@@ -40,6 +40,7 @@ FERRY_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
 namespace {
 bool have_avx512();
 bool have_vbmi();
+bool have_avx2();
 
 // The map's 256 floats as four byte planes of 256 bytes (plane j: byte j of each float), each plane
 // four 64-byte registers' worth: a byte permute of two registers (vpermt2b, 7 index bits) covers 128
@@ -118,6 +119,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void nf4dq_scale_avx512(con
     i = end;
   }
 }
+// The same with AVX2 (a CPU without AVX-512): 8 codes looked up by a gather, times the 256-block's
+// absmax2, plus its mean; the product and the sum rounded apart, as the codec (built without FMA, which
+// the compiler would contract them into: the codes then differed in the last bit), and the block's
+// last codes through an 8-byte copy (no load past `codes`' end).
+__attribute__((target("avx2"))) inline __m256 nf4dq_eight_avx2(const float* map, const uint8_t* c, __m256 s, __m256 m) {
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+  return _mm256_add_ps(_mm256_mul_ps(_mm256_i32gather_ps(map, idx, 4), s), m);
+}
+__attribute__((target("avx2"))) void nf4dq_absmax_avx2(const uint8_t* codes, const float* absmax2, const float* means, int64_t i0, int64_t n,
+                                                          float* out) {
+  const float* map = dynamic_map_signed();
+  for (int64_t i = 0; i < n;) {
+    const int64_t b = (i0 + i) >> 8, end = std::min(n, ((b + 1) << 8) - i0);
+    const __m256 s = _mm256_set1_ps(absmax2[b]), m = _mm256_set1_ps(means[b]);
+    for (; i + 8 <= end; i += 8) _mm256_storeu_ps(out + i, nf4dq_eight_avx2(map, codes + i0 + i, s, m));
+    if (i < end) {
+      uint8_t c[8] = {};
+      alignas(32) float v[8];
+      std::memcpy(c, codes + i0 + i, static_cast<size_t>(end - i));
+      _mm256_store_ps(v, nf4dq_eight_avx2(map, c, s, m));
+      std::memcpy(out + i, v, static_cast<size_t>(end - i) * sizeof(float));
+      i = end;
+    }
+  }
+}
 }  // namespace
 #endif
 
@@ -154,6 +180,7 @@ void nf4dq_absmax(const uint8_t* codes, const float* absmax2, const float* means
     dynamic_map_values(codes + i0, n, out);
     return nf4dq_scale_avx512(absmax2, means, i0, n, out);
   }
+  if (have_avx2()) return nf4dq_absmax_avx2(codes, absmax2, means, i0, n, out);
 #endif
   const float* map = dynamic_map_signed();
   for (int64_t i = 0; i < n; ++i) {
@@ -637,6 +664,62 @@ __attribute__((target("avx2,fma"))) void nf4_dot_avx2(const uint8_t* codes, cons
   for (int m = 0; m < M; ++m) out[m] = hsum256(acc[m]);
 }
 
+// The int16 NF4 dot with AVX2 (no VNNI, no vpermw): nf4_dot_i16_avx512's group as two halves of 16
+// words (one block of 64 each). A phase's 16 code values are looked up by two byte shuffles, one for
+// the int16 values' low bytes and one for their high bytes (an index byte with bit 7 set gives 0), and
+// vpmaddwd sums word pairs into 8 int32 lanes, exact as there (at most 8 products a lane a block).
+template <int M, int64_t kPer>
+__attribute__((target("avx2,fma"))) inline void nf4_half_i16_avx2(__m256i tlo, __m256i thi, __m256i v, float absmax, const uint16_t* xq, int64_t ldx,
+                                                                 const float* xs, int64_t lds, __m256* acc) {
+  const __m256i nib = _mm256_set1_epi16(0x000f), zero_hi = _mm256_set1_epi16(static_cast<short>(0x8000)), zero_lo = _mm256_set1_epi16(0x0080);
+  __m256i w[4];
+  for (int q = 0; q < 4; ++q) {
+    const __m256i idx = _mm256_and_si256(_mm256_srli_epi16(v, 4 * q), nib);
+    w[q] = _mm256_or_si256(_mm256_shuffle_epi8(tlo, _mm256_or_si256(idx, zero_hi)),
+                           _mm256_shuffle_epi8(thi, _mm256_or_si256(_mm256_slli_epi16(idx, 8), zero_lo)));
+  }
+  for (int m = 0; m < M; ++m) {
+    const __m256i* x = reinterpret_cast<const __m256i*>(xq + m * ldx);
+    constexpr int64_t s = kPer / 16;  // a phase's stride in 16-word vectors
+    __m256i t0 = _mm256_madd_epi16(w[0], _mm256_loadu_si256(x));
+    __m256i t1 = _mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2 * s));
+    t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(w[1], _mm256_loadu_si256(x + s)));
+    t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(w[3], _mm256_loadu_si256(x + 3 * s)));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(t0, t1)), _mm256_set1_ps(absmax * xs[m * lds]), acc[m]);
+  }
+}
+
+template <int M>
+__attribute__((target("avx2,fma"))) void nf4_dot_i16_avx2(const uint8_t* codes, const float* absmax, const int16_t* xq, const float* scales,
+                                                          int64_t ldx, int64_t K, float* out) {
+  struct Tables {
+    alignas(32) uint8_t lo[32], hi[32];
+    Tables() {
+      for (int i = 0; i < 32; ++i) {
+        lo[i] = static_cast<uint8_t>(static_cast<uint16_t>(kNf4CodesI16[i & 15]) & 0xff);
+        hi[i] = static_cast<uint8_t>(static_cast<uint16_t>(kNf4CodesI16[i & 15]) >> 8);
+      }
+    }
+  };
+  static const Tables tv;
+  const __m256i tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(tv.lo)), thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(tv.hi));
+  const uint16_t* xw = reinterpret_cast<const uint16_t*>(xq);
+  const int64_t groups = (K + kNf4Group - 1) / kNf4Group, full = K / kNf4Group;
+  const int64_t pf = prefetch_bytes();
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < full; ++g) {
+    nf4_prefetch_group(pf, codes, absmax, g);
+    for (int h = 0; h < 2; ++h)
+      nf4_half_i16_avx2<M, kNf4Group / 4>(tlo, thi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * 64 + 32 * h)), absmax[2 * g + h],
+                                          xw + g * kNf4Group + 16 * h, ldx, scales + g, groups, acc);
+  }
+  if (K % kNf4Group != 0)  // a last block of 64: phases of 16 words
+    nf4_half_i16_avx2<M, 16>(tlo, thi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + full * 64)), absmax[2 * full],
+                             xw + full * kNf4Group, ldx, scales + full, groups, acc);
+  for (int m = 0; m < M; ++m) out[m] = hsum256(acc[m]);
+}
+
 // NF4 codes to floats (prefill's dequantised rows) with AVX2: 8 code bytes, their high and low nibbles
 // looked up, interleaved back into element order, times the block's absmax (as dequantize_nf4).
 __attribute__((target("avx2,fma"))) void nf4_row_avx2(const uint8_t* codes, const float* absmax, float* dst, int64_t n) {
@@ -695,12 +778,14 @@ void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, in
 
 namespace {
 // d, or the next exact kernel where the CPU lacks it.
-Nf4Dot available(Nf4Dot d) { return d == Nf4Dot::kI16 && !have_vnni() ? Nf4Dot::kF32 : d; }
+Nf4Dot available(Nf4Dot d) { return d == Nf4Dot::kI16 && !have_vnni() && !have_avx2() ? Nf4Dot::kF32 : d; }
 std::atomic<int> g_nf4_dot{-1};  // set_nf4_decode_dot's choice, -1 before one
 }  // namespace
 
 Nf4Dot nf4_decode_dot() {
-  // The int16 kernel where the CPU has AVX512_VNNI (Ice Lake and later Xeons, Zen 4 and 5). One core
+  // The int16 kernel where the CPU has AVX512_VNNI (Ice Lake and later Xeons, Zen 4 and 5) or AVX2
+  // (its AVX2 form: a 2-core AMD EPYC without AVX-512 read a Llama-3-70B NF4 layer in 42-51 ms against
+  // the float32 kernel's 81-82, notes/cpu.md). One core
   // (bench_cpu_mix, notes/cpu.md): on the H200 host's Xeon its loop took 5.3 ns a 64 bytes of codes
   // against the float32 kernel's 6.0, on a Zen 5 core 1.35 against 2.0. A vdpbf16ps kernel (BF16
   // code values and x) was as fast on Zen 5 but slower than float32 on the Xeon, and less precise; an
@@ -751,6 +836,7 @@ void split_for_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float
 void nf4_dot_rows_i16(const uint8_t* codes, const float* absmax, const int16_t* xq, const float* scales, int64_t ldx, int64_t K, int64_t M, float* out) {
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
   if (have_vnni() && with_rows(M, [&](auto m) { nf4_dot_i16_avx512<m()>(codes, absmax, xq, scales, ldx, K, out); })) return;
+  if (have_avx2() && with_rows(M, [&](auto m) { nf4_dot_i16_avx2<m()>(codes, absmax, xq, scales, ldx, K, out); })) return;
 #endif
   const int64_t groups = (K + kNf4Group - 1) / kNf4Group;
   for (int64_t m = 0; m < M; ++m) {

@@ -44,10 +44,11 @@ inline constexpr int64_t kBf16Group = 32, kBf16Phases = 2;  // 64 bytes, 2 weigh
 // kNf4Group / kNf4Phases (xs: [M, ldx]): out[m].
 void nf4_dot_rows(const uint8_t* codes, const float* absmax, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);
 // BF16 inputs (GemmPrecision::kBf16Inputs, the GPU executor's CPU layers): NF4 decode products by
-//   kI16: nf4_dot_rows_i16 where the CPU has AVX512_VNNI: code values as int16 (kNf4CodesI16: 4096
-//         is 1.0) and x as int16 with a scale a group of 128 (16383 is its largest |x|), summed
-//         exactly in int32 by vpdpwssd, each block's sum scaled in float. Its rounding moves a product
-//         about a tenth as far as BF16 code values and x (the GPU's tensor-core GEMV) do.
+//   kI16: nf4_dot_rows_i16 where the CPU has AVX512_VNNI or AVX2: code values as int16 (kNf4CodesI16:
+//         4096 is 1.0) and x as int16 with a scale a group of 128 (16383 is its largest |x|), summed
+//         exactly in int32 by vpdpwssd (AVX2: byte-shuffle lookups and vpmaddwd), each block's sum
+//         scaled in float. Its rounding moves a product about a tenth as far as BF16 code values and x
+//         (the GPU's tensor-core GEMV) do.
 //   kF32: nf4_dot_rows above, exact, elsewhere or with FERRY_CPU_NF4_DOT=f32.
 enum class Nf4Dot { kF32, kI16 };
 Nf4Dot nf4_decode_dot();
@@ -70,7 +71,7 @@ inline constexpr int16_t kNf4CodesI16[16] = {
 // are not finite either).
 void split_for_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* scales);
 // The dot of one NF4 row with M <= 3 rows of int16 x from split_for_rows_i16 ([M, ldx], scales [M, G]);
-// without AVX512_VNNI a scalar loop with the same arithmetic (slowly: for the tests).
+// without AVX512_VNNI or AVX2 a scalar loop with the same arithmetic (slowly: for the tests).
 void nf4_dot_rows_i16(const uint8_t* codes, const float* absmax, const int16_t* xq, const float* scales, int64_t ldx, int64_t K, int64_t M, float* out);
 // The same for one BF16 row (any K) against x split in kBf16Group / kBf16Phases.
 void bf16_dot_rows(const uint16_t* w, const float* xs, int64_t ldx, int64_t K, int64_t M, float* out);

@@ -108,6 +108,14 @@ Status parse_quantization(const json& q, ModelConfig* cfg, const std::string& pa
     return unsupported(strprintf("%s: quantization_config quant_method '%s' is not supported (ferry reads bitsandbytes 4-bit NF4 checkpoints; "
                                  "run the unquantised checkpoint with --quant nf4, nf4-dq or int8)",
                                  path.c_str(), method.c_str()));
+  if (auto it = q.find("llm_int8_skip_modules"); it != q.end() && !it->is_null()) {
+    if (!it->is_array()) return corrupt(strprintf("%s: quantization_config 'llm_int8_skip_modules' must be a list of module names", path.c_str()));
+    for (const auto& m : *it) {
+      if (!m.is_string() || m.get<std::string>().empty())
+        return corrupt(strprintf("%s: quantization_config 'llm_int8_skip_modules' must be a list of module names (got %s)", path.c_str(), it->dump().c_str()));
+      cfg->checkpoint_skip_modules.push_back(m.get<std::string>());
+    }
+  }
   bool in4 = false, in8 = false, dq = false;
   for (const char* k : {"load_in_4bit", "_load_in_4bit", "load_in_8bit", "_load_in_8bit"}) {  // transformers writes both spellings
     bool v = false;

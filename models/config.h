@@ -47,6 +47,9 @@ struct ModelConfig {
   // (kNF4DQ, bnb_4bit_use_double_quant) or int8 rows with their absmax (kQ8: load_in_8bit); kBF16
   // otherwise.
   DType checkpoint_quant = DType::kBF16;
+  // Its llm_int8_skip_modules: Linears it keeps in 16 or 32 bits (a module whose name contains one of
+  // these). ferry's layers hold one format, so those are quantised at load to checkpoint_quant.
+  std::vector<std::string> checkpoint_skip_modules;
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
 

@@ -1,7 +1,9 @@
 #include "offload/weight_store.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <cmath>
 #include <set>
 
@@ -26,6 +28,10 @@ struct BnbLinear {
   int64_t rows = 0, n_absmax = 0;
   const int8_t* q8 = nullptr;  // 8-bit: int8 rows
   const float* scb = nullptr;  // and each row's absmax (w = q * SCB / 127)
+  // A Linear the checkpoint keeps unquantised (llm_int8_skip_modules), quantised at load: the blocks
+  // above point into `owned`; int8 rows then carry their scale itself.
+  std::shared_ptr<const std::vector<uint8_t>> owned;
+  const float* q8_scale = nullptr;
 };
 
 namespace {
@@ -82,10 +88,77 @@ int64_t first_non_finite(const TensorView& v) {
 // `name.nested_quant_map` F32 [256]), `name.quant_map` F32 [16] and
 // `name.quant_state.bitsandbytes__nf4` (U8: JSON with quant_type, blocksize, shape and,
 // double-quantised, nested_blocksize and nested_offset, the absmax' mean). 8-bit: below.
-Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spec, DType format, std::set<std::string>& used) {
+// Whether module `m` ("model.layers.1.mlp.down_proj") is one llm_int8_skip_modules keeps unquantised:
+// an entry is part of its name, as transformers matches them.
+bool skipped_module(const std::string& m, const std::vector<std::string>& skip) {
+  return std::any_of(skip.begin(), skip.end(), [&](const std::string& k) { return m.find(k) != std::string::npos; });
+}
+
+// A Linear stored in 16 or 32 bits in a bitsandbytes checkpoint (llm_int8_skip_modules) quantised by
+// ferry's codec into the checkpoint's format, a few rows at a time (no float copy of the whole
+// weight): NF4 codes and absmax (NF4-DQ: the absmax double-quantised over this Linear, as
+// bitsandbytes does each), or int8 rows and their scales.
+BnbLinear requantize_bnb(const TensorView& v, int64_t rows, int64_t cols, DType format) {
+  const int64_t n = rows * cols, na = n / 64, nb = (na + 255) / 256;
+  const bool q8 = format == DType::kQ8, dq = format == DType::kNF4DQ;
+  auto up4 = [](int64_t x) { return (x + 3) / 4 * 4; };
+  // int8: rows, then a scale a row. NF4: codes, fp32 absmax; NF4-DQ: then the absmax codes and absmax2.
+  const int64_t scales_at = q8 ? up4(n) : n / 2, codes2_at = scales_at + 4 * na, a2_at = codes2_at + up4(na);
+  auto own = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(q8 ? scales_at + 4 * rows : dq ? a2_at + 4 * nb : codes2_at));
+  uint8_t* base = own->data();
+  float* scale = reinterpret_cast<float*>(base + scales_at);
+  std::vector<float> x;
+  const int64_t step = std::max<int64_t>(1, (int64_t{1} << 22) / cols);
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t r1 = std::min(rows, r0 + step), m = (r1 - r0) * cols;
+    x.resize(static_cast<size_t>(m));
+    convert_to_f32(static_cast<const uint8_t*>(v.data) + r0 * cols * static_cast<int64_t>(dtype_size(v.dtype)), v.dtype, x.data(),
+                   static_cast<size_t>(m));
+    if (q8) quantize_int8_rows(x.data(), r1 - r0, cols, reinterpret_cast<int8_t*>(base) + r0 * cols, scale + r0);
+    else quantize_nf4(x.data(), m, base + r0 * cols / 2, scale + r0 * cols / 64);
+  }
+  BnbLinear b;
+  b.rows = rows;
+  if (q8) {
+    b.q8 = reinterpret_cast<const int8_t*>(base);
+    b.q8_scale = scale;
+  } else {
+    b.codes = base;
+    b.absmax = scale;  // (where the model runs NF4: these, not the double-quantised ones)
+    b.n_absmax = na;
+    if (dq) {
+      quantize_absmax_dq(scale, na, base + codes2_at, reinterpret_cast<float*>(base + a2_at), &b.offset);
+      b.absmax_codes = base + codes2_at;
+      b.absmax2 = reinterpret_cast<const float*>(base + a2_at);
+    }
+  }
+  b.owned = std::move(own);
+  return b;
+}
+
+Expected<BnbLinear> bind_bnb(const CheckpointReader& ckpt, const TensorSpec& spec, DType format, const std::vector<std::string>& skip,
+                             std::set<std::string>& used) {
   const int64_t rows = spec.shape[0], cols = spec.shape[1], n = rows * cols, na = n / 64;
   const bool dq = format == DType::kNF4DQ;
   const std::string src = ckpt.source_description();
+  // Kept in 16 or 32 bits (llm_int8_skip_modules): quantised here to the checkpoint's format.
+  if (auto f = ckpt.find(spec.name); f.entry != nullptr && (f.entry->dtype == DType::kBF16 || f.entry->dtype == DType::kF16 || f.entry->dtype == DType::kF32)) {
+    const std::string module = spec.name.substr(0, spec.name.size() - std::string(".weight").size());
+    if (!skipped_module(module, skip))
+      return corrupt(strprintf("%s: tensor '%s' is stored as %s, not quantised, and config.json's quantization_config llm_int8_skip_modules does "
+                               "not name '%s'",
+                               f.file->path().c_str(), spec.name.c_str(), std::string(dtype_name(f.entry->dtype)).c_str(), module.c_str()));
+    if (f.entry->shape != spec.shape)
+      return corrupt(strprintf("%s: tensor '%s' has shape %s but config.json implies %s", f.file->path().c_str(), spec.name.c_str(),
+                               shape_str(f.entry->shape).c_str(), shape_str(spec.shape).c_str()));
+    if (format != DType::kQ8 && cols % 64 != 0)
+      return unsupported(strprintf("%s: '%s' %s (kept unquantised) cannot be quantised to NF4: its rows are not whole blocks of 64", src.c_str(),
+                                   spec.name.c_str(), shape_str(spec.shape).c_str()));
+    const TensorView v = f.file->view(*f.entry);
+    if (first_non_finite(v) >= 0) return corrupt(strprintf("%s: tensor '%s' holds a NaN or an infinity", f.file->path().c_str(), spec.name.c_str()));
+    used.insert(spec.name);
+    return requantize_bnb(v, rows, cols, format);
+  }
   auto part = [&](const std::string& suffix, DType dt, int64_t numel) -> Expected<TensorView> {
     const std::string name = spec.name + suffix;
     auto f = ckpt.find(name);
@@ -212,7 +285,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::from_checkpoint(const ModelC
     const auto specs = layer_tensor_specs(cfg, il);
     for (int t = 0; t < kLayerTensorCount; ++t)
       if (is_linear(t)) {
-        FERRY_ASSIGN_OR_RETURN(bnb_w[il][t], bind_bnb(*ckpt, specs[t], cfg.checkpoint_quant, used));
+        FERRY_ASSIGN_OR_RETURN(bnb_w[il][t], bind_bnb(*ckpt, specs[t], cfg.checkpoint_quant, cfg.checkpoint_skip_modules, used));
       }
   }
   for (const auto& name : ckpt->names()) {
@@ -314,7 +387,7 @@ Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTen
       if (q == DType::kQ8) {  // int8 rows, then a float scale a row
         std::memcpy(dst + r * K, p->q8, static_cast<size_t>(p->rows * K));
         float* sc = reinterpret_cast<float*>(dst + l.scales) + r;
-        for (int64_t i = 0; i < p->rows; ++i) sc[i] = p->scb[i] / 127.0f;
+        for (int64_t i = 0; i < p->rows; ++i) sc[i] = p->q8_scale ? p->q8_scale[i] : p->scb[i] / 127.0f;
         r += p->rows;
         continue;
       }
@@ -335,10 +408,16 @@ Status WeightStore::import_bnb(const std::vector<std::array<BnbLinear, kLayerTen
     }
     FERRY_CHECK(r == R);
   }));
+  int64_t kept = 0;  // Linears the checkpoint keeps unquantised
+  for (const auto& l : w)
+    for (const BnbLinear& b : l) kept += b.owned ? 1 : 0;
   source_ += q == DType::kQ8     ? ", bitsandbytes 8-bit as int8 rows with a scale each (SCB / 127)"
              : q == DType::kNF4DQ ? ", bitsandbytes NF4 with double-quantised absmax as stored"
              : dq               ? ", bitsandbytes NF4 (its double-quantised absmax expanded to fp32: a q/k/v or gate/up part's count is not a multiple of 256)"
                                 : ", bitsandbytes NF4 as stored";
+  if (kept > 0)
+    source_ += strprintf("; %lld Linear%s it keeps unquantised (llm_int8_skip_modules) quantised to %s at load (ferry's layers hold one format)",
+                         static_cast<long long>(kept), kept == 1 ? "" : "s", std::string(dtype_name(q)).c_str());
   return Status::Ok();
 }
 

@@ -1025,6 +1025,75 @@ TEST_SUITE("model") {
       CHECK(other.status().message().find("--quant " + std::string(weight_format_info(weight_format_of(o)).name)) != std::string::npos);
       CHECK(other.status().message().find("bitsandbytes") != std::string::npos);
     }
+    // Linears the checkpoint keeps unquantised (llm_int8_skip_modules, as unsloth's "dynamic" 4-bit
+    // files do): quantised at load to the checkpoint's format by ferry's codec. Here layer 1's down
+    // projection stored as the BF16 of what the original dequantises to. NF4's fp32 absmax and int8's
+    // SCB are maxima of BF16 weights, so the codec finds the same codes and scales: the same logits
+    // bit for bit; NF4-DQ's absmax are double-quantised again, near the original's. The same weight
+    // times 2 gives other logits (the BF16 tensor is what runs), and without its entry in
+    // llm_int8_skip_modules the file is refused naming the tensor.
+    for (const Case& k : {Case{"bnb4-nf4-dq", DType::kNF4DQ}, Case{"bnb4-nf4", DType::kNF4}, Case{"bnb8", DType::kQ8}}) {
+      const std::string name = k.dir;
+      CAPTURE(name);
+      const std::string dir = test::data_dir() + "/" + k.dir;
+      auto ref = SafetensorsFile::open(dir + "/ref.safetensors");
+      REQUIRE(ref.ok());
+      const auto ids = test::read_i32(**ref, "input_ids");
+      Loaded orig = load(dir);
+      auto want = prompt_logits(*orig.runner, ids, 1);
+      REQUIRE(want.ok());
+      const TensorView wd = orig.model.weights->layer(1).t[kWDown];
+      const int64_t N = wd.shape[0], K = wd.shape[1];
+      std::vector<float> wf(static_cast<size_t>(N * K));
+      dequantize_rows(k.want, static_cast<const uint8_t*>(wd.data), N, K, 0, N, wf.data());
+      std::vector<uint16_t> wb(wf.size()), wb2(wf.size());
+      for (size_t i = 0; i < wf.size(); ++i) wb[i] = f32_to_bf16(wf[i]), wb2[i] = f32_to_bf16(2 * wf[i]);
+      const std::string mod = "model.layers.1.mlp.down_proj";
+      auto src = SafetensorsFile::open(dir + "/model.safetensors");
+      REQUIRE(src.ok());
+      std::vector<TensorToWrite> keep;
+      for (const auto& [tn, e] : (*src)->entries())
+        if (tn.rfind(mod + ".", 0) != 0) keep.push_back({tn, e.dtype, e.shape, (*src)->view(e).data});
+      REQUIRE(keep.size() < (*src)->entries().size());
+      keep.push_back({mod + ".weight", DType::kBF16, {N, K}, wb.data()});
+      std::ifstream cf(dir + "/config.json");
+      const std::string config(std::istreambuf_iterator<char>(cf), {});
+      const size_t at = config.find("\"llm_int8_skip_modules\": null");
+      REQUIRE(at != std::string::npos);
+      for (int v : {0, 1, 2}) {  // as dequantised; times 2; not named in llm_int8_skip_modules
+        CAPTURE(v);
+        const bool named = v != 2;
+        keep.back().data = v == 1 ? wb2.data() : wb.data();
+        test::TempDir tmp;
+        REQUIRE(write_safetensors((tmp.path / "model.safetensors").string(), keep).ok());
+        std::string c = config;
+        c.replace(at, 29, named ? "\"llm_int8_skip_modules\": [\"lm_head\", \"layers.1.mlp.down_proj\"]" : "\"llm_int8_skip_modules\": [\"lm_head\"]");
+        REQUIRE(write_file_atomic((tmp.path / "config.json").string(), c.data(), c.size()).ok());
+        if (!named) {
+          auto m = load_model(tmp.path.string(), LoadOptions{.need_tokenizer = false});
+          REQUIRE(!m.ok());
+          CHECK(m.status().message().find(mod + ".weight") != std::string::npos);
+          CHECK(m.status().message().find("llm_int8_skip_modules") != std::string::npos);
+          continue;
+        }
+        Loaded l = load(tmp.path.string());
+        CHECK(linear_dtype(l.model.weights->layer(1)) == k.want);
+        CHECK(l.model.weights->source().find("1 Linear it keeps unquantised (llm_int8_skip_modules)") != std::string::npos);
+        auto got = prompt_logits(*l.runner, ids, 1);
+        REQUIRE(got.ok());
+        const double err = rel_err(*got, *want);
+        MESSAGE(name << " with layer 1's down projection stored as BF16" << std::string(v == 1 ? " times 2" : "") << " and quantised at load: " << err
+                     << " from the original");
+        if (v == 1) {
+          CHECK(err > 1e-3);
+        } else if (k.want == DType::kNF4DQ) {
+          CHECK(err > 0);
+          CHECK(err < 1e-3);
+        } else {
+          CHECK(err == 0);
+        }
+      }
+    }
     // What is refused, and how.
     const std::string dq = test::data_dir() + "/bnb4-nf4-dq";
     auto text = [&] {
@@ -1047,7 +1116,8 @@ TEST_SUITE("model") {
                              }(),
                              "llm_int8_has_fp16_weight"},
                          Bad{with("\"quant_method\": \"bitsandbytes\"", "\"quant_method\": \"gptq\""), "quant_method 'gptq'"},
-                         Bad{with("\"bnb_4bit_quant_storage\": \"uint8\"", "\"bnb_4bit_quant_storage\": \"bfloat16\""), "bnb_4bit_quant_storage"}}) {
+                         Bad{with("\"bnb_4bit_quant_storage\": \"uint8\"", "\"bnb_4bit_quant_storage\": \"bfloat16\""), "bnb_4bit_quant_storage"},
+                         Bad{with("\"llm_int8_skip_modules\": null", "\"llm_int8_skip_modules\": \"down_proj\""), "llm_int8_skip_modules"}}) {
       auto c = parse_config(b.config, "config.json");
       REQUIRE(!c.ok());
       CHECK(c.status().message().find(b.says) != std::string::npos);

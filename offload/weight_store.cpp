@@ -95,40 +95,27 @@ bool skipped_module(const std::string& m, const std::vector<std::string>& skip) 
 }
 
 // A Linear stored in 16 or 32 bits in a bitsandbytes checkpoint (llm_int8_skip_modules) quantised by
-// ferry's codec into the checkpoint's format, a few rows at a time (no float copy of the whole
-// weight): NF4 codes and absmax (NF4-DQ: the absmax double-quantised over this Linear, as
-// bitsandbytes does each), or int8 rows and their scales.
+// ferry's codec into the checkpoint's format (quantize_stored_weight: NF4 or int8 in ferry's blob
+// layout), NF4-DQ's absmax then double-quantised over this Linear, as bitsandbytes does each one.
 BnbLinear requantize_bnb(const TensorView& v, int64_t rows, int64_t cols, DType format) {
-  const int64_t n = rows * cols, na = n / 64, nb = (na + 255) / 256;
-  const bool q8 = format == DType::kQ8, dq = format == DType::kNF4DQ;
-  auto up4 = [](int64_t x) { return (x + 3) / 4 * 4; };
-  // int8: rows, then a scale a row. NF4: codes, fp32 absmax; NF4-DQ: then the absmax codes and absmax2.
-  const int64_t scales_at = q8 ? up4(n) : n / 2, codes2_at = scales_at + 4 * na, a2_at = codes2_at + up4(na);
-  auto own = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(q8 ? scales_at + 4 * rows : dq ? a2_at + 4 * nb : codes2_at));
+  const DType t = format == DType::kQ8 ? DType::kQ8 : DType::kNF4;
+  const QuantLayout l = quant_layout(t, rows, cols);
+  const int64_t na = l.n_scales, codes2_at = l.bytes, a2_at = codes2_at + align16(na);  // NF4-DQ: its codes and absmax2 after the blob
+  auto own = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(format == DType::kNF4DQ ? a2_at + 4 * ((na + 255) / 256) : l.bytes));
   uint8_t* base = own->data();
-  float* scale = reinterpret_cast<float*>(base + scales_at);
-  // Chunks of rows in parallel (a Llama-3-70B down projection is 235 M weights): each writes its own
-  // codes and scales.
-  const int64_t step = std::max<int64_t>(1, (int64_t{1} << 14) / cols), n_chunks = (rows + step - 1) / step;  // (the test models' down projection: 2)
-  tbb::parallel_for(int64_t{0}, n_chunks, [&](int64_t c) {
-    const int64_t r0 = c * step, r1 = std::min(rows, r0 + step), m = (r1 - r0) * cols;
-    std::vector<float> x(static_cast<size_t>(m));
-    convert_to_f32(static_cast<const uint8_t*>(v.data) + r0 * cols * static_cast<int64_t>(dtype_size(v.dtype)), v.dtype, x.data(),
-                   static_cast<size_t>(m));
-    if (q8) quantize_int8_rows(x.data(), r1 - r0, cols, reinterpret_cast<int8_t*>(base) + r0 * cols, scale + r0);
-    else quantize_nf4(x.data(), m, base + r0 * cols / 2, scale + r0 * cols / 64);
-  });
+  quantize_stored_weight(t, v.data, v.dtype, rows, cols, base);
+  const float* scales = reinterpret_cast<const float*>(base + l.scales);
   BnbLinear b;
   b.rows = rows;
-  if (q8) {
+  if (t == DType::kQ8) {
     b.q8 = reinterpret_cast<const int8_t*>(base);
-    b.q8_scale = scale;
+    b.q8_scale = scales;
   } else {
     b.codes = base;
-    b.absmax = scale;  // (where the model runs NF4: these, not the double-quantised ones)
+    b.absmax = scales;  // (where the model runs NF4: these, not the double-quantised ones)
     b.n_absmax = na;
-    if (dq) {
-      quantize_absmax_dq(scale, na, base + codes2_at, reinterpret_cast<float*>(base + a2_at), &b.offset);
+    if (format == DType::kNF4DQ) {
+      quantize_absmax_dq(scales, na, base + codes2_at, reinterpret_cast<float*>(base + a2_at), &b.offset);
       b.absmax_codes = base + codes2_at;
       b.absmax2 = reinterpret_cast<const float*>(base + a2_at);
     }

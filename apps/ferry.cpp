@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <thread>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -346,12 +347,36 @@ struct RunFlags {
   bool no_progress = false;
 };
 
-// Throughput mode's interruption: set by SIGINT / SIGTERM, read by serve() before every step.
-std::atomic<bool> g_stop{false};
+// Throughput mode's interruption: set by SIGINT / SIGTERM while g_stop_armed, read by serve() before
+// every step.
+std::atomic<bool> g_stop{false}, g_stop_armed{false};
 std::atomic<int> g_signal{0};
-void on_stop_signal(int sig) {
-  g_signal.store(sig);
-  g_stop.store(true);
+
+// SIGINT and SIGTERM are blocked in every thread but one of ferry's own, which takes them with
+// sigwait: a handler run on a compute thread's stack can overwrite what oneDNN's JIT kernels keep
+// below their stack pointer (valgrind sees them read there), and throughput mode's SIGINT corrupted
+// the heap inside a oneDNN matmul in 8 of 20 runs (notes/correctness.md). Armed (throughput mode),
+// the first signal stops the run after the step in flight; otherwise, or a second time, the signal
+// takes its default action (the process ends by it, as without this thread).
+void take_stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);  // before any other thread exists: they all inherit it
+  std::thread([set] {
+    for (;;) {
+      int sig = 0;
+      if (sigwait(&set, &sig) != 0) continue;
+      if (g_stop_armed.load() && !g_stop.exchange(true)) {
+        g_signal.store(sig);
+        continue;
+      }
+      signal(sig, SIG_DFL);
+      pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+      raise(sig);
+    }
+  }).detach();
 }
 
 // Checks every output path a command will write before its work starts (a missing folder, a
@@ -477,17 +502,11 @@ int cmd_serve(const RunFlags& f) {
   };
   std::vector<ServeResult> results;
   // SIGINT / SIGTERM stop the run after the step in flight; the finished requests are written. A
-  // second signal ends the process at once (SA_RESETHAND).
+  // second signal ends the process at once (take_stop_signals).
   so.stop = &g_stop;
-  struct sigaction sa = {}, old_int = {}, old_term = {};
-  sa.sa_handler = on_stop_signal;
-  sa.sa_flags = SA_RESETHAND;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, &old_int);
-  sigaction(SIGTERM, &sa, &old_term);
+  g_stop_armed.store(true);
   auto stats = serve(runner, reqs, so, results, {}, progress);
-  sigaction(SIGINT, &old_int, nullptr);
-  sigaction(SIGTERM, &old_term, nullptr);
+  g_stop_armed.store(false);
   if (bar && tty) std::fputc('\n', stderr);
   if (!stats.ok()) return fail(stats.status());
   std::string out;
@@ -1397,6 +1416,7 @@ int cmd_tokenize(const TokenizeFlags& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  take_stop_signals();
   CLI::App app{"ferry: run language models larger than the GPU (inference on CPU today; GPU and offload next)"};
   app.require_subcommand(1);
   app.footer("Run 'ferry SUBCOMMAND --help' for a subcommand's flags and examples.");

@@ -29,6 +29,7 @@
 #include "cpu/attention.h"
 #include "cpu/cpu_executor.h"
 #include "cpu/gemm.h"
+#include "cpu/lora_train.h"
 #include "cpu/offload_executor.h"
 #include "cpu/simd.h"
 #include "gpu/device.h"
@@ -39,7 +40,9 @@
 #include "offload/disk_reader.h"
 #include "offload/packed_store.h"
 #include "runtime/budget.h"
+#include "runtime/finetune.h"
 #include "runtime/generate.h"
+#include "runtime/lora.h"
 #include "runtime/model.h"
 #include "runtime/serve.h"
 #include "runtime/topology.h"
@@ -73,6 +76,7 @@ struct ModelFlags {
   std::string kv_mem, kv_disk;
   std::string quant = "bf16";
   std::string quant_head = "bf16";
+  std::string lora;  // run, logits: a peft LoRA adapter directory
 
   void add(CLI::App* app) {
     app->add_option("-m,--model", model, "Hugging Face model directory, or synthetic:PRESET")->required();
@@ -131,8 +135,9 @@ std::unique_ptr<tbb::global_control> apply_threads(int threads) {
 }
 
 // Resolves --device auto to gpu when ferry was built with CUDA and a GPU answers, else cpu.
-std::string resolve_device(const std::string& device) {
+std::string resolve_device(const std::string& device, bool lora = false) {
   if (device != "auto") return device;
+  if (lora) return "cpu";  // --lora runs on the CPU backend (make_backend)
   return gpu::probe().n_devices > 0 ? "gpu" : "cpu";
 }
 
@@ -203,6 +208,16 @@ Expected<GpuPlanInput> plan_input(const ModelFlags& flags, const Model& model, i
 Expected<Backend> make_backend(const std::string& device, Model& model, const std::vector<int64_t>& lengths, const ModelFlags& flags,
                                int64_t max_step_tokens = 512) {
   Backend b;
+  const bool offload = !flags.gpu_mem.empty() || !flags.host_mem.empty() || flags.cpu_layers >= 0;
+  std::shared_ptr<const LoraAdapter> lora;
+  if (!flags.lora.empty()) {
+    if (device == "gpu" || offload || !flags.disk.empty())
+      return unsupported("--lora: adapters run on the CPU backend in this version (--device cpu, without --gpu-mem, --host-mem, --cpu-layers or "
+                         "--disk); the GPU executor's LoRA products are not built yet");
+    auto a = load_lora(model.config, flags.lora);
+    if (!a.ok()) return a.status().with_context("--lora");
+    lora = std::make_shared<const LoraAdapter>(std::move(*a));
+  }
   KvCacheShape shape = kv_shape(model.config, lengths);
   // --kv-mem caps the host pool; the blocks beyond it live on --kv-disk.
   int64_t disk_records = 0;
@@ -234,7 +249,6 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     if (flags.kv_disk.empty()) return Status::Ok();
     return kv.enable_disk(flags.kv_disk, std::max<int64_t>(disk_records, 1));
   };
-  const bool offload = !flags.gpu_mem.empty() || !flags.host_mem.empty() || flags.cpu_layers >= 0;
   FERRY_ASSIGN_OR_RETURN(GpuPlanInput in, plan_input(flags, model, static_cast<int64_t>(lengths.size())));
   in.max_step_tokens = max_step_tokens;
   b.budget = in.budget_bytes;
@@ -274,7 +288,9 @@ Expected<Backend> make_backend(const std::string& device, Model& model, const st
     b.emulated = ex.get();
     b.executor = std::move(ex);
   } else {
-    b.executor = std::make_unique<cpu::CpuExecutor>(model.config);
+    auto ex = std::make_unique<cpu::CpuExecutor>(model.config);
+    ex->set_lora(lora);
+    b.executor = std::move(ex);
   }
   FERRY_ASSIGN_OR_RETURN(auto kv, KvCache::create(shape));
   FERRY_RETURN_IF_ERROR(add_disk(kv));
@@ -425,7 +441,7 @@ int cmd_serve(const RunFlags& f) {
   if (!f.prompts.empty()) return fail(invalid_argument("-p and --prompts do not go together: put every prompt in the JSONL file"));
   auto rows = read_jsonl(f.prompts_file);
   if (!rows.ok()) return fail(rows.status());
-  const std::string device = resolve_device(f.m.device);
+  const std::string device = resolve_device(f.m.device, !f.m.lora.empty());
   bool need_tok = false;
   for (const auto& j : *rows) need_tok |= j.contains("prompt");
   auto model = load_model(f.m.model, f.m.load(need_tok, device));
@@ -578,7 +594,7 @@ int cmd_run(const RunFlags& f) {
   SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
   if (Status st = sp.validate(); !st.ok()) return fail(st);
   if (f.n_predict < 0) return fail(invalid_argument("-n must be >= 0"));
-  const std::string device = resolve_device(f.m.device);
+  const std::string device = resolve_device(f.m.device, !f.m.lora.empty());
   auto model = load_model(f.m.model, f.m.load(true, device));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
@@ -667,7 +683,7 @@ int cmd_logits(const LogitsFlags& f) {
   auto ids = parse_ids(f.ids, "--ids");
   if (!ids.ok()) return fail(ids.status());
   if (ids->empty()) return fail(invalid_argument("--ids: no token ids given"));
-  const std::string device = resolve_device(f.m.device);
+  const std::string device = resolve_device(f.m.device, !f.m.lora.empty());
   auto model = load_model(f.m.model, f.m.load(false, device));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
@@ -687,6 +703,124 @@ int cmd_logits(const LogitsFlags& f) {
   print_backend(*be);
   be->executor.reset();
   return finish_trace(f.m, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+struct FinetuneFlags {
+  ModelFlags m;
+  std::string data;
+  std::string out;
+  std::string init_adapter;
+  std::string targets = "all";
+  std::string schedule = "constant";
+  std::string log;
+  int64_t rank = 16;
+  double alpha = 32;
+  double lr = 2e-4;
+  double weight_decay = 0.0;
+  int64_t steps = 0;
+  int64_t epochs = 1;
+  int64_t batch = 4;
+  int64_t seq_len = 512;
+  int64_t warmup = 0;
+  int64_t save_every = 0;
+  uint64_t seed = 0;
+};
+
+// `ferry finetune`: LoRA adapters over a frozen (by default NF4) base, trained on the CPU
+// (cpu/lora_train.h), written as peft's adapter files.
+int cmd_finetune(const FinetuneFlags& f) {
+  const std::string weights_path = f.out + "/adapter_model.safetensors", config_path = f.out + "/adapter_config.json";
+  if (f.m.device == "gpu")
+    return fail(unsupported("finetune: --device gpu: the GPU training pass (the frozen layers streamed a second time for the backward) is not "
+                            "built yet; this version trains on the CPU (--device cpu)"));
+  for (const auto& [flag, set] : {std::pair<const char*, bool>{"--gpu-mem", !f.m.gpu_mem.empty()}, {"--disk", !f.m.disk.empty()},
+                                  {"--cpu-layers", f.m.cpu_layers >= 0}, {"--trace", !f.m.trace.empty()},
+                                  {"--host-mem", !f.m.host_mem.empty()}, {"--kv", f.m.kv != "auto"}, {"--kv-mem", !f.m.kv_mem.empty()},
+                                  {"--kv-disk", !f.m.kv_disk.empty()}, {"--kv-host-layers", f.m.kv_host_layers >= 0}})
+    if (set) return fail(invalid_argument(strprintf("finetune: %s does not apply: training runs on the CPU from host memory in this version", flag)));
+  if (f.m.quant_head != "bf16") return fail(invalid_argument("finetune: --quant-head does not apply (the lm_head stays as the checkpoint has it, as QLoRA keeps it)"));
+  {
+    std::error_code ec;
+    std::filesystem::create_directories(f.out, ec);
+    if (ec) return fail(invalid_argument(strprintf("--out %s: cannot create the directory: %s", f.out.c_str(), ec.message().c_str())));
+  }
+  if (Status st = check_outputs({{"--out", weights_path}, {"--out", config_path}, {"--log", f.log}}); !st.ok()) return fail(st);
+  auto threads = apply_threads(f.m.threads);
+  auto model = load_model(f.m.model, f.m.load(false, "cpu"));
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& cfg = model->config;
+  const int64_t eos = cfg.eos_token_ids.empty() ? -1 : cfg.eos_token_ids[0];
+  auto data = read_finetune_data(f.data, model->tokenizer.get(), std::min(f.seq_len, cfg.n_ctx_max), cfg.n_vocab, eos);
+  if (!data.ok()) return fail(data.status());
+  LoraAdapter w;
+  if (!f.init_adapter.empty()) {
+    auto a = load_lora(cfg, f.init_adapter);
+    if (!a.ok()) return fail(a.status().with_context("--init-adapter"));
+    w = std::move(*a);
+  } else {
+    auto targets = parse_lora_targets(f.targets);
+    if (!targets.ok()) return fail(targets.status());
+    LoraConfig lc;
+    lc.rank = f.rank, lc.alpha = f.alpha, lc.targets = *targets;
+    w = LoraAdapter::init(cfg, lc, f.seed);
+  }
+  const int64_t n_ex = static_cast<int64_t>(data->size());
+  const int64_t steps = f.steps > 0 ? f.steps : f.epochs * ((n_ex + f.batch - 1) / f.batch);
+  int64_t n_trained = 0;
+  for (const auto& e : *data)
+    for (size_t i = 1; i < e.labels.size(); ++i) n_trained += e.labels[i] != cpu::kIgnoreLabel;
+  std::fprintf(stderr, "ferry: finetune %s (%s): LoRA r=%lld alpha=%g on %zu modules a layer, %lld parameters; %lld examples (%lld trained tokens), "
+                       "%lld steps of %lld rows, lr %g (%s, warm-up %lld), on the CPU\n",
+               f.m.model.c_str(), model->weights->source().c_str(), static_cast<long long>(w.cfg.rank), w.cfg.alpha, w.cfg.targets.size(),
+               static_cast<long long>(w.n_params()), static_cast<long long>(n_ex), static_cast<long long>(n_trained), static_cast<long long>(steps),
+               static_cast<long long>(f.batch), f.lr, f.schedule.c_str(), static_cast<long long>(f.warmup));
+  AdamW opt(w, AdamWParams{.lr = f.lr, .weight_decay = f.weight_decay});
+  const int32_t pad = eos >= 0 ? static_cast<int32_t>(eos) : 0;
+  nlohmann::json log = nlohmann::json::array();
+  auto save = [&]() -> Status {
+    FERRY_RETURN_IF_ERROR(save_lora(w, f.out, f.m.model));
+    if (f.log.empty()) return Status::Ok();
+    const std::string text = log.dump(1) + "\n";
+    return write_file_atomic(f.log, text.data(), text.size()).with_context("--log");
+  };
+  LoraAdapter g;
+  const auto t_start = std::chrono::steady_clock::now();
+  int64_t tokens_done = 0;
+  g_stop_armed.store(true);
+  int64_t step = 1;
+  for (; step <= steps && !g_stop.load(); ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const cpu::TrainBatch b = make_train_batch(*data, (step - 1) * f.batch, std::min(f.batch, n_ex), pad);
+    auto r = cpu::lora_loss(*model->weights, w, b, &g);
+    if (!r.ok()) {
+      g_stop_armed.store(false);
+      return fail(r.status().with_context(strprintf("step %lld", static_cast<long long>(step))));
+    }
+    const double lr = finetune_lr(f.lr, step, steps, f.warmup, f.schedule);
+    opt.set_lr(lr);
+    opt.step(w, g);
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    tokens_done += b.rows * b.len;
+    std::fprintf(stderr, "step %lld/%lld  loss %.4f  lr %.3g  %lld tokens  %.2f s (%.0f tok/s)\n", static_cast<long long>(step),
+                 static_cast<long long>(steps), r->loss, lr, static_cast<long long>(b.rows * b.len), sec, static_cast<double>(b.rows * b.len) / sec);
+    log.push_back({{"step", step}, {"loss", r->loss}, {"lr", lr}, {"tokens", b.rows * b.len}, {"trained_tokens", r->n_tokens}, {"seconds", sec}});
+    if (f.save_every > 0 && step % f.save_every == 0 && step < steps)
+      if (Status st = save(); !st.ok()) return fail(st);
+  }
+  g_stop_armed.store(false);
+  if (Status st = save(); !st.ok()) return fail(st);
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  if (g_stop.load()) {
+    const int sig = g_signal.load();
+    std::fprintf(stderr, "ferry: interrupted by %s after step %lld of %lld: the adapter as of that step written to %s\n", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+                 static_cast<long long>(step - 1), static_cast<long long>(steps), f.out.c_str());
+    return 128 + (sig ? sig : SIGINT);
+  }
+  std::fprintf(stderr, "ferry: %lld steps, %lld tokens in %.1f s (%.0f tok/s); adapter written to %s (peft: PeftModel.from_pretrained(model, \"%s\"))\n",
+               static_cast<long long>(steps), static_cast<long long>(tokens_done), total, static_cast<double>(tokens_done) / total, f.out.c_str(),
+               f.out.c_str());
+  return 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -748,7 +882,7 @@ struct PlanFlags {
 int cmd_plan(const PlanFlags& f) {
   // The plan `run` would make with the same flags: for the GPU, or with --device cpu (or auto
   // without a GPU) for the emulated device, whose K/V stay in host memory.
-  const std::string device = resolve_device(f.m.device);
+  const std::string device = resolve_device(f.m.device, !f.m.lora.empty());
   LoadOptions lo = f.m.load(false, device);
   lo.shapes_only = true;  // a plan reads shapes and formats, never weight bytes
   auto model = load_model(f.m.model, lo);
@@ -1424,6 +1558,7 @@ int main(int argc, char** argv) {
   RunFlags rf;
   CLI::App* run = app.add_subcommand("run", "Generate text from a prompt, streamed as it is produced");
   rf.m.add(run);
+  run->add_option("--lora", rf.m.lora, "A peft LoRA adapter directory (e.g. from 'ferry finetune') applied unmerged in float32; the CPU backend only in this version");
   run->add_option("-p,--prompt", rf.prompts, "Prompt text (repeat for a batch of prompts)");
   run->add_option("-n,--n-predict", rf.n_predict, "Tokens to generate per prompt")->check(CLI::Range(int64_t{0}, int64_t{1} << 24));
   run->add_option("--temp", rf.temp, "Sampling temperature; 0 = greedy");
@@ -1448,6 +1583,7 @@ int main(int argc, char** argv) {
   LogitsFlags lf;
   CLI::App* logits = app.add_subcommand("logits", "Write the F32 logits [L, vocab] of a token sequence to a safetensors file");
   lf.m.add(logits);
+  logits->add_option("--lora", lf.m.lora, "A peft LoRA adapter directory (e.g. from 'ferry finetune') applied unmerged in float32; the CPU backend only in this version");
   logits->add_option("--ids", lf.ids, "Comma-separated token ids, e.g. 1,15043,3186")->required();
   logits->add_option("--out", lf.out, "Output .safetensors file (tensor 'logits'), written atomically")->required();
   logits->footer("Example:\n  ferry logits -m ../shared/golden/llama-gqa --ids 1,2,3 --out /tmp/logits.safetensors");
@@ -1507,6 +1643,38 @@ int main(int argc, char** argv) {
                "  ferry pack -m ~/models/Llama-3-70B --quant nf4 --out /nvme/ferry/llama-3-70b-nf4\n"
                "  ferry run -m ~/models/Llama-2-13b-hf --disk /nvme/ferry/llama-2-13b -p \"Hello\"");
 
+  FinetuneFlags ftf;
+  CLI::App* finetune = app.add_subcommand("finetune", "Train LoRA adapters over a frozen (NF4 by default) base model; write peft's adapter files");
+  ftf.m.quant = "nf4";
+  ftf.m.add(finetune);
+  finetune->get_option("--quant")->description("Format of the frozen base's Linear weights: nf4 (QLoRA, default), nf4-dq, int8 or bf16");
+  finetune->add_option("--data", ftf.data,
+                       "JSONL training data, one example a line: {\"text\": ...}, {\"prompt\": ..., \"completion\": ...} (loss on the completion) "
+                       "or {\"ids\": [...], \"labels\": [...]}")
+      ->required();
+  finetune->add_option("--out", ftf.out, "Adapter directory: adapter_model.safetensors + adapter_config.json, each written atomically")->required();
+  finetune->add_option("--rank,-r", ftf.rank, "LoRA rank")->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  finetune->add_option("--alpha", ftf.alpha, "LoRA alpha (the update is scaled by alpha / rank)")->check(CLI::PositiveNumber);
+  finetune->add_option("--targets", ftf.targets, "Linears to adapt: comma-separated q,k,v,o,gate,up,down (or peft's q_proj, ...), or all");
+  finetune->add_option("--init-adapter", ftf.init_adapter, "Start from this peft adapter directory (its rank, alpha and targets) instead of peft's initialisation");
+  finetune->add_option("--lr", ftf.lr, "AdamW learning rate")->check(CLI::PositiveNumber);
+  finetune->add_option("--weight-decay", ftf.weight_decay, "AdamW decoupled weight decay")->check(CLI::NonNegativeNumber);
+  finetune->add_option("--schedule", ftf.schedule, "Learning rate after the warm-up: constant or cosine (to 0 at the last step)")
+      ->check(CLI::IsMember({"constant", "cosine"}));
+  finetune->add_option("--warmup", ftf.warmup, "Linear warm-up steps")->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  finetune->add_option("--steps", ftf.steps, "Optimizer steps (default: --epochs over the data)")->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  finetune->add_option("--epochs", ftf.epochs, "Passes over the data when --steps is not given")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  finetune->add_option("--batch", ftf.batch, "Examples a step")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
+  finetune->add_option("--seq-len", ftf.seq_len, "Tokens an example is cut to")->check(CLI::Range(int64_t{2}, int64_t{1} << 20));
+  finetune->add_option("--save-every", ftf.save_every, "Also write the adapter every N steps")->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  finetune->add_option("--seed", ftf.seed, "Seed of the adapters' initialisation");
+  finetune->add_option("--log", ftf.log, "Write each step's loss, learning rate and time as a JSON array (atomically, with each save)");
+  finetune->footer(
+      "Trains on the CPU in this version (float32, gradient checkpointing: one layer's activations at a time); the GPU pass comes next.\n"
+      "Examples:\n"
+      "  ferry finetune -m ~/models/Llama-2-7b-hf --data train.jsonl --out adapters/run1 --steps 200 --lr 2e-4 --warmup 10\n"
+      "  ferry finetune -m ../shared/golden/llama-gqa --data data.jsonl --out /tmp/adapter --quant bf16 -r 8 --alpha 16 --targets q,v");
+
   TokenizeFlags tf;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Encode text to token ids (a JSON array), or decode ids to text");
   tokenize->add_option("-m,--model", tf.model, "Model directory, tokenizer.json file, or synthetic:PRESET")->required();
@@ -1537,6 +1705,7 @@ int main(int argc, char** argv) {
     else if (calibrate->parsed()) rc = cmd_calibrate(cf);
     else if (bench->parsed()) rc = cmd_bench(bf);
     else if (sweep->parsed()) rc = cmd_sweep(sf);
+    else if (finetune->parsed()) rc = cmd_finetune(ftf);
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "ferry: error: out of host memory\n");
     rc = kExitError;

@@ -44,6 +44,16 @@ void take_cols(const float* src, int64_t T, int64_t ld, int64_t c0, int64_t n, f
 }
 }  // namespace
 
+void CpuExecutor::add_lora(int64_t il, LayerTensor t, const float* x, float* y) {
+  if (!lora_) return;
+  const LoraPair& p = lora_->layers[il][t];
+  if (p.empty()) return;
+  const int64_t T = n_tokens_, r = lora_->cfg.rank;
+  lora_u_.resize(static_cast<size_t>(T * r));
+  sgemm(false, true, T, r, p.in, 1.0f, x, p.in, p.a.data(), p.in, 0.0f, lora_u_.data(), r);
+  sgemm(false, true, T, p.out, r, lora_->cfg.scale(), lora_u_.data(), r, p.b.data(), r, 1.0f, y, p.out);
+}
+
 void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
   const StepBatch& b = *batch_;
   const int64_t T = n_tokens_, E = cfg_.n_embd, hd = cfg_.head_dim;
@@ -71,11 +81,15 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
     gemm_xwt(xn_.data(), T, w[kWk], k_.data(), w[kBk], qkv_prec);
     gemm_xwt(xn_.data(), T, w[kWv], v_.data(), w[kBv], qkv_prec);
   }
+  add_lora(il, kWq, xn_.data(), q_.data());
+  add_lora(il, kWk, xn_.data(), k_.data());
+  add_lora(il, kWv, xn_.data(), v_.data());
   rope(q_.data(), T, cfg_.n_heads, hd, b.positions.data(), inv_freq_.data());
   rope(k_.data(), T, cfg_.n_kv_heads, hd, b.positions.data(), inv_freq_.data());
   for (int64_t t = 0; t < T; ++t) kv.append(il, b.seq_ids[t], b.positions[t], k_.data() + t * cfg_.kv_dim(), v_.data() + t * cfg_.kv_dim());
   attention(q_.data(), T, b.positions.data(), b.seq_ids.data(), cfg_.n_heads, cfg_.sliding_window, il, kv, att_.data());
   gemm_xwt(att_.data(), T, w[kWo], xn_.data(), {}, precision_);
+  add_lora(il, kWo, att_.data(), xn_.data());
   add_inplace(x(), xn_.data(), T * E);
   // MLP block.
   rmsnorm(x(), w[kFfnNorm], cfg_.rms_norm_eps, T, E, xn_.data());
@@ -88,8 +102,11 @@ void CpuExecutor::layer(int64_t il, const LayerWeights& w, KvCache& kv) {
     gemm_xwt(xn_.data(), T, w[kWGate], gate_.data(), {}, precision_);
     gemm_xwt(xn_.data(), T, w[kWUp], up_.data(), {}, precision_);
   }
+  add_lora(il, kWGate, xn_.data(), gate_.data());
+  add_lora(il, kWUp, xn_.data(), up_.data());
   swiglu(gate_.data(), up_.data(), T * cfg_.n_ff, gate_.data());
   gemm_xwt(gate_.data(), T, w[kWDown], xn_.data(), {}, precision_);
+  add_lora(il, kWDown, gate_.data(), xn_.data());
   add_inplace(x(), xn_.data(), T * E);
 }
 

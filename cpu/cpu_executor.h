@@ -2,11 +2,13 @@
 // they are read), the exact reference every other backend and placement is compared against.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "cpu/gemm.h"
 #include "models/config.h"
 #include "runtime/executor.h"
+#include "runtime/lora.h"
 
 namespace ferry::cpu {
 
@@ -25,10 +27,17 @@ class CpuExecutor final : public Executor {
   // Multi-row GEMMs (prefill) with BF16 inputs on oneDNN's BF16 matmul (cpu/gemm.h): what the GPU
   // executor's CPU-computed layers use. The default is the exact float32 reference.
   void set_precision(GemmPrecision p) { precision_ = p; }
+  // Adds a LoRA adapter's products to its Linears (unmerged, float32: y += scale (x A^T) B^T, as
+  // peft computes them), e.g. one `ferry finetune` wrote (--lora). Null removes it.
+  void set_lora(std::shared_ptr<const LoraAdapter> lora) { lora_ = std::move(lora); }
 
  private:
   float* x() { return external_x_ ? external_x_ : x_.data(); }
+  // y[T, out] += the adapter's product for Linear `t` of layer il on x [T, in] (nothing without one).
+  void add_lora(int64_t il, LayerTensor t, const float* x, float* y);
   float* external_x_ = nullptr;
+  std::shared_ptr<const LoraAdapter> lora_;
+  std::vector<float> lora_u_;  // [n_tokens, rank]
   GemmPrecision precision_ = GemmPrecision::kExact;
   ModelConfig cfg_;
   std::vector<float> inv_freq_;  // [head_dim / 2]

@@ -27,7 +27,8 @@ const float* rows_absmax(const TensorView& W, int64_t n0, int64_t n1, float* tmp
   return tmp;
 }
 
-// Converts row n of W [N, K] (F32, F16, BF16, or a quantised blob: models/weight_format.h) to float32.
+}  // namespace
+
 void row_to_f32(const TensorView& W, int64_t n, float* dst) {
   const int64_t N = W.shape[0], K = W.shape[1];
   const uint8_t* base = static_cast<const uint8_t*>(W.data);
@@ -50,6 +51,8 @@ void row_to_f32(const TensorView& W, int64_t n, float* dst) {
     default: FERRY_CHECK_MSG(false, "gemm: weight dtype must be F32, F16, BF16, NF4, NF4DQ or Q8");
   }
 }
+
+namespace {
 
 struct OneDnn {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
@@ -247,6 +250,13 @@ void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const Te
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
   }
+}
+
+void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+           float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  FERRY_CHECK_MSG(st == dnnl_success, "oneDNN sgemm failed");
 }
 
 }  // namespace ferry::cpu

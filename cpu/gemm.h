@@ -30,6 +30,15 @@ void gemm_xwt(const float* x, int64_t M, const TensorView& W, float* y, const Te
 // ties at 4 on an AVX2 Zen 5 core pair, notes/cpu.md).
 inline constexpr int64_t kGemvMaxRows = 3;
 
+// Converts row n of W [N, K] (F32, F16, BF16, or a quantised blob: models/weight_format.h) to float32.
+void row_to_f32(const TensorView& W, int64_t n, float* dst);
+
+// C[M, N] = alpha * op(A) op(B) + beta * C, row-major float32 (op: transposed where ta / tb; A is
+// [M, K] or [K, M], B [K, N] or [N, K]), on oneDNN's sgemm (OpenMP threads): the training pass's
+// products (cpu/lora_train.h). Call from the main thread, as gemm_xwt.
+void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
+           float beta, float* C, int64_t ldc);
+
 // The two paths, exposed for tests and benchmarks.
 void gemm_xwt_stream(const float* x, int64_t M, const TensorView& W, float* y, GemmPrecision precision = GemmPrecision::kExact);
 void gemm_xwt_onednn(const float* x, int64_t M, const TensorView& W, float* y);

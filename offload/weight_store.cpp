@@ -36,12 +36,6 @@ struct BnbLinear {
 
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 Expected<TensorView> bind(const CheckpointReader& ckpt, const TensorSpec& spec) {
   auto found = ckpt.find(spec.name);
   if (found.entry == nullptr)

@@ -51,6 +51,12 @@ size_t dtype_size(DType t) {
   return 0;
 }
 
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
 std::string_view dtype_name(DType t) {
   if (t == DType::kNF4) return "NF4";
   if (t == DType::kNF4DQ) return "NF4DQ";

@@ -23,6 +23,8 @@ enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64, kU8, kI8, kF64, kI16
 size_t dtype_size(DType t);
 // Returns the safetensors name ("BF16", "F32", ...), or ferry's ("NF4", "NF4DQ", "Q8") for quantised formats.
 std::string_view dtype_name(DType t);
+// "[4096, 11008]", for messages.
+std::string shape_str(const std::vector<int64_t>& shape);
 // Returns true and sets *out if `name` is a safetensors dtype name (quantised formats only with
 // `quantized`: a safetensors file never holds them).
 bool dtype_from_name(std::string_view name, DType* out, bool quantized = false);

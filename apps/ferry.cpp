@@ -785,6 +785,7 @@ int cmd_finetune(const FinetuneFlags& f) {
     return write_file_atomic(f.log, text.data(), text.size()).with_context("--log");
   };
   LoraAdapter g;
+  cpu::LoraTrainer trainer(*model->weights);
   const auto t_start = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
   g_stop_armed.store(true);
@@ -792,7 +793,7 @@ int cmd_finetune(const FinetuneFlags& f) {
   for (; step <= steps && !g_stop.load(); ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     const cpu::TrainBatch b = make_train_batch(*data, (step - 1) * f.batch, std::min(f.batch, n_ex), pad);
-    auto r = cpu::lora_loss(*model->weights, w, b, &g);
+    auto r = trainer.loss(w, b, &g);
     if (!r.ok()) {
       g_stop_armed.store(false);
       return fail(r.status().with_context(strprintf("step %lld", static_cast<long long>(step))));

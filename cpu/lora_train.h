@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "offload/weight_store.h"
@@ -38,5 +39,19 @@ struct LossResult {
 // offending value: token ids outside the vocabulary, labels outside it (other than kIgnoreLabel),
 // shapes that disagree, a batch with no trained position.
 Expected<LossResult> lora_loss(WeightStore& ws, const LoraAdapter& w, const TrainBatch& batch, LoraAdapter* grad);
+
+// The same, keeping its float32 buffers (a layer's weights, the lm_head, the layer inputs) from
+// call to call: what a training loop uses.
+class LoraTrainer {
+ public:
+  explicit LoraTrainer(WeightStore& ws);
+  ~LoraTrainer();
+  Expected<LossResult> loss(const LoraAdapter& w, const TrainBatch& batch, LoraAdapter* grad);
+
+ private:
+  struct Work;
+  WeightStore& store_;
+  std::unique_ptr<Work> work_;
+};
 
 }  // namespace ferry::cpu

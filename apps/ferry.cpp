@@ -709,8 +709,10 @@ int cmd_logits(const LogitsFlags& f) {
 struct FinetuneFlags {
   ModelFlags m;
   std::string data;
+  std::string eval_data;
   std::string out;
   std::string init_adapter;
+  std::string resume;
   std::string targets = "all";
   std::string schedule = "constant";
   std::string log;
@@ -718,19 +720,37 @@ struct FinetuneFlags {
   double alpha = 32;
   double lr = 2e-4;
   double weight_decay = 0.0;
+  double max_grad_norm = 1.0;
   int64_t steps = 0;
   int64_t epochs = 1;
   int64_t batch = 4;
+  int64_t grad_accum = 1;
   int64_t seq_len = 512;
   int64_t warmup = 0;
   int64_t save_every = 0;
+  int64_t eval_every = 0;
   uint64_t seed = 0;
 };
 
+// The token-weighted mean loss over `ex` in batches of `rows`, no gradients.
+Expected<double> eval_loss(cpu::LoraTrainer& trainer, const LoraAdapter& w, const std::vector<FinetuneExample>& ex, int64_t rows, int32_t pad) {
+  double sum = 0;
+  int64_t n = 0;
+  const int64_t count = static_cast<int64_t>(ex.size());
+  for (int64_t i = 0; i < count; i += rows) {
+    FERRY_ASSIGN_OR_RETURN(const cpu::LossResult r, trainer.loss(w, make_train_batch(ex, i, std::min(rows, count - i), pad), nullptr));
+    sum += r.loss * static_cast<double>(r.n_tokens);
+    n += r.n_tokens;
+  }
+  return sum / static_cast<double>(n);
+}
+
 // `ferry finetune`: LoRA adapters over a frozen (by default NF4) base, trained on the CPU
-// (cpu/lora_train.h), written as peft's adapter files.
+// (cpu/lora_train.h), written as peft's adapter files, with the optimizer's state beside them so a
+// run can be resumed (--resume).
 int cmd_finetune(const FinetuneFlags& f) {
-  const std::string weights_path = f.out + "/adapter_model.safetensors", config_path = f.out + "/adapter_config.json";
+  const std::string weights_path = f.out + "/adapter_model.safetensors", config_path = f.out + "/adapter_config.json",
+                    state_path = f.out + "/training_state.safetensors";
   if (f.m.device == "gpu")
     return fail(unsupported("finetune: --device gpu: the GPU training pass (the frozen layers streamed a second time for the backward) is not "
                             "built yet; this version trains on the CPU (--device cpu)"));
@@ -740,23 +760,32 @@ int cmd_finetune(const FinetuneFlags& f) {
                                   {"--kv-disk", !f.m.kv_disk.empty()}, {"--kv-host-layers", f.m.kv_host_layers >= 0}})
     if (set) return fail(invalid_argument(strprintf("finetune: %s does not apply: training runs on the CPU from host memory in this version", flag)));
   if (f.m.quant_head != "bf16") return fail(invalid_argument("finetune: --quant-head does not apply (the lm_head stays as the checkpoint has it, as QLoRA keeps it)"));
+  if (!f.resume.empty() && !f.init_adapter.empty()) return fail(invalid_argument("finetune: --resume and --init-adapter: give one (--resume also restores the optimizer)"));
   {
     std::error_code ec;
     std::filesystem::create_directories(f.out, ec);
     if (ec) return fail(invalid_argument(strprintf("--out %s: cannot create the directory: %s", f.out.c_str(), ec.message().c_str())));
   }
-  if (Status st = check_outputs({{"--out", weights_path}, {"--out", config_path}, {"--log", f.log}}); !st.ok()) return fail(st);
+  if (Status st = check_outputs({{"--out", weights_path}, {"--out", config_path}, {"--out", state_path}, {"--log", f.log}}); !st.ok()) return fail(st);
   auto threads = apply_threads(f.m.threads);
   auto model = load_model(f.m.model, f.m.load(false, "cpu"));
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
   const int64_t eos = cfg.eos_token_ids.empty() ? -1 : cfg.eos_token_ids[0];
-  auto data = read_finetune_data(f.data, model->tokenizer.get(), std::min(f.seq_len, cfg.n_ctx_max), cfg.n_vocab, eos);
+  const int64_t seq_len = std::min(f.seq_len, cfg.n_ctx_max);
+  auto data = read_finetune_data(f.data, model->tokenizer.get(), seq_len, cfg.n_vocab, eos);
   if (!data.ok()) return fail(data.status());
+  std::vector<FinetuneExample> eval;
+  if (!f.eval_data.empty()) {
+    auto e = read_finetune_data(f.eval_data, model->tokenizer.get(), seq_len, cfg.n_vocab, eos);
+    if (!e.ok()) return fail(e.status().with_context("--eval-data"));
+    eval = std::move(*e);
+  }
   LoraAdapter w;
-  if (!f.init_adapter.empty()) {
-    auto a = load_lora(cfg, f.init_adapter);
-    if (!a.ok()) return fail(a.status().with_context("--init-adapter"));
+  const std::string from = !f.resume.empty() ? f.resume : f.init_adapter;
+  if (!from.empty()) {
+    auto a = load_lora(cfg, from);
+    if (!a.ok()) return fail(a.status().with_context(f.resume.empty() ? "--init-adapter" : "--resume"));
     w = std::move(*a);
   } else {
     auto targets = parse_lora_targets(f.targets);
@@ -765,62 +794,118 @@ int cmd_finetune(const FinetuneFlags& f) {
     lc.rank = f.rank, lc.alpha = f.alpha, lc.targets = *targets;
     w = LoraAdapter::init(cfg, lc, f.seed);
   }
-  const int64_t n_ex = static_cast<int64_t>(data->size());
-  const int64_t steps = f.steps > 0 ? f.steps : f.epochs * ((n_ex + f.batch - 1) / f.batch);
+  const int64_t n_ex = static_cast<int64_t>(data->size()), rows = std::min(f.batch, n_ex), per_step = rows * f.grad_accum;
+  const int64_t steps = f.steps > 0 ? f.steps : f.epochs * ((n_ex + per_step - 1) / per_step);
+  AdamW opt(w, AdamWParams{.lr = f.lr, .weight_decay = f.weight_decay});
+  int64_t first_step = 1, next_example = 0;
+  if (!f.resume.empty()) {
+    // The adapter and the optimizer state must be of the same step: an interrupted save could leave
+    // one newer than the other.
+    auto meta = opt.load(f.resume + "/training_state.safetensors");
+    if (!meta.ok()) return fail(meta.status().with_context("--resume"));
+    auto ad = SafetensorsFile::open(f.resume + "/adapter_model.safetensors");
+    if (!ad.ok()) return fail(ad.status().with_context("--resume"));
+    auto it = (*ad)->metadata().find("ferry_step");
+    const std::string ad_step = it == (*ad)->metadata().end() ? "none" : it->second;
+    if (ad_step != std::to_string(opt.steps()))
+      return fail(corrupt(strprintf("--resume %s: the adapter is of step %s and the optimizer state of step %lld (a save was interrupted): resume "
+                                    "from an earlier copy, or start again with --init-adapter",
+                                    f.resume.c_str(), ad_step.c_str(), static_cast<long long>(opt.steps()))));
+    first_step = opt.steps() + 1;
+    if (auto ne = meta->find("next_example"); ne != meta->end()) next_example = std::strtoll(ne->second.c_str(), nullptr, 10) % n_ex;
+    if (first_step > steps)
+      return fail(invalid_argument(strprintf("--resume: the run already took %lld steps; --steps %lld is not more", static_cast<long long>(opt.steps()),
+                                             static_cast<long long>(steps))));
+  }
   int64_t n_trained = 0;
   for (const auto& e : *data)
     for (size_t i = 1; i < e.labels.size(); ++i) n_trained += e.labels[i] != cpu::kIgnoreLabel;
   std::fprintf(stderr, "ferry: finetune %s (%s): LoRA r=%lld alpha=%g on %zu modules a layer, %lld parameters; %lld examples (%lld trained tokens), "
-                       "%lld steps of %lld rows, lr %g (%s, warm-up %lld), on the CPU\n",
+                       "steps %lld..%lld of %lld rows x %lld, lr %g (%s, warm-up %lld), clip %g, on the CPU\n",
                f.m.model.c_str(), model->weights->source().c_str(), static_cast<long long>(w.cfg.rank), w.cfg.alpha, w.cfg.targets.size(),
-               static_cast<long long>(w.n_params()), static_cast<long long>(n_ex), static_cast<long long>(n_trained), static_cast<long long>(steps),
-               static_cast<long long>(f.batch), f.lr, f.schedule.c_str(), static_cast<long long>(f.warmup));
-  AdamW opt(w, AdamWParams{.lr = f.lr, .weight_decay = f.weight_decay});
+               static_cast<long long>(w.n_params()), static_cast<long long>(n_ex), static_cast<long long>(n_trained), static_cast<long long>(first_step),
+               static_cast<long long>(steps), static_cast<long long>(rows), static_cast<long long>(f.grad_accum), f.lr, f.schedule.c_str(),
+               static_cast<long long>(f.warmup), f.max_grad_norm);
   const int32_t pad = eos >= 0 ? static_cast<int32_t>(eos) : 0;
+  cpu::LoraTrainer trainer(*model->weights);
   nlohmann::json log = nlohmann::json::array();
+  int64_t done_step = first_step - 1;
+  // Adapter first, then the optimizer state, both tagged with the step (see --resume), then the log.
   auto save = [&]() -> Status {
-    FERRY_RETURN_IF_ERROR(save_lora(w, f.out, f.m.model));
+    const std::map<std::string, std::string> meta{{"ferry_step", std::to_string(done_step)}};
+    FERRY_RETURN_IF_ERROR(save_lora(w, f.out, f.m.model, meta));
+    FERRY_RETURN_IF_ERROR(opt.save(state_path, {{"next_example", std::to_string(next_example)}, {"data", f.data}}));
     if (f.log.empty()) return Status::Ok();
     const std::string text = log.dump(1) + "\n";
     return write_file_atomic(f.log, text.data(), text.size()).with_context("--log");
   };
-  LoraAdapter g;
-  cpu::LoraTrainer trainer(*model->weights);
+  auto evaluate = [&](int64_t step) -> Status {
+    if (eval.empty()) return Status::Ok();
+    FERRY_ASSIGN_OR_RETURN(const double l, eval_loss(trainer, w, eval, rows, pad));
+    std::fprintf(stderr, "step %lld  eval loss %.4f (%zu examples)\n", static_cast<long long>(step), l, eval.size());
+    log.push_back({{"step", step}, {"eval_loss", l}});
+    return Status::Ok();
+  };
+  LoraAdapter g = LoraAdapter::zeros(cfg, w.cfg), acc = g;
   const auto t_start = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
   g_stop_armed.store(true);
-  int64_t step = 1;
-  for (; step <= steps && !g_stop.load(); ++step) {
+  Status failed = Status::Ok();
+  for (int64_t step = first_step; step <= steps && !g_stop.load(); ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    const cpu::TrainBatch b = make_train_batch(*data, (step - 1) * f.batch, std::min(f.batch, n_ex), pad);
-    auto r = trainer.loss(w, b, &g);
-    if (!r.ok()) {
-      g_stop_armed.store(false);
-      return fail(r.status().with_context(strprintf("step %lld", static_cast<long long>(step))));
+    // Gradient accumulation: the micro-batches' gradients weighted by their trained tokens, so the
+    // step's gradient is that of the mean over all of them.
+    lora_scale(acc, 0.0f);
+    double loss_sum = 0;
+    int64_t n_tok = 0, n_in = 0;
+    for (int64_t k = 0; k < f.grad_accum && failed.ok(); ++k) {
+      const cpu::TrainBatch b = make_train_batch(*data, next_example, rows, pad);
+      next_example = (next_example + rows) % n_ex;
+      auto r = trainer.loss(w, b, &g);
+      if (!r.ok()) {
+        failed = r.status().with_context(strprintf("step %lld", static_cast<long long>(step)));
+        break;
+      }
+      lora_axpy(acc, static_cast<float>(r->n_tokens), g);
+      loss_sum += r->loss * static_cast<double>(r->n_tokens);
+      n_tok += r->n_tokens;
+      n_in += b.rows * b.len;
     }
+    if (!failed.ok()) break;
+    lora_scale(acc, 1.0f / static_cast<float>(n_tok));
+    // torch.nn.utils.clip_grad_norm_: scaled by max_norm / (norm + 1e-6) when above it.
+    const double norm = lora_norm(acc);
+    if (f.max_grad_norm > 0 && norm > f.max_grad_norm) lora_scale(acc, static_cast<float>(f.max_grad_norm / (norm + 1e-6)));
     const double lr = finetune_lr(f.lr, step, steps, f.warmup, f.schedule);
     opt.set_lr(lr);
-    opt.step(w, g);
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    tokens_done += b.rows * b.len;
-    std::fprintf(stderr, "step %lld/%lld  loss %.4f  lr %.3g  %lld tokens  %.2f s (%.0f tok/s)\n", static_cast<long long>(step),
-                 static_cast<long long>(steps), r->loss, lr, static_cast<long long>(b.rows * b.len), sec, static_cast<double>(b.rows * b.len) / sec);
-    log.push_back({{"step", step}, {"loss", r->loss}, {"lr", lr}, {"tokens", b.rows * b.len}, {"trained_tokens", r->n_tokens}, {"seconds", sec}});
+    opt.step(w, acc);
+    done_step = step;
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), loss = loss_sum / static_cast<double>(n_tok);
+    tokens_done += n_in;
+    std::fprintf(stderr, "step %lld/%lld  loss %.4f  grad norm %.3g  lr %.3g  %lld tokens  %.2f s (%.0f tok/s)\n", static_cast<long long>(step),
+                 static_cast<long long>(steps), loss, norm, lr, static_cast<long long>(n_in), sec, static_cast<double>(n_in) / sec);
+    log.push_back({{"step", step}, {"loss", loss}, {"grad_norm", norm}, {"lr", lr}, {"tokens", n_in}, {"trained_tokens", n_tok}, {"seconds", sec}});
+    if (f.eval_every > 0 && step % f.eval_every == 0 && step < steps)
+      if (failed = evaluate(step); !failed.ok()) break;
     if (f.save_every > 0 && step % f.save_every == 0 && step < steps)
-      if (Status st = save(); !st.ok()) return fail(st);
+      if (failed = save(); !failed.ok()) break;
   }
   g_stop_armed.store(false);
+  if (!failed.ok()) return fail(failed);
+  if (!g_stop.load() && done_step == steps)
+    if (Status st = evaluate(done_step); !st.ok()) return fail(st);
   if (Status st = save(); !st.ok()) return fail(st);
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   if (g_stop.load()) {
     const int sig = g_signal.load();
-    std::fprintf(stderr, "ferry: interrupted by %s after step %lld of %lld: the adapter as of that step written to %s\n", sig == SIGTERM ? "SIGTERM" : "SIGINT",
-                 static_cast<long long>(step - 1), static_cast<long long>(steps), f.out.c_str());
+    std::fprintf(stderr, "ferry: interrupted by %s after step %lld of %lld: the adapter and optimizer state as of that step written to %s "
+                         "(continue with --resume %s)\n",
+                 sig == SIGTERM ? "SIGTERM" : "SIGINT", static_cast<long long>(done_step), static_cast<long long>(steps), f.out.c_str(), f.out.c_str());
     return 128 + (sig ? sig : SIGINT);
   }
   std::fprintf(stderr, "ferry: %lld steps, %lld tokens in %.1f s (%.0f tok/s); adapter written to %s (peft: PeftModel.from_pretrained(model, \"%s\"))\n",
-               static_cast<long long>(steps), static_cast<long long>(tokens_done), total, static_cast<double>(tokens_done) / total, f.out.c_str(),
-               f.out.c_str());
+               static_cast<long long>(steps - first_step + 1), static_cast<long long>(tokens_done), total, static_cast<double>(tokens_done) / total,
+               f.out.c_str(), f.out.c_str());
   return 0;
 }
 
@@ -1657,6 +1742,13 @@ int main(int argc, char** argv) {
   finetune->add_option("--rank,-r", ftf.rank, "LoRA rank")->check(CLI::Range(int64_t{1}, int64_t{4096}));
   finetune->add_option("--alpha", ftf.alpha, "LoRA alpha (the update is scaled by alpha / rank)")->check(CLI::PositiveNumber);
   finetune->add_option("--targets", ftf.targets, "Linears to adapt: comma-separated q,k,v,o,gate,up,down (or peft's q_proj, ...), or all");
+  finetune->add_option("--resume", ftf.resume, "Continue a run from its --out directory: adapter, optimizer state and data position (--steps: the total)");
+  finetune->add_option("--eval-data", ftf.eval_data, "JSONL held-out examples: their loss at the end (and every --eval-every steps)");
+  finetune->add_option("--eval-every", ftf.eval_every, "Also evaluate every N steps")->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  finetune->add_option("--grad-accum", ftf.grad_accum, "Micro-batches of --batch rows a step (the gradient of their token-weighted mean)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  finetune->add_option("--max-grad-norm", ftf.max_grad_norm, "Clip the gradient's global L2 norm to this (0: no clipping; 1.0 as Hugging Face's Trainer)")
+      ->check(CLI::NonNegativeNumber);
   finetune->add_option("--init-adapter", ftf.init_adapter, "Start from this peft adapter directory (its rank, alpha and targets) instead of peft's initialisation");
   finetune->add_option("--lr", ftf.lr, "AdamW learning rate")->check(CLI::PositiveNumber);
   finetune->add_option("--weight-decay", ftf.weight_decay, "AdamW decoupled weight decay")->check(CLI::NonNegativeNumber);
@@ -1665,9 +1757,9 @@ int main(int argc, char** argv) {
   finetune->add_option("--warmup", ftf.warmup, "Linear warm-up steps")->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   finetune->add_option("--steps", ftf.steps, "Optimizer steps (default: --epochs over the data)")->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   finetune->add_option("--epochs", ftf.epochs, "Passes over the data when --steps is not given")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
-  finetune->add_option("--batch", ftf.batch, "Examples a step")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
+  finetune->add_option("--batch", ftf.batch, "Examples a micro-batch")->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
   finetune->add_option("--seq-len", ftf.seq_len, "Tokens an example is cut to")->check(CLI::Range(int64_t{2}, int64_t{1} << 20));
-  finetune->add_option("--save-every", ftf.save_every, "Also write the adapter every N steps")->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  finetune->add_option("--save-every", ftf.save_every, "Also write the adapter and the optimizer state every N steps")->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   finetune->add_option("--seed", ftf.seed, "Seed of the adapters' initialisation");
   finetune->add_option("--log", ftf.log, "Write each step's loss, learning rate and time as a JSON array (atomically, with each save)");
   finetune->footer(

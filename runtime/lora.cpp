@@ -1,6 +1,8 @@
 #include "runtime/lora.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -158,7 +160,89 @@ void AdamW::step(LoraAdapter& w, const LoraAdapter& g) {
     }
 }
 
-Status save_lora(const LoraAdapter& w, const std::string& dir, const std::string& base_model) {
+namespace {
+// Calls fn(il, t, is_a, vector) for every parameter of `w`, in save order.
+template <class W, class F>
+void for_each_param(W& w, F&& fn) {
+  for (size_t il = 0; il < w.layers.size(); ++il)
+    for (LayerTensor t : w.cfg.targets) {
+      fn(static_cast<int64_t>(il), t, true, w.layers[il][t].a);
+      fn(static_cast<int64_t>(il), t, false, w.layers[il][t].b);
+    }
+}
+}  // namespace
+
+double lora_norm(const LoraAdapter& g) {
+  double s = 0;
+  for_each_param(g, [&](int64_t, LayerTensor, bool, const std::vector<float>& v) {
+    for (float x : v) s += static_cast<double>(x) * x;
+  });
+  return std::sqrt(s);
+}
+
+void lora_scale(LoraAdapter& g, float s) {
+  for_each_param(g, [&](int64_t, LayerTensor, bool, std::vector<float>& v) {
+    for (float& x : v) x *= s;
+  });
+}
+
+void lora_axpy(LoraAdapter& y, float a, const LoraAdapter& x) {
+  for_each_param(y, [&](int64_t il, LayerTensor t, bool is_a, std::vector<float>& v) {
+    const std::vector<float>& src = is_a ? x.layers[il][t].a : x.layers[il][t].b;
+    FERRY_CHECK(src.size() == v.size());
+    for (size_t i = 0; i < v.size(); ++i) v[i] += a * src[i];
+  });
+}
+
+Status AdamW::save(const std::string& path, std::map<std::string, std::string> metadata) const {
+  std::vector<TensorToWrite> tensors;
+  auto add = [&](const char* prefix, const LoraAdapter& st) {
+    for_each_param(st, [&](int64_t il, LayerTensor t, bool a, const std::vector<float>& v) {
+      const LoraPair& p = st.layers[il][t];
+      tensors.push_back({prefix + LoraAdapter::tensor_name(il, t, a), DType::kF32,
+                         a ? std::vector<int64_t>{st.cfg.rank, p.in} : std::vector<int64_t>{p.out, st.cfg.rank}, v.data()});
+    });
+  };
+  add("exp_avg.", m_);
+  add("exp_avg_sq.", v_);
+  metadata["adamw_step"] = std::to_string(t_);
+  return write_safetensors(path, tensors, metadata);
+}
+
+Expected<std::map<std::string, std::string>> AdamW::load(const std::string& path) {
+  FERRY_ASSIGN_OR_RETURN(auto file, SafetensorsFile::open(path));
+  const auto& meta = file->metadata();
+  auto it = meta.find("adamw_step");
+  int64_t step = -1;
+  if (it != meta.end()) step = std::strtoll(it->second.c_str(), nullptr, 10);
+  if (step < 0) return corrupt(strprintf("%s: no adamw_step in its metadata: not a ferry training state", path.c_str()));
+  LoraAdapter m = m_, v = v_;
+  Status st = Status::Ok();
+  auto read = [&](const char* prefix, LoraAdapter& dst) {
+    for_each_param(dst, [&](int64_t il, LayerTensor t, bool a, std::vector<float>& out) {
+      if (!st.ok()) return;
+      const std::string name = prefix + LoraAdapter::tensor_name(il, t, a);
+      const SafetensorsEntry* e = file->find(name);
+      if (e == nullptr || e->dtype != DType::kF32 || static_cast<size_t>(file->view(*e).numel()) != out.size()) {
+        st = corrupt(strprintf("%s: tensor '%s' is missing or not F32 with %zu elements: the state is of another adapter", path.c_str(), name.c_str(),
+                               out.size()));
+        return;
+      }
+      std::memcpy(out.data(), file->view(*e).data, out.size() * sizeof(float));
+    });
+  };
+  read("exp_avg.", m);
+  read("exp_avg_sq.", v);
+  FERRY_RETURN_IF_ERROR(st);
+  const size_t want = 4 * m.layers.size() * m.cfg.targets.size();
+  if (file->entries().size() != want)
+    return corrupt(strprintf("%s: %zu tensors; the adapter's optimizer state has %zu: the state is of another adapter", path.c_str(),
+                             file->entries().size(), want));
+  m_ = std::move(m), v_ = std::move(v), t_ = step;
+  return meta;
+}
+
+Status save_lora(const LoraAdapter& w, const std::string& dir, const std::string& base_model, const std::map<std::string, std::string>& metadata) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec || !std::filesystem::is_directory(dir)) return invalid_argument(strprintf("--out %s: cannot create the adapter directory", dir.c_str()));
@@ -170,7 +254,9 @@ Status save_lora(const LoraAdapter& w, const std::string& dir, const std::string
       tensors.push_back({LoraAdapter::tensor_name(static_cast<int64_t>(il), t, false), DType::kF32, {p.out, w.cfg.rank}, p.b.data()});
     }
   // The weights first: a config beside them says the pair is whole.
-  FERRY_RETURN_IF_ERROR(write_safetensors(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}}));
+  std::map<std::string, std::string> meta = metadata;
+  meta["format"] = "pt";
+  FERRY_RETURN_IF_ERROR(write_safetensors(dir + "/adapter_model.safetensors", tensors, meta));
   nlohmann::json j;
   j["peft_type"] = "LORA";
   j["task_type"] = "CAUSAL_LM";

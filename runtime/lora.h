@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,13 @@ struct LoraAdapter {
   static std::string tensor_name(int64_t il, LayerTensor t, bool a);
 };
 
+// sqrt(sum of squares) over every A and B of `g` (torch.nn.utils.clip_grad_norm_'s total norm).
+double lora_norm(const LoraAdapter& g);
+// g *= s.
+void lora_scale(LoraAdapter& g, float s);
+// y += a * x (same shapes).
+void lora_axpy(LoraAdapter& y, float a, const LoraAdapter& x);
+
 // torch.optim.AdamW's hyper-parameters and its update (the single-tensor form: decoupled weight
 // decay, then the moments, bias corrections, and p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)).
 struct AdamWParams {
@@ -67,6 +75,12 @@ class AdamW {
   void step(LoraAdapter& w, const LoraAdapter& g);
   int64_t steps() const { return t_; }
   void set_lr(double lr) { p_.lr = lr; }
+  // The optimizer's state (step count, both moments of every parameter) as one safetensors file
+  // ("exp_avg.<tensor name>", "exp_avg_sq.<tensor name>"), written atomically with `metadata` and
+  // "adamw_step"; load() reads one back for the same adapter shapes, refusing (naming the file and
+  // tensor) any other, and returns its metadata.
+  Status save(const std::string& path, std::map<std::string, std::string> metadata) const;
+  Expected<std::map<std::string, std::string>> load(const std::string& path);
 
  private:
   AdamWParams p_;
@@ -77,7 +91,9 @@ class AdamW {
 // Writes `dir`/adapter_model.safetensors (F32 tensors, peft's names) and `dir`/adapter_config.json
 // (peft_type LORA, r, lora_alpha, target_modules, ...), each atomically; creates `dir`.
 // `base_model` goes into base_model_name_or_path.
-Status save_lora(const LoraAdapter& w, const std::string& dir, const std::string& base_model);
+// `metadata` goes into the safetensors header (ferry's training step, say).
+Status save_lora(const LoraAdapter& w, const std::string& dir, const std::string& base_model,
+                 const std::map<std::string, std::string>& metadata = {});
 // Reads an adapter peft saved (or save_lora wrote) for `model`: its config and every tensor, shapes
 // checked (F32, F16 or BF16). Refused, naming the file and key: another peft_type, dropout-free
 // features ferry does not compute (use_dora, use_rslora, bias other than "none", fan_in_fan_out),

@@ -11,6 +11,7 @@
 
 #include "cpu/cpu_executor.h"
 #include "cpu/lora_train.h"
+#include "runtime/finetune.h"
 #include "runtime/generate.h"
 #include "runtime/lora.h"
 #include "runtime/model.h"
@@ -388,6 +389,102 @@ TEST_SUITE("finetune") {
     other = test::run_ferry("logits -m " + test::shared_dir() + "/golden/llama-gqa --lora " + out + " --ids 1,2,3 --out " + (tmp / "l.safetensors"));
     CHECK(other.exit_code != 0);
     CHECK(other.output.find("--lora") != std::string::npos);
+  }
+
+  TEST_CASE("rows of different lengths: a padded batch's gradient is the token-weighted mean of each row's") {
+    auto m = load_model(test::shared_dir() + "/golden/llama-gqa", LoadOptions{.need_tokenizer = false, .quant = DType::kNF4});
+    REQUIRE(m.ok());
+    LoraConfig lc;
+    lc.targets.assign(std::begin(kLoraTargets), std::end(kLoraTargets));
+    LoraAdapter w = LoraAdapter::init(m->config, lc, 5);
+    for (auto& layer : w.layers)
+      for (LayerTensor t : lc.targets)
+        for (size_t i = 0; i < layer[t].b.size(); ++i) layer[t].b[i] = 0.03f * std::cos(static_cast<float>(i));
+    std::vector<FinetuneExample> ex(2);
+    for (int i = 0; i < 30; ++i) ex[0].ids.push_back((i * 53 + 7) % 2048);
+    for (int i = 0; i < 17; ++i) ex[1].ids.push_back((i * 31 + 3) % 2048);
+    ex[0].labels = ex[0].ids, ex[1].labels = ex[1].ids;
+    ex[1].labels[0] = ex[1].labels[1] = ex[1].labels[2] = cpu::kIgnoreLabel;
+    cpu::LoraTrainer tr(*m->weights);
+    LoraAdapter g_both, g0, g1;
+    const cpu::TrainBatch both = make_train_batch(ex, 0, 2, 2);
+    CHECK(both.len == 30);
+    auto rb = tr.loss(w, both, &g_both);
+    auto r0 = tr.loss(w, make_train_batch(ex, 0, 1, 2), &g0);
+    auto r1 = tr.loss(w, make_train_batch(ex, 1, 1, 2), &g1);
+    REQUIRE((rb.ok() && r0.ok() && r1.ok()));
+    CHECK(rb->n_tokens == r0->n_tokens + r1->n_tokens);
+    CHECK(r1->n_tokens == 14);
+    const double mean = (r0->loss * r0->n_tokens + r1->loss * r1->n_tokens) / static_cast<double>(rb->n_tokens);
+    CHECK(std::fabs(rb->loss - mean) <= 1e-5 * mean);
+    LoraAdapter acc = LoraAdapter::zeros(m->config, lc);
+    lora_axpy(acc, static_cast<float>(r0->n_tokens) / static_cast<float>(rb->n_tokens), g0);
+    lora_axpy(acc, static_cast<float>(r1->n_tokens) / static_cast<float>(rb->n_tokens), g1);
+    std::string where;
+    const double e = worst(g_both, acc, &where);
+    INFO("worst " << e << " at " << where);
+    CHECK(e < 1e-4);
+    // Clipping arithmetic: the norm scales.
+    const double n = lora_norm(acc);
+    lora_scale(acc, 0.5f);
+    CHECK(std::fabs(lora_norm(acc) - 0.5 * n) <= 1e-6 * n);
+  }
+
+  TEST_CASE("ferry finetune: --resume continues bit for bit; SIGINT saves a resumable state; mismatched states refused") {
+    const std::string model = test::shared_dir() + "/models/stories260K";
+    test::TempDir tmp;
+    {
+      std::ofstream d(tmp / "data.jsonl");
+      for (int i = 0; i < 5; ++i) d << "{\"text\": \"Once upon a time there was a cat number " << i << ". It liked milk and naps in the sun.\"}\n";
+      std::ofstream e(tmp / "eval.jsonl");
+      e << R"({"text": "One day a cat saw a bird."})" << "\n";
+    }
+    const std::string common = "finetune -m " + model + " --quant bf16 --data " + (tmp / "data.jsonl") + " --batch 2 --grad-accum 2 --lr 5e-3 -r 4 --alpha 8 --seed 9 ";
+    auto full = test::run_ferry(common + "--steps 6 --out " + (tmp / "full") + " --eval-data " + (tmp / "eval.jsonl") + " --log " + (tmp / "full.json"));
+    INFO(full.output);
+    REQUIRE(full.exit_code == 0);
+    CHECK(full.output.find("eval loss") != std::string::npos);
+    auto half = test::run_ferry(common + "--steps 3 --out " + (tmp / "part"));
+    REQUIRE(half.exit_code == 0);
+    CHECK(std::filesystem::exists(tmp / "part/training_state.safetensors"));
+    auto rest = test::run_ferry(common + "--steps 6 --out " + (tmp / "part") + " --resume " + (tmp / "part"));
+    INFO(rest.output);
+    REQUIRE(rest.exit_code == 0);
+    CHECK(rest.output.find("steps 4..6") != std::string::npos);
+    auto a = load_lora(load_model(model, LoadOptions{.need_tokenizer = false})->config, tmp / "full");
+    auto b = load_lora(load_model(model, LoadOptions{.need_tokenizer = false})->config, tmp / "part");
+    REQUIRE((a.ok() && b.ok()));
+    bool same = true;
+    for (size_t il = 0; il < a->layers.size(); ++il)
+      for (LayerTensor t : a->cfg.targets) same &= a->layers[il][t].a == b->layers[il][t].a && a->layers[il][t].b == b->layers[il][t].b;
+    CHECK(same);
+    // Already done: refused.
+    CHECK(test::run_ferry(common + "--steps 6 --out " + (tmp / "part") + " --resume " + (tmp / "part")).exit_code != 0);
+    // An adapter from another step than the optimizer state (an interrupted save): refused by name.
+    std::filesystem::copy_file(tmp / "full/adapter_model.safetensors", tmp / "part/adapter_model.safetensors", std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::copy_file(tmp / "full/training_state.safetensors", tmp / "mixed_state", std::filesystem::copy_options::overwrite_existing);
+    auto half2 = test::run_ferry(common + "--steps 2 --out " + (tmp / "two"));
+    REQUIRE(half2.exit_code == 0);
+    std::filesystem::copy_file(tmp / "full/adapter_model.safetensors", tmp / "two/adapter_model.safetensors", std::filesystem::copy_options::overwrite_existing);
+    auto mixed = test::run_ferry(common + "--steps 8 --out " + (tmp / "two") + " --resume " + (tmp / "two"));
+    CHECK(mixed.exit_code != 0);
+    CHECK(mixed.output.find("interrupted") != std::string::npos);
+    // SIGINT: the step in flight finishes, adapter and state are written, exit 130; --resume goes on.
+    const std::string log = tmp / "sig.log";
+    auto sig = test::run_shell("bash -c '" + std::string(FERRY_BIN) + " " + common + "--steps 100000 --out " + (tmp / "sig") + " 2>" + log +
+                               " & pid=$!; for i in $(seq 600); do grep -q \"^step 3/\" " + log + " && break; sleep 0.1; done; kill -INT $pid; wait $pid; echo exit=$?; cat " +
+                               log + "'");
+    INFO(sig.output);
+    CHECK(sig.output.find("exit=130") != std::string::npos);
+    CHECK(sig.output.find("continue with --resume") != std::string::npos);
+    const size_t at = sig.output.find("after step ");
+    REQUIRE(at != std::string::npos);
+    const long done = std::stol(sig.output.substr(at + 11));
+    CHECK(done >= 3);
+    auto more = test::run_ferry(common + "--steps " + std::to_string(done + 1) + " --out " + (tmp / "sig") + " --resume " + (tmp / "sig"));
+    INFO(more.output);
+    CHECK(more.exit_code == 0);
+    CHECK(more.output.find("steps " + std::to_string(done + 1) + ".." + std::to_string(done + 1)) != std::string::npos);
   }
 
   TEST_CASE("bad training batches are refused with what is wrong") {

@@ -136,87 +136,71 @@ void put_cols(const float* src, int64_t T, int64_t n, float* dst, int64_t ld, in
 int64_t window_first(int64_t i, int64_t window) { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
 
 // Causal attention within each row of the batch: q [T, H, hd], k / v [T, KVH, hd] -> out [T, H, hd].
-void attn_fwd(const Shape& d, int64_t window, const float* q, const float* k, const float* v, float* out) {
+// Per (row, head) the scores are one [len, len] product on oneDNN's sgemm (the masked upper half
+// computed and discarded: twice the FLOPs at sgemm's rate beat scalar loops by far), the softmax a
+// pass over its rows, and the output a second product. `p` ([len, len]) holds the probabilities.
+void attn_probs(const Shape& d, int64_t window, const float* q, const float* k, int64_t b, int64_t h, float* p) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
-  const int64_t group = d.H / d.KVH;
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, d.rows * d.H), [&](const tbb::blocked_range<int64_t>& rg) {
-    std::vector<float> p(static_cast<size_t>(d.len));
-    for (int64_t bh = rg.begin(); bh < rg.end(); ++bh) {
-      const int64_t b = bh / d.H, h = bh % d.H, g = h / group;
-      for (int64_t i = 0; i < d.len; ++i) {
-        const float* qi = q + ((b * d.len + i) * d.H + h) * d.hd;
-        const int64_t j0 = window_first(i, window);
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t j = j0; j <= i; ++j) {
-          const float* kj = k + ((b * d.len + j) * d.KVH + g) * d.hd;
-          float s = 0;
-          for (int64_t e = 0; e < d.hd; ++e) s += qi[e] * kj[e];
-          p[j] = s * scale;
-          m = std::max(m, p[j]);
-        }
-        float sum = 0;
-        for (int64_t j = j0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - m));
-        float* oi = out + ((b * d.len + i) * d.H + h) * d.hd;
-        std::fill(oi, oi + d.hd, 0.0f);
-        for (int64_t j = j0; j <= i; ++j) {
-          const float* vj = v + ((b * d.len + j) * d.KVH + g) * d.hd;
-          const float pj = p[j] / sum;
-          for (int64_t e = 0; e < d.hd; ++e) oi[e] += pj * vj[e];
-        }
-      }
+  const int64_t g = h / (d.H / d.KVH);
+  sgemm(false, true, d.len, d.len, d.hd, scale, q + (b * d.len * d.H + h) * d.hd, d.H * d.hd, k + (b * d.len * d.KVH + g) * d.hd, d.KVH * d.hd, 0.0f,
+        p, d.len);
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, d.len, 16), [&](const tbb::blocked_range<int64_t>& r) {
+    for (int64_t i = r.begin(); i < r.end(); ++i) {
+      float* pi = p + i * d.len;
+      const int64_t j0 = window_first(i, window);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = j0; j <= i; ++j) m = std::max(m, pi[j]);
+      float sum = 0;
+      for (int64_t j = j0; j <= i; ++j) sum += (pi[j] = std::exp(pi[j] - m));
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < d.len; ++j) pi[j] = j >= j0 && j <= i ? pi[j] * inv : 0.0f;
     }
   });
 }
 
-// Its backward: the probabilities recomputed row by row (nothing [len, len] is kept). dq, dk, dv
-// are overwritten. One task per (row, KV head) owns that head's dk / dv and its group's dq.
-void attn_bwd(const Shape& d, int64_t window, const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk, float* dv) {
+void attn_fwd(const Shape& d, int64_t window, const float* q, const float* k, const float* v, float* out, std::vector<float>& p) {
+  p.resize(static_cast<size_t>(d.len * d.len));
+  for (int64_t b = 0; b < d.rows; ++b)
+    for (int64_t h = 0; h < d.H; ++h) {
+      const int64_t g = h / (d.H / d.KVH);
+      attn_probs(d, window, q, k, b, h, p.data());
+      sgemm(false, false, d.len, d.hd, d.len, 1.0f, p.data(), d.len, v + (b * d.len * d.KVH + g) * d.hd, d.KVH * d.hd, 0.0f,
+            out + (b * d.len * d.H + h) * d.hd, d.H * d.hd);
+    }
+}
+
+// Its backward, the probabilities recomputed: dP = dO V^T, dS = P (dP - rowsum(P dP)) / sqrt(hd),
+// dQ = dS K, dK += dS^T Q, dV += P^T dO (a GQA group's heads add into their K / V head).
+void attn_bwd(const Shape& d, int64_t window, const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk, float* dv,
+              std::vector<float>& p, std::vector<float>& dp) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
-  const int64_t group = d.H / d.KVH;
-  std::fill(dq, dq + d.T * d.Q, 0.0f);
+  p.resize(static_cast<size_t>(d.len * d.len));
+  dp.resize(p.size());
   std::fill(dk, dk + d.T * d.KV, 0.0f);
   std::fill(dv, dv + d.T * d.KV, 0.0f);
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, d.rows * d.KVH), [&](const tbb::blocked_range<int64_t>& rg) {
-    std::vector<float> p(static_cast<size_t>(d.len)), dp(static_cast<size_t>(d.len));
-    for (int64_t bg = rg.begin(); bg < rg.end(); ++bg) {
-      const int64_t b = bg / d.KVH, g = bg % d.KVH;
-      auto K = [&](int64_t j) { return k + ((b * d.len + j) * d.KVH + g) * d.hd; };
-      auto V = [&](int64_t j) { return v + ((b * d.len + j) * d.KVH + g) * d.hd; };
-      for (int64_t h = g * group; h < (g + 1) * group; ++h)
-        for (int64_t i = 0; i < d.len; ++i) {
-          const int64_t row = (b * d.len + i) * d.H + h;
-          const float* qi = q + row * d.hd;
-          const float* di = dout + row * d.hd;
-          const int64_t j0 = window_first(i, window);
-          float m = -std::numeric_limits<float>::infinity();
-          for (int64_t j = j0; j <= i; ++j) {
-            float s = 0, t = 0;
-            const float* kj = K(j);
-            const float* vj = V(j);
-            for (int64_t e = 0; e < d.hd; ++e) s += qi[e] * kj[e], t += di[e] * vj[e];
-            p[j] = s * scale;
-            dp[j] = t;
-            m = std::max(m, p[j]);
-          }
-          float sum = 0;
-          for (int64_t j = j0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - m));
+  const int64_t lq = d.H * d.hd, lk = d.KVH * d.hd;
+  for (int64_t b = 0; b < d.rows; ++b)
+    for (int64_t h = 0; h < d.H; ++h) {
+      const int64_t g = h / (d.H / d.KVH);
+      const float* qh = q + (b * d.len * d.H + h) * d.hd;
+      const float* doh = dout + (b * d.len * d.H + h) * d.hd;
+      const float* kg = k + (b * d.len * d.KVH + g) * d.hd;
+      const float* vg = v + (b * d.len * d.KVH + g) * d.hd;
+      attn_probs(d, window, q, k, b, h, p.data());
+      sgemm(false, true, d.len, d.len, d.hd, 1.0f, doh, lq, vg, lk, 0.0f, dp.data(), d.len);
+      tbb::parallel_for(tbb::blocked_range<int64_t>(0, d.len, 16), [&](const tbb::blocked_range<int64_t>& r) {
+        for (int64_t i = r.begin(); i < r.end(); ++i) {
+          const float* pi = p.data() + i * d.len;
+          float* di = dp.data() + i * d.len;
           float D = 0;
-          for (int64_t j = j0; j <= i; ++j) D += (p[j] /= sum) * dp[j];
-          float* dqi = dq + row * d.hd;
-          for (int64_t j = j0; j <= i; ++j) {
-            const float ds = p[j] * (dp[j] - D) * scale;
-            const float* kj = K(j);
-            float* dkj = dk + ((b * d.len + j) * d.KVH + g) * d.hd;
-            float* dvj = dv + ((b * d.len + j) * d.KVH + g) * d.hd;
-            for (int64_t e = 0; e < d.hd; ++e) {
-              dqi[e] += ds * kj[e];
-              dkj[e] += ds * qi[e];
-              dvj[e] += p[j] * di[e];
-            }
-          }
+          for (int64_t j = 0; j <= i; ++j) D += pi[j] * di[j];
+          for (int64_t j = 0; j < d.len; ++j) di[j] = pi[j] * (di[j] - D) * scale;  // 0 where masked (p = 0)
         }
+      });
+      sgemm(false, false, d.len, d.hd, d.len, 1.0f, dp.data(), d.len, kg, lk, 0.0f, dq + (b * d.len * d.H + h) * d.hd, lq);
+      sgemm(true, false, d.len, d.hd, d.len, 1.0f, dp.data(), d.len, qh, lq, 1.0f, dk + (b * d.len * d.KVH + g) * d.hd, lk);
+      sgemm(true, false, d.len, d.hd, d.len, 1.0f, p.data(), d.len, doh, lq, 1.0f, dv + (b * d.len * d.KVH + g) * d.hd, lk);
     }
-  });
 }
 
 class Trainer {
@@ -252,7 +236,7 @@ class Trainer {
     take_cols(a.qkv.data(), T, NQKV, Q + KV, KV, a.v.data());
     rope(a.q.data(), T, d.H, d.hd, pos_.data(), inv_freq_.data());
     rope(a.k.data(), T, d.KVH, d.hd, pos_.data(), inv_freq_.data());
-    attn_fwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), a.att.data());
+    attn_fwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), a.att.data(), p_);
     sgemm(false, true, T, E, Q, 1.0f, a.att.data(), Q, W.o.data(), Q, 0.0f, a.tmp.data(), E);
     if (!L[kWo].empty()) lora_fwd(d, L[kWo], a.att.data(), a.u[kWo].data(), a.tmp.data(), E);
     for (int64_t i = 0; i < T * E; ++i) a.x_mid[i] = x[i] + a.tmp[i];
@@ -303,7 +287,7 @@ class Trainer {
     sgemm(false, false, T, Q, E, 1.0f, dx, E, W.o.data(), Q, 0.0f, datt_.data(), Q);
     if (!L[kWo].empty()) lora_bwd(d, L[kWo], a.att.data(), a.u[kWo].data(), dx, E, G[kWo], datt_.data(), du_);
     dq_.resize(sz(T * Q)), dk_.resize(sz(T * KV)), dv_.resize(sz(T * KV));
-    attn_bwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), datt_.data(), dq_.data(), dk_.data(), dv_.data());
+    attn_bwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), datt_.data(), dq_.data(), dk_.data(), dv_.data(), p_, dp_);
     // RoPE is a rotation: its backward rotates by the opposite angle.
     rope(dq_.data(), T, d.H, d.hd, neg_.data(), inv_freq_.data());
     rope(dk_.data(), T, d.KVH, d.hd, neg_.data(), inv_freq_.data());
@@ -327,7 +311,7 @@ class Trainer {
   std::vector<float> inv_freq_;
   Shape d_{};
   std::vector<int32_t> pos_, neg_;
-  std::vector<float> dact_, dgu_, dxn_, datt_, dq_, dk_, dv_, dqkv_, du_;
+  std::vector<float> dact_, dgu_, dxn_, datt_, dq_, dk_, dv_, dqkv_, du_, p_, dp_;
 };
 
 }  // namespace

@@ -4,6 +4,10 @@
 //   bench_cpu_gemm [--weights bf16|nf4|nf4-dq|int8] [M ...]
 //                                               every path at every row count (CPU-computed layers
 //                                               use the one marked)
+//   bench_cpu_gemm --sgemm                      oneDNN's float32 sgemm on the training pass's shapes
+//                                               (cpu/lora_train.h: [tokens, 4096] x [4096, 4096]^T and
+//                                               x [4096, 11008] at 256 and 1024 tokens): the FLOP
+//                                               rate `ferry finetune`'s floor is priced at
 //   bench_cpu_gemm --layer [--weights bf16|nf4|nf4-dq|int8] [--hot] [--beside-copies] [--threads N] [--touch]
 //                                               a CPU-computed layer's decode products (M = 1) over
 //                                               weights larger than the caches: the rate ferry's
@@ -210,6 +214,31 @@ int row_count_bench(const std::vector<int64_t>& ms, DType t) {
 
 }  // namespace
 
+// The training pass's products: y = x W^T (forward) and dx = dy W (backward), float32, best of 5.
+int sgemm_bench() {
+  std::printf("| M x N x K | op | ms | GFLOP/s |\n|---|---|---|---|\n");
+  for (const int64_t M : {int64_t{256}, int64_t{1024}})
+    for (const auto& [N, K] : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}})
+      for (const bool back : {false, true}) {
+        std::vector<float> a(static_cast<size_t>(M * (back ? N : K)), 0.01f), w(static_cast<size_t>(N * K), 0.02f),
+            c(static_cast<size_t>(M * (back ? K : N)));
+        auto run = [&] {
+          if (back) cpu::sgemm(false, false, M, K, N, 1.0f, a.data(), N, w.data(), K, 0.0f, c.data(), K);
+          else cpu::sgemm(false, true, M, N, K, 1.0f, a.data(), K, w.data(), K, 0.0f, c.data(), N);
+        };
+        run();
+        double best = 1e30;
+        for (int r = 0; r < 5; ++r) {
+          const auto t0 = std::chrono::steady_clock::now();
+          run();
+          best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::printf("| %lld x %lld x %lld | %s | %.1f | %.1f |\n", static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K),
+                    back ? "dy W" : "x W^T", best * 1e3, 2.0 * M * N * K / best / 1e9);
+      }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<int64_t> ms;
   bool layer = false, hot = false, beside = false;
@@ -217,6 +246,7 @@ int main(int argc, char** argv) {
   DType t = DType::kBF16;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a == "--sgemm") return sgemm_bench();
     if (a == "--layer") layer = true;
     else if (a == "--hot") hot = true;
     else if (a == "--beside-copies") beside = true;

@@ -80,7 +80,8 @@ TEST_SUITE("finetune") {
   TEST_CASE("LoRA loss, gradients and three AdamW steps match peft (BF16 and NF4 base)") {
     const std::string dir = test::shared_dir() + "/golden/llama-gqa";
     for (const char* kind : {"bf16", "nf4"}) {
-      CAPTURE(kind);
+      const std::string kind_s = kind;
+      CAPTURE(kind_s);
       const bool nf4 = std::string(kind) == "nf4";
       auto m = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = nf4 ? DType::kNF4 : DType::kBF16});
       REQUIRE_MESSAGE(m.ok(), m.status().message());
@@ -101,6 +102,7 @@ TEST_SUITE("finetune") {
       std::string where;
       const double eg = worst(g, golden_adapter(c, **f, ".grad"), &where);
       INFO("gradient: worst " << eg << " at " << where);
+      MESSAGE(kind_s << ": loss " << r->loss << " (peft " << losses[0] << ", relative " << std::fabs(r->loss - losses[0]) / losses[0] << "); gradient worst " << eg);
       CHECK(eg < 2e-4);
 
       // The forward alone gives the same loss; a B of all zeros gives the base model's loss, and
@@ -140,6 +142,7 @@ TEST_SUITE("finetune") {
               off += std::fabs(e) > 2e-5;
             }
           }
+      MESSAGE(kind_s << ": after 3 AdamW steps the movement is off by " << std::sqrt(diff2 / move2) << " (L2), " << off << " of " << total << " entries by > 2e-5");
       INFO("after 3 AdamW steps: movement off by " << std::sqrt(diff2 / move2) << " (L2); " << off << " of " << total << " entries off by > 2e-5");
       CHECK(std::sqrt(diff2 / move2) < 1e-2);
       CHECK(off * 1000 < total);
@@ -290,7 +293,8 @@ TEST_SUITE("finetune") {
     // goes through peft's files (save_lora, load_lora) and the executor's unmerged products.
     const std::string dir = test::shared_dir() + "/golden/llama-gqa";
     for (const char* kind : {"bf16", "nf4"}) {
-      CAPTURE(kind);
+      const std::string kind_s = kind;
+      CAPTURE(kind_s);
       const bool nf4 = std::string(kind) == "nf4";
       auto m = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = nf4 ? DType::kNF4 : DType::kBF16});
       REQUIRE(m.ok());
@@ -328,7 +332,7 @@ TEST_SUITE("finetune") {
         }
       }
       const double loss = total / static_cast<double>(n), want = test::read_f32(**f, "losses")[0];
-      INFO("inference loss " << loss << " peft " << want);
+      MESSAGE(kind_s << ": inference loss with the adapter " << loss << ", peft " << want << " (relative " << std::fabs(loss - want) / want << ")");
       CHECK(std::fabs(loss - want) <= 1e-5 * want);
     }
   }

@@ -37,13 +37,6 @@ Status CpuExecutor::begin_step(const StepBatch& b, const KvCache& kv) {
 
 void CpuExecutor::embed(const GlobalWeights& w) { embedding(w[kTokEmbd], batch_->tokens.data(), n_tokens_, x()); }
 
-namespace {
-// Columns [c0, c0 + n) of src [T, ld] into dst [T, n].
-void take_cols(const float* src, int64_t T, int64_t ld, int64_t c0, int64_t n, float* dst) {
-  for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * n, src + t * ld + c0, static_cast<size_t>(n) * sizeof(float));
-}
-}  // namespace
-
 void CpuExecutor::add_lora(int64_t il, LayerTensor t, const float* x, float* y) {
   if (!lora_) return;
   const LoraPair& p = lora_->layers[il][t];

@@ -125,13 +125,6 @@ struct Acts {
   std::array<std::vector<float>, kLayerTensorCount> u;  // x A^T of each targeted Linear [T, r]
 };
 
-// Columns [c0, c0 + n) of src [T, ld] into dst [T, n], or back (add into src's columns).
-void take_cols(const float* src, int64_t T, int64_t ld, int64_t c0, int64_t n, float* dst) {
-  for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * n, src + t * ld + c0, static_cast<size_t>(n) * sizeof(float));
-}
-void put_cols(const float* src, int64_t T, int64_t n, float* dst, int64_t ld, int64_t c0) {
-  for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * ld + c0, src + t * n, static_cast<size_t>(n) * sizeof(float));
-}
 
 int64_t window_first(int64_t i, int64_t window) { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -67,6 +68,14 @@ void swiglu(const float* gate, const float* up, int64_t n, float* out) {
       out[i] = g / (1.0f + std::exp(-g)) * up[i];
     }
   });
+}
+
+void take_cols(const float* src, int64_t T, int64_t ld, int64_t c0, int64_t n, float* dst) {
+  for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * n, src + t * ld + c0, static_cast<size_t>(n) * sizeof(float));
+}
+
+void put_cols(const float* src, int64_t T, int64_t n, float* dst, int64_t ld, int64_t c0) {
+  for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * ld + c0, src + t * n, static_cast<size_t>(n) * sizeof(float));
 }
 
 void add_inplace(float* y, const float* x, int64_t n) {

@@ -23,6 +23,10 @@ void rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, const i
 // out[t, i] = silu(gate[t, i]) * up[t, i]; out may alias gate.
 void swiglu(const float* gate, const float* up, int64_t n, float* out);
 
+// Columns [c0, c0 + n) of src [T, ld] into dst [T, n]; put_cols writes them back into dst [T, ld].
+void take_cols(const float* src, int64_t T, int64_t ld, int64_t c0, int64_t n, float* dst);
+void put_cols(const float* src, int64_t T, int64_t n, float* dst, int64_t ld, int64_t c0);
+
 // y[i] += x[i] over n elements.
 void add_inplace(float* y, const float* x, int64_t n);
 

@@ -74,19 +74,29 @@ cpu::TrainBatch golden_batch(const SafetensorsFile& f) {
   return b;
 }
 
+// The golden llama-gqa model (its base BF16, or NF4 for "nf4") and peft's file for it.
+struct GoldenLora {
+  Model m;
+  std::unique_ptr<SafetensorsFile> f;
+};
+GoldenLora golden_lora(const std::string& kind) {
+  const std::string dir = test::shared_dir() + "/golden/llama-gqa";
+  auto m = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = kind == "nf4" ? DType::kNF4 : DType::kBF16});
+  REQUIRE_MESSAGE(m.ok(), m.status().message());
+  auto f = SafetensorsFile::open(dir + "/lora_" + kind + ".safetensors");
+  REQUIRE(f.ok());
+  return {std::move(*m), std::move(*f)};
+}
+
 }  // namespace
 
 TEST_SUITE("finetune") {
   TEST_CASE("LoRA loss, gradients and three AdamW steps match peft (BF16 and NF4 base)") {
-    const std::string dir = test::shared_dir() + "/golden/llama-gqa";
-    for (const char* kind : {"bf16", "nf4"}) {
-      const std::string kind_s = kind;
+    for (const std::string kind_s : {"bf16", "nf4"}) {
       CAPTURE(kind_s);
-      const bool nf4 = std::string(kind) == "nf4";
-      auto m = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = nf4 ? DType::kNF4 : DType::kBF16});
-      REQUIRE_MESSAGE(m.ok(), m.status().message());
-      auto f = SafetensorsFile::open(dir + "/lora_" + kind + ".safetensors");
-      REQUIRE(f.ok());
+      GoldenLora gl = golden_lora(kind_s);
+      Model* m = &gl.m;
+      auto* f = &gl.f;
       const ModelConfig& c = m->config;
       LoraAdapter w = golden_adapter(c, **f, "");
       const cpu::TrainBatch batch = golden_batch(**f);
@@ -292,14 +302,11 @@ TEST_SUITE("finetune") {
     // peft's loss at the initial adapter (B not zero) from the inference path's logits: the adapter
     // goes through peft's files (save_lora, load_lora) and the executor's unmerged products.
     const std::string dir = test::shared_dir() + "/golden/llama-gqa";
-    for (const char* kind : {"bf16", "nf4"}) {
-      const std::string kind_s = kind;
+    for (const std::string kind_s : {"bf16", "nf4"}) {
       CAPTURE(kind_s);
-      const bool nf4 = std::string(kind) == "nf4";
-      auto m = load_model(dir, LoadOptions{.need_tokenizer = false, .quant = nf4 ? DType::kNF4 : DType::kBF16});
-      REQUIRE(m.ok());
-      auto f = SafetensorsFile::open(dir + "/lora_" + kind + ".safetensors");
-      REQUIRE(f.ok());
+      GoldenLora gl = golden_lora(kind_s);
+      Model* m = &gl.m;
+      auto* f = &gl.f;
       test::TempDir tmp;
       REQUIRE(save_lora(golden_adapter(m->config, **f, ""), tmp / "a", dir).ok());
       auto lora = load_lora(m->config, tmp / "a");

@@ -730,6 +730,7 @@ struct FinetuneFlags {
   int64_t save_every = 0;
   int64_t eval_every = 0;
   uint64_t seed = 0;
+  bool quant_given = false;  // --quant on the command line (else NF4, or a bitsandbytes checkpoint as stored)
 };
 
 // The token-weighted mean loss over `ex` in batches of `rows`, no gradients.
@@ -768,8 +769,14 @@ int cmd_finetune(const FinetuneFlags& f) {
   }
   if (Status st = check_outputs({{"--out", weights_path}, {"--out", config_path}, {"--out", state_path}, {"--log", f.log}}); !st.ok()) return fail(st);
   auto threads = apply_threads(f.m.threads);
-  auto model = load_model(f.m.model, f.m.load(false, "cpu"));
+  // Without --quant: NF4, QLoRA's base, unless the checkpoint is already quantised (bitsandbytes):
+  // then as it is stored.
+  LoadOptions lo = f.m.load(false, "cpu");
+  if (!f.quant_given) lo.quant = DType::kBF16;
+  auto model = load_model(f.m.model, lo);
   if (!model.ok()) return fail(model.status());
+  if (!f.quant_given && !is_quantized(model->config.checkpoint_quant))
+    if (Status st = model->weights->quantize(DType::kNF4); !st.ok()) return fail(st);
   const ModelConfig& cfg = model->config;
   const int64_t eos = cfg.eos_token_ids.empty() ? -1 : cfg.eos_token_ids[0];
   const int64_t seq_len = std::min(f.seq_len, cfg.n_ctx_max);
@@ -1733,7 +1740,9 @@ int main(int argc, char** argv) {
   CLI::App* finetune = app.add_subcommand("finetune", "Train LoRA adapters over a frozen (NF4 by default) base model; write peft's adapter files");
   ftf.m.quant = "nf4";
   ftf.m.add(finetune);
-  finetune->get_option("--quant")->description("Format of the frozen base's Linear weights: nf4 (QLoRA, default), nf4-dq, int8 or bf16");
+  finetune->get_option("--quant")->description(
+      "Format of the frozen base's Linear weights: nf4 (QLoRA; the default, except for a bitsandbytes checkpoint, which trains as stored), "
+      "nf4-dq, int8 or bf16");
   finetune->add_option("--data", ftf.data,
                        "JSONL training data, one example a line: {\"text\": ...}, {\"prompt\": ..., \"completion\": ...} (loss on the completion) "
                        "or {\"ids\": [...], \"labels\": [...]}")
@@ -1798,7 +1807,10 @@ int main(int argc, char** argv) {
     else if (calibrate->parsed()) rc = cmd_calibrate(cf);
     else if (bench->parsed()) rc = cmd_bench(bf);
     else if (sweep->parsed()) rc = cmd_sweep(sf);
-    else if (finetune->parsed()) rc = cmd_finetune(ftf);
+    else if (finetune->parsed()) {
+      ftf.quant_given = finetune->get_option("--quant")->count() > 0;
+      rc = cmd_finetune(ftf);
+    }
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "ferry: error: out of host memory\n");
     rc = kExitError;

@@ -395,6 +395,11 @@ TEST_SUITE("finetune") {
     auto nf4 = test::run_ferry("finetune -m " + model + " --data " + (tmp / "data.jsonl") + " --out " + (tmp / "d") + " --steps 1");
     CHECK(nf4.exit_code != 0);
     CHECK(nf4.output.find("multiple of 64") != std::string::npos);
+    // A bitsandbytes checkpoint trains as stored without --quant (QLoRA's usual start).
+    std::ofstream(tmp / "ids.jsonl") << R"({"ids": [1, 5, 9, 22, 40, 41, 42, 3, 7, 11]})" << "\n";
+    auto bnb = test::run_ferry("finetune -m " + test::data_dir() + "/bnb4-nf4-dq --data " + (tmp / "ids.jsonl") + " --out " + (tmp / "e") + " --steps 2");
+    CHECK(bnb.exit_code == 0);
+    CHECK(bnb.output.find("double-quantised absmax as stored") != std::string::npos);
     // An adapter for another model is refused by tensor.
     auto other = test::run_ferry("run -m " + test::shared_dir() + "/golden/llama-gqa --lora " + out + " -p hi -n 1 --device cpu");
     other = test::run_ferry("logits -m " + test::shared_dir() + "/golden/llama-gqa --lora " + out + " --ids 1,2,3 --out " + (tmp / "l.safetensors"));

@@ -755,7 +755,7 @@ int cmd_finetune(const FinetuneFlags& f) {
   if (f.m.device == "gpu")
     return fail(unsupported("finetune: --device gpu: the GPU training pass (the frozen layers streamed a second time for the backward) is not "
                             "built yet; this version trains on the CPU (--device cpu)"));
-  for (const auto& [flag, set] : {std::pair<const char*, bool>{"--gpu-mem", !f.m.gpu_mem.empty()}, {"--disk", !f.m.disk.empty()},
+  for (const auto& [flag, set] : {std::pair<const char*, bool>{"--gpu-mem", !f.m.gpu_mem.empty()},
                                   {"--cpu-layers", f.m.cpu_layers >= 0}, {"--trace", !f.m.trace.empty()},
                                   {"--host-mem", !f.m.host_mem.empty()}, {"--kv", f.m.kv != "auto"}, {"--kv-mem", !f.m.kv_mem.empty()},
                                   {"--kv-disk", !f.m.kv_disk.empty()}, {"--kv-host-layers", f.m.kv_host_layers >= 0}})
@@ -769,13 +769,13 @@ int cmd_finetune(const FinetuneFlags& f) {
   }
   if (Status st = check_outputs({{"--out", weights_path}, {"--out", config_path}, {"--out", state_path}, {"--log", f.log}}); !st.ok()) return fail(st);
   auto threads = apply_threads(f.m.threads);
-  // Without --quant: NF4, QLoRA's base, unless the checkpoint is already quantised (bitsandbytes):
-  // then as it is stored.
+  // Without --quant: NF4, QLoRA's base, unless the weights come quantised (a bitsandbytes checkpoint)
+  // or from a packed store (--disk): then as they are stored.
   LoadOptions lo = f.m.load(false, "cpu");
   if (!f.quant_given) lo.quant = DType::kBF16;
   auto model = load_model(f.m.model, lo);
   if (!model.ok()) return fail(model.status());
-  if (!f.quant_given && !is_quantized(model->config.checkpoint_quant))
+  if (!f.quant_given && !is_quantized(model->config.checkpoint_quant) && f.m.disk.empty())
     if (Status st = model->weights->quantize(DType::kNF4); !st.ok()) return fail(st);
   const ModelConfig& cfg = model->config;
   const int64_t eos = cfg.eos_token_ids.empty() ? -1 : cfg.eos_token_ids[0];

@@ -525,7 +525,7 @@ Status WeightStore::prefetch(int64_t il) {
   return Status::Ok();
 }
 
-Expected<const LayerWeights*> WeightStore::acquire(int64_t il) {
+Expected<const LayerWeights*> WeightStore::acquire(int64_t il, int64_t next_layer) {
   if (store_reads_.empty() || !store_reads_[il]) return &layers_[il];
   const int s = static_cast<int>(il % 2);
   if (slot_layer_[s] != il) {
@@ -545,7 +545,7 @@ Expected<const LayerWeights*> WeightStore::acquire(int64_t il) {
     }
   }
   // The next layer (wrapping to layer 0 for the next step) goes into the other slot now.
-  const int64_t next = (il + 1) % cfg_.n_layers;
+  const int64_t next = next_layer >= 0 ? next_layer % cfg_.n_layers : (il + 1) % cfg_.n_layers;
   if (next % 2 != s) FERRY_RETURN_IF_ERROR(prefetch(next));
   LayerWeights& v = slot_views_[s];
   uint8_t* base = slots_[s].as<uint8_t>();

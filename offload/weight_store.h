@@ -54,9 +54,10 @@ class WeightStore {
 
   const ModelConfig& config() const { return cfg_; }
   // Returns layer `il`'s weights ready to compute with: for disk-tier layers it waits for the read
-  // (started when the previous layer was acquired) and starts reading the next layer. The views stay
+  // (started when the previous layer was acquired) and starts reading the next layer: `next`, or
+  // il + 1 (wrapping to 0) when negative (a backward pass walks the layers down). The views stay
   // valid until the layer after next is acquired.
-  Expected<const LayerWeights*> acquire(int64_t il);
+  Expected<const LayerWeights*> acquire(int64_t il, int64_t next = -1);
   const GlobalWeights& globals() const { return globals_; }
   // Returns the views of layer `il`, valid until the store is destroyed.
   const LayerWeights& layer(int64_t il) const { return layers_[il]; }

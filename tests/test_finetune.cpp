@@ -395,6 +395,19 @@ TEST_SUITE("finetune") {
     auto nf4 = test::run_ferry("finetune -m " + model + " --data " + (tmp / "data.jsonl") + " --out " + (tmp / "d") + " --steps 1");
     CHECK(nf4.exit_code != 0);
     CHECK(nf4.output.find("multiple of 64") != std::string::npos);
+    // The frozen base read from a packed store (--disk: two layers in memory at a time, the backward
+    // reading down the layers) trains the same adapter bit for bit.
+    REQUIRE(test::run_ferry("pack -m " + model + " --out " + (tmp / "store")).exit_code == 0);
+    const std::string same = " --data " + (tmp / "data.jsonl") + " --steps 3 --batch 2 --lr 1e-2 -r 8 --alpha 16 --seed 4 --out ";
+    auto from_disk = test::run_ferry("finetune -m " + model + " --disk " + (tmp / "store") + same + (tmp / "fd"));
+    auto from_host = test::run_ferry("finetune -m " + model + " --quant bf16" + same + (tmp / "fh"));
+    INFO(from_disk.output);
+    REQUIRE((from_disk.exit_code == 0 && from_host.exit_code == 0));
+    CHECK(from_disk.output.find("packed store") != std::string::npos);
+    auto fd = SafetensorsFile::open(tmp / "fd/adapter_model.safetensors");
+    auto fh = SafetensorsFile::open(tmp / "fh/adapter_model.safetensors");
+    REQUIRE((fd.ok() && fh.ok()));
+    for (const auto& [name, e] : (*fh)->entries()) CHECK(test::read_f32(**fd, name) == test::read_f32(**fh, name));
     // A bitsandbytes checkpoint trains as stored without --quant (QLoRA's usual start).
     std::ofstream(tmp / "ids.jsonl") << R"({"ids": [1, 5, 9, 22, 40, 41, 42, 3, 7, 11]})" << "\n";
     auto bnb = test::run_ferry("finetune -m " + test::data_dir() + "/bnb4-nf4-dq --data " + (tmp / "ids.jsonl") + " --out " + (tmp / "e") + " --steps 2");

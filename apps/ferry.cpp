@@ -755,12 +755,6 @@ int cmd_finetune(const FinetuneFlags& f) {
   if (f.m.device == "gpu")
     return fail(unsupported("finetune: --device gpu: the GPU training pass (the frozen layers streamed a second time for the backward) is not "
                             "built yet; this version trains on the CPU (--device cpu)"));
-  for (const auto& [flag, set] : {std::pair<const char*, bool>{"--gpu-mem", !f.m.gpu_mem.empty()},
-                                  {"--cpu-layers", f.m.cpu_layers >= 0}, {"--trace", !f.m.trace.empty()},
-                                  {"--host-mem", !f.m.host_mem.empty()}, {"--kv", f.m.kv != "auto"}, {"--kv-mem", !f.m.kv_mem.empty()},
-                                  {"--kv-disk", !f.m.kv_disk.empty()}, {"--kv-host-layers", f.m.kv_host_layers >= 0}})
-    if (set) return fail(invalid_argument(strprintf("finetune: %s does not apply: training runs on the CPU from host memory in this version", flag)));
-  if (f.m.quant_head != "bf16") return fail(invalid_argument("finetune: --quant-head does not apply (the lm_head stays as the checkpoint has it, as QLoRA keeps it)"));
   if (!f.resume.empty() && !f.init_adapter.empty()) return fail(invalid_argument("finetune: --resume and --init-adapter: give one (--resume also restores the optimizer)"));
   {
     std::error_code ec;
@@ -1740,6 +1734,10 @@ int main(int argc, char** argv) {
   CLI::App* finetune = app.add_subcommand("finetune", "Train LoRA adapters over a frozen (NF4 by default) base model; write peft's adapter files");
   ftf.m.quant = "nf4";
   ftf.m.add(finetune);
+  // Placement and K/V flags are the inference engine's: training runs on the CPU from host memory or --disk.
+  for (const char* o : {"--gpu-mem", "--host-mem", "--cpu-layers", "--quant-head", "--trace", "--kv", "--kv-host-layers", "--kv-mem", "--kv-disk"})
+    finetune->remove_option(finetune->get_option(o));
+  finetune->get_option("--disk")->description("Packed store (from 'ferry pack') holding the frozen base: its layers are read from it, two in memory at a time");
   finetune->get_option("--quant")->description(
       "Format of the frozen base's Linear weights: nf4 (QLoRA; the default, except for a bitsandbytes checkpoint, which trains as stored), "
       "nf4-dq, int8 or bf16");

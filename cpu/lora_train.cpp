@@ -18,7 +18,13 @@ namespace {
 // A layer's frozen weights in float32. q | k | v rows form one [Q + 2 KV, E] matrix and gate | up one
 // [2 F, E], as a quantised layer stores them fused: one product each way.
 struct BaseF32 {
-  std::vector<float> qkv, o, gu, down, attn_norm, ffn_norm, bias;  // bias: [Q + 2 KV] or empty
+  std::vector<float> qkv;        // [Q + 2 KV, E]
+  std::vector<float> o;          // [E, Q]
+  std::vector<float> gu;         // [2 F, E]
+  std::vector<float> down;       // [E, F]
+  std::vector<float> attn_norm;  // [E]
+  std::vector<float> ffn_norm;   // [E]
+  std::vector<float> bias;       // [Q + 2 KV] (q, k, v biases), or empty
 };
 
 // W [N, K] (any weight dtype) into dst [N, K] float32.
@@ -97,9 +103,11 @@ void rms_bwd(const float* x, const float* inv, const std::vector<float>& w, cons
   });
 }
 
+// The pass's dimensions, bound once: rows x len tokens (T), n_embd (E), q_dim (Q), kv_dim (KV),
+// n_ff (F), heads (H), KV heads (KVH), head_dim (hd), LoRA rank (r) and scale (s).
 struct Shape {
   int64_t rows, len, T, E, Q, KV, F, H, KVH, hd, r;
-  float s;  // LoRA scale
+  float s;
 };
 
 // A Linear's adapter, forward: u = x A^T [T, r]; y (columns of a [T, ldy] matrix) += s u B^T.
@@ -120,9 +128,22 @@ void lora_bwd(const Shape& d, const LoraPair& p, const float* x, const float* u,
 }
 
 // One layer's activations, kept between its recomputed forward and its backward.
+// T = rows * len tokens; E, Q, KV, F as in Shape.
 struct Acts {
-  std::vector<float> xn1, inv1, qkv, q, k, v, att, x_mid, xn2, inv2, gu, act, tmp;
-  std::array<std::vector<float>, kLayerTensorCount> u;  // x A^T of each targeted Linear [T, r]
+  std::vector<float> xn1;    // [T, E] attention norm's output
+  std::vector<float> inv1;   // [T] its 1 / rms
+  std::vector<float> qkv;    // [T, Q + 2 KV] before RoPE, biases and LoRA added
+  std::vector<float> q;      // [T, H, hd] after RoPE
+  std::vector<float> k;      // [T, KVH, hd] after RoPE
+  std::vector<float> v;      // [T, KVH, hd]
+  std::vector<float> att;    // [T, Q] attention output (the o projection's input)
+  std::vector<float> x_mid;  // [T, E] residual after the attention block
+  std::vector<float> xn2;    // [T, E] MLP norm's output
+  std::vector<float> inv2;   // [T]
+  std::vector<float> gu;     // [T, 2 F] gate | up before SwiGLU
+  std::vector<float> act;    // [T, F] silu(gate) * up (the down projection's input)
+  std::vector<float> tmp;    // [T, E] a block's output before the residual add
+  std::array<std::vector<float>, kLayerTensorCount> u;  // [T, r] x A^T of each targeted Linear
 };
 
 

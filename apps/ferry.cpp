@@ -487,7 +487,7 @@ int cmd_serve(const RunFlags& f) {
   // The CPU's work in throughput mode is attention; whole CPU layers would run prompt chunks of
   // thousands of tokens on it. --cpu-layers N still asks for them.
   ModelFlags mf = f.m;
-  if (mf.cpu_layers < 0) mf.cpu_layers = 0;
+  if (mf.cpu_layers < 0 && mf.lora.empty()) mf.cpu_layers = 0;  // (--lora runs on the plain CPU backend)
   auto be = make_backend(device, *model, totals, mf, f.step_tokens);
   if (!be.ok()) return fail(be.status());
   Runner runner(*model->weights, *be->executor, *be->kv);

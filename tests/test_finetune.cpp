@@ -372,6 +372,15 @@ TEST_SUITE("finetune") {
     INFO("with: " << with.output << " without: " << without.output);
     CHECK(with.output.find("dog named Max") != std::string::npos);
     CHECK(without.output.find("dog named Max") == std::string::npos);
+    // Throughput mode too.
+    std::ofstream(tmp / "p.jsonl") << R"({"prompt": "Once upon a time", "max_tokens": 12})" << "\n";
+    auto served = test::run_ferry("run -m " + model + " --lora " + out + " --prompts " + (tmp / "p.jsonl") + " --out " + (tmp / "o.jsonl") +
+                                  " --temp 0 --no-progress");
+    CHECK(served.exit_code == 0);
+    std::ifstream of(tmp / "o.jsonl");
+    std::string line;
+    std::getline(of, line);
+    CHECK(line.find("dog named Max") != std::string::npos);
     // --init-adapter continues from it (its rank); the loss starts where training left off.
     auto cont = test::run_ferry("finetune -m " + model + " --quant bf16 --data " + (tmp / "data.jsonl") + " --out " + (tmp / "b") +
                                 " --steps 1 --batch 2 --init-adapter " + out);

@@ -876,6 +876,12 @@ int cmd_finetune(const FinetuneFlags& f) {
     lora_scale(acc, 1.0f / static_cast<float>(n_tok));
     // torch.nn.utils.clip_grad_norm_: scaled by max_norm / (norm + 1e-6) when above it.
     const double norm = lora_norm(acc);
+    if (!std::isfinite(norm)) {  // never step (and save) an adapter into NaN: the last save stands
+      failed = invalid_argument(strprintf("step %lld: the gradient is not finite (norm %g); the adapter saved before this step stands: "
+                                          "lower --lr or check the data",
+                                          static_cast<long long>(step), norm));
+      break;
+    }
     if (f.max_grad_norm > 0 && norm > f.max_grad_norm) lora_scale(acc, static_cast<float>(f.max_grad_norm / (norm + 1e-6)));
     const double lr = finetune_lr(f.lr, step, steps, f.warmup, f.schedule);
     opt.set_lr(lr);

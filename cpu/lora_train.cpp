@@ -217,9 +217,15 @@ void attn_bwd(const Shape& d, int64_t window, const float* q, const float* k, co
     }
 }
 
+// The backward's buffers, kept from step to step (LoraTrainer::Work).
+struct Scratch {
+  std::vector<float> dact, dgu, dxn, datt, dq, dk, dv, dqkv, du, p, dp;
+};
+
 class Trainer {
  public:
-  Trainer(const ModelConfig& c, const LoraAdapter& w, const TrainBatch& b) : c_(c), w_(w), b_(b), inv_freq_(rope_inv_freq(c)) {
+  Trainer(const ModelConfig& c, const LoraAdapter& w, const TrainBatch& b, Scratch& sc)
+      : c_(c), w_(w), b_(b), inv_freq_(rope_inv_freq(c)), sc_(sc) {
     d_ = Shape{b.rows, b.len, b.rows * b.len, c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.n_heads, c.n_kv_heads, c.head_dim, w.cfg.rank, w.cfg.scale()};
     pos_.resize(static_cast<size_t>(d_.T));
     neg_.resize(pos_.size());
@@ -250,7 +256,7 @@ class Trainer {
     take_cols(a.qkv.data(), T, NQKV, Q + KV, KV, a.v.data());
     rope(a.q.data(), T, d.H, d.hd, pos_.data(), inv_freq_.data());
     rope(a.k.data(), T, d.KVH, d.hd, pos_.data(), inv_freq_.data());
-    attn_fwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), a.att.data(), p_);
+    attn_fwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), a.att.data(), sc_.p);
     sgemm(false, true, T, E, Q, 1.0f, a.att.data(), Q, W.o.data(), Q, 0.0f, a.tmp.data(), E);
     if (!L[kWo].empty()) lora_fwd(d, L[kWo], a.att.data(), a.u[kWo].data(), a.tmp.data(), E);
     for (int64_t i = 0; i < T * E; ++i) a.x_mid[i] = x[i] + a.tmp[i];
@@ -279,41 +285,41 @@ class Trainer {
     auto& G = g.layers[il];
     auto sz = [](int64_t n) { return static_cast<size_t>(n); };
     // MLP: dx is also the down projection's output gradient.
-    dact_.resize(sz(T * F));
-    sgemm(false, false, T, F, E, 1.0f, dx, E, W.down.data(), F, 0.0f, dact_.data(), F);
-    if (!L[kWDown].empty()) lora_bwd(d, L[kWDown], a.act.data(), a.u[kWDown].data(), dx, E, G[kWDown], dact_.data(), du_);
-    dgu_.resize(sz(T * 2 * F));
+    sc_.dact.resize(sz(T * F));
+    sgemm(false, false, T, F, E, 1.0f, dx, E, W.down.data(), F, 0.0f, sc_.dact.data(), F);
+    if (!L[kWDown].empty()) lora_bwd(d, L[kWDown], a.act.data(), a.u[kWDown].data(), dx, E, G[kWDown], sc_.dact.data(), sc_.du);
+    sc_.dgu.resize(sz(T * 2 * F));
     tbb::parallel_for(int64_t{0}, T, [&](int64_t t) {
       for (int64_t n = 0; n < F; ++n) {
-        const float gt = a.gu[t * 2 * F + n], u = a.gu[t * 2 * F + F + n], da = dact_[t * F + n];
+        const float gt = a.gu[t * 2 * F + n], u = a.gu[t * 2 * F + F + n], da = sc_.dact[t * F + n];
         const float sig = 1.0f / (1.0f + std::exp(-gt)), silu = gt * sig;
-        dgu_[t * 2 * F + n] = da * u * sig * (1.0f + gt * (1.0f - sig));
-        dgu_[t * 2 * F + F + n] = da * silu;
+        sc_.dgu[t * 2 * F + n] = da * u * sig * (1.0f + gt * (1.0f - sig));
+        sc_.dgu[t * 2 * F + F + n] = da * silu;
       }
     });
-    dxn_.resize(sz(T * E));
-    sgemm(false, false, T, E, 2 * F, 1.0f, dgu_.data(), 2 * F, W.gu.data(), E, 0.0f, dxn_.data(), E);
-    if (!L[kWGate].empty()) lora_bwd(d, L[kWGate], a.xn2.data(), a.u[kWGate].data(), dgu_.data(), 2 * F, G[kWGate], dxn_.data(), du_);
-    if (!L[kWUp].empty()) lora_bwd(d, L[kWUp], a.xn2.data(), a.u[kWUp].data(), dgu_.data() + F, 2 * F, G[kWUp], dxn_.data(), du_);
-    rms_bwd(a.x_mid.data(), a.inv2.data(), W.ffn_norm, dxn_.data(), T, E, dx);  // dx: now d / d x_mid
+    sc_.dxn.resize(sz(T * E));
+    sgemm(false, false, T, E, 2 * F, 1.0f, sc_.dgu.data(), 2 * F, W.gu.data(), E, 0.0f, sc_.dxn.data(), E);
+    if (!L[kWGate].empty()) lora_bwd(d, L[kWGate], a.xn2.data(), a.u[kWGate].data(), sc_.dgu.data(), 2 * F, G[kWGate], sc_.dxn.data(), sc_.du);
+    if (!L[kWUp].empty()) lora_bwd(d, L[kWUp], a.xn2.data(), a.u[kWUp].data(), sc_.dgu.data() + F, 2 * F, G[kWUp], sc_.dxn.data(), sc_.du);
+    rms_bwd(a.x_mid.data(), a.inv2.data(), W.ffn_norm, sc_.dxn.data(), T, E, dx);  // dx: now d / d x_mid
     // Attention: dx is the o projection's output gradient.
-    datt_.resize(sz(T * Q));
-    sgemm(false, false, T, Q, E, 1.0f, dx, E, W.o.data(), Q, 0.0f, datt_.data(), Q);
-    if (!L[kWo].empty()) lora_bwd(d, L[kWo], a.att.data(), a.u[kWo].data(), dx, E, G[kWo], datt_.data(), du_);
-    dq_.resize(sz(T * Q)), dk_.resize(sz(T * KV)), dv_.resize(sz(T * KV));
-    attn_bwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), datt_.data(), dq_.data(), dk_.data(), dv_.data(), p_, dp_);
+    sc_.datt.resize(sz(T * Q));
+    sgemm(false, false, T, Q, E, 1.0f, dx, E, W.o.data(), Q, 0.0f, sc_.datt.data(), Q);
+    if (!L[kWo].empty()) lora_bwd(d, L[kWo], a.att.data(), a.u[kWo].data(), dx, E, G[kWo], sc_.datt.data(), sc_.du);
+    sc_.dq.resize(sz(T * Q)), sc_.dk.resize(sz(T * KV)), sc_.dv.resize(sz(T * KV));
+    attn_bwd(d, c_.sliding_window, a.q.data(), a.k.data(), a.v.data(), sc_.datt.data(), sc_.dq.data(), sc_.dk.data(), sc_.dv.data(), sc_.p, sc_.dp);
     // RoPE is a rotation: its backward rotates by the opposite angle.
-    rope(dq_.data(), T, d.H, d.hd, neg_.data(), inv_freq_.data());
-    rope(dk_.data(), T, d.KVH, d.hd, neg_.data(), inv_freq_.data());
-    dqkv_.resize(sz(T * NQKV));
-    put_cols(dq_.data(), T, Q, dqkv_.data(), NQKV, 0);
-    put_cols(dk_.data(), T, KV, dqkv_.data(), NQKV, Q);
-    put_cols(dv_.data(), T, KV, dqkv_.data(), NQKV, Q + KV);
-    sgemm(false, false, T, E, NQKV, 1.0f, dqkv_.data(), NQKV, W.qkv.data(), E, 0.0f, dxn_.data(), E);
+    rope(sc_.dq.data(), T, d.H, d.hd, neg_.data(), inv_freq_.data());
+    rope(sc_.dk.data(), T, d.KVH, d.hd, neg_.data(), inv_freq_.data());
+    sc_.dqkv.resize(sz(T * NQKV));
+    put_cols(sc_.dq.data(), T, Q, sc_.dqkv.data(), NQKV, 0);
+    put_cols(sc_.dk.data(), T, KV, sc_.dqkv.data(), NQKV, Q);
+    put_cols(sc_.dv.data(), T, KV, sc_.dqkv.data(), NQKV, Q + KV);
+    sgemm(false, false, T, E, NQKV, 1.0f, sc_.dqkv.data(), NQKV, W.qkv.data(), E, 0.0f, sc_.dxn.data(), E);
     const int64_t off[kLayerTensorCount] = {0, 0, Q, Q + KV};
     for (LayerTensor t : {kWq, kWk, kWv})
-      if (!L[t].empty()) lora_bwd(d, L[t], a.xn1.data(), a.u[t].data(), dqkv_.data() + off[t], NQKV, G[t], dxn_.data(), du_);
-    rms_bwd(x_in, a.inv1.data(), W.attn_norm, dxn_.data(), T, E, dx);
+      if (!L[t].empty()) lora_bwd(d, L[t], a.xn1.data(), a.u[t].data(), sc_.dqkv.data() + off[t], NQKV, G[t], sc_.dxn.data(), sc_.du);
+    rms_bwd(x_in, a.inv1.data(), W.attn_norm, sc_.dxn.data(), T, E, dx);
   }
 
   const Shape& shape() const { return d_; }
@@ -325,13 +331,15 @@ class Trainer {
   std::vector<float> inv_freq_;
   Shape d_{};
   std::vector<int32_t> pos_, neg_;
-  std::vector<float> dact_, dgu_, dxn_, datt_, dq_, dk_, dv_, dqkv_, du_, p_, dp_;
+  Scratch& sc_;
 };
 
 }  // namespace
 
 struct LoraTrainer::Work {
   BaseF32 base;
+  Acts acts;
+  Scratch scratch;
   std::vector<float> head, xo;
   const void* head_of = nullptr;
   std::vector<std::vector<float>> xs;
@@ -372,7 +380,7 @@ Expected<LossResult> LoraTrainer::loss(const LoraAdapter& w, const TrainBatch& b
   }
   if (n_valid == 0) return invalid_argument("training batch: no position is trained on (every label after the first token is -100)");
 
-  Trainer tr(c, w, batch);
+  Trainer tr(c, w, batch, ws_.scratch);
   const Shape& d = tr.shape();
   const int64_t T = d.T;
   auto sz = [](int64_t n) { return static_cast<size_t>(n); };
@@ -381,7 +389,7 @@ Expected<LossResult> LoraTrainer::loss(const LoraAdapter& w, const TrainBatch& b
   xs.resize(sz(c.n_layers));
   std::vector<float> x(sz(T * E));
   embedding(ws.globals()[kTokEmbd], batch.ids.data(), T, x.data());
-  Acts acts;
+  Acts& acts = ws_.acts;
   for (int64_t il = 0; il < c.n_layers; ++il) {
     // Up the layers; after the last, the backward starts again from it (and layer il - 1 next).
     FERRY_ASSIGN_OR_RETURN(const LayerWeights* lw, ws.acquire(il, il + 1 < c.n_layers ? il + 1 : (grad ? il - 1 : 0)));

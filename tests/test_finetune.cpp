@@ -417,6 +417,20 @@ TEST_SUITE("finetune") {
     auto fh = SafetensorsFile::open(tmp / "fh/adapter_model.safetensors");
     REQUIRE((fd.ok() && fh.ok()));
     for (const auto& [name, e] : (*fh)->entries()) CHECK(test::read_f32(**fd, name) == test::read_f32(**fh, name));
+    // An adapter that overflows the forward: refused at the step, nothing saved over the output.
+    {
+      auto cfg = load_model(model, LoadOptions{.need_tokenizer = false});
+      REQUIRE(cfg.ok());
+      LoraConfig lc;
+      lc.rank = 2, lc.targets = {kWDown};
+      LoraAdapter huge = LoraAdapter::init(cfg->config, lc, 1);
+      for (auto& layer : huge.layers) std::fill(layer[kWDown].b.begin(), layer[kWDown].b.end(), 3e38f);
+      REQUIRE(save_lora(huge, tmp / "huge", model).ok());
+      auto nan = test::run_ferry("finetune -m " + model + " --quant bf16 --data " + (tmp / "data.jsonl") + " --out " + (tmp / "g") + " --steps 2 --init-adapter " + (tmp / "huge"));
+      CHECK(nan.exit_code != 0);
+      CHECK(nan.output.find("not finite") != std::string::npos);
+      CHECK(!std::filesystem::exists(tmp / "g/adapter_model.safetensors"));
+    }
     // A bitsandbytes checkpoint trains as stored without --quant (QLoRA's usual start).
     std::ofstream(tmp / "ids.jsonl") << R"({"ids": [1, 5, 9, 22, 40, 41, 42, 3, 7, 11]})" << "\n";
     auto bnb = test::run_ferry("finetune -m " + test::data_dir() + "/bnb4-nf4-dq --data " + (tmp / "ids.jsonl") + " --out " + (tmp / "e") + " --steps 2");

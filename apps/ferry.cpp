@@ -818,9 +818,14 @@ int cmd_finetune(const FinetuneFlags& f) {
       return fail(invalid_argument(strprintf("--resume: the run already took %lld steps; --steps %lld is not more", static_cast<long long>(opt.steps()),
                                              static_cast<long long>(steps))));
   }
-  int64_t n_trained = 0;
-  for (const auto& e : *data)
+  int64_t n_trained = 0, n_cut = 0;
+  for (const auto& e : *data) {
     for (size_t i = 1; i < e.labels.size(); ++i) n_trained += e.labels[i] != cpu::kIgnoreLabel;
+    n_cut += e.cut;
+  }
+  if (n_cut > 0)
+    std::fprintf(stderr, "ferry: %lld of %lld examples are longer than --seq-len %lld: their tails are not trained on\n", static_cast<long long>(n_cut),
+                 static_cast<long long>(n_ex), static_cast<long long>(seq_len));
   std::fprintf(stderr, "ferry: finetune %s (%s): LoRA r=%lld alpha=%g on %zu modules a layer, %lld parameters; %lld examples (%lld trained tokens), "
                        "steps %lld..%lld of %lld rows x %lld, lr %g (%s, warm-up %lld), clip %g, on the CPU\n",
                f.m.model.c_str(), model->weights->source().c_str(), static_cast<long long>(w.cfg.rank), w.cfg.alpha, w.cfg.targets.size(),

@@ -79,6 +79,7 @@ Expected<std::vector<FinetuneExample>> read_finetune_data(const std::string& pat
         return invalid_argument(where() + strprintf(": label %d is outside the vocabulary (and not -100)", ex.labels[i]));
     }
     if (static_cast<int64_t>(ex.ids.size()) > seq_len) {
+      ex.cut = true;
       ex.ids.resize(static_cast<size_t>(seq_len));
       ex.labels.resize(static_cast<size_t>(seq_len));
     }

@@ -25,6 +25,7 @@ namespace ferry {
 struct FinetuneExample {
   std::vector<int32_t> ids, labels;  // same length, at least 2
   int64_t line = 0;                  // in the data file
+  bool cut = false;                  // longer than seq_len: its tail was dropped
 };
 
 // Reads `path`; refuses (naming the file and line) lines that are not one of the forms above, token

@@ -386,6 +386,9 @@ TEST_SUITE("finetune") {
                                 " --steps 1 --batch 2 --init-adapter " + out);
     CHECK(cont.exit_code == 0);
     CHECK(cont.output.find("r=8") != std::string::npos);
+    auto cut = test::run_ferry("finetune -m " + model + " --quant bf16 --data " + (tmp / "data.jsonl") + " --out " + (tmp / "b") + " --steps 1 --seq-len 12");
+    CHECK(cut.exit_code == 0);
+    CHECK(cut.output.find("2 of 2 examples are longer than --seq-len 12") != std::string::npos);
 
     auto bad = [&](const std::string& line, const std::string& extra = "") {
       std::ofstream(tmp / "bad.jsonl") << line << "\n";

@@ -391,7 +391,8 @@ Expected<LossResult> LoraTrainer::loss(const LoraAdapter& w, const TrainBatch& b
   embedding(ws.globals()[kTokEmbd], batch.ids.data(), T, x.data());
   Acts& acts = ws_.acts;
   for (int64_t il = 0; il < c.n_layers; ++il) {
-    // Up the layers; after the last, the backward starts again from it (and layer il - 1 next).
+    // Up the layers; after the last, the backward's first layer to read is il - 1 (the last one's
+    // weights stay in ws_.base).
     FERRY_ASSIGN_OR_RETURN(const LayerWeights* lw, ws.acquire(il, il + 1 < c.n_layers ? il + 1 : (grad ? il - 1 : 0)));
     base_f32(c, *lw, ws_.base);
     if (grad) xs[il] = x;
@@ -446,12 +447,15 @@ Expected<LossResult> LoraTrainer::loss(const LoraAdapter& w, const TrainBatch& b
   std::vector<float> dx(sz(T * E), 0.0f);
   rms_bwd(x.data(), inv.data(), out_norm, dxn.data(), T, E, dx.data());
   for (int64_t il = c.n_layers - 1; il >= 0; --il) {
-    // Down the layers: a disk-tier store reads layer il - 1 while this one computes (after layer 0,
-    // layer 0 again: the next step's forward starts there).
-    FERRY_ASSIGN_OR_RETURN(const LayerWeights* lw, ws.acquire(il, il > 0 ? il - 1 : 0));
-    base_f32(c, *lw, ws_.base);
-    ws_.xo = xs[il];
-    tr.forward(il, ws_.base, ws_.xo.data(), acts);
+    // The last layer's weights and activations are still those of the forward; the others are
+    // recomputed from their input. Down the layers a disk-tier store reads layer il - 1 while this
+    // one computes (after layer 0, layer 0 again: the next step's forward starts there).
+    if (il != c.n_layers - 1) {
+      FERRY_ASSIGN_OR_RETURN(const LayerWeights* lw, ws.acquire(il, il > 0 ? il - 1 : 0));
+      base_f32(c, *lw, ws_.base);
+      ws_.xo = xs[il];
+      tr.forward(il, ws_.base, ws_.xo.data(), acts);
+    }
     tr.backward(il, ws_.base, xs[il].data(), acts, dx.data(), *grad);
   }
   return res;

@@ -6,8 +6,8 @@
 // cache), Hugging Face's causal-LM loss, then the backward into the adapters only: the base weights
 // (BF16, NF4, NF4-DQ or int8: whatever the WeightStore serves) are frozen and never get a gradient.
 // Gradient checkpointing: the forward keeps each layer's input alone; the backward recomputes one
-// layer's activations at a time from it, so activations cost n_layers x [tokens, n_embd] plus one
-// layer's. A layer's base weights are dequantised to float32 while it is computed.
+// layer's activations at a time from it (all but the last layer's, still there from the forward),
+// so activations cost n_layers x [tokens, n_embd] plus one layer's. A layer's base weights are dequantised to float32 while it is computed.
 #pragma once
 
 #include <cstdint>

@@ -34,6 +34,7 @@
 #include "cpu/simd.h"
 #include "gpu/device.h"
 #include "gpu/gpu_executor.h"
+#include "models/chat_template.h"
 #include "models/safetensors.h"
 #include "models/synthetic.h"
 #include "models/weight_format.h"
@@ -45,6 +46,7 @@
 #include "runtime/lora.h"
 #include "runtime/model.h"
 #include "runtime/serve.h"
+#include "runtime/server.h"
 #include "runtime/topology.h"
 #include "runtime/trace.h"
 
@@ -431,7 +433,7 @@ Expected<std::vector<nlohmann::json>> read_jsonl(const std::string& path) {
   return rows;
 }
 
-int cmd_serve(const RunFlags& f) {
+int cmd_throughput(const RunFlags& f) {
   if (f.out_file.empty()) return fail(invalid_argument("--prompts needs --out OUT.jsonl for the completions"));
   if (Status st = check_outputs({{"--out", f.out_file}, {"--trace", f.m.trace}}); !st.ok()) return fail(st);
   if (!f.m.trace.empty()) Tracer::get().enable();
@@ -587,7 +589,7 @@ int cmd_serve(const RunFlags& f) {
 }
 
 int cmd_run(const RunFlags& f) {
-  if (!f.prompts_file.empty()) return cmd_serve(f);
+  if (!f.prompts_file.empty()) return cmd_throughput(f);
   if (Status st = check_outputs({{"--trace", f.m.trace}}); !st.ok()) return fail(st);
   if (!f.m.trace.empty()) Tracer::get().enable();
   auto threads = apply_threads(f.m.threads);
@@ -666,6 +668,80 @@ int cmd_run(const RunFlags& f) {
     std::fprintf(stderr, "ferry: overlap: %.1f%% of %.1f ms of weight copies hidden under %.1f ms of compute\n", 100 * o.hidden_fraction, o.copy_ms,
                  o.compute_ms);
   }
+  return finish_trace(f.m, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+struct ServeFlags {
+  ModelFlags m;
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  std::string name;           // the model id the API reports (default: the directory's name)
+  std::string chat_template;  // a format name overriding the model's template
+  int64_t ctx = 0;            // prompt + completion per request (0: min(max_position_embeddings, 4096))
+  int64_t batch = 8;
+  int64_t step_tokens = 512;
+  int64_t max_tokens = 0;     // chat's default max_tokens (0: the rest of the context)
+};
+
+// `ferry serve`: the OpenAI-compatible HTTP server (runtime/server.h) until SIGINT / SIGTERM.
+int cmd_serve(const ServeFlags& f) {
+  if (Status st = check_outputs({{"--trace", f.m.trace}}); !st.ok()) return fail(st);
+  if (!f.m.trace.empty()) Tracer::get().enable();
+  auto threads = apply_threads(f.m.threads);
+  const std::string device = resolve_device(f.m.device, !f.m.lora.empty());
+  auto model = load_model(f.m.model, f.m.load(true, device));
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& cfg = model->config;
+  if (!model->tokenizer) return fail(invalid_argument("serve: " + f.m.model + " has no tokenizer.json; the API takes and returns text"));
+  ServerOptions so;
+  so.host = f.host;
+  so.port = f.port;
+  so.ctx = f.ctx > 0 ? f.ctx : std::min<int64_t>(cfg.n_ctx_max, 4096);
+  if (so.ctx > cfg.n_ctx_max)
+    return fail(invalid_argument(strprintf("--ctx %lld passes the model's max_position_embeddings (%lld)", (long long)so.ctx, (long long)cfg.n_ctx_max)));
+  so.default_chat_max_tokens = f.max_tokens;
+  so.engine = EngineOptions{f.batch, f.step_tokens, false};
+  so.model_id = !f.name.empty() ? f.name : std::filesystem::path(f.m.model).filename().string();
+  if (so.model_id.empty()) so.model_id = std::filesystem::path(f.m.model).parent_path().filename().string();
+  // The chat template: the model's (recognised), or --chat-template's format. Without either the
+  // chat endpoint answers 400 with the reason; completions still work.
+  std::string chat_note;
+  if (model->spec.rfind("synthetic:", 0) != 0) {
+    auto t = ChatTemplate::from_model_dir(f.m.model, f.chat_template);
+    if (t.ok()) {
+      so.chat = *t;
+      chat_note = std::string("chat format ") + chat_format_name(t->format);
+    } else if (!f.chat_template.empty()) {
+      return fail(t.status());
+    } else {
+      chat_note = "no chat endpoint (" + t.status().message() + ")";
+    }
+  }
+  // K/V for `batch` requests of the whole context at once; more wait in the queue.
+  std::vector<int64_t> lengths(static_cast<size_t>(f.batch), so.ctx);
+  ModelFlags mf = f.m;
+  if (device == "gpu" && mf.cpu_layers < 0) mf.cpu_layers = 0;  // as in throughput mode: the CPU's work is attention
+  auto be = make_backend(device, *model, lengths, mf, f.step_tokens);
+  if (!be.ok()) return fail(be.status());
+  so.engine.whole_prompts = be->gpu && be->gpu->n_kv_host_layers() > 0;
+  Runner runner(*model->weights, *be->executor, *be->kv);
+  so.log = [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); };
+  print_backend(*be);
+  Server server(runner, *model->tokenizer, so);
+  g_stop_armed.store(true);
+  auto port = server.start();
+  if (!port.ok()) return fail(port.status());
+  std::fprintf(stderr, "ferry: serving %s (%s, %s) on http://%s:%d/v1 — %lld requests at once, %lld tokens each (--ctx); Ctrl-C stops\n",
+               so.model_id.c_str(), std::string(be->executor->name()).c_str(), chat_note.c_str(), so.host.c_str(), *port, (long long)f.batch,
+               (long long)so.ctx);
+  while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  server.stop();
+  g_stop_armed.store(false);
+  const ServerCounters c = server.counters();
+  std::fprintf(stderr, "ferry: served %lld requests: %lld prompt + %lld generated tokens in %lld steps; %lld answered with an error\n",
+               (long long)c.requests, (long long)c.prompt_tokens, (long long)c.generated_tokens, (long long)c.steps, (long long)c.refused);
+  be->executor.reset();
   return finish_trace(f.m, 0);
 }
 
@@ -1678,6 +1754,29 @@ int main(int argc, char** argv) {
       "  ferry run -m DIR -p \"first prompt\" -p \"second prompt\" -n 64 --seed 7\n"
       "  ferry run -m DIR --prompts requests.jsonl --out completions.jsonl --batch 128 --gpu-mem 8G --kv host");
 
+  ServeFlags svf;
+  CLI::App* serve_cmd = app.add_subcommand("serve", "Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, streaming)");
+  svf.m.add(serve_cmd);
+  serve_cmd->add_option("--lora", svf.m.lora, "A peft LoRA adapter directory applied unmerged in float32; the CPU backend only in this version");
+  serve_cmd->add_option("--host", svf.host, "Address to listen on (0.0.0.0: every interface)");
+  serve_cmd->add_option("--port", svf.port, "TCP port")->check(CLI::Range(1, 65535));
+  serve_cmd->add_option("--name", svf.name, "The model id the API reports (default: the model directory's name)");
+  serve_cmd->add_option("--chat-template", svf.chat_template,
+                        "Chat format for /v1/chat/completions instead of the model's template: chatml, qwen2, llama3, llama2, mistral or zephyr")
+      ->check(CLI::IsMember({"chatml", "qwen2", "llama3", "llama2", "mistral", "zephyr"}));
+  serve_cmd->add_option("--ctx", svf.ctx, "Prompt + completion tokens a request may have (default: max_position_embeddings, at most 4096); K/V are sized for --batch of them")
+      ->check(CLI::Range(int64_t{2}, int64_t{1} << 24));
+  serve_cmd->add_option("--batch", svf.batch, "Most requests decoded together (more wait in a queue)")->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  serve_cmd->add_option("--step-tokens", svf.step_tokens, "Tokens per step: decode tokens plus chunks of new prompts")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  serve_cmd->add_option("--max-tokens", svf.max_tokens, "Chat's max_tokens when a request gives none (default: the rest of --ctx)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  serve_cmd->footer(
+      "Examples:\n"
+      "  ferry serve -m ~/models/Qwen2-7B-Instruct --gpu-mem 8G --port 8080\n"
+      "  curl http://127.0.0.1:8080/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n"
+      "  ferry serve -m ../shared/models/stories260K --ctx 256 &&\n"
+      "    curl http://127.0.0.1:8080/v1/completions -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'");
+
   LogitsFlags lf;
   CLI::App* logits = app.add_subcommand("logits", "Write the F32 logits [L, vocab] of a token sequence to a safetensors file");
   lf.m.add(logits);
@@ -1809,6 +1908,7 @@ int main(int argc, char** argv) {
   try {
     if (run->parsed()) rc = cmd_run(rf);
     else if (logits->parsed()) rc = cmd_logits(lf);
+    else if (serve_cmd->parsed()) rc = cmd_serve(svf);
     else if (inspect->parsed()) rc = cmd_inspect(inf);
     else if (tokenize->parsed()) rc = cmd_tokenize(tf);
     else if (pack->parsed()) rc = cmd_pack(pf);

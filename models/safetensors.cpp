@@ -9,6 +9,8 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -169,6 +171,15 @@ Status check_output_path(const std::string& path) {
   ::close(fd);
   ::unlink(tmp.c_str());
   return Status::Ok();
+}
+
+Expected<std::string> read_file_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return not_found(strprintf("%s: cannot open: %s", path.c_str(), errno_str().c_str()));
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  if (f.bad()) return io_error(strprintf("%s: read failed", path.c_str()));
+  return ss.str();
 }
 
 Status write_file_atomic(const std::string& path, const void* data, size_t n_bytes) {

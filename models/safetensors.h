@@ -70,5 +70,7 @@ Status check_output_path(const std::string& path);
 // Writes bytes to `path` atomically (temporary name, fsync, rename, directory fsync). An existing
 // `path` that is not a regular file (a device, a directory) is refused, never renamed over.
 Status write_file_atomic(const std::string& path, const void* data, size_t n_bytes);
+// Returns the bytes of the file at `path`; a missing or unreadable file is an error naming it.
+Expected<std::string> read_file_text(const std::string& path);
 
 }  // namespace ferry

@@ -1,13 +1,5 @@
-// Throughput mode: many requests through one runner with continuous batching. Up to `batch`
-// sequences are live; each step runs every live sequence through every layer (layer-outer,
-// sequence-inner: one weight load, streamed or resident, serves the whole batch, FlexGen's zig-zag
-// order), with decode tokens first and newly admitted prompts' prefill chunks filling the rest of
-// the step's token budget. A request is admitted when a batch slot and KV blocks for its whole
-// length (prompt + max tokens) are free, so a running sequence never runs out of blocks; when one
-// finishes its blocks go to the next request in the queue. With a disk tier (KvCache::enable_disk)
-// requests are admitted against host and disk blocks together, and each step runs the live sequences
-// whose blocks fit in host memory at once (those already there first, then the longest-waiting);
-// blocks of sequences left out spill to disk, coldest first, when others need the room.
+// Throughput mode: a fixed list of requests through the continuous-batching Engine
+// (runtime/engine.h), with per-request timings and a way to stop early.
 #pragma once
 
 #include <atomic>
@@ -16,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/engine.h"
 #include "runtime/runner.h"
 #include "runtime/sampler.h"
 
@@ -29,14 +22,9 @@ struct ServeRequest {
 struct ServeOptions {
   int64_t batch = 64;             // most live sequences
   int64_t max_step_tokens = 2048; // tokens per step (decode tokens + prefill chunks)
-  SamplingParams sampling;
+  SamplingParams sampling;         // request i draws with seed sampling.seed + i
   bool stop_at_eos = true;
-  // A prompt that fits in one step is not started in a step that cannot take all of it: it waits
-  // for the next step. With K/V on the host, a prompt's later chunks attend on the CPU over its
-  // earlier ones (a prefill over hundreds of keys per token), while a prompt that starts and ends in
-  // one step attends on the GPU; the trace in notes/kv.md shows the split chunks doubling those
-  // steps. Prompts longer than a step are split regardless.
-  bool whole_prompts = false;
+  bool whole_prompts = false;      // EngineOptions::whole_prompts
   // Checked before every step: once true, serve() stops (the requests finished so far keep their
   // results, marked `finished`) and returns with stats.interrupted. The CLI sets it on SIGINT/SIGTERM.
   const std::atomic<bool>* stop = nullptr;
@@ -48,7 +36,6 @@ struct ServeResult {
   bool finished = false;          // ran to EOS or max_tokens (false: interrupted before)
   double ttft_ms = 0;             // from the start of serve() to the first generated token
   double latency_ms = 0;          // from the start of serve() to the last
-  double admitted_ms = 0;         // when it entered the batch
 };
 
 struct ServeStats {

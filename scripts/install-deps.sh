@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build ccache pkg-config
       libdnnl-dev ocl-icd-opencl-dev libtbb-dev libhwloc-dev liburing-dev libxxhash-dev doctest-dev
-      nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev)
+      nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

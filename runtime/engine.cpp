@@ -1,0 +1,247 @@
+#include "runtime/engine.h"
+
+#include <algorithm>
+#include <optional>
+
+#include "runtime/trace.h"
+
+namespace ferry {
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::kNone: return "none";
+    case FinishReason::kEos: return "eos";
+    case FinishReason::kStopId: return "stop_id";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+  }
+  return "?";
+}
+
+struct Engine::Live {
+  int64_t id;
+  EngineRequest req;
+  int32_t seq;
+  Sampler sampler;
+  int64_t prefilled = 0;  // prompt tokens already in the KV cache
+  int32_t last = -1;      // the token to feed next (decoding once the prompt is in)
+  int64_t generated = 0;
+  uint64_t last_run = 0;  // the last step it was in (with a disk tier not every live one runs)
+};
+
+Engine::Engine(Runner& runner, const EngineOptions& opts) : runner_(runner), opts_(opts) {}
+Engine::~Engine() { release_all(); }
+
+Status Engine::validate_options() const {
+  if (opts_.batch < 1) return invalid_argument("--batch must be at least 1");
+  if (opts_.max_step_tokens < opts_.batch)
+    return invalid_argument(strprintf("--step-tokens %lld is below --batch %lld: a step must hold one token per live sequence",
+                                      (long long)opts_.max_step_tokens, (long long)opts_.batch));
+  return Status::Ok();
+}
+
+Status Engine::validate(const EngineRequest& r) const {
+  const ModelConfig& cfg = runner_.config();
+  const KvCache& kv = runner_.kv();
+  const int64_t bs = kv.shape().block_size;
+  FERRY_RETURN_IF_ERROR(r.sampling.validate());
+  if (r.prompt.empty()) return invalid_argument("the prompt is empty");
+  if (r.max_tokens < 1) return invalid_argument("max_tokens must be at least 1");
+  for (int32_t t : r.prompt)
+    if (t < 0 || t >= cfg.n_vocab) return invalid_argument(strprintf("token id %d is outside the vocabulary (%lld)", t, (long long)cfg.n_vocab));
+  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
+  if (total > cfg.n_ctx_max)
+    return invalid_argument(strprintf("%zu prompt tokens + %lld new ones pass max_position_embeddings (%lld)", r.prompt.size(), (long long)r.max_tokens,
+                                      (long long)cfg.n_ctx_max));
+  const int64_t need = (total + bs - 1) / bs;  // all in host memory at once when it runs, even with a disk tier
+  if (need > kv.shape().n_blocks)
+    return invalid_argument(strprintf("%zu prompt tokens + %lld new ones need %lld KV blocks of %lld tokens, more than the cache holds in host memory (%lld; --kv-mem)",
+                                      r.prompt.size(), (long long)r.max_tokens, (long long)need, (long long)bs, (long long)kv.shape().n_blocks));
+  return Status::Ok();
+}
+
+Expected<int64_t> Engine::submit(EngineRequest r) {
+  FERRY_RETURN_IF_ERROR(validate(r));
+  const int64_t id = next_id_++;
+  stats_.prompt_tokens += static_cast<int64_t>(r.prompt.size());
+  queue_.push_back(Queued{id, std::move(r)});
+  return id;
+}
+
+void Engine::cancel(int64_t id) {
+  for (size_t i = 0; i < queue_.size(); ++i)
+    if (queue_[i].id == id) {
+      queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(i));
+      cancelled_.push_back(id);
+      return;
+    }
+  for (size_t i = 0; i < live_.size(); ++i)
+    if (live_[i].id == id) {
+      runner_.kv().free_sequence(live_[i].seq);
+      live_.erase(live_.begin() + static_cast<std::ptrdiff_t>(i));
+      cancelled_.push_back(id);
+      return;
+    }
+}
+
+int64_t Engine::n_live() const { return static_cast<int64_t>(live_.size()); }
+
+bool Engine::idle() const { return queue_.empty() && live_.empty() && cancelled_.empty(); }
+
+void Engine::release_all() {
+  for (const Live& l : live_) runner_.kv().free_sequence(l.seq);
+  live_.clear();
+  queue_.clear();
+  cancelled_.clear();
+}
+
+Status Engine::step(std::vector<EngineEvent>& events) {
+  events.clear();
+  for (int64_t id : cancelled_) events.push_back(EngineEvent{id, -1, FinishReason::kCancelled});
+  cancelled_.clear();
+  if (queue_.empty() && live_.empty()) return Status::Ok();
+  auto fail = [&](Status st) {
+    release_all();
+    return st;
+  };
+  const ModelConfig& cfg = runner_.config();
+  KvCache& kv = runner_.kv();
+  Executor& ex = runner_.executor();
+  const int64_t bs = kv.shape().block_size;
+
+  std::optional<TraceRange> sched(std::in_place, "serve.schedule");
+  // Admission: a batch slot and blocks for the whole request.
+  while (!queue_.empty() && static_cast<int64_t>(live_.size()) < opts_.batch) {
+    Queued& q = queue_.front();
+    const int64_t total = static_cast<int64_t>(q.req.prompt.size()) + q.req.max_tokens;
+    if ((total + bs - 1) / bs > kv.n_free_blocks()) break;
+    const int32_t seq = kv.add_sequence();
+    if (Status st = kv.reserve(seq, total); !st.ok()) {
+      kv.free_sequence(seq);
+      return fail(st);
+    }
+    Sampler sampler(q.req.sampling);
+    live_.push_back(Live{q.id, std::move(q.req), seq, std::move(sampler)});
+    queue_.erase(queue_.begin());
+  }
+  if (live_.empty()) return fail(Status(ErrorCode::kInternal, "serve: no request fits the KV cache"));  // ruled out by validate()
+  stats_.peak_live = std::max<int64_t>(stats_.peak_live, static_cast<int64_t>(live_.size()));
+  // The step: one token of every decoding sequence, then prompt chunks in admission order. With
+  // a disk tier, a sequence runs only if its blocks can be resident beside those already pinned
+  // for this step: those in host memory go first, then the ones that waited longest.
+  batch_.clear();
+  std::vector<int64_t> out_live;  // live index of each output row
+  kv.begin_step();
+  std::vector<int64_t> took(live_.size(), 0);  // prompt tokens of each live sequence in this step
+  std::vector<bool> run(live_.size(), false);
+  {
+    std::vector<size_t> order;
+    for (size_t i = 0; i < live_.size(); ++i)
+      if (live_[i].prefilled >= static_cast<int64_t>(live_[i].req.prompt.size())) order.push_back(i);
+    if (kv.has_disk()) {
+      // Resident sequences first (no I/O: a disk tier does not thrash), then the longest-waiting;
+      // spilled ones come back as blocks free up.
+      std::vector<bool> in_host(live_.size());
+      for (size_t i : order) in_host[i] = kv.resident(live_[i].seq, kv.length(live_[i].seq));
+      std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+        return in_host[x] != in_host[y] ? static_cast<bool>(in_host[x]) : live_[x].last_run < live_[y].last_run;
+      });
+    }
+    for (size_t i : order) {
+      auto ok = kv.make_resident(live_[i].seq, kv.length(live_[i].seq) + 1);
+      if (!ok.ok()) return fail(ok.status());
+      run[i] = *ok;
+    }
+  }
+  for (size_t i = 0; i < live_.size(); ++i) {
+    if (!run[i]) continue;
+    Live& l = live_[i];
+    batch_.add(l.last, static_cast<int32_t>(kv.length(l.seq)), l.seq, true);
+    out_live.push_back(static_cast<int64_t>(i));
+  }
+  for (size_t i = 0; i < live_.size() && batch_.n_tokens() < opts_.max_step_tokens; ++i) {
+    Live& l = live_[i];
+    const auto& prompt = l.req.prompt;
+    const int64_t len = static_cast<int64_t>(prompt.size());
+    if (l.prefilled >= len) continue;
+    const int64_t room = opts_.max_step_tokens - batch_.n_tokens();
+    if (opts_.whole_prompts && l.prefilled == 0 && len > room && len <= opts_.max_step_tokens && batch_.n_tokens() > 0) continue;
+    const int64_t take = std::min(len - l.prefilled, room);
+    auto ok = kv.make_resident(l.seq, l.prefilled + take);
+    if (!ok.ok()) return fail(ok.status());
+    if (!*ok) continue;
+    run[i] = true;
+    took[i] = take;
+    stats_.split_prompts += l.prefilled == 0 && take < len;
+    for (int64_t j = l.prefilled; j < l.prefilled + take; ++j) {
+      const bool last = j == len - 1;
+      batch_.add(prompt[j], static_cast<int32_t>(j), l.seq, last);
+      if (last) out_live.push_back(static_cast<int64_t>(i));
+    }
+  }
+  if (batch_.n_tokens() == 0) return fail(Status(ErrorCode::kInternal, "serve: no sequence could run this step"));  // the first always fits
+  // Sampling on the device when every output row asks for the same parameters (seeds aside) and the
+  // executor can draw with them; otherwise on the host from each request's own sampler.
+  bool on_device = !out_live.empty();
+  for (int64_t li : out_live) {
+    const SamplingParams& p = live_[li].req.sampling;
+    const SamplingParams& p0 = live_[out_live[0]].req.sampling;
+    on_device = on_device && p.temperature == p0.temperature && p.top_k == p0.top_k && p.top_p == p0.top_p;
+  }
+  on_device = on_device && ex.can_sample(live_[out_live[0]].req.sampling);
+  // Output rows: decode tokens first, then prompt-final tokens, each in live order: the order
+  // they were pushed, which is the ascending order of batch_.output_rows.
+  sched.reset();
+  Status st = runner_.step(batch_, logits_, !on_device);
+  std::vector<int32_t> drawn(out_live.size());
+  if (st.ok() && !out_live.empty()) {
+    if (on_device) {
+      std::vector<uint64_t> seeds;
+      for (int64_t li : out_live) seeds.push_back(live_[li].req.sampling.seed);
+      st = ex.sample(live_[out_live[0]].req.sampling, seeds, step_no_, drawn.data());
+    } else {
+      for (size_t o = 0; o < out_live.size(); ++o) drawn[o] = live_[out_live[o]].sampler.sample(logits_.data() + o * cfg.n_vocab, cfg.n_vocab);
+    }
+  }
+  ++step_no_;
+  if (!st.ok()) return fail(st);
+  ++stats_.steps;
+  TraceRange outputs("serve.outputs");
+  {
+    int64_t kv_read = 0;
+    for (size_t i = 0; i < live_.size(); ++i)
+      if (run[i]) kv_read += kv.length(live_[i].seq), live_[i].last_run = step_no_;
+    stats_.step_shapes.push_back({batch_.n_tokens(), kv_read});
+  }
+  for (size_t i = 0; i < live_.size(); ++i) live_[i].prefilled += took[i];
+  std::vector<bool> finished(live_.size(), false);
+  auto is_eos = [&](int32_t tok) { return std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok) != cfg.eos_token_ids.end(); };
+  for (size_t o = 0; o < out_live.size(); ++o) {
+    Live& l = live_[out_live[o]];
+    const int32_t tok = drawn[o];
+    ++l.generated;
+    ++stats_.generated_tokens;
+    l.last = tok;
+    FinishReason why = FinishReason::kNone;
+    if (l.req.stop_at_eos && is_eos(tok))
+      why = FinishReason::kEos;
+    else if (std::find(l.req.stop_ids.begin(), l.req.stop_ids.end(), tok) != l.req.stop_ids.end())
+      why = FinishReason::kStopId;
+    else if (l.generated >= l.req.max_tokens)
+      why = FinishReason::kLength;
+    events.push_back(EngineEvent{l.id, tok, why});
+    finished[out_live[o]] = why != FinishReason::kNone;
+  }
+  std::vector<Live> keep;
+  keep.reserve(live_.size());
+  for (size_t i = 0; i < live_.size(); ++i) {
+    if (finished[i])
+      kv.free_sequence(live_[i].seq);
+    else
+      keep.push_back(std::move(live_[i]));
+  }
+  live_ = std::move(keep);
+  return Status::Ok();
+}
+
+}  // namespace ferry

@@ -15,6 +15,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -706,7 +707,7 @@ int cmd_serve(const ServeFlags& f) {
   if (so.model_id.empty()) so.model_id = std::filesystem::path(f.m.model).parent_path().filename().string();
   // The chat template: the model's (recognised), or --chat-template's format. Without either the
   // chat endpoint answers 400 with the reason; completions still work.
-  std::string chat_note;
+  std::string chat_note = "no chat endpoint: a synthetic model has no chat template";
   if (model->spec.rfind("synthetic:", 0) != 0) {
     auto t = ChatTemplate::from_model_dir(f.m.model, f.chat_template);
     if (t.ok()) {
@@ -741,6 +742,105 @@ int cmd_serve(const ServeFlags& f) {
   const ServerCounters c = server.counters();
   std::fprintf(stderr, "ferry: served %lld requests: %lld prompt + %lld generated tokens in %lld steps; %lld answered with an error\n",
                (long long)c.requests, (long long)c.prompt_tokens, (long long)c.generated_tokens, (long long)c.steps, (long long)c.refused);
+  be->executor.reset();
+  return finish_trace(f.m, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+struct ChatFlags {
+  ModelFlags m;
+  std::string chat_template;
+  std::string system;
+  int64_t n_predict = 512;
+  int64_t ctx = 0;
+  float temp = 0.7f;
+  int64_t top_k = 40;
+  float top_p = 0.95f;
+  uint64_t seed = 0;
+};
+
+// `ferry chat`: a conversation on the terminal. Each line of standard input is a user turn; the
+// reply streams to standard output. The whole conversation goes through the chat template every
+// turn; when it no longer fits --ctx, the oldest exchanges are dropped (the system message stays).
+// "/reset" starts over, "/exit" or end of input ends.
+int cmd_chat(const ChatFlags& f) {
+  if (Status st = check_outputs({{"--trace", f.m.trace}}); !st.ok()) return fail(st);
+  if (!f.m.trace.empty()) Tracer::get().enable();
+  auto threads = apply_threads(f.m.threads);
+  SamplingParams sp{f.temp, f.top_k, f.top_p, f.seed};
+  if (Status st = sp.validate(); !st.ok()) return fail(st);
+  if (f.m.model.rfind("synthetic:", 0) == 0) return fail(invalid_argument("chat: -m " + f.m.model + ": a synthetic model has no chat template; give a model directory"));
+  auto tmpl = ChatTemplate::from_model_dir(f.m.model, f.chat_template);
+  if (!tmpl.ok()) return fail(tmpl.status());
+  const std::string device = resolve_device(f.m.device, !f.m.lora.empty());
+  auto model = load_model(f.m.model, f.m.load(true, device));
+  if (!model.ok()) return fail(model.status());
+  const ModelConfig& cfg = model->config;
+  const Tokenizer& tok = *model->tokenizer;
+  const int64_t ctx = f.ctx > 0 ? std::min(f.ctx, cfg.n_ctx_max) : std::min<int64_t>(cfg.n_ctx_max, 4096);
+  if (f.n_predict >= ctx) return fail(invalid_argument(strprintf("-n %lld leaves no room for the conversation in --ctx %lld", (long long)f.n_predict, (long long)ctx)));
+  auto be = make_backend(device, *model, {ctx}, f.m);
+  if (!be.ok()) return fail(be.status());
+  Runner runner(*model->weights, *be->executor, *be->kv);
+  Engine engine(runner, EngineOptions{1, 512, false});
+  std::vector<int32_t> stop_ids;
+  for (const std::string& s : tmpl->end_of_turn())
+    if (auto ids = tok.encode(s, false); ids.size() == 1) stop_ids.push_back(ids[0]);
+  std::vector<ChatMessage> conv;
+  if (!f.system.empty()) conv.push_back({"system", f.system});
+  const bool tty = isatty(0) != 0;
+  std::fprintf(stderr, "ferry: chat with %s (%s format, %s); a line is a turn, /reset starts over, /exit or Ctrl-D ends\n", f.m.model.c_str(),
+               chat_format_name(tmpl->format), std::string(be->executor->name()).c_str());
+  std::string line;
+  int64_t turn = 0;
+  for (;;) {
+    if (tty) std::fputs("> ", stdout), std::fflush(stdout);
+    if (!std::getline(std::cin, line) || line == "/exit") break;
+    if (line == "/reset") {
+      conv.resize(f.system.empty() ? 0 : 1);
+      std::fprintf(stderr, "ferry: the conversation starts over\n");
+      continue;
+    }
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    conv.push_back({"user", line});
+    std::vector<int32_t> prompt;
+    for (;;) {
+      auto text = tmpl->render(conv, true);
+      if (!text.ok()) return fail(text.status());
+      prompt = tok.encode(*text, false);
+      const size_t first = f.system.empty() ? 0 : 1;
+      if (static_cast<int64_t>(prompt.size()) + f.n_predict <= ctx || conv.size() <= first + 1) break;
+      conv.erase(conv.begin() + static_cast<std::ptrdiff_t>(first), conv.begin() + static_cast<std::ptrdiff_t>(first + 2));  // the oldest exchange
+      std::fprintf(stderr, "ferry: the conversation passed --ctx %lld: the oldest exchange was dropped\n", (long long)ctx);
+    }
+    EngineRequest r;
+    r.prompt = prompt;
+    r.max_tokens = std::min<int64_t>(f.n_predict, ctx - static_cast<int64_t>(prompt.size()));
+    r.sampling = sp;
+    r.sampling.seed = f.seed + static_cast<uint64_t>(turn++);
+    r.stop_ids = stop_ids;
+    if (r.max_tokens < 1) return fail(invalid_argument(strprintf("the message is %zu tokens, more than --ctx %lld", prompt.size(), (long long)ctx)));
+    if (auto id = engine.submit(std::move(r)); !id.ok()) return fail(id.status());
+    StreamDecoder dec(tok, /*skip_special=*/true);
+    dec.prime(prompt);
+    std::string reply;
+    std::vector<EngineEvent> events;
+    while (!engine.idle()) {
+      if (Status st = engine.step(events); !st.ok()) return fail(st);
+      for (const EngineEvent& e : events) {
+        const std::string piece = dec.push(e.token);
+        reply += piece;
+        std::fputs(piece.c_str(), stdout);
+        std::fflush(stdout);
+      }
+    }
+    const std::string rest = dec.flush();
+    reply += rest;
+    std::printf("%s\n", rest.c_str());
+    std::fflush(stdout);
+    conv.push_back({"assistant", reply});
+  }
+  print_backend(*be);
   be->executor.reset();
   return finish_trace(f.m, 0);
 }
@@ -1777,6 +1877,22 @@ int main(int argc, char** argv) {
       "  ferry serve -m ../shared/models/stories260K --ctx 256 &&\n"
       "    curl http://127.0.0.1:8080/v1/completions -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'");
 
+  ChatFlags chf;
+  CLI::App* chat = app.add_subcommand("chat", "Talk to an instruct model on the terminal, through its chat template (a line of input is a turn)");
+  chf.m.add(chat);
+  chat->add_option("--lora", chf.m.lora, "A peft LoRA adapter directory applied unmerged in float32; the CPU backend only in this version");
+  chat->add_option("--chat-template", chf.chat_template, "Chat format instead of the model's template: chatml, qwen2, llama3, llama2, mistral or zephyr")
+      ->check(CLI::IsMember({"chatml", "qwen2", "llama3", "llama2", "mistral", "zephyr"}));
+  chat->add_option("--system", chf.system, "A system message to start the conversation with");
+  chat->add_option("-n,--n-predict", chf.n_predict, "Most tokens a reply may have")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  chat->add_option("--ctx", chf.ctx, "Context the conversation must fit (default: max_position_embeddings, at most 4096); older exchanges are dropped beyond it")
+      ->check(CLI::Range(int64_t{2}, int64_t{1} << 24));
+  chat->add_option("--temp", chf.temp, "Sampling temperature; 0 = greedy");
+  chat->add_option("--top-k", chf.top_k, "Keep the K most likely tokens (0 = all)");
+  chat->add_option("--top-p", chf.top_p, "Nucleus: keep the smallest set with probability >= P");
+  chat->add_option("--seed", chf.seed, "Random seed");
+  chat->footer("Examples:\n  ferry chat -m ~/models/Qwen2-7B-Instruct --gpu-mem 8G\n  ferry chat -m DIR --system \"You are terse.\" --temp 0");
+
   LogitsFlags lf;
   CLI::App* logits = app.add_subcommand("logits", "Write the F32 logits [L, vocab] of a token sequence to a safetensors file");
   lf.m.add(logits);
@@ -1909,6 +2025,7 @@ int main(int argc, char** argv) {
     if (run->parsed()) rc = cmd_run(rf);
     else if (logits->parsed()) rc = cmd_logits(lf);
     else if (serve_cmd->parsed()) rc = cmd_serve(svf);
+    else if (chat->parsed()) rc = cmd_chat(chf);
     else if (inspect->parsed()) rc = cmd_inspect(inf);
     else if (tokenize->parsed()) rc = cmd_tokenize(tf);
     else if (pack->parsed()) rc = cmd_pack(pf);

@@ -9,6 +9,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include "gpu/device.h"
 #include "models/safetensors.h"
 #include "models/tokenizer.h"
@@ -419,5 +423,56 @@ TEST_SUITE("cli") {
     expect_error("run -m synthetic:llama-9b", {"llama-9b"});
     expect_error("tokenize -m " + m + " --decode 1,70000", {"--decode", "70000"});
     expect_error("", {"subcommand"});
+  }
+
+  TEST_CASE("serve: starts, says where, stops on SIGINT with a summary; a taken port, a bad --ctx and an unknown chat format are refused") {
+    // A port this test holds open: ferry must say it cannot bind it.
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(::listen(fd, 1) == 0);
+    socklen_t len = sizeof a;
+    REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+    const std::string taken = std::to_string(ntohs(a.sin_port));
+    const std::string m = q(test::shared_dir() + "/models/stories260K");
+    expect_error("serve -m " + m + " --port " + taken, {"--port " + taken, "cannot bind"});
+    ::close(fd);
+    expect_error("serve -m " + m + " --ctx 100000", {"--ctx", "max_position_embeddings"});
+    expect_error("serve -m " + m + " --chat-template jinja", {"--chat-template"});
+    expect_error("serve -m " + m + " --port 70000", {"--port"});
+    // Started on a free port (the one just released), then SIGINT: exit 0 and the summary.
+    test::TempDir tmp;
+    const std::string log = tmp / "log";
+    test::CmdResult r = test::run_shell("bash -c " + q(std::string(FERRY_BIN) + " serve -m " + test::shared_dir() + "/models/stories260K --chat-template zephyr --port " +
+                                                       taken + " --threads 1 2>" + log + " & pid=$!; " + "for i in $(seq 300); do grep -q serving " + log +
+                                                       " && break; sleep 0.1; done; kill -INT $pid; wait $pid; echo exit=$?; cat " + log));
+    CAPTURE(r.output);
+    CHECK(r.output.find("exit=0") != std::string::npos);
+    CHECK(r.output.find("on http://127.0.0.1:" + taken + "/v1") != std::string::npos);
+    CHECK(r.output.find("chat format zephyr") != std::string::npos);
+    CHECK(r.output.find("served 0 requests") != std::string::npos);
+  }
+
+  TEST_CASE("chat: turns from standard input through the chat format; /reset starts over; a model without a template is refused naming the flag") {
+    const std::string m = test::shared_dir() + "/models/stories260K";
+    auto chat = [&](const std::string& input) {
+      test::CmdResult r = test::run_shell("printf " + q(input) + " | " + std::string(FERRY_BIN) + " chat -m " + q(m) + " --chat-template zephyr --temp 0 -n 24 2>/dev/null");
+      CAPTURE(r.output);
+      CHECK(r.exit_code == 0);
+      return r.output;
+    };
+    const std::string one = chat("Tell me a story.\\n");
+    REQUIRE(one.size() > 10);
+    // The second turn sees the first exchange; after /reset the same question gets the first reply again.
+    const std::string three = chat("Tell me a story.\\nAnd then?\\n/reset\\nTell me a story.\\n");
+    REQUIRE(three.size() > 2 * one.size());
+    CHECK(three.substr(0, one.size()) == one);
+    CHECK(three.substr(three.size() - one.size()) == one);
+    CHECK(three.substr(one.size(), three.size() - 2 * one.size()) != one);
+    expect_error("chat -m " + q(m), {"--chat-template"});
+    expect_error("chat -m synthetic:llama-2-7b", {"synthetic"});
   }
 }

@@ -1821,6 +1821,15 @@ int cmd_tokenize(const TokenizeFlags& f) {
   return 0;
 }
 
+// Options several subcommands share.
+void add_lora_option(CLI::App* app, std::string& dir) {
+  app->add_option("--lora", dir, "A peft LoRA adapter directory (e.g. from 'ferry finetune') applied unmerged in float32; the CPU backend only in this version");
+}
+void add_chat_template_option(CLI::App* app, std::string& name) {
+  app->add_option("--chat-template", name, "Chat format instead of the model's own template: " + chat_format_names())
+      ->check(CLI::IsMember({"chatml", "qwen2", "llama3", "llama2", "mistral", "zephyr"}));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1832,7 +1841,7 @@ int main(int argc, char** argv) {
   RunFlags rf;
   CLI::App* run = app.add_subcommand("run", "Generate text from a prompt, streamed as it is produced");
   rf.m.add(run);
-  run->add_option("--lora", rf.m.lora, "A peft LoRA adapter directory (e.g. from 'ferry finetune') applied unmerged in float32; the CPU backend only in this version");
+  add_lora_option(run, rf.m.lora);
   run->add_option("-p,--prompt", rf.prompts, "Prompt text (repeat for a batch of prompts)");
   run->add_option("-n,--n-predict", rf.n_predict, "Tokens to generate per prompt")->check(CLI::Range(int64_t{0}, int64_t{1} << 24));
   run->add_option("--temp", rf.temp, "Sampling temperature; 0 = greedy");
@@ -1857,13 +1866,11 @@ int main(int argc, char** argv) {
   ServeFlags svf;
   CLI::App* serve_cmd = app.add_subcommand("serve", "Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, streaming)");
   svf.m.add(serve_cmd);
-  serve_cmd->add_option("--lora", svf.m.lora, "A peft LoRA adapter directory applied unmerged in float32; the CPU backend only in this version");
+  add_lora_option(serve_cmd, svf.m.lora);
   serve_cmd->add_option("--host", svf.host, "Address to listen on (0.0.0.0: every interface)");
   serve_cmd->add_option("--port", svf.port, "TCP port")->check(CLI::Range(1, 65535));
   serve_cmd->add_option("--name", svf.name, "The model id the API reports (default: the model directory's name)");
-  serve_cmd->add_option("--chat-template", svf.chat_template,
-                        "Chat format for /v1/chat/completions instead of the model's template: chatml, qwen2, llama3, llama2, mistral or zephyr")
-      ->check(CLI::IsMember({"chatml", "qwen2", "llama3", "llama2", "mistral", "zephyr"}));
+  add_chat_template_option(serve_cmd, svf.chat_template);
   serve_cmd->add_option("--ctx", svf.ctx, "Prompt + completion tokens a request may have (default: max_position_embeddings, at most 4096); K/V are sized for --batch of them")
       ->check(CLI::Range(int64_t{2}, int64_t{1} << 24));
   serve_cmd->add_option("--batch", svf.batch, "Most requests decoded together (more wait in a queue)")->check(CLI::Range(int64_t{1}, int64_t{4096}));
@@ -1880,9 +1887,8 @@ int main(int argc, char** argv) {
   ChatFlags chf;
   CLI::App* chat = app.add_subcommand("chat", "Talk to an instruct model on the terminal, through its chat template (a line of input is a turn)");
   chf.m.add(chat);
-  chat->add_option("--lora", chf.m.lora, "A peft LoRA adapter directory applied unmerged in float32; the CPU backend only in this version");
-  chat->add_option("--chat-template", chf.chat_template, "Chat format instead of the model's template: chatml, qwen2, llama3, llama2, mistral or zephyr")
-      ->check(CLI::IsMember({"chatml", "qwen2", "llama3", "llama2", "mistral", "zephyr"}));
+  add_lora_option(chat, chf.m.lora);
+  add_chat_template_option(chat, chf.chat_template);
   chat->add_option("--system", chf.system, "A system message to start the conversation with");
   chat->add_option("-n,--n-predict", chf.n_predict, "Most tokens a reply may have")->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
   chat->add_option("--ctx", chf.ctx, "Context the conversation must fit (default: max_position_embeddings, at most 4096); older exchanges are dropped beyond it")
@@ -1896,7 +1902,7 @@ int main(int argc, char** argv) {
   LogitsFlags lf;
   CLI::App* logits = app.add_subcommand("logits", "Write the F32 logits [L, vocab] of a token sequence to a safetensors file");
   lf.m.add(logits);
-  logits->add_option("--lora", lf.m.lora, "A peft LoRA adapter directory (e.g. from 'ferry finetune') applied unmerged in float32; the CPU backend only in this version");
+  add_lora_option(logits, lf.m.lora);
   logits->add_option("--ids", lf.ids, "Comma-separated token ids, e.g. 1,15043,3186")->required();
   logits->add_option("--out", lf.out, "Output .safetensors file (tensor 'logits'), written atomically")->required();
   logits->footer("Example:\n  ferry logits -m ../shared/golden/llama-gqa --ids 1,2,3 --out /tmp/logits.safetensors");

@@ -793,11 +793,16 @@ int cmd_chat(const ChatFlags& f) {
                chat_format_name(tmpl->format), std::string(be->executor->name()).c_str());
   std::string line;
   int64_t turn = 0;
+  int32_t kept = -1;          // the sequence holding the conversation's K/V
+  std::vector<int32_t> held;  // the tokens whose K/V it holds
   for (;;) {
     if (tty) std::fputs("> ", stdout), std::fflush(stdout);
     if (!std::getline(std::cin, line) || line == "/exit") break;
     if (line == "/reset") {
       conv.resize(f.system.empty() ? 0 : 1);
+      if (kept >= 0) engine.drop_sequence(kept);
+      kept = -1;
+      held.clear();
       std::fprintf(stderr, "ferry: the conversation starts over\n");
       continue;
     }
@@ -819,15 +824,31 @@ int cmd_chat(const ChatFlags& f) {
     r.sampling = sp;
     r.sampling.seed = f.seed + static_cast<uint64_t>(turn++);
     r.stop_ids = stop_ids;
+    r.keep_sequence = true;
+    // The K/V of the turns before stay in the cache: only what the new prompt does not share with
+    // them is prefilled (all of it after /reset or when old exchanges were dropped).
+    if (kept >= 0) {
+      size_t same = 0;
+      while (same < held.size() && same + 1 < prompt.size() && held[same] == prompt[same]) ++same;
+      r.continue_seq = kept;
+      r.continue_len = static_cast<int64_t>(same);
+    }
     if (r.max_tokens < 1) return fail(invalid_argument(strprintf("the message is %zu tokens, more than --ctx %lld", prompt.size(), (long long)ctx)));
+    const int64_t cached = r.continue_len;
     if (auto id = engine.submit(std::move(r)); !id.ok()) return fail(id.status());
     StreamDecoder dec(tok, /*skip_special=*/true);
     dec.prime(prompt);
     std::string reply;
     std::vector<EngineEvent> events;
+    held = prompt;
+    int64_t n_gen = 0;
+    const auto t0 = std::chrono::steady_clock::now();
     while (!engine.idle()) {
       if (Status st = engine.step(events); !st.ok()) return fail(st);
       for (const EngineEvent& e : events) {
+        if (e.kept_seq >= 0) kept = e.kept_seq;
+        else held.push_back(e.token);  // fed back (the last token of the reply is not)
+        ++n_gen;
         const std::string piece = dec.push(e.token);
         reply += piece;
         std::fputs(piece.c_str(), stdout);
@@ -838,6 +859,8 @@ int cmd_chat(const ChatFlags& f) {
     reply += rest;
     std::printf("%s\n", rest.c_str());
     std::fflush(stdout);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "ferry: [%zu prompt tokens, %lld of them cached; %lld generated in %.2f s]\n", prompt.size(), (long long)cached, (long long)n_gen, s);
     conv.push_back({"assistant", reply});
   }
   print_backend(*be);

@@ -54,6 +54,9 @@ Status Engine::validate(const EngineRequest& r) const {
     return invalid_argument(strprintf("%zu prompt tokens + %lld new ones pass max_position_embeddings (%lld)", r.prompt.size(), (long long)r.max_tokens,
                                       (long long)cfg.n_ctx_max));
   const int64_t need = (total + bs - 1) / bs;  // all in host memory at once when it runs, even with a disk tier
+  if (r.continue_seq >= 0 && (r.continue_len < 0 || r.continue_len >= static_cast<int64_t>(r.prompt.size()) || r.continue_len > kv.length(r.continue_seq)))
+    return invalid_argument(strprintf("a continued sequence must hold fewer tokens than the prompt (%lld of %zu; it has %lld)", (long long)r.continue_len,
+                                      r.prompt.size(), (long long)kv.length(r.continue_seq)));
   if (need > kv.shape().n_blocks)
     return invalid_argument(strprintf("%zu prompt tokens + %lld new ones need %lld KV blocks of %lld tokens, more than the cache holds in host memory (%lld; --kv-mem)",
                                       r.prompt.size(), (long long)r.max_tokens, (long long)need, (long long)bs, (long long)kv.shape().n_blocks));
@@ -67,6 +70,8 @@ Expected<int64_t> Engine::submit(EngineRequest r) {
   queue_.push_back(Queued{id, std::move(r)});
   return id;
 }
+
+void Engine::drop_sequence(int32_t seq) { runner_.kv().free_sequence(seq); }
 
 void Engine::cancel(int64_t id) {
   for (size_t i = 0; i < queue_.size(); ++i)
@@ -114,14 +119,18 @@ Status Engine::step(std::vector<EngineEvent>& events) {
   while (!queue_.empty() && static_cast<int64_t>(live_.size()) < opts_.batch) {
     Queued& q = queue_.front();
     const int64_t total = static_cast<int64_t>(q.req.prompt.size()) + q.req.max_tokens;
-    if ((total + bs - 1) / bs > kv.n_free_blocks()) break;
-    const int32_t seq = kv.add_sequence();
+    const bool cont = q.req.continue_seq >= 0;
+    const int64_t owned = cont ? static_cast<int64_t>(kv.block_table(q.req.continue_seq).size()) : 0;
+    if ((total + bs - 1) / bs - owned > kv.n_free_blocks()) break;
+    const int32_t seq = cont ? q.req.continue_seq : kv.add_sequence();
+    if (cont) kv.set_length(seq, q.req.continue_len);  // what it holds past the shared prefix is written over
     if (Status st = kv.reserve(seq, total); !st.ok()) {
       kv.free_sequence(seq);
       return fail(st);
     }
     Sampler sampler(q.req.sampling);
-    live_.push_back(Live{q.id, std::move(q.req), seq, std::move(sampler)});
+    const int64_t prefilled = cont ? q.req.continue_len : 0;
+    live_.push_back(Live{q.id, std::move(q.req), seq, std::move(sampler), prefilled});
     queue_.erase(queue_.begin());
   }
   if (live_.empty()) return fail(Status(ErrorCode::kInternal, "serve: no request fits the KV cache"));  // ruled out by validate()
@@ -229,16 +238,16 @@ Status Engine::step(std::vector<EngineEvent>& events) {
       why = FinishReason::kStopId;
     else if (l.generated >= l.req.max_tokens)
       why = FinishReason::kLength;
-    events.push_back(EngineEvent{l.id, tok, why});
+    events.push_back(EngineEvent{l.id, tok, why, why != FinishReason::kNone && l.req.keep_sequence ? l.seq : -1});
     finished[out_live[o]] = why != FinishReason::kNone;
   }
   std::vector<Live> keep;
   keep.reserve(live_.size());
   for (size_t i = 0; i < live_.size(); ++i) {
-    if (finished[i])
-      kv.free_sequence(live_[i].seq);
-    else
+    if (!finished[i])
       keep.push_back(std::move(live_[i]));
+    else if (!live_[i].req.keep_sequence)
+      kv.free_sequence(live_[i].seq);
   }
   live_ = std::move(keep);
   return Status::Ok();

@@ -30,6 +30,14 @@ struct EngineRequest {
   SamplingParams sampling;
   bool stop_at_eos = true;             // the model's EOS ids end the request
   std::vector<int32_t> stop_ids;       // more ids that end it (a chat format's end of turn)
+  // A conversation's next turn: keep_sequence leaves the request's K/V in the cache when it ends
+  // (EngineEvent::kept_seq names the sequence; the caller owns it from then on: continue it, or
+  // drop_sequence it). continue_seq names such a sequence whose first continue_len tokens are the
+  // prompt's first ones (the caller knows which tokens it holds: the prompt and every generated
+  // token but the last); only the rest of the prompt is prefilled. continue_len < prompt.size().
+  bool keep_sequence = false;
+  int32_t continue_seq = -1;
+  int64_t continue_len = 0;
 };
 
 struct EngineOptions {
@@ -61,6 +69,7 @@ struct EngineEvent {
   int64_t id = -1;
   int32_t token = -1;
   FinishReason finish = FinishReason::kNone;
+  int32_t kept_seq = -1;  // with keep_sequence, on the event that ends the request: its sequence
 };
 
 class Engine {
@@ -79,6 +88,8 @@ class Engine {
   // Ends a request: a queued one leaves the queue, a live one frees its blocks. The next step()
   // reports it with kCancelled. Unknown or finished ids are ignored.
   void cancel(int64_t id);
+  // Frees a sequence a keep_sequence request left (EngineEvent::kept_seq).
+  void drop_sequence(int32_t seq);
 
   // Returns true when no request is queued, live or waiting to be reported cancelled.
   bool idle() const;

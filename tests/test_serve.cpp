@@ -166,6 +166,61 @@ TEST_SUITE("serve") {
     for (int guard = 0; !e.idle() && guard < 50; ++guard) step();
     CHECK(got[*id5] == std::vector<int32_t>(ref0.begin(), ref0.begin() + 4));
     CHECK(why[*id5] == FinishReason::kStopId);
+    // A conversation's next turn continues the kept sequence: only the new tokens are prefilled,
+    // and the tokens equal a fresh request's over the whole prompt. A shorter shared prefix (the
+    // sequence cut back) too.
+    {
+      EngineRequest a = make(0, 10, kGreedy);
+      a.keep_sequence = true;
+      auto ida = e.submit(a);
+      REQUIRE(ida.ok());
+      int32_t kept = -1;
+      for (int guard = 0; !e.idle() && guard < 50; ++guard) {
+        REQUIRE(e.step(ev).ok());
+        for (const auto& x : ev) {
+          got[x.id].push_back(x.token);
+          if (x.kept_seq >= 0) kept = x.kept_seq;
+        }
+      }
+      REQUIRE(kept >= 0);
+      REQUIRE(got[*ida].size() == 10);
+      CHECK(s.kv->length(kept) == static_cast<int64_t>(p[0].size()) + 9);  // the last token was drawn, not fed
+      for (int64_t shared : {static_cast<int64_t>(p[0].size()) + 9, static_cast<int64_t>(p[0].size()) - 2}) {
+        CAPTURE(shared);
+        std::vector<int32_t> full = p[0];
+        full.insert(full.end(), got[*ida].begin(), got[*ida].begin() + 9);
+        full.resize(static_cast<size_t>(shared));
+        full.insert(full.end(), p[1].begin() + 1, p[1].end());  // a new turn (without its BOS)
+        const auto fresh = s.alone(full, 12, kGreedy);
+        EngineRequest b = make(0, 12, kGreedy);
+        b.prompt = full;
+        b.keep_sequence = true;
+        b.continue_seq = kept;
+        b.continue_len = shared;
+        auto idb = e.submit(b);
+        REQUIRE_MESSAGE(idb.ok(), idb.status().message());
+        std::vector<int32_t> cont;
+        for (int guard = 0; !e.idle() && guard < 50; ++guard) {
+          REQUIRE(e.step(ev).ok());
+          for (const auto& x : ev) {
+            cont.push_back(x.token);
+            if (x.kept_seq >= 0) CHECK(x.kept_seq == kept);
+          }
+        }
+        CHECK(cont == fresh);
+        // Its length is now the prompt and all but the last reply token: the next turn's prefix.
+        CHECK(s.kv->length(kept) == static_cast<int64_t>(full.size() + cont.size()) - 1);
+        // Truncate back to the kept turn's state for the second round.
+        s.kv->set_length(kept, static_cast<int64_t>(p[0].size()) + 9);
+      }
+      // A continue_len past what the sequence holds is refused.
+      EngineRequest c = make(0, 4, kGreedy);
+      c.continue_seq = kept;
+      c.continue_len = static_cast<int64_t>(c.prompt.size());
+      CHECK(!e.submit(c).ok());
+      e.drop_sequence(kept);
+      CHECK(s.kv->n_free_blocks() == free0);
+    }
     // Refusals: the vocabulary, the context, the cache.
     EngineRequest bad = make(0, 4, kGreedy);
     bad.prompt.push_back(100000);

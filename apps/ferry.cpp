@@ -683,6 +683,7 @@ struct ServeFlags {
   int64_t batch = 8;
   int64_t step_tokens = 512;
   int64_t max_tokens = 0;     // chat's default max_tokens (0: the rest of the context)
+  std::string api_key;
 };
 
 // `ferry serve`: the OpenAI-compatible HTTP server (runtime/server.h) until SIGINT / SIGTERM.
@@ -702,6 +703,9 @@ int cmd_serve(const ServeFlags& f) {
   if (so.ctx > cfg.n_ctx_max)
     return fail(invalid_argument(strprintf("--ctx %lld passes the model's max_position_embeddings (%lld)", (long long)so.ctx, (long long)cfg.n_ctx_max)));
   so.default_chat_max_tokens = f.max_tokens;
+  so.api_key = f.api_key;
+  if (so.api_key.empty())
+    if (const char* k = std::getenv("FERRY_API_KEY"); k) so.api_key = k;
   so.engine = EngineOptions{f.batch, f.step_tokens, false};
   so.model_id = !f.name.empty() ? f.name : std::filesystem::path(f.m.model).filename().string();
   if (so.model_id.empty()) so.model_id = std::filesystem::path(f.m.model).parent_path().filename().string();
@@ -733,9 +737,9 @@ int cmd_serve(const ServeFlags& f) {
   g_stop_armed.store(true);
   auto port = server.start();
   if (!port.ok()) return fail(port.status());
-  std::fprintf(stderr, "ferry: serving %s (%s, %s) on http://%s:%d/v1 — %lld requests at once, %lld tokens each (--ctx); Ctrl-C stops\n",
+  std::fprintf(stderr, "ferry: serving %s (%s, %s) on http://%s:%d/v1 — %lld requests at once, %lld tokens each (--ctx), %s; Ctrl-C stops\n",
                so.model_id.c_str(), std::string(be->executor->name()).c_str(), chat_note.c_str(), so.host.c_str(), *port, (long long)f.batch,
-               (long long)so.ctx);
+               (long long)so.ctx, so.api_key.empty() ? "no API key" : "API key required");
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   server.stop();
   g_stop_armed.store(false);
@@ -1898,6 +1902,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{2}, int64_t{1} << 24));
   serve_cmd->add_option("--batch", svf.batch, "Most requests decoded together (more wait in a queue)")->check(CLI::Range(int64_t{1}, int64_t{4096}));
   serve_cmd->add_option("--step-tokens", svf.step_tokens, "Tokens per step: decode tokens plus chunks of new prompts")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  serve_cmd->add_option("--api-key", svf.api_key, "Require \"Authorization: Bearer KEY\" on /v1/* and /metrics (default: $FERRY_API_KEY; none: open)");
   serve_cmd->add_option("--max-tokens", svf.max_tokens, "Chat's max_tokens when a request gives none (default: the rest of --ctx)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
   serve_cmd->footer(

@@ -326,7 +326,35 @@ struct Server::Impl {
   }
 
   void routes() {
+    if (!opts.api_key.empty())
+      http.set_pre_routing_handler([this](const httplib::Request& q, httplib::Response& res) {
+        if (q.path == "/health" || q.get_header_value("Authorization") == "Bearer " + opts.api_key) return httplib::Server::HandlerResponse::Unhandled;
+        res.status = 401;
+        json e = error_body("a missing or wrong API key: send \"Authorization: Bearer <key>\" with the key the server was started with (--api-key)", 401);
+        e["error"]["code"] = "invalid_api_key";
+        res.set_content(e.dump(), "application/json");
+        return httplib::Server::HandlerResponse::Handled;
+      });
     http.Get("/health", [](const httplib::Request&, httplib::Response& res) { res.set_content(R"({"status":"ok"})", "application/json"); });
+    http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      ServerCounters c;
+      {
+        std::lock_guard lk(mu);
+        c = counts;
+      }
+      std::string out;
+      auto metric = [&](const char* name, const char* type, const char* help, int64_t v) {
+        out += strprintf("# HELP %s %s\n# TYPE %s %s\n%s %lld\n", name, help, name, type, name, (long long)v);
+      };
+      metric("ferry_requests_total", "counter", "Requests taken into the engine.", c.requests);
+      metric("ferry_requests_refused_total", "counter", "Requests answered with an error.", c.refused);
+      metric("ferry_prompt_tokens_total", "counter", "Prompt tokens of the requests taken.", c.prompt_tokens);
+      metric("ferry_generation_tokens_total", "counter", "Tokens generated.", c.generated_tokens);
+      metric("ferry_steps_total", "counter", "Engine steps run.", c.steps);
+      metric("ferry_requests_running", "gauge", "Requests in the running batch.", c.live);
+      metric("ferry_requests_waiting", "gauge", "Requests waiting for a batch slot or K/V blocks.", c.queued);
+      res.set_content(out, "text/plain; version=0.0.4");
+    });
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       const json m = {{"id", opts.model_id}, {"object", "model"}, {"created", created}, {"owned_by", "ferry"}, {"max_model_len", opts.ctx}};
       res.set_content(json{{"object", "list"}, {"data", json::array({m})}}.dump(), "application/json");
@@ -335,7 +363,7 @@ struct Server::Impl {
     http.Post("/v1/chat/completions", [this](const httplib::Request& q, httplib::Response& r) { handle_completion(q, r, true); });
     http.set_error_handler([](const httplib::Request& q, httplib::Response& res) {
       if (!res.body.empty()) return;
-      const std::string msg = res.status == 404 ? "no route " + q.method + " " + q.path + " (ferry serves /health, /v1/models, /v1/completions, /v1/chat/completions)"
+      const std::string msg = res.status == 404 ? "no route " + q.method + " " + q.path + " (ferry serves /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions)"
                                                 : strprintf("HTTP %d", res.status);
       res.set_content(error_body(msg, res.status).dump(), "application/json");
     });

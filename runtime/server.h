@@ -1,6 +1,7 @@
 // `ferry serve`: an OpenAI-compatible HTTP server over the continuous-batching Engine.
 //
 //   GET  /health                 {"status": "ok"}
+//   GET  /metrics                counters in Prometheus' text format
 //   GET  /v1/models              the one model, with its context length
 //   POST /v1/completions         prompt (text or token ids) -> text; "stream": server-sent events
 //   POST /v1/chat/completions    messages, through the model's chat template -> the assistant's reply
@@ -35,6 +36,7 @@ struct ServerOptions {
   EngineOptions engine;
   std::optional<ChatTemplate> chat;    // none: /v1/chat/completions answers 400 saying how to give one
   int n_http_threads = 0;              // 0: 2 * batch + 4 (a handler waits while its request runs)
+  std::string api_key;                 // non-empty: /v1/* and /metrics need "Authorization: Bearer <api_key>"
   // Gets one line per finished request and per failure (stderr in the CLI); may be empty.
   std::function<void(const std::string&)> log;
 };

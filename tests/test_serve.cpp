@@ -547,6 +547,42 @@ TEST_SUITE("serve") {
     std::lock_guard lk(log_mu);
     CHECK(!logs.empty());
   }
+
+  TEST_CASE("server: --api-key guards /v1 and /metrics (not /health); /metrics counts in Prometheus' format") {
+    Stories s(512);
+    ServerOptions so;
+    so.port = 0;
+    so.ctx = 128;
+    so.engine = EngineOptions{2, 64, false};
+    so.api_key = "sekret";
+    Server srv(*s.runner, *s.model.tokenizer, so);
+    auto port = srv.start();
+    REQUIRE(port.ok());
+    httplib::Client c("127.0.0.1", *port);
+    auto h = c.Get("/health");
+    REQUIRE(h);
+    CHECK(h->status == 200);
+    for (const char* path : {"/v1/models", "/metrics"}) {
+      auto r = c.Get(path);
+      REQUIRE(r);
+      CHECK(r->status == 401);
+      CHECK(json::parse(r->body)["error"]["code"] == "invalid_api_key");
+    }
+    auto wrong = c.Post("/v1/completions", httplib::Headers{{"Authorization", "Bearer nope"}}, R"({"prompt": "Hi", "max_tokens": 3})", "application/json");
+    REQUIRE(wrong);
+    CHECK(wrong->status == 401);
+    const httplib::Headers key = {{"Authorization", "Bearer sekret"}};
+    auto ok = c.Post("/v1/completions", key, R"({"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})", "application/json");
+    REQUIRE(ok);
+    CHECK(ok->status == 200);
+    auto m = c.Get("/metrics", key);
+    REQUIRE(m);
+    CHECK(m->status == 200);
+    CHECK(m->body.find("# TYPE ferry_requests_total counter\nferry_requests_total 1\n") != std::string::npos);
+    CHECK(m->body.find("ferry_generation_tokens_total 5\n") != std::string::npos);
+    CHECK(m->body.find("ferry_requests_running 0\n") != std::string::npos);
+    srv.stop();
+  }
 }
 
 }  // namespace ferry

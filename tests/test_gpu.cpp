@@ -3,6 +3,9 @@
 // binary exits 77 (ctest: skipped) where no GPU answers.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+#include <thread>
 
 #include <algorithm>
 #include <array>
@@ -24,6 +27,7 @@
 #include "models/weight_format.h"
 #include "offload/packed_store.h"
 #include "runtime/generate.h"
+#include "runtime/server.h"
 #include "runtime/model.h"
 #include "runtime/trace.h"
 #include "test_util.h"
@@ -1465,5 +1469,58 @@ TEST_SUITE("gpu_model") {
     CHECK(o.compute_ms > 0);
     CHECK(o.hidden_fraction >= 0.0);
     CHECK(o.hidden_fraction <= 1.0);
+  }
+
+  TEST_CASE("ferry serve on the GPU executor (stepped from the server's engine thread): a request's text is generate()'s; concurrent ones finish; every block comes back") {
+    const std::string dir = test::shared_dir() + "/models/stories260K";
+    GpuModel g = load_gpu(dir, 4096);
+    REQUIRE(g.model.tokenizer);
+    const Tokenizer& tok = *g.model.tokenizer;
+    const std::vector<int32_t> prompt = tok.encode("Once upon a time", true);
+    GenerateOptions go;
+    go.n_predict = 40;
+    go.sampling.temperature = 0;
+    auto ref = generate(*g.runner, {prompt}, go);
+    REQUIRE(ref.ok());
+    StreamDecoder d(tok, true);
+    d.prime(prompt);
+    std::string ref_text;
+    for (int32_t t : ref->tokens[0]) ref_text += d.push(t);
+    ref_text += d.flush();
+    const int64_t free0 = g.kv->n_free_blocks();
+    ServerOptions so;
+    so.port = 0;
+    so.ctx = 256;
+    so.engine = EngineOptions{4, 512, false};
+    Server srv(*g.runner, tok, so);
+    auto port = srv.start();
+    REQUIRE_MESSAGE(port.ok(), port.status().message());
+    using json = nlohmann::json;
+    auto post = [&](const json& body) {
+      httplib::Client c("127.0.0.1", *port);
+      c.set_read_timeout(120);
+      auto r = c.Post("/v1/completions", body.dump(), "application/json");
+      return r ? std::make_pair(r->status, json::parse(r->body, nullptr, false)) : std::make_pair(-1, json());
+    };
+    auto [st, r] = post({{"prompt", "Once upon a time"}, {"max_tokens", 40}, {"temperature", 0}});
+    REQUIRE(st == 200);
+    CHECK(r["choices"][0]["text"] == ref_text);
+    std::vector<int> codes(8);
+    std::vector<int64_t> counts(8);
+    std::vector<std::thread> th;
+    for (int i = 0; i < 8; ++i)
+      th.emplace_back([&, i] {
+        auto [c, j] = post({{"prompt", "The little dog " + std::to_string(i)}, {"max_tokens", 32}, {"temperature", 0.8}, {"seed", i}, {"ignore_eos", true}});
+        codes[i] = c;
+        counts[i] = c == 200 ? j["usage"]["completion_tokens"].get<int64_t>() : -1;
+      });
+    for (auto& t : th) t.join();
+    for (int i = 0; i < 8; ++i) {
+      CAPTURE(i);
+      CHECK(codes[i] == 200);
+      CHECK(counts[i] == 32);
+    }
+    srv.stop();
+    CHECK(g.kv->n_free_blocks() == free0);
   }
 }

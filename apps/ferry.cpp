@@ -684,6 +684,7 @@ struct ServeFlags {
   int64_t step_tokens = 512;
   int64_t max_tokens = 0;     // chat's default max_tokens (0: the rest of the context)
   std::string api_key;
+  bool no_prefix_cache = false;
 };
 
 // `ferry serve`: the OpenAI-compatible HTTP server (runtime/server.h) until SIGINT / SIGTERM.
@@ -706,7 +707,7 @@ int cmd_serve(const ServeFlags& f) {
   so.api_key = f.api_key;
   if (so.api_key.empty())
     if (const char* k = std::getenv("FERRY_API_KEY"); k) so.api_key = k;
-  so.engine = EngineOptions{f.batch, f.step_tokens, false};
+  so.engine = EngineOptions{f.batch, f.step_tokens, false, !f.no_prefix_cache && f.m.kv_disk.empty()};
   so.model_id = !f.name.empty() ? f.name : std::filesystem::path(f.m.model).filename().string();
   if (so.model_id.empty()) so.model_id = std::filesystem::path(f.m.model).parent_path().filename().string();
   // The chat template: the model's (recognised), or --chat-template's format. Without either the
@@ -1902,6 +1903,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{2}, int64_t{1} << 24));
   serve_cmd->add_option("--batch", svf.batch, "Most requests decoded together (more wait in a queue)")->check(CLI::Range(int64_t{1}, int64_t{4096}));
   serve_cmd->add_option("--step-tokens", svf.step_tokens, "Tokens per step: decode tokens plus chunks of new prompts")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  serve_cmd->add_flag("--no-prefix-cache", svf.no_prefix_cache,
+                      "Prefill every prompt whole (by default full K/V blocks stay cached and a prompt that starts with the same tokens reuses them; off with --kv-disk)");
   serve_cmd->add_option("--api-key", svf.api_key, "Require \"Authorization: Bearer KEY\" on /v1/* and /metrics (default: $FERRY_API_KEY; none: open)");
   serve_cmd->add_option("--max-tokens", svf.max_tokens, "Chat's max_tokens when a request gives none (default: the rest of --ctx)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));

@@ -53,11 +53,13 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=1000, help="prompt ids are drawn from [3, vocab)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared-prefix", type=int, default=0, help="the first N prompt ids are the same in every request (a system prompt)")
     ap.add_argument("--reference", help="also write the requests as JSONL for `ferry run --prompts`")
     ap.add_argument("--json", help="write the summary as JSON")
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    prompts = [[rng.randrange(3, a.vocab) for _ in range(a.prompt_tokens)] for _ in range(a.requests)]
+    shared = [rng.randrange(3, a.vocab) for _ in range(min(a.shared_prefix, a.prompt_tokens))]
+    prompts = [shared + [rng.randrange(3, a.vocab) for _ in range(a.prompt_tokens - len(shared))] for _ in range(a.requests)]
     if a.reference:
         with open(a.reference, "w") as f:
             for i, p in enumerate(prompts):
@@ -89,13 +91,13 @@ def main():
     gen = sum(r["tokens"] for r in results)
     ttft = sorted(r["ttft_s"] for r in results)
     gaps = sorted(g for r in results for g in r["gaps_s"])
-    s = {"requests": a.requests, "concurrency": a.concurrency, "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
+    s = {"requests": a.requests, "concurrency": a.concurrency, "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens, "shared_prefix": len(shared),
          "wall_s": wall, "requests_per_s": a.requests / wall, "generated_tok_per_s": gen / wall,
          "ttft_ms": {"mean": 1e3 * statistics.mean(ttft), "p50": 1e3 * ttft[len(ttft) // 2], "p90": 1e3 * ttft[min(len(ttft) - 1, len(ttft) * 9 // 10)]},
          "inter_token_ms": {"p50": 1e3 * gaps[len(gaps) // 2], "p90": 1e3 * gaps[min(len(gaps) - 1, len(gaps) * 9 // 10)]} if gaps else None}
-    print("%d requests (%d at a time, %d prompt + %d generated tokens each) in %.2f s: %.2f req/s, %.1f generated tok/s; "
+    print("%d requests (%d at a time, %d prompt (%d shared) + %d generated tokens each) in %.2f s: %.2f req/s, %.1f generated tok/s; "
           "TTFT mean %.0f ms p50 %.0f p90 %.0f; between tokens p50 %.1f ms p90 %.1f" %
-          (a.requests, a.concurrency, a.prompt_tokens, a.max_tokens, wall, s["requests_per_s"], s["generated_tok_per_s"], s["ttft_ms"]["mean"],
+          (a.requests, a.concurrency, a.prompt_tokens, len(shared), a.max_tokens, wall, s["requests_per_s"], s["generated_tok_per_s"], s["ttft_ms"]["mean"],
            s["ttft_ms"]["p50"], s["ttft_ms"]["p90"], s["inter_token_ms"]["p50"] if gaps else 0, s["inter_token_ms"]["p90"] if gaps else 0))
     if a.json:
         with open(a.json, "w") as f:

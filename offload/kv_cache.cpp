@@ -72,6 +72,9 @@ Expected<KvCache> KvCache::create(const KvCacheShape& shape, const std::vector<b
   }
   kv.free_.reserve(shape.n_blocks);
   for (int64_t b = shape.n_blocks - 1; b >= 0; --b) kv.free_.push_back(static_cast<int32_t>(b));
+  kv.refs_.assign(shape.n_blocks, 0);
+  kv.block_hash_.assign(shape.n_blocks, 0);
+  kv.freed_at_.assign(shape.n_blocks, 0);
   return kv;
 }
 
@@ -95,14 +98,60 @@ int32_t KvCache::add_sequence() {
 void KvCache::free_sequence(int32_t seq) {
   Seq& s = seqs_[seq];
   for (size_t b = 0; b < s.blocks.size(); ++b) {
-    if (s.blocks[b] >= 0) {
-      free_.push_back(s.blocks[b]);
-      if (disk_) owner_[s.blocks[b]] = Owner{};
+    const int32_t phys = s.blocks[b];
+    if (phys >= 0 && disk_) {
+      free_.push_back(phys);
+      owner_[phys] = Owner{};
+    } else if (phys >= 0 && --refs_[phys] == 0) {
+      if (block_hash_[phys] != 0) {  // kept for the prefix cache
+        freed_at_[phys] = ++tick_;
+        evictable_.insert({freed_at_[phys], phys});
+      } else {
+        free_.push_back(phys);
+      }
     }
     if (disk_ && s.disk[b] >= 0) disk_free_.push_back(s.disk[b]);
   }
   if (disk_) committed_ -= static_cast<int64_t>(s.blocks.size());
   s = Seq{};
+}
+
+int32_t KvCache::take_block() {
+  if (!free_.empty()) {
+    const int32_t b = free_.back();
+    free_.pop_back();
+    return b;
+  }
+  if (evictable_.empty()) return -1;
+  const int32_t b = evictable_.begin()->second;
+  evictable_.erase(evictable_.begin());
+  cached_.erase(block_hash_[b]);
+  block_hash_[b] = 0;
+  return b;
+}
+
+void KvCache::register_block(int32_t seq, int64_t index, uint64_t hash) {
+  if (disk_ || hash == 0) return;
+  const Seq& s = seqs_[seq];
+  if (index < 0 || index >= static_cast<int64_t>(s.blocks.size()) || (index + 1) * shape_.block_size > s.length) return;
+  const int32_t phys = s.blocks[index];
+  if (phys < 0 || block_hash_[phys] != 0 || cached_.count(hash)) return;
+  block_hash_[phys] = hash;
+  cached_[hash] = phys;
+}
+
+int64_t KvCache::share_prefix(int32_t seq, std::span<const uint64_t> hashes) {
+  Seq& s = seqs_[seq];
+  if (disk_ || !s.blocks.empty()) return 0;
+  for (uint64_t h : hashes) {
+    auto it = cached_.find(h);
+    if (it == cached_.end()) break;
+    const int32_t phys = it->second;
+    if (refs_[phys]++ == 0) evictable_.erase({freed_at_[phys], phys});
+    s.blocks.push_back(phys);
+  }
+  s.length = static_cast<int64_t>(s.blocks.size()) * shape_.block_size;
+  return static_cast<int64_t>(s.blocks.size());
 }
 
 Status KvCache::reserve(int32_t seq, int64_t n_tokens) {
@@ -120,11 +169,12 @@ Status KvCache::reserve(int32_t seq, int64_t n_tokens) {
       ++committed_;
       continue;
     }
-    if (free_.empty())
+    const int32_t phys = take_block();
+    if (phys < 0)
       return out_of_memory(strprintf("KV cache is full: %lld tokens need %lld blocks of %lld, %lld in the pool", (long long)n_tokens,
                                      (long long)need, (long long)shape_.block_size, (long long)shape_.n_blocks));
-    s.blocks.push_back(free_.back());
-    free_.pop_back();
+    refs_[phys] = 1;
+    s.blocks.push_back(phys);
   }
   return Status::Ok();
 }
@@ -139,6 +189,10 @@ Status KvCache::enable_disk(const std::string& dir, int64_t n_records) {
     if (q.live) return invalid_argument("--kv-disk: the cache already holds sequences");
   const int64_t record = 2 * shape_.n_layers * shape_.n_kv_heads * shape_.block_size * shape_.head_dim * static_cast<int64_t>(dtype_size(shape_.dtype));
   FERRY_ASSIGN_OR_RETURN(disk_, KvDiskFile::create(dir, record, n_records));
+  for (const auto& [tick, phys] : evictable_) free_.push_back(phys);  // no prefix cache with a disk tier
+  evictable_.clear();
+  cached_.clear();
+  std::fill(block_hash_.begin(), block_hash_.end(), 0);
   disk_free_.clear();
   for (int64_t r = n_records - 1; r >= 0; --r) disk_free_.push_back(static_cast<int32_t>(r));
   owner_.assign(shape_.n_blocks, Owner{});

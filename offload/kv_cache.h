@@ -20,7 +20,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
+#include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "offload/kv_disk.h"
@@ -80,7 +83,20 @@ class KvCache {
   const std::vector<int32_t>& block_table(int32_t seq) const { return seqs_[seq].blocks; }
   // Blocks a reserve() can still take: the host pool's free ones, or with a disk tier, what the host
   // pool and the disk hold together less the blocks sequences own.
-  int64_t n_free_blocks() const { return disk_ ? capacity() - committed_ : static_cast<int64_t>(free_.size()); }
+  int64_t n_free_blocks() const { return disk_ ? capacity() - committed_ : static_cast<int64_t>(free_.size() + evictable_.size()); }
+
+  // Prefix caching (without a disk tier): a full block registered under a hash of its tokens and
+  // every token before it stays cached when its sequences free it, until the pool needs the room
+  // (the least recently freed first), and a new sequence can start from it. A shared block is never
+  // written again: its sequences write only past their shared prefix.
+  // Registers block `index` of `seq` (full) under `hash`; a no-op when the hash is cached already,
+  // the block has one, or there is a disk tier.
+  void register_block(int32_t seq, int64_t index, uint64_t hash);
+  // Starts `seq` (no blocks yet) with the cached blocks of the leading `hashes` up to the first one
+  // not cached; sets its length to their tokens. Returns how many blocks it shares.
+  int64_t share_prefix(int32_t seq, std::span<const uint64_t> hashes);
+  // Blocks held only by the prefix cache (counted in n_free_blocks: a reserve() takes them).
+  int64_t n_cached_blocks() const { return static_cast<int64_t>(evictable_.size()); }
 
   // Adds the disk tier: `n_records` blocks in a spill file under `dir` (every layer must have host
   // storage: a spilled block takes all its layers with it).
@@ -140,6 +156,15 @@ class KvCache {
   std::vector<HostBuffer> k_, v_;  // per layer
   std::vector<int32_t> free_;
   std::vector<Seq> seqs_;
+  // Prefix cache (no disk tier): per host block its sequences and its hash (0: none); hash -> block;
+  // blocks no sequence holds but the cache keeps, by the tick they were freed at.
+  std::vector<int32_t> refs_;
+  std::vector<uint64_t> block_hash_, freed_at_;
+  std::unordered_map<uint64_t, int32_t> cached_;
+  std::set<std::pair<uint64_t, int32_t>> evictable_;
+  uint64_t tick_ = 0;
+  // Returns a free block, evicting the least recently freed cached one when none is free; -1 if none.
+  int32_t take_block();
   // Disk tier.
   std::unique_ptr<KvDiskFile> disk_;
   std::vector<int32_t> disk_free_;

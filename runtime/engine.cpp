@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <optional>
 
+#include <xxhash.h>
+
 #include "runtime/trace.h"
 
 namespace ferry {
@@ -27,7 +29,25 @@ struct Engine::Live {
   int32_t last = -1;      // the token to feed next (decoding once the prompt is in)
   int64_t generated = 0;
   uint64_t last_run = 0;  // the last step it was in (with a disk tier not every live one runs)
+  // Prefix cache: the tokens fed or to be fed (the prompt, then each drawn token), the blocks
+  // registered and the hash of the last of them, the prompt tokens the cache served.
+  std::vector<int32_t> tokens;
+  int64_t n_registered = 0;
+  uint64_t chain = 0;
+  int64_t cached = 0;
 };
+
+namespace {
+
+constexpr uint64_t kPrefixSeed = 0x66657272795f6b76ull;  // the chain's start
+
+// The hash of a block of tokens and (through `prev`) every token before it; never 0.
+uint64_t block_hash(uint64_t prev, const int32_t* tokens, int64_t n) {
+  const uint64_t h = XXH3_64bits_withSeed(tokens, static_cast<size_t>(n) * sizeof(int32_t), prev);
+  return h == 0 ? 1 : h;
+}
+
+}  // namespace
 
 Engine::Engine(Runner& runner, const EngineOptions& opts) : runner_(runner), opts_(opts) {}
 Engine::~Engine() { release_all(); }
@@ -124,13 +144,33 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     if ((total + bs - 1) / bs - owned > kv.n_free_blocks()) break;
     const int32_t seq = cont ? q.req.continue_seq : kv.add_sequence();
     if (cont) kv.set_length(seq, q.req.continue_len);  // what it holds past the shared prefix is written over
+    // The prefix cache: the longest run of the prompt's leading full blocks still cached, short of
+    // its last token (whose logits the step must compute).
+    const bool cacheable = opts_.prefix_cache && !kv.has_disk() && !cont && !q.req.keep_sequence;
+    int64_t shared = 0;
+    uint64_t chain = kPrefixSeed;
+    if (cacheable) {
+      const int64_t n_full = (static_cast<int64_t>(q.req.prompt.size()) - 1) / bs;
+      std::vector<uint64_t> hashes;
+      for (int64_t b = 0; b < n_full; ++b) hashes.push_back(chain = block_hash(chain, q.req.prompt.data() + b * bs, bs));
+      shared = kv.share_prefix(seq, hashes);
+      chain = shared > 0 ? hashes[shared - 1] : kPrefixSeed;
+    }
     if (Status st = kv.reserve(seq, total); !st.ok()) {
       kv.free_sequence(seq);
       return fail(st);
     }
     Sampler sampler(q.req.sampling);
-    const int64_t prefilled = cont ? q.req.continue_len : 0;
-    live_.push_back(Live{q.id, std::move(q.req), seq, std::move(sampler), prefilled});
+    const int64_t prefilled = cont ? q.req.continue_len : shared * bs;
+    Live l{q.id, std::move(q.req), seq, std::move(sampler), prefilled};
+    if (cacheable) {
+      l.tokens = l.req.prompt;
+      l.n_registered = shared;
+      l.chain = chain;
+      l.cached = shared * bs;
+      stats_.cached_prompt_tokens += l.cached;
+    }
+    live_.push_back(std::move(l));
     queue_.erase(queue_.begin());
   }
   if (live_.empty()) return fail(Status(ErrorCode::kInternal, "serve: no request fits the KV cache"));  // ruled out by validate()
@@ -223,6 +263,16 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     stats_.step_shapes.push_back({batch_.n_tokens(), kv_read});
   }
   for (size_t i = 0; i < live_.size(); ++i) live_[i].prefilled += took[i];
+  // Blocks that filled up in this step join the prefix cache.
+  for (size_t i = 0; i < live_.size(); ++i) {
+    Live& l = live_[i];
+    if (!run[i] || l.tokens.empty()) continue;
+    const int64_t full = kv.length(l.seq) / bs;
+    for (; l.n_registered < full; ++l.n_registered) {
+      l.chain = block_hash(l.chain, l.tokens.data() + l.n_registered * bs, bs);
+      kv.register_block(l.seq, l.n_registered, l.chain);
+    }
+  }
   std::vector<bool> finished(live_.size(), false);
   auto is_eos = [&](int32_t tok) { return std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok) != cfg.eos_token_ids.end(); };
   for (size_t o = 0; o < out_live.size(); ++o) {
@@ -238,7 +288,8 @@ Status Engine::step(std::vector<EngineEvent>& events) {
       why = FinishReason::kStopId;
     else if (l.generated >= l.req.max_tokens)
       why = FinishReason::kLength;
-    events.push_back(EngineEvent{l.id, tok, why, why != FinishReason::kNone && l.req.keep_sequence ? l.seq : -1});
+    if (!l.tokens.empty()) l.tokens.push_back(tok);
+    events.push_back(EngineEvent{l.id, tok, why, why != FinishReason::kNone && l.req.keep_sequence ? l.seq : -1, l.cached});
     finished[out_live[o]] = why != FinishReason::kNone;
   }
   std::vector<Live> keep;

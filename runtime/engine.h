@@ -49,6 +49,11 @@ struct EngineOptions {
   // one step attends on the GPU; the trace in notes/kv.md shows the split chunks doubling those
   // steps. Prompts longer than a step are split regardless.
   bool whole_prompts = false;
+  // Prefix caching (KvCache::share_prefix; not with a disk tier): every full block of a sequence is
+  // registered under a hash of its tokens and all before them, and a new request starts from the
+  // longest run of its prompt's leading blocks still cached, prefilling only the rest (at least its
+  // last token). Requests that keep or continue a sequence neither share nor register.
+  bool prefix_cache = false;
 };
 
 enum class FinishReason { kNone, kEos, kStopId, kLength, kCancelled };
@@ -56,6 +61,7 @@ const char* finish_reason_name(FinishReason r);  // "eos", "stop_id", "length", 
 
 struct EngineStats {
   int64_t steps = 0, prompt_tokens = 0, generated_tokens = 0;
+  int64_t cached_prompt_tokens = 0;  // prompt tokens the prefix cache served (not prefilled)
   int64_t peak_live = 0;
   int64_t split_prompts = 0;      // prompts whose prefill spanned more than one step
   // Per step: tokens, and K/V tokens its attention reads (each sequence's length after the step,
@@ -70,6 +76,7 @@ struct EngineEvent {
   int32_t token = -1;
   FinishReason finish = FinishReason::kNone;
   int32_t kept_seq = -1;  // with keep_sequence, on the event that ends the request: its sequence
+  int64_t cached_tokens = 0;  // the request's prompt tokens the prefix cache served
 };
 
 class Engine {

@@ -154,6 +154,7 @@ struct Server::Impl {
         std::lock_guard lk(mu);
         counts.steps = engine.stats().steps;
         counts.generated_tokens = engine.stats().generated_tokens;
+        counts.cached_prompt_tokens = engine.stats().cached_prompt_tokens;
         counts.live = engine.n_live();
         counts.queued = engine.n_queued();
       }
@@ -181,6 +182,7 @@ struct Server::Impl {
     StreamDecoder dec;
     StopMatcher stop;
     int64_t n_generated = 0;
+    int64_t cached = 0;  // prompt tokens the prefix cache served
     FinishReason finish = FinishReason::kNone;
     TextState(const Tokenizer& t, const std::vector<int32_t>& prompt, std::vector<std::string> stops) : dec(t, true), stop(std::move(stops)) {
       dec.prime(prompt);
@@ -191,6 +193,7 @@ struct Server::Impl {
       for (const EngineEvent& e : events) {
         if (finish != FinishReason::kNone || e.token < 0) break;
         ++n_generated;
+        cached = e.cached_tokens;
         out += stop.push(dec.push(e.token));
         if (stop.stopped()) {
           finish = FinishReason::kStopId;
@@ -231,12 +234,15 @@ struct Server::Impl {
     if (!enqueue(ch)) return reply_error(res, Status(ErrorCode::kInternal, "the server is shutting down"));
     auto text = std::make_shared<TextState>(tok, cr->prompt, cr->stop);
     auto usage = [n_prompt, text] {
-      return json{{"prompt_tokens", n_prompt}, {"completion_tokens", text->n_generated}, {"total_tokens", n_prompt + text->n_generated}};
+      return json{{"prompt_tokens", n_prompt},
+                  {"completion_tokens", text->n_generated},
+                  {"total_tokens", n_prompt + text->n_generated},
+                  {"prompt_tokens_details", {{"cached_tokens", text->cached}}}};
     };
     auto done_log = [this, ch, text, n_prompt, id] {
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - ch->t_submit).count();
-      log(strprintf("ferry: serve: %s: %lld prompt + %lld generated tokens in %.0f ms (%.1f tok/s), %s", id.c_str(), (long long)n_prompt,
-                    (long long)text->n_generated, ms, ms > 0 ? text->n_generated / (ms / 1e3) : 0.0,
+      log(strprintf("ferry: serve: %s: %lld prompt (%lld cached) + %lld generated tokens in %.0f ms (%.1f tok/s), %s", id.c_str(), (long long)n_prompt,
+                    (long long)text->cached, (long long)text->n_generated, ms, ms > 0 ? text->n_generated / (ms / 1e3) : 0.0,
                     text->finish == FinishReason::kNone ? "cancelled" : openai_finish(text->finish)));
     };
     const char* object = chat ? "chat.completion" : "text_completion";
@@ -350,6 +356,7 @@ struct Server::Impl {
       metric("ferry_requests_refused_total", "counter", "Requests answered with an error.", c.refused);
       metric("ferry_prompt_tokens_total", "counter", "Prompt tokens of the requests taken.", c.prompt_tokens);
       metric("ferry_generation_tokens_total", "counter", "Tokens generated.", c.generated_tokens);
+      metric("ferry_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache (not prefilled).", c.cached_prompt_tokens);
       metric("ferry_steps_total", "counter", "Engine steps run.", c.steps);
       metric("ferry_requests_running", "gauge", "Requests in the running batch.", c.live);
       metric("ferry_requests_waiting", "gauge", "Requests waiting for a batch slot or K/V blocks.", c.queued);

@@ -45,6 +45,7 @@ struct ServerCounters {
   int64_t requests = 0;           // taken into the engine
   int64_t refused = 0;            // answered with an error (bad request, failed step, shutdown)
   int64_t prompt_tokens = 0, generated_tokens = 0, steps = 0;
+  int64_t cached_prompt_tokens = 0;  // served by the prefix cache
   int64_t live = 0, queued = 0;   // in the engine after its last step (0, 0: idle, every K/V block free)
 };
 

@@ -340,7 +340,7 @@ TEST_SUITE("serve") {
     ServerOptions so;
     so.port = 0;
     so.ctx = 256;
-    so.engine = EngineOptions{4, 128, false};
+    so.engine = EngineOptions{4, 128, false, /*prefix_cache=*/true};
     so.model_id = "stories260K";
     so.chat = *zephyr;
     std::mutex log_mu;
@@ -407,6 +407,19 @@ TEST_SUITE("serve") {
       auto [st_ids, r_ids] = post("/v1/completions", ids_body);
       REQUIRE(st_ids == 200);
       CHECK(r_ids["choices"][0]["text"] == r["choices"][0]["text"]);
+      // The same prompt again: its full blocks come from the prefix cache (a 5-token prompt has
+      // none); a longer prompt that starts the same way shares its first blocks.
+      CHECK(r_ids["usage"]["prompt_tokens_details"]["cached_tokens"] == 0);
+      std::string long_text;
+      for (int k = 0; k < 6; ++k) long_text += texts[k] + ". ";
+      const auto long_ids = s.model.tokenizer->encode(long_text, true);
+      REQUIRE(long_ids.size() > 33);
+      auto [st_l1, r_l1] = post("/v1/completions", {{"prompt", long_text}, {"max_tokens", 8}, {"temperature", 0}});
+      auto [st_l2, r_l2] = post("/v1/completions", {{"prompt", long_text}, {"max_tokens", 8}, {"temperature", 0}});
+      REQUIRE((st_l1 == 200 && st_l2 == 200));
+      CHECK(r_l1["usage"]["prompt_tokens_details"]["cached_tokens"] == 0);
+      CHECK(r_l2["usage"]["prompt_tokens_details"]["cached_tokens"] == (long_ids.size() - 1) / 16 * 16);
+      CHECK(r_l2["choices"][0]["text"] == r_l1["choices"][0]["text"]);
 
       json sb = completion(1, true);
       sb["stream_options"] = {{"include_usage", true}};
@@ -582,6 +595,100 @@ TEST_SUITE("serve") {
     CHECK(m->body.find("ferry_generation_tokens_total 5\n") != std::string::npos);
     CHECK(m->body.find("ferry_requests_running 0\n") != std::string::npos);
     srv.stop();
+  }
+
+  TEST_CASE("prefix cache: freed blocks stay cached under their hash, shared by reference, evicted least recently freed first") {
+    auto kv = KvCache::create({1, 1, 2, 4, 6, DType::kF32});
+    REQUIRE(kv.ok());
+    const int32_t a = kv->add_sequence();
+    REQUIRE(kv->reserve(a, 10).ok());  // 3 blocks
+    kv->set_length(a, 10);
+    kv->register_block(a, 0, 11);
+    kv->register_block(a, 1, 22);
+    kv->register_block(a, 2, 33);  // not full (10 tokens): refused
+    const int32_t b0 = kv->block_table(a)[0], b1 = kv->block_table(a)[1];
+    CHECK(kv->n_free_blocks() == 3);
+    kv->free_sequence(a);
+    CHECK(kv->n_free_blocks() == 6);
+    CHECK(kv->n_cached_blocks() == 2);
+    // A new sequence takes the cached run up to the first miss; two share the same blocks.
+    const int32_t b = kv->add_sequence(), c = kv->add_sequence();
+    const std::vector<uint64_t> h = {11, 22, 99};
+    CHECK(kv->share_prefix(b, h) == 2);
+    CHECK(kv->length(b) == 8);
+    CHECK(kv->block_table(b) == std::vector<int32_t>{b0, b1});
+    CHECK(kv->share_prefix(c, std::vector<uint64_t>{11, 77}) == 1);
+    CHECK(kv->n_cached_blocks() == 0);
+    kv->free_sequence(b);
+    CHECK(kv->n_cached_blocks() == 1);  // block b0 is still c's
+    kv->free_sequence(c);
+    CHECK(kv->n_cached_blocks() == 2);
+    // The pool takes free blocks first, then evicts the least recently freed cached block (b1,
+    // freed before b0), whose hash then misses.
+    const int32_t d = kv->add_sequence();
+    REQUIRE(kv->reserve(d, 20).ok());  // 5 blocks: 4 free + 1 evicted
+    CHECK(kv->n_cached_blocks() == 1);
+    const int32_t e = kv->add_sequence();
+    CHECK(kv->share_prefix(e, std::vector<uint64_t>{11, 22}) == 1);
+    CHECK(!kv->reserve(d, 24).ok());  // full: e holds the last block
+    kv->free_sequence(d);
+    kv->free_sequence(e);
+    CHECK(kv->n_free_blocks() == 6);
+  }
+
+  TEST_CASE("engine with the prefix cache: a prompt that starts as an earlier one prefills only the rest, and gets the tokens it gets alone") {
+    Stories s(512);  // 32 blocks
+    std::string text;
+    for (const char* t : {"Once upon a time, there was a little girl.", " She liked to play.", " One day she found a ball.", " It was red.", " Her mom was happy to see it."}) text += t;
+    const std::vector<int32_t> base = s.encode(text);
+    REQUIRE(base.size() >= 40);
+    std::vector<int32_t> other = base;
+    other.resize(36);
+    const auto tail = s.encode(" The dog ran to the park");
+    other.insert(other.end(), tail.begin() + 1, tail.end());
+    const auto ref_base = s.alone(base, 20, kGreedy, false), ref_other = s.alone(other, 20, kGreedy, false);
+    // A turn after the first: its prompt is the first prompt and reply (blocks made while decoding).
+    std::vector<int32_t> turn2 = base;
+    turn2.insert(turn2.end(), ref_base.begin(), ref_base.end() - 1);
+    turn2.insert(turn2.end(), tail.begin() + 1, tail.end());
+    const auto ref_turn2 = s.alone(turn2, 12, kGreedy, false);
+    const int64_t free0 = s.kv->n_free_blocks();
+
+    Engine e(*s.runner, EngineOptions{2, 64, false, /*prefix_cache=*/true});
+    auto run = [&](const std::vector<int32_t>& prompt, int64_t n, int64_t* cached) {
+      EngineRequest r;
+      r.prompt = prompt;
+      r.max_tokens = n;
+      r.sampling = kGreedy;
+      r.stop_at_eos = false;
+      auto id = e.submit(r);
+      REQUIRE(id.ok());
+      std::vector<int32_t> out;
+      std::vector<EngineEvent> ev;
+      while (!e.idle()) {
+        REQUIRE(e.step(ev).ok());
+        for (const auto& x : ev) out.push_back(x.token), *cached = x.cached_tokens;
+      }
+      return out;
+    };
+    int64_t cached = -1;
+    CHECK(run(base, 20, &cached) == ref_base);
+    CHECK(cached == 0);
+    CHECK(run(base, 20, &cached) == ref_base);
+    CHECK(cached == static_cast<int64_t>((base.size() - 1) / 16 * 16));
+    CHECK(run(other, 20, &cached) == ref_other);
+    CHECK(cached == 32);  // two blocks: the third differs at token 36
+    CHECK(run(turn2, 12, &cached) == ref_turn2);
+    CHECK(cached == static_cast<int64_t>((base.size() + ref_base.size() - 1) / 16 * 16));
+    CHECK(e.stats().cached_prompt_tokens > 0);
+    CHECK(s.kv->n_cached_blocks() > 0);
+    CHECK(s.kv->n_free_blocks() == free0);  // cached blocks count as free
+    // Requests that need the whole pool evict the cache; the first prompt is then prefilled anew.
+    std::vector<int32_t> big(480, 0);
+    for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<int32_t>(3 + (i * 37) % 500);
+    run(big, 16, &cached);
+    CHECK(run(base, 20, &cached) == ref_base);
+    CHECK(cached == 0);
   }
 }
 

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <map>
+#include <random>
 #include <thread>
 
 #include "cpu/cpu_executor.h"
@@ -689,6 +690,67 @@ TEST_SUITE("serve") {
     run(big, 16, &cached);
     CHECK(run(base, 20, &cached) == ref_base);
     CHECK(cached == 0);
+  }
+
+  TEST_CASE("server under load: 24 clients, streamed and whole, hanging up at random, stop strings; every request answered or cancelled, every block back") {
+    Stories s(4096);
+    ServerOptions so;
+    so.port = 0;
+    so.ctx = 256;
+    so.engine = EngineOptions{6, 96, false, /*prefix_cache=*/true};
+    so.n_http_threads = 8;  // fewer than the clients: connections wait for a handler
+    Server srv(*s.runner, *s.model.tokenizer, so);
+    auto port = srv.start();
+    REQUIRE(port.ok());
+    const int64_t free0 = s.kv->n_free_blocks();
+    std::atomic<int> answered{0}, hung_up{0}, bad{0};
+    std::vector<std::thread> th;
+    for (int c = 0; c < 24; ++c)
+      th.emplace_back([&, c] {
+        std::mt19937 rng(static_cast<uint32_t>(c));
+        for (int k = 0; k < 4; ++k) {
+          httplib::Client cl("127.0.0.1", *port);
+          cl.set_read_timeout(120);
+          const int kind = static_cast<int>(rng() % 4);
+          json b = {{"prompt", k % 2 ? "Once upon a time" : "The little dog"}, {"max_tokens", 20 + rng() % 60}, {"temperature", 0.9}, {"seed", c * 10 + k}};
+          if (kind == 2) b["stop"] = json::array({"the", "."});
+          b["stream"] = kind != 0;
+          httplib::Request q;
+          q.method = "POST";
+          q.path = "/v1/completions";
+          q.body = b.dump();
+          q.set_header("Content-Type", "application/json");
+          const int leave_after = kind == 3 ? 1 + static_cast<int>(rng() % 5) : 1 << 30;
+          int chunks = 0;
+          std::string body;
+          q.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
+            body.append(d, n);
+            return ++chunks < leave_after;
+          };
+          auto r = cl.send(q);
+          if (kind == 3 && chunks >= leave_after) {
+            ++hung_up;
+          } else if (r && r->status == 200 && (kind == 0 ? json::parse(body, nullptr, false).contains("choices") : body.find("data: [DONE]") != std::string::npos)) {
+            ++answered;
+          } else {
+            ++bad;
+          }
+        }
+      });
+    for (auto& t : th) t.join();
+    CHECK(bad == 0);
+    CHECK(answered + hung_up == 96);
+    ServerCounters c;
+    for (int i = 0; i < 500; ++i) {
+      c = srv.counters();
+      if (c.live == 0 && c.queued == 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    CHECK(c.live == 0);
+    CHECK(c.queued == 0);
+    CHECK(c.requests == 96);
+    srv.stop();
+    CHECK(s.kv->n_free_blocks() == free0);
   }
 }
 

@@ -238,10 +238,14 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     on_device = on_device && p.temperature == p0.temperature && p.top_k == p0.top_k && p.top_p == p0.top_p;
   }
   on_device = on_device && ex.can_sample(live_[out_live[0]].req.sampling);
+  // Requests that want log-probabilities need the logits on the host (a device sampler still
+  // draws from its own copy).
+  bool want_logits = false;
+  for (int64_t li : out_live) want_logits = want_logits || live_[li].req.logprobs >= 0;
   // Output rows: decode tokens first, then prompt-final tokens, each in live order: the order
   // they were pushed, which is the ascending order of batch_.output_rows.
   sched.reset();
-  Status st = runner_.step(batch_, logits_, !on_device);
+  Status st = runner_.step(batch_, logits_, !on_device || want_logits);
   std::vector<int32_t> drawn(out_live.size());
   if (st.ok() && !out_live.empty()) {
     if (on_device) {
@@ -290,6 +294,11 @@ Status Engine::step(std::vector<EngineEvent>& events) {
       why = FinishReason::kLength;
     if (!l.tokens.empty()) l.tokens.push_back(tok);
     events.push_back(EngineEvent{l.id, tok, why, why != FinishReason::kNone && l.req.keep_sequence ? l.seq : -1, l.cached});
+    if (l.req.logprobs >= 0) {
+      EngineEvent& e = events.back();
+      e.has_logprob = true;
+      e.logprob = token_logprob(logits_.data() + o * cfg.n_vocab, cfg.n_vocab, tok, l.req.logprobs, &e.top);
+    }
     finished[out_live[o]] = why != FinishReason::kNone;
   }
   std::vector<Live> keep;

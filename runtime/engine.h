@@ -38,6 +38,9 @@ struct EngineRequest {
   bool keep_sequence = false;
   int32_t continue_seq = -1;
   int64_t continue_len = 0;
+  // >= 0: each generated token comes with its log-probability under the model (the raw logits'
+  // log softmax: no temperature, top-k or top-p) and this many most likely alternatives.
+  int64_t logprobs = -1;
 };
 
 struct EngineOptions {
@@ -77,6 +80,9 @@ struct EngineEvent {
   FinishReason finish = FinishReason::kNone;
   int32_t kept_seq = -1;  // with keep_sequence, on the event that ends the request: its sequence
   int64_t cached_tokens = 0;  // the request's prompt tokens the prefix cache served
+  bool has_logprob = false;   // EngineRequest::logprobs >= 0: logprob and top are set
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;
 };
 
 class Engine {

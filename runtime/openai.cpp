@@ -53,9 +53,6 @@ Status refuse_unsupported(const json& body, bool chat) {
   }
   FERRY_ASSIGN_OR_RETURN(const double rep, number(body, "repetition_penalty", 1.0));
   if (rep != 1.0) return bad("repetition_penalty", "not supported by ferry's sampler (only 1)");
-  if (given("logprobs") && !(body["logprobs"].is_boolean() && !body["logprobs"].get<bool>()))
-    return bad("logprobs", "log probabilities are not returned by this version");
-  if (given("top_logprobs")) return bad("top_logprobs", "log probabilities are not returned by this version");
   if (given("logit_bias") && !(body["logit_bias"].is_object() && body["logit_bias"].empty())) return bad("logit_bias", "not supported");
   if (given("tools") || given("functions") || given("tool_choice") || given("function_call"))
     return bad(given("tools") ? "tools" : given("functions") ? "functions" : given("tool_choice") ? "tool_choice" : "function_call",
@@ -186,6 +183,20 @@ Expected<CompletionRequest> parse_completion_request(const json& body, bool chat
     }
     for (const std::string& s : r.stop)
       if (s.empty()) return bad("stop", "a stop string must not be empty");
+  }
+  // Log-probabilities: completions' "logprobs": N (alternatives, 0-20); chat's "logprobs": true
+  // with "top_logprobs": N.
+  if (chat) {
+    FERRY_ASSIGN_OR_RETURN(const bool lp, boolean(body, "logprobs", false));
+    FERRY_ASSIGN_OR_RETURN(const int64_t top, integer(body, "top_logprobs", -1));
+    if (top != -1 && !lp) return bad("top_logprobs", "needs \"logprobs\": true");
+    if (top < -1 || top > 20) return bad("top_logprobs", "must be in [0, 20]");
+    r.logprobs = lp ? std::max<int64_t>(top, 0) : -1;
+  } else {
+    const bool off = body.contains("logprobs") && body["logprobs"].is_boolean() && !body["logprobs"].get<bool>();
+    FERRY_ASSIGN_OR_RETURN(const int64_t lp, off ? Expected<int64_t>(int64_t{-1}) : integer(body, "logprobs", -1));
+    if (lp < -1 || lp > 20) return bad("logprobs", "must be an integer in [0, 20] (the alternatives returned per token)");
+    r.logprobs = lp;
   }
   FERRY_ASSIGN_OR_RETURN(r.stream, boolean(body, "stream", false));
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {

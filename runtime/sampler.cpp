@@ -20,6 +20,23 @@ int32_t argmax(const float* logits, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
+float token_logprob(const float* logits, int64_t n, int32_t token, int64_t k, std::vector<std::pair<int32_t, float>>* top) {
+  float mx = logits[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, logits[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
+  const double lse = static_cast<double>(mx) + std::log(sum);
+  if (top) {
+    top->clear();
+    k = std::min(k, n);
+    std::vector<int32_t> idx(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<int32_t>(i);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+    for (int64_t i = 0; i < k; ++i) top->push_back({idx[i], static_cast<float>(logits[idx[i]] - lse)});
+  }
+  return static_cast<float>(logits[token] - lse);
+}
+
 int32_t Sampler::sample(const float* logits, int64_t n) {
   if (p_.temperature == 0.0f) return argmax(logits, n);
   cand_.resize(n);

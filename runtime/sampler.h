@@ -24,6 +24,10 @@ struct SamplingParams {
 // Returns the index of the largest logit (the lowest index on ties).
 int32_t argmax(const float* logits, int64_t n);
 
+// Returns log softmax(logits)[token], the model's own log-probability (no temperature, top-k or
+// top-p), and with `top` the `k` most likely ids with theirs, most likely first.
+float token_logprob(const float* logits, int64_t n, int32_t token, int64_t k = 0, std::vector<std::pair<int32_t, float>>* top = nullptr);
+
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {}

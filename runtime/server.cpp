@@ -1,7 +1,11 @@
 #include "runtime/server.h"
 
+#include <sys/socket.h>
+
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <condition_variable>
 #include <ctime>
 #include <deque>
@@ -179,13 +183,53 @@ struct Server::Impl {
   // Turns drawn tokens into text: decoded incrementally (special tokens left out), cut at a stop
   // string.
   struct TextState {
+    const Tokenizer& tok;
     StreamDecoder dec;
     StopMatcher stop;
     int64_t n_generated = 0;
     int64_t cached = 0;  // prompt tokens the prefix cache served
     FinishReason finish = FinishReason::kNone;
-    TextState(const Tokenizer& t, const std::vector<int32_t>& prompt, std::vector<std::string> stops) : dec(t, true), stop(std::move(stops)) {
+    // Log-probabilities not yet sent, and where each token's text starts in the decoded output.
+    std::vector<EngineEvent> logprobs;
+    std::vector<int64_t> offsets;
+    int64_t decoded = 0;
+    TextState(const Tokenizer& t, const std::vector<int32_t>& prompt, std::vector<std::string> stops) : tok(t), dec(t, true), stop(std::move(stops)) {
       dec.prime(prompt);
+    }
+    // OpenAI's logprobs object for the entries gathered since the last call (then forgotten):
+    // completions' {tokens, token_logprobs, top_logprobs, text_offset}, or chat's {content: [...]}.
+    json take_logprobs(bool chat) {
+      auto text_of = [&](int32_t id) { return utf8_lossy(tok.token_bytes(id)); };
+      auto bytes_of = [&](int32_t id) {
+        json b = json::array();
+        for (unsigned char c : tok.token_bytes(id)) b.push_back(static_cast<int>(c));
+        return b;
+      };
+      json out;
+      if (chat) {
+        json content = json::array();
+        for (const EngineEvent& e : logprobs) {
+          json top = json::array();
+          for (const auto& [id, lp] : e.top) top.push_back({{"token", text_of(id)}, {"logprob", lp}, {"bytes", bytes_of(id)}});
+          content.push_back({{"token", text_of(e.token)}, {"logprob", e.logprob}, {"bytes", bytes_of(e.token)}, {"top_logprobs", top}});
+        }
+        out = {{"content", content}};
+      } else {
+        json tokens = json::array(), lps = json::array(), tops = json::array(), offs = json::array();
+        for (size_t i = 0; i < logprobs.size(); ++i) {
+          const EngineEvent& e = logprobs[i];
+          tokens.push_back(text_of(e.token));
+          lps.push_back(e.logprob);
+          json top = json::object();
+          for (const auto& [id, lp] : e.top) top[text_of(id)] = lp;
+          tops.push_back(top);
+          offs.push_back(offsets[i]);
+        }
+        out = {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
+      }
+      logprobs.clear();
+      offsets.clear();
+      return out;
     }
     // Returns the text the events add; sets `finish` when the output ended.
     std::string add(const std::vector<EngineEvent>& events) {
@@ -194,7 +238,13 @@ struct Server::Impl {
         if (finish != FinishReason::kNone || e.token < 0) break;
         ++n_generated;
         cached = e.cached_tokens;
-        out += stop.push(dec.push(e.token));
+        if (e.has_logprob) {
+          logprobs.push_back(e);
+          offsets.push_back(decoded);
+        }
+        const std::string piece = dec.push(e.token);
+        decoded += static_cast<int64_t>(piece.size());
+        out += stop.push(piece);
         if (stop.stopped()) {
           finish = FinishReason::kStopId;
           break;
@@ -221,6 +271,7 @@ struct Server::Impl {
     ch->req.max_tokens = cr->max_tokens;
     ch->req.sampling = cr->sampling;
     ch->req.stop_at_eos = !cr->ignore_eos;
+    ch->req.logprobs = cr->logprobs;
     if (chat && !cr->ignore_eos) ch->req.stop_ids = chat_stop_ids;
     if (Status st = engine.validate(ch->req); !st.ok()) return reply_error(res, st);
     const uint64_t seq = next_seq.fetch_add(1);
@@ -256,6 +307,7 @@ struct Server::Impl {
         if (!ch->error.empty() && text->finish == FinishReason::kNone) return reply_error(res, Status(ErrorCode::kInternal, ch->error));
       }
       json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", openai_finish(text->finish)}};
+      if (cr->logprobs >= 0) choice["logprobs"] = text->take_logprobs(chat);
       if (chat)
         choice["message"] = {{"role", "assistant"}, {"content", out}};
       else
@@ -267,14 +319,15 @@ struct Server::Impl {
     }
     // Streamed: one server-sent event per batch of tokens the engine hands over.
     const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
-    const bool include_usage = cr->include_usage;
+    const bool include_usage = cr->include_usage, with_logprobs = cr->logprobs >= 0;
     auto first = std::make_shared<bool>(true);
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, ch, text, usage, done_log, id, chunk_object, chat, include_usage, first](size_t, httplib::DataSink& sink) {
+        [this, ch, text, usage, done_log, id, chunk_object, chat, include_usage, with_logprobs, first](size_t, httplib::DataSink& sink) {
           auto chunk = [&](const std::string& piece, const char* finish) {
             json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish ? json(finish) : json(nullptr)}};
+            if (with_logprobs && !text->logprobs.empty()) choice["logprobs"] = text->take_logprobs(chat);
             if (chat) {
               json delta = json::object();
               if (*first) delta["role"] = "assistant";
@@ -400,6 +453,16 @@ Expected<int> Server::start() {
   const int n_threads = s.opts.n_http_threads > 0 ? s.opts.n_http_threads : static_cast<int>(2 * s.opts.engine.batch + 4);
   s.http.new_task_queue = [n_threads] { return new httplib::ThreadPool(static_cast<size_t>(n_threads)); };
   s.routes();
+  // Debian's cpp-httplib 0.11 listens with a backlog of 5: a burst of connections overflows the
+  // accept queue and some clients read a reset a second later (the load test saw it with 24
+  // clients). A second listen() on the bound socket raises it. The socket options replace the
+  // library's: SO_REUSEADDR only, not SO_REUSEPORT (a second server on the port must fail).
+  int listen_fd = -1;
+  s.http.set_socket_options([&listen_fd](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    listen_fd = sock;
+  });
   int port = s.opts.port;
   if (port == 0) {
     port = s.http.bind_to_any_port(s.opts.host);
@@ -407,6 +470,8 @@ Expected<int> Server::start() {
   } else if (!s.http.bind_to_port(s.opts.host, port)) {
     return io_error(strprintf("--host %s --port %d: cannot bind (in use, or not an address of this machine)", s.opts.host.c_str(), port));
   }
+  if (listen_fd >= 0 && ::listen(listen_fd, SOMAXCONN) != 0)
+    return io_error(strprintf("--host %s --port %d: listen failed: %s", s.opts.host.c_str(), port, std::strerror(errno)));
   s.started = true;
   s.engine_thread = std::thread([&s] { s.engine_loop(); });
   s.listen_thread = std::thread([&s] { s.http.listen_after_bind(); });

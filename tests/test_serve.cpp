@@ -337,6 +337,16 @@ TEST_SUITE("serve") {
     REQUIRE(rendered.ok());
     const std::vector<int32_t> chat_prompt = s.model.tokenizer->encode(*rendered, false);
     const std::vector<int32_t> chat_ref = s.alone(chat_prompt, 48, kGreedy);
+    // The log-probabilities of request 0's greedy tokens, from the logits of the whole sequence.
+    std::vector<float> ref_lp;
+    {
+      std::vector<int32_t> seq = prompts[0];
+      seq.insert(seq.end(), refs[0].begin(), refs[0].end() - 1);
+      auto lg = prompt_logits(*s.runner, seq);
+      REQUIRE(lg.ok());
+      for (size_t j = 0; j < refs[0].size(); ++j)
+        ref_lp.push_back(token_logprob(lg->data() + (prompts[0].size() - 1 + j) * cfg.n_vocab, cfg.n_vocab, refs[0][j]));
+    }
 
     ServerOptions so;
     so.port = 0;
@@ -501,6 +511,54 @@ TEST_SUITE("serve") {
       CHECK(reply == s.text(chat_prompt, chat_ref));
     }
 
+    SUBCASE("log-probabilities: the model's own, per generated token, with alternatives; whole and streamed; completions and chat") {
+      json b = completion(0, false);
+      b["logprobs"] = 3;
+      auto [st, r] = post("/v1/completions", b);
+      REQUIRE(st == 200);
+      const json& lp = r["choices"][0]["logprobs"];
+      REQUIRE(lp["token_logprobs"].size() == refs[0].size());
+      REQUIRE(lp["tokens"].size() == refs[0].size());
+      for (size_t j = 0; j < refs[0].size(); ++j) {
+        CAPTURE(j);
+        CHECK(lp["token_logprobs"][j].get<double>() == doctest::Approx(ref_lp[j]).epsilon(1e-4));
+        CHECK(lp["top_logprobs"][j].size() <= 3);
+        // Greedy: the chosen token is the most likely one.
+        double best = -1e30;
+        for (const auto& [k, v] : lp["top_logprobs"][j].items()) best = std::max(best, v.get<double>());
+        CHECK(lp["token_logprobs"][j].get<double>() == doctest::Approx(best));
+        CHECK(lp["tokens"][j] == utf8_lossy(s.model.tokenizer->token_bytes(refs[0][j])));
+      }
+      CHECK(lp["text_offset"][0] == 0);
+      // Streamed: the chunks carry them all.
+      b["stream"] = true;
+      size_t n = 0;
+      for (const auto& line : post_stream("/v1/completions", b))
+        if (line != "[DONE]") {
+          const json j = json::parse(line);
+          if (!j["choices"][0]["logprobs"].is_null()) n += j["choices"][0]["logprobs"]["token_logprobs"].size();
+        }
+      CHECK(n == refs[0].size());
+      // Chat: logprobs true, top_logprobs N.
+      json cb = {{"messages", {{{"role", "user"}, {"content", conv[0].content}}}}, {"max_tokens", 48}, {"temperature", 0}, {"logprobs", true}, {"top_logprobs", 2}};
+      auto [cst, cr] = post("/v1/chat/completions", cb);
+      REQUIRE(cst == 200);
+      const json& content = cr["choices"][0]["logprobs"]["content"];
+      CHECK(content.size() == chat_ref.size());
+      CHECK(content[0]["top_logprobs"].size() == 2);
+      CHECK(content[0]["bytes"].is_array());
+      CHECK(content[0]["logprob"].get<double>() <= 0);
+      // Without logprobs there are none; bad values are refused.
+      auto [pst, pr] = post("/v1/completions", completion(0, false));
+      REQUIRE(pst == 200);
+      CHECK(pr["choices"][0]["logprobs"].is_null());
+      auto [e1, r1] = post("/v1/completions", {{"prompt", "x"}, {"logprobs", 50}});
+      CHECK(e1 == 400);
+      auto [e2, r2] = post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"top_logprobs", 2}});
+      CHECK(e2 == 400);
+      CHECK(r2["error"]["message"].get<std::string>().find("'top_logprobs'") != std::string::npos);
+    }
+
     SUBCASE("refusals name the parameter; a client that leaves mid-stream frees its request") {
       auto expect_400 = [&](const std::string& path, const json& body, const std::string& mentions) {
         CAPTURE(body.dump());
@@ -511,7 +569,7 @@ TEST_SUITE("serve") {
         CHECK(r["error"]["type"] == "invalid_request_error");
       };
       expect_400("/v1/completions", {{"prompt", "x"}, {"n", 2}}, "'n'");
-      expect_400("/v1/completions", {{"prompt", "x"}, {"logprobs", 3}}, "'logprobs'");
+      expect_400("/v1/completions", {{"prompt", "x"}, {"echo", true}}, "'echo'");
       expect_400("/v1/completions", {{"prompt", "x"}, {"presence_penalty", 0.5}}, "'presence_penalty'");
       expect_400("/v1/completions", {{"prompt", "x"}, {"temperature", 3}}, "'temperature'");
       expect_400("/v1/completions", {{"prompt", "x"}, {"max_tokens", 0}}, "'max_tokens'");
@@ -704,6 +762,8 @@ TEST_SUITE("serve") {
     REQUIRE(port.ok());
     const int64_t free0 = s.kv->n_free_blocks();
     std::atomic<int> answered{0}, hung_up{0}, bad{0};
+    std::mutex why_mu;
+    std::string why;  // what the failed ones got (doctest's macros are for the main thread)
     std::vector<std::thread> th;
     for (int c = 0; c < 24; ++c)
       th.emplace_back([&, c] {
@@ -734,11 +794,13 @@ TEST_SUITE("serve") {
             ++answered;
           } else {
             ++bad;
+            std::lock_guard lk(why_mu);
+            why += "kind " + std::to_string(kind) + ": " + (r ? "HTTP " + std::to_string(r->status) : httplib::to_string(r.error())) + "; ";
           }
         }
       });
     for (auto& t : th) t.join();
-    CHECK(bad == 0);
+    CHECK_MESSAGE(bad == 0, why);
     CHECK(answered + hung_up == 96);
     ServerCounters c;
     for (int i = 0; i < 500; ++i) {

@@ -1912,8 +1912,8 @@ int main(int argc, char** argv) {
       "Examples:\n"
       "  ferry serve -m ~/models/Qwen2-7B-Instruct --gpu-mem 8G --port 8080\n"
       "  curl http://127.0.0.1:8080/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n"
-      "  ferry serve -m ../shared/models/stories260K --ctx 256 &&\n"
-      "    curl http://127.0.0.1:8080/v1/completions -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'");
+      "  ferry serve -m ../shared/models/stories260K --ctx 256 &\n"
+      "  curl http://127.0.0.1:8080/v1/completions -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'");
 
   ChatFlags chf;
   CLI::App* chat = app.add_subcommand("chat", "Talk to an instruct model on the terminal, through its chat template (a line of input is a turn)");

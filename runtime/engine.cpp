@@ -146,7 +146,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     if (cont) kv.set_length(seq, q.req.continue_len);  // what it holds past the shared prefix is written over
     // The prefix cache: the longest run of the prompt's leading full blocks still cached, short of
     // its last token (whose logits the step must compute).
-    const bool cacheable = opts_.prefix_cache && !kv.has_disk() && !cont && !q.req.keep_sequence;
+    const bool cacheable = opts_.prefix_cache && !kv.has_disk() && !cont && !q.req.keep_sequence && !q.req.prompt_logprobs;
     int64_t shared = 0;
     uint64_t chain = kPrefixSeed;
     if (cacheable) {
@@ -180,6 +180,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
   // for this step: those in host memory go first, then the ones that waited longest.
   batch_.clear();
   std::vector<int64_t> out_live;  // live index of each output row
+  std::vector<int64_t> out_echo;  // per output row: -1 (a row to sample), or the prompt position it gives the next token's logprob of
   kv.begin_step();
   std::vector<int64_t> took(live_.size(), 0);  // prompt tokens of each live sequence in this step
   std::vector<bool> run(live_.size(), false);
@@ -207,6 +208,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     Live& l = live_[i];
     batch_.add(l.last, static_cast<int32_t>(kv.length(l.seq)), l.seq, true);
     out_live.push_back(static_cast<int64_t>(i));
+    out_echo.push_back(-1);
   }
   for (size_t i = 0; i < live_.size() && batch_.n_tokens() < opts_.max_step_tokens; ++i) {
     Live& l = live_[i];
@@ -223,15 +225,19 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     took[i] = take;
     stats_.split_prompts += l.prefilled == 0 && take < len;
     for (int64_t j = l.prefilled; j < l.prefilled + take; ++j) {
-      const bool last = j == len - 1;
-      batch_.add(prompt[j], static_cast<int32_t>(j), l.seq, last);
-      if (last) out_live.push_back(static_cast<int64_t>(i));
+      const bool last = j == len - 1, echo = l.req.prompt_logprobs && !last;
+      batch_.add(prompt[j], static_cast<int32_t>(j), l.seq, last || echo);
+      if (last || echo) {
+        out_live.push_back(static_cast<int64_t>(i));
+        out_echo.push_back(last ? -1 : j);
+      }
     }
   }
   if (batch_.n_tokens() == 0) return fail(Status(ErrorCode::kInternal, "serve: no sequence could run this step"));  // the first always fits
   // Sampling on the device when every output row asks for the same parameters (seeds aside) and the
   // executor can draw with them; otherwise on the host from each request's own sampler.
-  bool on_device = !out_live.empty();
+  const bool echo_rows = std::any_of(out_echo.begin(), out_echo.end(), [](int64_t j) { return j >= 0; });
+  bool on_device = !out_live.empty() && !echo_rows;  // a device sampler draws for every output row
   for (int64_t li : out_live) {
     const SamplingParams& p = live_[li].req.sampling;
     const SamplingParams& p0 = live_[out_live[0]].req.sampling;
@@ -240,7 +246,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
   on_device = on_device && ex.can_sample(live_[out_live[0]].req.sampling);
   // Requests that want log-probabilities need the logits on the host (a device sampler still
   // draws from its own copy).
-  bool want_logits = false;
+  bool want_logits = echo_rows;
   for (int64_t li : out_live) want_logits = want_logits || live_[li].req.logprobs >= 0;
   // Output rows: decode tokens first, then prompt-final tokens, each in live order: the order
   // they were pushed, which is the ascending order of batch_.output_rows.
@@ -253,7 +259,8 @@ Status Engine::step(std::vector<EngineEvent>& events) {
       for (int64_t li : out_live) seeds.push_back(live_[li].req.sampling.seed);
       st = ex.sample(live_[out_live[0]].req.sampling, seeds, step_no_, drawn.data());
     } else {
-      for (size_t o = 0; o < out_live.size(); ++o) drawn[o] = live_[out_live[o]].sampler.sample(logits_.data() + o * cfg.n_vocab, cfg.n_vocab);
+      for (size_t o = 0; o < out_live.size(); ++o)
+        if (out_echo[o] < 0) drawn[o] = live_[out_live[o]].sampler.sample(logits_.data() + o * cfg.n_vocab, cfg.n_vocab);
     }
   }
   ++step_no_;
@@ -281,6 +288,14 @@ Status Engine::step(std::vector<EngineEvent>& events) {
   auto is_eos = [&](int32_t tok) { return std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok) != cfg.eos_token_ids.end(); };
   for (size_t o = 0; o < out_live.size(); ++o) {
     Live& l = live_[out_live[o]];
+    if (out_echo[o] >= 0) {  // echo: the next prompt token's log-probability
+      EngineEvent e{l.id, l.req.prompt[out_echo[o] + 1], FinishReason::kNone, -1, l.cached};
+      e.prompt = true;
+      e.has_logprob = true;
+      e.logprob = token_logprob(logits_.data() + o * cfg.n_vocab, cfg.n_vocab, e.token, std::max<int64_t>(l.req.logprobs, 0), &e.top);
+      events.push_back(std::move(e));
+      continue;
+    }
     const int32_t tok = drawn[o];
     ++l.generated;
     ++stats_.generated_tokens;

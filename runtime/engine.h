@@ -41,6 +41,10 @@ struct EngineRequest {
   // >= 0: each generated token comes with its log-probability under the model (the raw logits'
   // log softmax: no temperature, top-k or top-p) and this many most likely alternatives.
   int64_t logprobs = -1;
+  // Echo: every prompt token after the first comes back as an event (EngineEvent::prompt) with its
+  // log-probability given the tokens before it (and `logprobs` alternatives), before the generated
+  // ones. Every prompt position is then an output row; it does not share cached prefixes.
+  bool prompt_logprobs = false;
 };
 
 struct EngineOptions {
@@ -80,6 +84,7 @@ struct EngineEvent {
   FinishReason finish = FinishReason::kNone;
   int32_t kept_seq = -1;  // with keep_sequence, on the event that ends the request: its sequence
   int64_t cached_tokens = 0;  // the request's prompt tokens the prefix cache served
+  bool prompt = false;        // an echoed prompt token (EngineRequest::prompt_logprobs), not a generated one
   bool has_logprob = false;   // EngineRequest::logprobs >= 0: logprob and top are set
   float logprob = 0;
   std::vector<std::pair<int32_t, float>> top;

@@ -61,11 +61,7 @@ Status refuse_unsupported(const json& body, bool chat) {
     const json& rf = body["response_format"];
     if (!(rf.is_object() && rf.value("type", "") == "text")) return bad("response_format", "only {\"type\": \"text\"} is supported");
   }
-  if (!chat) {
-    FERRY_ASSIGN_OR_RETURN(const bool echo, boolean(body, "echo", false));
-    if (echo) return bad("echo", "not supported");
-    if (given("suffix")) return bad("suffix", "insertion (suffix) is not supported");
-  }
+  if (!chat && given("suffix")) return bad("suffix", "insertion (suffix) is not supported");
   return Status::Ok();
 }
 
@@ -122,13 +118,15 @@ Expected<CompletionRequest> parse_completion_request(const json& body, bool chat
     if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) p = &(*p)[0];
     if (p->is_array() && p->size() == 1 && (*p)[0].is_array()) p = &(*p)[0];
     if (p->is_string()) {
-      r.prompt = tok.encode(p->get<std::string>(), /*add_special=*/true);
+      r.prompt_text = p->get<std::string>();
+      r.prompt = tok.encode(r.prompt_text, /*add_special=*/true);
     } else if (p->is_array() && !p->empty() && std::all_of(p->begin(), p->end(), [](const json& v) { return v.is_number_integer(); })) {
       for (const json& v : *p) {
         const int64_t id = v.get<int64_t>();
         if (id < 0 || id >= cfg.n_vocab) return bad("prompt", strprintf("token id %lld is outside the vocabulary (%lld)", (long long)id, (long long)cfg.n_vocab));
         r.prompt.push_back(static_cast<int32_t>(id));
       }
+      r.prompt_text = tok.decode(r.prompt, /*skip_special=*/true);
     } else if (p->is_array() && p->size() > 1) {
       return bad("prompt", "one prompt per request (send a request for each)");
     } else {
@@ -199,6 +197,10 @@ Expected<CompletionRequest> parse_completion_request(const json& body, bool chat
     r.logprobs = lp;
   }
   FERRY_ASSIGN_OR_RETURN(r.stream, boolean(body, "stream", false));
+  if (!chat) {
+    FERRY_ASSIGN_OR_RETURN(r.echo, boolean(body, "echo", false));
+    if (r.echo && r.stream) return bad("echo", "not with \"stream\": true in this version");
+  }
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) return bad("stream_options", "must be an object");
     if (!r.stream) return bad("stream_options", "only with \"stream\": true");

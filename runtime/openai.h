@@ -1,8 +1,8 @@
 // The OpenAI API's request side, for `ferry serve` (runtime/server.h): a /v1/completions or
 // /v1/chat/completions body checked and turned into token ids and sampling parameters, and stop
-// strings matched against streamed text. What ferry cannot honour (n > 1, echo, prompt
-// log-probabilities, tools, penalties, logit_bias, suffix, a JSON response_format) is refused with
-// the parameter named, never ignored.
+// strings matched against streamed text. What ferry cannot honour (n > 1, echo while streaming,
+// tools, penalties, logit_bias, suffix, a JSON response_format) is refused with the parameter
+// named, never ignored.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +30,9 @@ struct CompletionRequest {
   bool stream = false;
   bool include_usage = false;        // stream_options.include_usage: a last chunk with the counts
   int64_t logprobs = -1;             // >= 0: each token's log-probability and this many alternatives
+  bool echo = false;                 // completions: the prompt's text before the completion (and with
+                                     // logprobs, its tokens' log-probabilities too)
+  std::string prompt_text;           // the prompt as text: as given, or decoded from its ids
 };
 
 struct CompletionLimits {

@@ -39,6 +39,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
     FERRY_RETURN_IF_ERROR(engine.step(events));
     const double t_ms = now_ms();
     for (const EngineEvent& e : events) {
+      if (e.prompt) continue;
       ServeResult& res = results[e.id];
       if (res.tokens.empty()) res.ttft_ms = t_ms;
       res.tokens.push_back(e.token);

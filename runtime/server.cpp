@@ -193,8 +193,24 @@ struct Server::Impl {
     std::vector<EngineEvent> logprobs;
     std::vector<int64_t> offsets;
     int64_t decoded = 0;
-    TextState(const Tokenizer& t, const std::vector<int32_t>& prompt, std::vector<std::string> stops) : tok(t), dec(t, true), stop(std::move(stops)) {
+    // Echo: the prompt's tokens, decoded apart for their offsets; the completion's offsets start
+    // after the prompt's text.
+    StreamDecoder prompt_dec;
+    int64_t prompt_decoded = 0, base = 0;
+    TextState(const Tokenizer& t, const std::vector<int32_t>& prompt, std::vector<std::string> stops) : tok(t), dec(t, true), stop(std::move(stops)), prompt_dec(t, true) {
       dec.prime(prompt);
+    }
+    // Starts an echo: the first prompt token (no log-probability: nothing comes before it).
+    void echo(int32_t first, int64_t prompt_text_bytes) {
+      EngineEvent e;
+      e.token = first;
+      add_prompt(e);
+      base = prompt_text_bytes;
+    }
+    void add_prompt(const EngineEvent& e) {
+      logprobs.push_back(e);
+      offsets.push_back(prompt_decoded);
+      prompt_decoded += static_cast<int64_t>(prompt_dec.push(e.token).size());
     }
     // OpenAI's logprobs object for the entries gathered since the last call (then forgotten):
     // completions' {tokens, token_logprobs, top_logprobs, text_offset}, or chat's {content: [...]}.
@@ -219,10 +235,15 @@ struct Server::Impl {
         for (size_t i = 0; i < logprobs.size(); ++i) {
           const EngineEvent& e = logprobs[i];
           tokens.push_back(text_of(e.token));
-          lps.push_back(e.logprob);
-          json top = json::object();
-          for (const auto& [id, lp] : e.top) top[text_of(id)] = lp;
-          tops.push_back(top);
+          if (!e.has_logprob) {  // an echo's first token
+            lps.push_back(nullptr);
+            tops.push_back(nullptr);
+          } else {
+            lps.push_back(e.logprob);
+            json top = json::object();
+            for (const auto& [id, lp] : e.top) top[text_of(id)] = lp;
+            tops.push_back(top);
+          }
           offs.push_back(offsets[i]);
         }
         out = {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
@@ -236,11 +257,15 @@ struct Server::Impl {
       std::string out;
       for (const EngineEvent& e : events) {
         if (finish != FinishReason::kNone || e.token < 0) break;
+        if (e.prompt) {
+          add_prompt(e);
+          continue;
+        }
         ++n_generated;
         cached = e.cached_tokens;
         if (e.has_logprob) {
           logprobs.push_back(e);
-          offsets.push_back(decoded);
+          offsets.push_back(base + decoded);
         }
         const std::string piece = dec.push(e.token);
         decoded += static_cast<int64_t>(piece.size());
@@ -272,6 +297,7 @@ struct Server::Impl {
     ch->req.sampling = cr->sampling;
     ch->req.stop_at_eos = !cr->ignore_eos;
     ch->req.logprobs = cr->logprobs;
+    ch->req.prompt_logprobs = cr->echo && cr->logprobs >= 0;
     if (chat && !cr->ignore_eos) ch->req.stop_ids = chat_stop_ids;
     if (Status st = engine.validate(ch->req); !st.ok()) return reply_error(res, st);
     const uint64_t seq = next_seq.fetch_add(1);
@@ -284,6 +310,7 @@ struct Server::Impl {
     }
     if (!enqueue(ch)) return reply_error(res, Status(ErrorCode::kInternal, "the server is shutting down"));
     auto text = std::make_shared<TextState>(tok, cr->prompt, cr->stop);
+    if (cr->echo && cr->logprobs >= 0) text->echo(cr->prompt[0], static_cast<int64_t>(cr->prompt_text.size()));
     auto usage = [n_prompt, text] {
       return json{{"prompt_tokens", n_prompt},
                   {"completion_tokens", text->n_generated},
@@ -311,7 +338,7 @@ struct Server::Impl {
       if (chat)
         choice["message"] = {{"role", "assistant"}, {"content", out}};
       else
-        choice["text"] = out;
+        choice["text"] = cr->echo ? cr->prompt_text + out : out;
       const json r = {{"id", id}, {"object", object}, {"created", created}, {"model", opts.model_id}, {"choices", json::array({choice})}, {"usage", usage()}};
       res.set_content(r.dump(), "application/json");
       done_log();

@@ -338,7 +338,7 @@ TEST_SUITE("serve") {
     const std::vector<int32_t> chat_prompt = s.model.tokenizer->encode(*rendered, false);
     const std::vector<int32_t> chat_ref = s.alone(chat_prompt, 48, kGreedy);
     // The log-probabilities of request 0's greedy tokens, from the logits of the whole sequence.
-    std::vector<float> ref_lp;
+    std::vector<float> ref_lp, ref_prompt_lp;
     {
       std::vector<int32_t> seq = prompts[0];
       seq.insert(seq.end(), refs[0].begin(), refs[0].end() - 1);
@@ -346,6 +346,7 @@ TEST_SUITE("serve") {
       REQUIRE(lg.ok());
       for (size_t j = 0; j < refs[0].size(); ++j)
         ref_lp.push_back(token_logprob(lg->data() + (prompts[0].size() - 1 + j) * cfg.n_vocab, cfg.n_vocab, refs[0][j]));
+      for (size_t j = 1; j < prompts[0].size(); ++j) ref_prompt_lp.push_back(token_logprob(lg->data() + (j - 1) * cfg.n_vocab, cfg.n_vocab, prompts[0][j]));
     }
 
     ServerOptions so;
@@ -548,6 +549,32 @@ TEST_SUITE("serve") {
       CHECK(content[0]["top_logprobs"].size() == 2);
       CHECK(content[0]["bytes"].is_array());
       CHECK(content[0]["logprob"].get<double>() <= 0);
+      // Echo, as lm-evaluation-harness asks for a loglikelihood (token ids, logprobs 1, max_tokens
+      // 1): the prompt's tokens with theirs (the first has none), then the generated one.
+      json eb = {{"prompt", prompts[0]}, {"max_tokens", 1}, {"temperature", 0}, {"logprobs", 1}, {"echo", true}};
+      auto [est, er] = post("/v1/completions", eb);
+      REQUIRE(est == 200);
+      const json& el = er["choices"][0]["logprobs"];
+      const size_t np = prompts[0].size();
+      REQUIRE(el["token_logprobs"].size() == np + 1);
+      CHECK(el["token_logprobs"][0].is_null());
+      CHECK(el["top_logprobs"][0].is_null());
+      for (size_t j = 1; j < np; ++j) {
+        CAPTURE(j);
+        CHECK(el["token_logprobs"][j].get<double>() == doctest::Approx(ref_prompt_lp[j - 1]).epsilon(1e-4));
+        REQUIRE(el["top_logprobs"][j].size() == 1);
+        CHECK(el["top_logprobs"][j].begin().value().get<double>() >= el["token_logprobs"][j].get<double>() - 1e-6);
+      }
+      CHECK(el["token_logprobs"][np].get<double>() == doctest::Approx(ref_lp[0]).epsilon(1e-4));
+      CHECK(er["choices"][0]["text"] == s.model.tokenizer->decode(prompts[0], true) + s.text(prompts[0], {refs[0][0]}));
+      CHECK(er["usage"]["completion_tokens"] == 1);
+      // Echo alone prepends the prompt as given; echo does not stream in this version.
+      auto [e0, r0] = post("/v1/completions", {{"prompt", texts[0]}, {"max_tokens", 3}, {"temperature", 0}, {"echo", true}});
+      REQUIRE(e0 == 200);
+      CHECK(r0["choices"][0]["text"].get<std::string>().rfind(texts[0], 0) == 0);
+      CHECK(r0["choices"][0]["logprobs"].is_null());
+      auto [e3, r3] = post("/v1/completions", {{"prompt", texts[0]}, {"echo", true}, {"stream", true}});
+      CHECK(e3 == 400);
       // Without logprobs there are none; bad values are refused.
       auto [pst, pr] = post("/v1/completions", completion(0, false));
       REQUIRE(pst == 200);
@@ -569,7 +596,7 @@ TEST_SUITE("serve") {
         CHECK(r["error"]["type"] == "invalid_request_error");
       };
       expect_400("/v1/completions", {{"prompt", "x"}, {"n", 2}}, "'n'");
-      expect_400("/v1/completions", {{"prompt", "x"}, {"echo", true}}, "'echo'");
+      expect_400("/v1/completions", {{"prompt", "x"}, {"suffix", "y"}}, "'suffix'");
       expect_400("/v1/completions", {{"prompt", "x"}, {"presence_penalty", 0.5}}, "'presence_penalty'");
       expect_400("/v1/completions", {{"prompt", "x"}, {"temperature", 3}}, "'temperature'");
       expect_400("/v1/completions", {{"prompt", "x"}, {"max_tokens", 0}}, "'max_tokens'");
@@ -813,6 +840,57 @@ TEST_SUITE("serve") {
     CHECK(c.requests == 96);
     srv.stop();
     CHECK(s.kv->n_free_blocks() == free0);
+  }
+
+  TEST_CASE("engine echo: every prompt token's log-probability, across prefill chunks and beside other requests, then the generated tokens as alone") {
+    Stories s(1024);
+    std::string text;
+    for (int k = 0; k < 4; ++k) text += "Once upon a time, there was a little girl named Lily. She liked to play. ";
+    const std::vector<int32_t> p = s.encode(text), q = s.encode("The little dog");
+    REQUIRE(p.size() > 64);
+    const auto ref = s.alone(p, 6, kGreedy, false), ref_q = s.alone(q, 30, kGreedy, false);
+    auto lg = prompt_logits(*s.runner, p);
+    REQUIRE(lg.ok());
+    const int64_t V = s.model.config.n_vocab;
+    Engine e(*s.runner, EngineOptions{2, 40, false, true});  // the prompt spans several steps
+    EngineRequest r, other;
+    r.prompt = p;
+    r.max_tokens = 6;
+    r.sampling = kGreedy;
+    r.stop_at_eos = false;
+    r.logprobs = 2;
+    r.prompt_logprobs = true;
+    other.prompt = q;
+    other.max_tokens = 30;
+    other.sampling = kGreedy;
+    other.stop_at_eos = false;
+    auto io = e.submit(other), ir = e.submit(r);
+    REQUIRE((io.ok() && ir.ok()));
+    std::vector<EngineEvent> ev;
+    std::vector<EngineEvent> echoed;
+    std::map<int64_t, std::vector<int32_t>> gen;
+    while (!e.idle()) {
+      REQUIRE(e.step(ev).ok());
+      for (const auto& x : ev) {
+        if (x.prompt) {
+          CHECK(x.id == *ir);
+          CHECK(gen[x.id].empty());  // before any generated token
+          echoed.push_back(x);
+        } else {
+          gen[x.id].push_back(x.token);
+        }
+      }
+    }
+    REQUIRE(echoed.size() == p.size() - 1);
+    for (size_t j = 1; j < p.size(); ++j) {
+      CAPTURE(j);
+      CHECK(echoed[j - 1].token == p[j]);
+      CHECK(echoed[j - 1].logprob == doctest::Approx(token_logprob(lg->data() + (j - 1) * V, V, p[j])).epsilon(1e-4));
+      CHECK(echoed[j - 1].top.size() == 2);
+    }
+    CHECK(gen[*ir] == ref);
+    CHECK(gen[*io] == ref_q);
+    CHECK(e.stats().cached_prompt_tokens == 0);
   }
 }
 

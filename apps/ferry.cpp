@@ -364,6 +364,7 @@ struct RunFlags {
   int64_t batch = 64;
   int64_t step_tokens = 2048;
   bool no_progress = false;
+  bool prefix_cache = false;
 };
 
 // Throughput mode's interruption: set by SIGINT / SIGTERM while g_stop_armed, read by serve() before
@@ -500,6 +501,8 @@ int cmd_throughput(const RunFlags& f) {
   so.sampling = sp;
   so.stop_at_eos = !f.ignore_eos;
   so.whole_prompts = be->gpu && be->gpu->n_kv_host_layers() > 0;
+  so.prefix_cache = f.prefix_cache;
+  if (f.prefix_cache && !f.m.kv_disk.empty()) std::fprintf(stderr, "ferry: --prefix-cache is off with --kv-disk\n");
   print_backend(*be);
   // A bar redrawn in place on a terminal (at most 5 times a second); a line per tenth of the
   // requests otherwise (logs).
@@ -567,11 +570,11 @@ int cmd_throughput(const RunFlags& f) {
   const int64_t peak = be->gpu ? be->gpu->peak_device_bytes() : be->emulated ? be->emulated->device().peak_bytes() : -1;
   std::fprintf(stderr,
                "ferry: served %lld requests in %.2f s: %lld prompt + %lld generated tokens, %.1f generated tok/s (%.1f tok/s with prompts), "
-               "%lld steps, batch peak %lld\n"
+               "%lld steps, batch peak %lld%s\n"
                "ferry: time to first token: mean %.0f ms, p50 %.0f ms, p90 %.0f ms; peak %s memory %s; completions in %s\n",
                (long long)s.n_requests, s.total_ms / 1e3, (long long)s.prompt_tokens, (long long)s.generated_tokens,
                s.generated_tokens / (s.total_ms / 1e3), (s.generated_tokens + s.prompt_tokens) / (s.total_ms / 1e3), (long long)s.steps,
-               (long long)s.peak_live, s.ttft_mean_ms, s.ttft_p50_ms, s.ttft_p90_ms, be->emulated ? "emulated-device" : "GPU",
+               (long long)s.peak_live, so.prefix_cache ? strprintf(", %lld prompt tokens from the prefix cache", (long long)s.cached_prompt_tokens).c_str() : "", s.ttft_mean_ms, s.ttft_p50_ms, s.ttft_p90_ms, be->emulated ? "emulated-device" : "GPU",
                peak >= 0 ? format_bytes(static_cast<double>(peak)).c_str() : "n/a (no GPU)", f.out_file.c_str());
   if (const KvDiskFile* d = be->kv->disk())
     std::fprintf(stderr, "ferry: kv disk: %lld blocks spilled (%s written), %lld read back (%s)\n", (long long)s.blocks_spilled,
@@ -1884,6 +1887,8 @@ int main(int argc, char** argv) {
   run->add_option("--batch", rf.batch, "Throughput mode: most sequences in flight (new ones admitted as others finish)")->check(CLI::Range(int64_t{1}, int64_t{65536}));
   run->add_option("--step-tokens", rf.step_tokens, "Throughput mode: tokens per step (decode tokens plus prompt chunks)")->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   run->add_flag("--no-progress", rf.no_progress, "Throughput mode: no progress bar");
+  run->add_flag("--prefix-cache", rf.prefix_cache,
+                "Throughput mode: requests whose prompts start with the same tokens (a system prompt) share their K/V blocks instead of prefilling them again (not with --kv-disk)");
   run->footer(
       "Examples:\n"
       "  ferry run -m synthetic:stories15m -p \"Once upon a time\" -n 32\n"

@@ -95,6 +95,8 @@ class KvCache {
   // Starts `seq` (no blocks yet) with the cached blocks of the leading `hashes` up to the first one
   // not cached; sets its length to their tokens. Returns how many blocks it shares.
   int64_t share_prefix(int32_t seq, std::span<const uint64_t> hashes);
+  // Whether a block is registered under `hash`.
+  bool is_cached(uint64_t hash) const { return cached_.count(hash) != 0; }
   // Blocks held only by the prefix cache (counted in n_free_blocks: a reserve() takes them).
   int64_t n_cached_blocks() const { return static_cast<int64_t>(evictable_.size()); }
 

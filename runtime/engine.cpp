@@ -35,6 +35,7 @@ struct Engine::Live {
   int64_t n_registered = 0;
   uint64_t chain = 0;
   int64_t cached = 0;
+  uint64_t first_hash = 0;  // its prompt's first full block's (0: none, or not cacheable)
 };
 
 namespace {
@@ -142,15 +143,22 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     const bool cont = q.req.continue_seq >= 0;
     const int64_t owned = cont ? static_cast<int64_t>(kv.block_table(q.req.continue_seq).size()) : 0;
     if ((total + bs - 1) / bs - owned > kv.n_free_blocks()) break;
-    const int32_t seq = cont ? q.req.continue_seq : kv.add_sequence();
-    if (cont) kv.set_length(seq, q.req.continue_len);  // what it holds past the shared prefix is written over
     // The prefix cache: the longest run of the prompt's leading full blocks still cached, short of
     // its last token (whose logits the step must compute).
     const bool cacheable = opts_.prefix_cache && !kv.has_disk() && !cont && !q.req.keep_sequence && !q.req.prompt_logprobs;
+    const int64_t n_full = (static_cast<int64_t>(q.req.prompt.size()) - 1) / bs;
+    const uint64_t first = cacheable && n_full > 0 ? block_hash(kPrefixSeed, q.req.prompt.data(), bs) : 0;
+    // A prompt whose first block a live sequence is still prefilling waits for it (a step or two)
+    // rather than prefill the same tokens beside it: requests that arrive together with one system
+    // prompt share it.
+    if (first != 0 && !kv.is_cached(first) &&
+        std::any_of(live_.begin(), live_.end(), [&](const Live& l) { return l.first_hash == first && l.n_registered == 0; }))
+      break;
+    const int32_t seq = cont ? q.req.continue_seq : kv.add_sequence();
+    if (cont) kv.set_length(seq, q.req.continue_len);  // what it holds past the shared prefix is written over
     int64_t shared = 0;
     uint64_t chain = kPrefixSeed;
     if (cacheable) {
-      const int64_t n_full = (static_cast<int64_t>(q.req.prompt.size()) - 1) / bs;
       std::vector<uint64_t> hashes;
       for (int64_t b = 0; b < n_full; ++b) hashes.push_back(chain = block_hash(chain, q.req.prompt.data() + b * bs, bs));
       shared = kv.share_prefix(seq, hashes);
@@ -168,6 +176,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
       l.n_registered = shared;
       l.chain = chain;
       l.cached = shared * bs;
+      l.first_hash = first;
       stats_.cached_prompt_tokens += l.cached;
     }
     live_.push_back(std::move(l));

@@ -8,7 +8,7 @@ namespace ferry {
 Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requests, const ServeOptions& opts, std::vector<ServeResult>& results,
                            const ServeDone& on_done, const ServeProgress& on_progress) {
   FERRY_RETURN_IF_ERROR(opts.sampling.validate());
-  Engine engine(runner, EngineOptions{opts.batch, opts.max_step_tokens, opts.whole_prompts});
+  Engine engine(runner, EngineOptions{opts.batch, opts.max_step_tokens, opts.whole_prompts, opts.prefix_cache && !runner.kv().has_disk()});
   FERRY_RETURN_IF_ERROR(engine.validate_options());
   KvCache& kv = runner.kv();
   const int64_t n = static_cast<int64_t>(requests.size());
@@ -57,6 +57,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
   stats.generated_tokens = es.generated_tokens;
   stats.steps = es.steps;
   stats.peak_live = es.peak_live;
+  stats.cached_prompt_tokens = es.cached_prompt_tokens;
   stats.split_prompts = es.split_prompts;
   stats.step_shapes = es.step_shapes;
   stats.blocks_spilled = kv.blocks_spilled() - spilled_before;

@@ -25,6 +25,7 @@ struct ServeOptions {
   SamplingParams sampling;         // request i draws with seed sampling.seed + i
   bool stop_at_eos = true;
   bool whole_prompts = false;      // EngineOptions::whole_prompts
+  bool prefix_cache = false;       // EngineOptions::prefix_cache
   // Checked before every step: once true, serve() stops (the requests finished so far keep their
   // results, marked `finished`) and returns with stats.interrupted. The CLI sets it on SIGINT/SIGTERM.
   const std::atomic<bool>* stop = nullptr;
@@ -41,6 +42,7 @@ struct ServeResult {
 struct ServeStats {
   int64_t n_requests = 0, prompt_tokens = 0, generated_tokens = 0, steps = 0;
   int64_t peak_live = 0;
+  int64_t cached_prompt_tokens = 0;  // served by the prefix cache
   int64_t split_prompts = 0;      // prompts whose prefill spanned more than one step
   int64_t blocks_spilled = 0, blocks_restored = 0;  // K/V blocks written to and read from the disk tier
   bool interrupted = false;       // ServeOptions::stop ended the run early

@@ -20,6 +20,7 @@
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "runtime/openai.h"
+#include "runtime/serve.h"
 #include "runtime/server.h"
 #include "test_util.h"
 
@@ -891,6 +892,46 @@ TEST_SUITE("serve") {
     CHECK(gen[*ir] == ref);
     CHECK(gen[*io] == ref_q);
     CHECK(e.stats().cached_prompt_tokens == 0);
+  }
+
+  TEST_CASE("throughput mode with the prefix cache: requests submitted together with one system prompt wait for its first block, then share it") {
+    Stories s(2048);
+    std::string sys;
+    for (int k = 0; k < 3; ++k) sys += "You are a kind storyteller who tells short tales. ";
+    const std::vector<int32_t> head = s.encode(sys);
+    REQUIRE(head.size() >= 33);
+    std::vector<ServeRequest> reqs;
+    std::vector<std::vector<int32_t>> refs;
+    for (const char* t : {"Tell me about a cat.", "A dog and a ball.", "The sun and the moon.", "Lily went to the park.", "A big red car."}) {
+      ServeRequest r;
+      r.prompt = head;
+      const auto tail = s.encode(t);
+      r.prompt.insert(r.prompt.end(), tail.begin() + 1, tail.end());
+      r.max_tokens = 12;
+      refs.push_back(s.alone(r.prompt, 12, kGreedy, false));
+      reqs.push_back(std::move(r));
+    }
+    ServeOptions so;
+    so.batch = 5;
+    so.max_step_tokens = 256;
+    so.sampling = kGreedy;
+    so.stop_at_eos = false;
+    so.prefix_cache = true;
+    std::vector<ServeResult> got;
+    auto st = serve(*s.runner, reqs, so, got);
+    REQUIRE_MESSAGE(st.ok(), st.status().message());
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      CAPTURE(i);
+      CHECK(got[i].tokens == refs[i]);
+    }
+    // The four after the first share the system prompt's full blocks.
+    const int64_t shared_blocks = static_cast<int64_t>(head.size()) / 16;
+    CHECK(st->cached_prompt_tokens >= 4 * shared_blocks * 16);
+    // Without the cache, none.
+    so.prefix_cache = false;
+    auto off = serve(*s.runner, reqs, so, got);
+    REQUIRE(off.ok());
+    CHECK(off->cached_prompt_tokens == 0);
   }
 }
 

@@ -676,6 +676,14 @@ int cmd_run(const RunFlags& f) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// --ctx of serve and chat: the tokens a request or conversation may hold. 0: max_position_embeddings,
+// at most 4096; past max_position_embeddings is refused.
+Expected<int64_t> context_tokens(int64_t ctx, const ModelConfig& cfg) {
+  if (ctx > cfg.n_ctx_max)
+    return invalid_argument(strprintf("--ctx %lld passes the model's max_position_embeddings (%lld)", (long long)ctx, (long long)cfg.n_ctx_max));
+  return ctx > 0 ? ctx : std::min<int64_t>(cfg.n_ctx_max, 4096);
+}
+
 struct ServeFlags {
   ModelFlags m;
   std::string host = "127.0.0.1";
@@ -703,9 +711,9 @@ int cmd_serve(const ServeFlags& f) {
   ServerOptions so;
   so.host = f.host;
   so.port = f.port;
-  so.ctx = f.ctx > 0 ? f.ctx : std::min<int64_t>(cfg.n_ctx_max, 4096);
-  if (so.ctx > cfg.n_ctx_max)
-    return fail(invalid_argument(strprintf("--ctx %lld passes the model's max_position_embeddings (%lld)", (long long)so.ctx, (long long)cfg.n_ctx_max)));
+  auto ctx = context_tokens(f.ctx, cfg);
+  if (!ctx.ok()) return fail(ctx.status());
+  so.ctx = *ctx;
   so.default_chat_max_tokens = f.max_tokens;
   so.api_key = f.api_key;
   if (so.api_key.empty())
@@ -785,15 +793,15 @@ int cmd_chat(const ChatFlags& f) {
   if (!model.ok()) return fail(model.status());
   const ModelConfig& cfg = model->config;
   const Tokenizer& tok = *model->tokenizer;
-  const int64_t ctx = f.ctx > 0 ? std::min(f.ctx, cfg.n_ctx_max) : std::min<int64_t>(cfg.n_ctx_max, 4096);
+  auto ctx_or = context_tokens(f.ctx, cfg);
+  if (!ctx_or.ok()) return fail(ctx_or.status());
+  const int64_t ctx = *ctx_or;
   if (f.n_predict >= ctx) return fail(invalid_argument(strprintf("-n %lld leaves no room for the conversation in --ctx %lld", (long long)f.n_predict, (long long)ctx)));
   auto be = make_backend(device, *model, {ctx}, f.m);
   if (!be.ok()) return fail(be.status());
   Runner runner(*model->weights, *be->executor, *be->kv);
   Engine engine(runner, EngineOptions{1, 512, false});
-  std::vector<int32_t> stop_ids;
-  for (const std::string& s : tmpl->end_of_turn())
-    if (auto ids = tok.encode(s, false); ids.size() == 1) stop_ids.push_back(ids[0]);
+  const std::vector<int32_t> stop_ids = tmpl->end_of_turn_ids(tok);
   std::vector<ChatMessage> conv;
   if (!f.system.empty()) conv.push_back({"system", f.system});
   const bool tty = isatty(0) != 0;

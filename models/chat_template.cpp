@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "models/safetensors.h"
+#include "models/tokenizer.h"
 
 namespace ferry {
 
@@ -300,6 +301,13 @@ std::vector<std::string> ChatTemplate::end_of_turn() const {
     case ChatFormat::kLlama3: return {"<|eot_id|>"};
     default: return {eos_token};
   }
+}
+
+std::vector<int32_t> ChatTemplate::end_of_turn_ids(const Tokenizer& tok) const {
+  std::vector<int32_t> ids;
+  for (const std::string& s : end_of_turn())
+    if (const std::vector<int32_t> e = tok.encode(s, false); e.size() == 1) ids.push_back(e[0]);
+  return ids;
 }
 
 }  // namespace ferry

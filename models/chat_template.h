@@ -18,6 +18,8 @@
 
 namespace ferry {
 
+class Tokenizer;
+
 struct ChatMessage {
   std::string role;     // system, user or assistant
   std::string content;
@@ -58,6 +60,8 @@ struct ChatTemplate {
   Expected<std::string> render(std::span<const ChatMessage> messages, bool add_generation_prompt) const;
   // Returns the text of the tokens that end an assistant turn (<|im_end|>, <|eot_id|>, EOS).
   std::vector<std::string> end_of_turn() const;
+  // Returns their ids in `tok` (a text that is not one token there is left out).
+  std::vector<int32_t> end_of_turn_ids(const Tokenizer& tok) const;
 };
 
 }  // namespace ferry

@@ -9,17 +9,6 @@
 
 namespace ferry {
 
-const char* finish_reason_name(FinishReason r) {
-  switch (r) {
-    case FinishReason::kNone: return "none";
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kStopId: return "stop_id";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kCancelled: return "cancelled";
-  }
-  return "?";
-}
-
 struct Engine::Live {
   int64_t id;
   EngineRequest req;
@@ -146,8 +135,12 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     // The prefix cache: the longest run of the prompt's leading full blocks still cached, short of
     // its last token (whose logits the step must compute).
     const bool cacheable = opts_.prefix_cache && !kv.has_disk() && !cont && !q.req.keep_sequence && !q.req.prompt_logprobs;
-    const int64_t n_full = (static_cast<int64_t>(q.req.prompt.size()) - 1) / bs;
-    const uint64_t first = cacheable && n_full > 0 ? block_hash(kPrefixSeed, q.req.prompt.data(), bs) : 0;
+    std::vector<uint64_t> hashes;  // of the prompt's full blocks short of its last token
+    if (cacheable) {
+      uint64_t h = kPrefixSeed;
+      for (int64_t b = 0; b < (static_cast<int64_t>(q.req.prompt.size()) - 1) / bs; ++b) hashes.push_back(h = block_hash(h, q.req.prompt.data() + b * bs, bs));
+    }
+    const uint64_t first = hashes.empty() ? 0 : hashes[0];
     // A prompt whose first block a live sequence is still prefilling waits for it (a step or two)
     // rather than prefill the same tokens beside it: requests that arrive together with one system
     // prompt share it.
@@ -156,14 +149,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
       break;
     const int32_t seq = cont ? q.req.continue_seq : kv.add_sequence();
     if (cont) kv.set_length(seq, q.req.continue_len);  // what it holds past the shared prefix is written over
-    int64_t shared = 0;
-    uint64_t chain = kPrefixSeed;
-    if (cacheable) {
-      std::vector<uint64_t> hashes;
-      for (int64_t b = 0; b < n_full; ++b) hashes.push_back(chain = block_hash(chain, q.req.prompt.data() + b * bs, bs));
-      shared = kv.share_prefix(seq, hashes);
-      chain = shared > 0 ? hashes[shared - 1] : kPrefixSeed;
-    }
+    const int64_t shared = cacheable ? kv.share_prefix(seq, hashes) : 0;
     if (Status st = kv.reserve(seq, total); !st.ok()) {
       kv.free_sequence(seq);
       return fail(st);
@@ -174,7 +160,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     if (cacheable) {
       l.tokens = l.req.prompt;
       l.n_registered = shared;
-      l.chain = chain;
+      l.chain = shared > 0 ? hashes[shared - 1] : kPrefixSeed;
       l.cached = shared * bs;
       l.first_hash = first;
       stats_.cached_prompt_tokens += l.cached;
@@ -280,7 +266,7 @@ Status Engine::step(std::vector<EngineEvent>& events) {
     int64_t kv_read = 0;
     for (size_t i = 0; i < live_.size(); ++i)
       if (run[i]) kv_read += kv.length(live_[i].seq), live_[i].last_run = step_no_;
-    stats_.step_shapes.push_back({batch_.n_tokens(), kv_read});
+    if (opts_.record_step_shapes) stats_.step_shapes.push_back({batch_.n_tokens(), kv_read});
   }
   for (size_t i = 0; i < live_.size(); ++i) live_[i].prefilled += took[i];
   // Blocks that filled up in this step join the prefix cache.

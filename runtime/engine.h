@@ -61,18 +61,19 @@ struct EngineOptions {
   // longest run of its prompt's leading blocks still cached, prefilling only the rest (at least its
   // last token). Requests that keep or continue a sequence neither share nor register.
   bool prefix_cache = false;
+  // Keep EngineStats::step_shapes (one entry a step: a long-running server leaves it off).
+  bool record_step_shapes = false;
 };
 
 enum class FinishReason { kNone, kEos, kStopId, kLength, kCancelled };
-const char* finish_reason_name(FinishReason r);  // "eos", "stop_id", "length", "cancelled"
 
 struct EngineStats {
   int64_t steps = 0, prompt_tokens = 0, generated_tokens = 0;
   int64_t cached_prompt_tokens = 0;  // prompt tokens the prefix cache served (not prefilled)
   int64_t peak_live = 0;
   int64_t split_prompts = 0;      // prompts whose prefill spanned more than one step
-  // Per step: tokens, and K/V tokens its attention reads (each sequence's length after the step,
-  // once: what a floor of the step's KV traffic counts).
+  // Per step, with EngineOptions::record_step_shapes: tokens, and K/V tokens its attention reads
+  // (each sequence's length after the step, once: what a floor of the step's KV traffic counts).
   std::vector<std::pair<int64_t, int64_t>> step_shapes;
 };
 

@@ -26,8 +26,8 @@ float token_logprob(const float* logits, int64_t n, int32_t token, int64_t k, st
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
   const double lse = static_cast<double>(mx) + std::log(sum);
-  if (top) {
-    top->clear();
+  if (top) top->clear();
+  if (top && k > 0) {
     k = std::min(k, n);
     std::vector<int32_t> idx(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<int32_t>(i);

@@ -8,7 +8,8 @@ namespace ferry {
 Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requests, const ServeOptions& opts, std::vector<ServeResult>& results,
                            const ServeDone& on_done, const ServeProgress& on_progress) {
   FERRY_RETURN_IF_ERROR(opts.sampling.validate());
-  Engine engine(runner, EngineOptions{opts.batch, opts.max_step_tokens, opts.whole_prompts, opts.prefix_cache && !runner.kv().has_disk()});
+  Engine engine(runner, EngineOptions{opts.batch, opts.max_step_tokens, opts.whole_prompts, opts.prefix_cache && !runner.kv().has_disk(),
+                                      /*record_step_shapes=*/true});
   FERRY_RETURN_IF_ERROR(engine.validate_options());
   KvCache& kv = runner.kv();
   const int64_t n = static_cast<int64_t>(requests.size());
@@ -52,14 +53,7 @@ Expected<ServeStats> serve(Runner& runner, const std::vector<ServeRequest>& requ
     }
     if (on_progress) on_progress(done, n, engine.stats().generated_tokens, t_ms);
   }
-  const EngineStats& es = engine.stats();
-  stats.prompt_tokens = es.prompt_tokens;
-  stats.generated_tokens = es.generated_tokens;
-  stats.steps = es.steps;
-  stats.peak_live = es.peak_live;
-  stats.cached_prompt_tokens = es.cached_prompt_tokens;
-  stats.split_prompts = es.split_prompts;
-  stats.step_shapes = es.step_shapes;
+  static_cast<EngineStats&>(stats) = engine.stats();
   stats.blocks_spilled = kv.blocks_spilled() - spilled_before;
   stats.blocks_restored = kv.blocks_restored() - restored_before;
   stats.total_ms = now_ms();

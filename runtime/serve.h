@@ -39,18 +39,13 @@ struct ServeResult {
   double latency_ms = 0;          // from the start of serve() to the last
 };
 
-struct ServeStats {
-  int64_t n_requests = 0, prompt_tokens = 0, generated_tokens = 0, steps = 0;
-  int64_t peak_live = 0;
-  int64_t cached_prompt_tokens = 0;  // served by the prefix cache
-  int64_t split_prompts = 0;      // prompts whose prefill spanned more than one step
+// The engine's counts (step_shapes recorded), and the run's.
+struct ServeStats : EngineStats {
+  int64_t n_requests = 0;
   int64_t blocks_spilled = 0, blocks_restored = 0;  // K/V blocks written to and read from the disk tier
   bool interrupted = false;       // ServeOptions::stop ended the run early
   double total_ms = 0;
   double ttft_mean_ms = 0, ttft_p50_ms = 0, ttft_p90_ms = 0;
-  // Per step: tokens, and K/V tokens its attention reads (each sequence's length after the step,
-  // once: what a floor of the step's KV traffic counts).
-  std::vector<std::pair<int64_t, int64_t>> step_shapes;
 };
 
 // Called as each request finishes (index into `requests`), and after every step with progress.

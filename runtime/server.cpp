@@ -95,11 +95,7 @@ struct Server::Impl {
   int64_t created = static_cast<int64_t>(std::time(nullptr));
 
   Impl(Runner& r, const Tokenizer& t, ServerOptions o) : runner(r), tok(t), opts(std::move(o)), engine(r, opts.engine) {
-    if (opts.chat)
-      for (const std::string& s : opts.chat->end_of_turn()) {
-        const std::vector<int32_t> ids = tok.encode(s, false);
-        if (ids.size() == 1) chat_stop_ids.push_back(ids[0]);
-      }
+    if (opts.chat) chat_stop_ids = opts.chat->end_of_turn_ids(tok);
   }
 
   void log(const std::string& line) {

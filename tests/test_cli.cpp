@@ -474,5 +474,6 @@ TEST_SUITE("cli") {
     CHECK(three.substr(one.size(), three.size() - 2 * one.size()) != one);
     expect_error("chat -m " + q(m), {"--chat-template"});
     expect_error("chat -m synthetic:llama-2-7b", {"synthetic"});
+    expect_error("chat -m " + q(m) + " --chat-template zephyr --ctx 100000", {"--ctx", "max_position_embeddings"});
   }
 }
